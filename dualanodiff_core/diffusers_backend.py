@@ -1,0 +1,510 @@
+"""The headless backbone: DualAnoDiff on a diffusers ``UNet2DConditionModel`` + transformers ``CLIPTextModel``.
+
+* :class:`DualUNet` installs one :class:`DualAnoDiffProcessor` on every attention layer of the UNet (32 for SD1.5);
+  the processors hold the reference's parameters, so ``unet.state_dict()`` shows them as
+  ``<layer>.processor.to_q_lora.0.down.weight`` exactly like the official code.
+* :class:`TextEncoderLoRA` adds the shared text-encoder LoRA (q/k/v/out of every CLIP self-attention) with forward
+  hooks, leaving the encoder's own modules and keys untouched.
+* :class:`DualAnoDiffPipeline` samples pairs: the CFG batch ``[(uncond_g, uncond_a) x N, (cond_g, cond_a) x N]``,
+  PNDM by default (DDIM and DPM-Solver++ as options), optional BCM (background record pass + inject pass per UNet
+  call), and returns both branches' images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from . import layout
+from .attention import (
+    MODE_DUAL,
+    DualBranchLayers,
+    DualControl,
+    LoRALinear,
+    dual_branch_attention,
+    run_with_background,
+)
+from .weights import (
+    DEFAULT_PROMPT_ANOMALY,
+    DEFAULT_PROMPT_GLOBAL,
+    TEXT,
+    UNET,
+    DualAnoDiffWeights,
+    WeightsError,
+)
+
+SAMPLERS = ("pndm", "ddim", "dpmpp")
+
+
+class DualAnoDiffProcessor(DualBranchLayers):
+    """A diffusers attention processor that *is* the layer's :class:`DualBranchLayers`."""
+
+    def __init__(self, attn: nn.Module, layer_name: str, control: DualControl, **layer_kwargs):
+        super().__init__(
+            query_dim=attn.to_q.in_features,
+            context_dim=attn.to_k.in_features,
+            inner_dim=attn.to_q.out_features,
+            out_dim=attn.to_out[0].out_features,
+            **layer_kwargs,
+        )
+        self.layer_name = layer_name
+        self.is_self_attention = layer_name.endswith("attn1")
+        self.control = control
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
+        if hidden_states.ndim != 3:
+            raise ValueError(f"{self.layer_name}: DualAnoDiff expects [batch, tokens, channels] attention input")
+        residual = hidden_states
+        if getattr(attn, "spatial_norm", None) is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        if getattr(attn, "group_norm", None) is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = encoder_hidden_states
+        if context is not None and getattr(attn, "norm_cross", None):
+            context = attn.norm_encoder_hidden_states(context)
+        mask = None
+        if attention_mask is not None:
+            src_len = (context if context is not None else hidden_states).shape[1]
+            mask = attn.prepare_attention_mask(attention_mask, src_len, hidden_states.shape[0])
+            mask = mask.view(hidden_states.shape[0], attn.heads, -1, mask.shape[-1])
+        out = dual_branch_attention(
+            attn, self, hidden_states, context, self.control,
+            layer_name=self.layer_name, is_self_attention=self.is_self_attention, mask=mask,
+        )
+        if getattr(attn, "residual_connection", False):
+            out = out + residual
+        return out / getattr(attn, "rescale_output_factor", 1.0)
+
+
+class DualUNet:
+    """Installs DualAnoDiff on every attention layer of a diffusers UNet; ``uninstall()`` restores it."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        rank: int = 32,
+        alpha: float | None = None,
+        saim: bool = True,
+        bcm: bool = False,
+        saim_zero_init: bool = False,
+        bcm_alpha_init: float = 0.0,
+        control: DualControl | None = None,
+    ):
+        self.unet = unet
+        self.control = control or DualControl()
+        self.config = dict(rank=rank, alpha=alpha, saim=saim, bcm=bcm)
+        self._original = dict(unet.attn_processors)
+        modules = dict(unet.named_modules())
+        procs = {}
+        for proc_name in self._original:
+            layer = proc_name[: -len(".processor")]
+            attn = modules[layer]
+            p = DualAnoDiffProcessor(
+                attn, layer, self.control, rank=rank, alpha=alpha, saim=saim, bcm=bcm,
+                saim_zero_init=saim_zero_init, bcm_alpha_init=bcm_alpha_init,
+            )
+            ref = next(attn.parameters())
+            procs[proc_name] = p.to(device=ref.device)
+        self.processors: dict[str, DualAnoDiffProcessor] = {k[: -len(".processor")]: v for k, v in procs.items()}
+        unet.set_attn_processor(procs)
+
+    @classmethod
+    def from_weights(cls, unet: nn.Module, weights: DualAnoDiffWeights, **kwargs) -> "DualUNet":
+        d = cls(unet, rank=weights.rank, alpha=weights.alpha, saim=weights.has_saim, bcm=weights.has_bcm, **kwargs)
+        d.load_weights(weights)
+        return d
+
+    def uninstall(self) -> None:
+        self.unet.set_attn_processor(self._original)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.processors)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.processors.values() for p in m.parameters()]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Canonical keys ``unet.<layer>.<param>``."""
+        return {f"{UNET}{layer}.{k}": v for layer, m in self.processors.items() for k, v in m.state_dict().items()}
+
+    def load_weights(self, weights: DualAnoDiffWeights | dict[str, torch.Tensor], strict: bool = True) -> None:
+        sd = weights.tensors if isinstance(weights, DualAnoDiffWeights) else weights
+        sd = {k: v for k, v in sd.items() if k.startswith(UNET)}
+        expected = self.state_dict()
+        if strict:
+            DualAnoDiffWeights(sd).check_keys(
+                expected, "UNet weights",
+                hint=f"The model was installed with {self.config}; weights and model must agree on layers, SAIM and "
+                     "BCM (build it with DualUNet.from_weights to match the file).",
+            )
+        with torch.no_grad():
+            for k, v in sd.items():
+                if k not in expected:
+                    continue
+                if expected[k].shape != v.shape:
+                    raise WeightsError(f"{k}: shape {tuple(v.shape)} in the weights, {tuple(expected[k].shape)} in the model")
+                expected[k].copy_(v.to(expected[k].dtype))
+
+    def __call__(self, sample, timestep, context, **kwargs) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
+
+    def forward_with_background(self, sample, timestep, context, bg_sample, bg_timestep, bg_context):
+        """BCM: a record pass of the UNet over the noised background rows (one per pair, global-branch LoRA, no
+        SAIM) then the main pass with those features fused into every global-branch self-attention."""
+        return run_with_background(
+            self.control,
+            lambda: self(bg_sample, bg_timestep, bg_context),
+            lambda: self(sample, timestep, context),
+        )
+
+
+class TextEncoderLoRA(nn.Module):
+    """The shared text-encoder LoRA on ``q_proj``/``k_proj``/``v_proj``/``out_proj`` of every CLIP self-attention,
+    applied by forward hooks: ``y = W x + strength * lora(x)``."""
+
+    _PROJ = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
+
+    def __init__(self, text_encoder: nn.Module, rank: int = 32, alpha: float | None = None):
+        super().__init__()
+        self.strength = 1.0
+        self.names: list[str] = []
+        self.blocks = nn.ModuleList()
+        self._handles = []
+        ref = next(text_encoder.parameters())
+        for name, mod in text_encoder.named_modules():
+            if all(hasattr(mod, p) for p in self._PROJ.values()) and isinstance(getattr(mod, "q_proj"), nn.Linear):
+                block = nn.ModuleDict({
+                    lora: LoRALinear(getattr(mod, proj).in_features, getattr(mod, proj).out_features, rank, alpha)
+                    for lora, proj in self._PROJ.items()
+                })
+                self.names.append(name)
+                self.blocks.append(block.to(ref.device))
+                for lora, proj in self._PROJ.items():
+                    self._handles.append(getattr(mod, proj).register_forward_hook(self._hook(block[lora])))
+        if not self.names:
+            raise TypeError(f"{type(text_encoder).__name__}: no CLIP self-attention (q_proj/k_proj/v_proj/out_proj) found")
+
+    def _hook(self, lora: LoRALinear):
+        def hook(module, args, output):
+            if self.strength == 0.0:
+                return output
+            delta = lora(args[0])
+            return output + (delta if self.strength == 1.0 else delta * self.strength)
+        return hook
+
+    def uninstall(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def canonical_state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{TEXT}{name}.{k}": v
+            for name, block in zip(self.names, self.blocks)
+            for k, v in block.state_dict().items()
+        }
+
+    def load_weights(self, weights: DualAnoDiffWeights | dict[str, torch.Tensor], strict: bool = True) -> None:
+        sd = weights.tensors if isinstance(weights, DualAnoDiffWeights) else weights
+        sd = {k: v for k, v in sd.items() if k.startswith(TEXT)}
+        expected = self.canonical_state_dict()
+        if strict:
+            DualAnoDiffWeights(sd).check_keys(expected, "text-encoder weights")
+        with torch.no_grad():
+            for k, v in sd.items():
+                if k in expected:
+                    if expected[k].shape != v.shape:
+                        raise WeightsError(f"{k}: shape {tuple(v.shape)} in the weights, {tuple(expected[k].shape)} in the model")
+                    expected[k].copy_(v.to(expected[k].dtype))
+
+
+def check_tokenizer(tokenizer) -> None:
+    """transformers 5 returns a 2-token tokenizer instead of failing when the files are missing."""
+    if tokenizer is None or len(tokenizer) < 100:
+        raise ValueError(
+            f"the tokenizer has {0 if tokenizer is None else len(tokenizer)} tokens: its vocabulary files are missing "
+            "or unreadable (a real CLIP tokenizer has 49408). Check the model folder's tokenizer/ directory."
+        )
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Tensor:
+    """CLIP embeddings ``[len(prompts), tokens, dim]`` as Stable Diffusion 1.x uses them (last hidden state)."""
+    ids = tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    device = next(text_encoder.parameters()).device
+    return text_encoder(ids.to(device))[0]
+
+
+def make_scheduler(name: str, config: dict):
+    """``pndm`` (the SD1.5 default and the reference's), ``ddim`` or ``dpmpp`` (DPM-Solver++ 2M)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+
+    config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    if name == "pndm":
+        return PNDMScheduler.from_config({**config, "skip_prk_steps": True})
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "dpmpp":
+        return DPMSolverMultistepScheduler.from_config({**config, "algorithm_type": "dpmsolver++"})
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+SD15_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False, prediction_type="epsilon",
+)
+
+
+@dataclasses.dataclass
+class DualResult:
+    """Images in [0, 1], ``[N, 3, H, W]`` (N pairs), and the final latents (scaled as the UNet sees them)."""
+
+    global_images: torch.Tensor
+    anomaly_images: torch.Tensor
+    global_latents: torch.Tensor
+    anomaly_latents: torch.Tensor
+
+    def to_pil(self):
+        from .imageutil import tensor_to_pil
+
+        return tensor_to_pil(self.global_images), tensor_to_pil(self.anomaly_images)
+
+
+NoiseSource = "torch.Generator | torch.Tensor | Callable[[int, tuple], torch.Tensor] | None"
+
+
+def _noise_fn(source, shape, device, dtype, seed_fallback: int | None):
+    """BCM background noise per UNet call: a generator (fresh draws, reproducible), a tensor (reused every call),
+    or a callable ``(call_index, shape) -> tensor``."""
+    if callable(source) and not isinstance(source, (torch.Generator, torch.Tensor)):
+        return lambda i: source(i, shape).to(device=device, dtype=dtype)
+    if isinstance(source, torch.Tensor):
+        if tuple(source.shape) != tuple(shape):
+            raise ValueError(f"bcm_noise has shape {tuple(source.shape)}, expected {tuple(shape)}")
+        return lambda i: source.to(device=device, dtype=dtype)
+    gen = source
+    if gen is None:
+        gen = torch.Generator(device="cpu")
+        if seed_fallback is not None:
+            gen.manual_seed(seed_fallback)
+        else:
+            gen.seed()
+    return lambda i: torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+class DualAnoDiffPipeline:
+    """Generate (whole image, anomaly part) pairs with a diffusers SD1.x model and DualAnoDiff weights."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict | None = None,
+                 weights: DualAnoDiffWeights | None = None, rank: int = 32, saim: bool = True, bcm: bool = False,
+                 text_lora: bool = True):
+        check_tokenizer(tokenizer)
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+        self.scheduler_config = dict(scheduler_config or SD15_SCHEDULER_CONFIG)
+        self.metadata: dict[str, str] = {}
+        if weights is not None:
+            self.dual = DualUNet.from_weights(unet, weights)
+            self.text_lora = None
+            if weights.has_text:
+                self.text_lora = TextEncoderLoRA(text_encoder, weights.text_rank, weights.alpha)
+                self.text_lora.load_weights(weights)
+            self.metadata = dict(weights.metadata)
+        else:
+            self.dual = DualUNet(unet, rank=rank, saim=saim, bcm=bcm)
+            self.text_lora = TextEncoderLoRA(text_encoder, rank) if text_lora else None
+
+    @property
+    def unet(self):
+        return self.dual.unet
+
+    @property
+    def device(self):
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.unet.parameters()).dtype
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike, weights: str | os.PathLike | DualAnoDiffWeights | None = None,
+                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **kwargs):
+        """Load a local diffusers SD1.x folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+        ``scheduler/``). Nothing is downloaded."""
+        from .models import load_diffusers_components
+
+        comps = load_diffusers_components(model_dir, dtype=dtype, device=device)
+        if weights is not None and not isinstance(weights, DualAnoDiffWeights):
+            weights = DualAnoDiffWeights.load(weights)
+        pipe = cls(comps["unet"], comps["vae"], comps["text_encoder"], comps["tokenizer"], comps["scheduler_config"],
+                   weights=weights, **kwargs)
+        pipe.base_model = str(model_dir)
+        return pipe
+
+    # ---- weights --------------------------------------------------------------------------------------------------
+    def to_weights(self, metadata: dict | None = None) -> DualAnoDiffWeights:
+        tensors = dict(self.dual.state_dict())
+        if self.text_lora is not None:
+            tensors.update(self.text_lora.canonical_state_dict())
+        meta = dict(self.metadata)
+        meta.update(metadata or {})
+        alpha = self.dual.config.get("alpha")
+        if alpha is not None:
+            meta.setdefault("alpha", alpha)
+        return DualAnoDiffWeights({k: v.detach().clone() for k, v in tensors.items()}, meta)
+
+    # ---- encoders -------------------------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", 0.18215))
+
+    def encode_images(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        """Images in [-1, 1] -> latents *scaled* by the VAE scaling factor (what the UNet denoises)."""
+        return self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist.sample(generator) * self.scaling_factor
+
+    def encode_background(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        """BCM background latents: a VAE *sample*, **not** multiplied by the scaling factor (as the reference)."""
+        return self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist.sample(generator)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        img = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+    # ---- sampling -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        n_pairs: int = 1,
+        *,
+        prompt_global: str | None = None,
+        prompt_anomaly: str | None = None,
+        negative_prompt: str = "",
+        steps: int = 100,
+        cfg: float = 2.5,
+        sampler: str = "pndm",
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        height: int = 512,
+        width: int = 512,
+        latents: torch.Tensor | None = None,
+        background: torch.Tensor | None = None,
+        background_latents: torch.Tensor | None = None,
+        bcm_noise=None,
+        lora_strength: tuple[float, float] = (1.0, 1.0),
+        saim_strength: float = 1.0,
+        bcm_strength: float = 1.0,
+        text_strength: float = 1.0,
+        decode: bool = True,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    ) -> DualResult:
+        """Sample ``n_pairs`` pairs.
+
+        ``background``: images ``[1 or N, 3, H, W]`` in [-1, 1] (normal product images with the object blacked out,
+        METHOD.md §1.4) turn on BCM; the unconditional half uses a mid-gray background. ``bcm_noise``: a generator,
+        a tensor reused every call, or ``callable(call_index, shape)``; defaults to a generator seeded from ``seed``.
+        """
+        if n_pairs < 1:
+            raise ValueError("n_pairs must be at least 1")
+        f = self.vae_scale_factor
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+        pg, pa = self.metadata.get("prompt_global"), self.metadata.get("prompt_anomaly")
+        prompt_global = prompt_global if prompt_global is not None else (pg or DEFAULT_PROMPT_GLOBAL)
+        prompt_anomaly = prompt_anomaly if prompt_anomaly is not None else (pa or DEFAULT_PROMPT_ANOMALY)
+        device, dtype = self.device, self.dtype
+        use_cfg = cfg > 1.0
+        if generator is None:
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(seed) if seed is not None else generator.seed()
+
+        if self.text_lora is not None:
+            self.text_lora.strength = text_strength
+        emb = self.encode_prompts([prompt_global, prompt_anomaly]).to(dtype)  # [2, T, D]
+        cond = emb.repeat(n_pairs, 1, 1)  # [g, a, g, a, ...]
+        if use_cfg:
+            neg = self.encode_prompts([negative_prompt]).to(dtype)
+            context = torch.cat([neg.expand_as(cond), cond])
+        else:
+            context = cond
+
+        shape = (2 * n_pairs, self.unet.config.in_channels, height // f, width // f)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} (interleaved pairs), got {tuple(latents.shape)}")
+        latents = latents.to(device=device, dtype=dtype)
+
+        scheduler = make_scheduler(sampler, self.scheduler_config)
+        scheduler.set_timesteps(steps, device=device)
+        latents = latents * scheduler.init_noise_sigma
+
+        bg = None
+        if background is not None or background_latents is not None:
+            if not self.dual.config["bcm"]:
+                raise ValueError("a background was given, but these weights have no BCM layers (train with BCM)")
+            if background_latents is None:
+                background = background.to(device)
+                if background.shape[0] not in (1, n_pairs):
+                    raise ValueError(f"background must hold 1 or {n_pairs} images, got {background.shape[0]}")
+                background_latents = self.encode_background(background, generator)
+                gray = self.encode_background(torch.zeros_like(background[:1]), generator)
+            else:
+                gray = None
+            bg_cond = background_latents.to(device, dtype).expand(n_pairs, -1, -1, -1) \
+                if background_latents.shape[0] == 1 else background_latents.to(device, dtype)
+            if use_cfg:
+                if gray is None:
+                    gray = self.encode_background(
+                        torch.zeros((1, 3, height, width), device=device, dtype=self.vae.dtype), generator)
+                bg = torch.cat([gray.to(dtype).expand(n_pairs, -1, -1, -1), bg_cond])
+            else:
+                bg = bg_cond
+            from diffusers import DDPMScheduler
+
+            ddpm = DDPMScheduler.from_config({k: v for k, v in self.scheduler_config.items() if not k.startswith("_")})
+            noise_fn = _noise_fn(bcm_noise, tuple(bg.shape), device, dtype,
+                                 None if seed is None else seed + 1)
+            bg_context = context[0::2]
+
+        control = self.dual.control
+        call = 0
+        with control.using(mode=MODE_DUAL, lora_strength=tuple(lora_strength), saim_strength=saim_strength,
+                           bcm_strength=bcm_strength):
+            for i, t in enumerate(scheduler.timesteps):
+                x = torch.cat([latents, latents]) if use_cfg else latents
+                x = scheduler.scale_model_input(x, t)
+                if bg is None:
+                    eps = self.dual(x, t, context)
+                else:
+                    tt = t.reshape(-1).to(device)
+                    bg_t = ddpm.add_noise(bg, noise_fn(call), tt.expand(bg.shape[0]))
+                    eps = self.dual.forward_with_background(x, t, context, bg_t, t, bg_context)
+                call += 1
+                if use_cfg:
+                    eps_u, eps_c = eps.chunk(2)
+                    eps = eps_u + cfg * (eps_c - eps_u)
+                latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+                if callback is not None:
+                    callback(i, len(scheduler.timesteps), latents)
+
+        g_lat, a_lat = layout.split(latents)
+        if decode:
+            images = self.decode(latents)
+            g_img, a_img = layout.split(images)
+        else:
+            g_img = a_img = torch.empty(0)
+        return DualResult(g_img, a_img, g_lat, a_lat)

@@ -1,0 +1,32 @@
+"""Image conversions between PIL, numpy and torch (``[N, 3, H, W]`` float tensors)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """``[N, C, H, W]`` in [0, 1] -> list of PIL images (RGB for C=3, L for C=1)."""
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    out = []
+    for a in arr:
+        if a.shape[0] == 1:
+            out.append(Image.fromarray(a[0], mode="L"))
+        else:
+            out.append(Image.fromarray(np.ascontiguousarray(a.transpose(1, 2, 0)), mode="RGB"))
+    return out
+
+
+def pil_to_tensor(images: Image.Image | Iterable[Image.Image], signed: bool = False) -> torch.Tensor:
+    """PIL image(s) -> ``[N, 3, H, W]`` float in [0, 1] (or [-1, 1] with ``signed``)."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    arrs = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
+    t = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+    return t * 2 - 1 if signed else t
