@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -177,8 +178,13 @@ class TextEncoderLoRA(nn.Module):
         self.blocks = nn.ModuleList()
         self._handles = []
         ref = next(text_encoder.parameters())
-        for name, mod in text_encoder.named_modules():
+        for module_name, mod in text_encoder.named_modules():
             if all(hasattr(mod, p) for p in self._PROJ.values()) and isinstance(getattr(mod, "q_proj"), nn.Linear):
+                m = re.search(r"layers\.(\d+)\.self_attn$", module_name)
+                if not m:
+                    raise TypeError(f"unexpected CLIP attention module name {module_name!r}")
+                # canonical (transformers-version independent) name, as the reference checkpoints spell it
+                name = f"text_model.encoder.layers.{m.group(1)}.self_attn"
                 block = nn.ModuleDict({
                     lora: LoRALinear(getattr(mod, proj).in_features, getattr(mod, proj).out_features, rank, alpha)
                     for lora, proj in self._PROJ.items()

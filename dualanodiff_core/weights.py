@@ -202,7 +202,8 @@ class DualAnoDiffWeights:
         try:
             return cls.from_state_dict(tensors, metadata)
         except WeightsError as e:
-            raise WeightsError(f"{path}: {e}") from None
+            e.args = (f"{path}: {e.args[0] if e.args else e}",) + tuple(e.args[1:])
+            raise
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None):
@@ -282,7 +283,6 @@ class DualAnoDiffWeights:
         this is the branch's LoRA alone, e.g. to inspect one branch with ordinary tools."""
         if branch not in (0, 1):
             raise ValueError("branch must be 0 (global) or 1 (anomaly)")
-        alpha = torch.tensor(self.alpha)
         out: dict[str, torch.Tensor] = {}
         for layer, params in self.unet_layers().items():
             for proj in PROJECTIONS:
@@ -293,7 +293,7 @@ class DualAnoDiffWeights:
                 name = "lora_unet_" + f"{layer}.{UNET_PROJ_MODULE[proj]}".replace(".", "_")
                 out[f"{name}.lora_down.weight"] = down
                 out[f"{name}.lora_up.weight"] = up
-                out[f"{name}.alpha"] = alpha
+                out[f"{name}.alpha"] = torch.tensor(self.alpha)
         if include_text:
             for layer, params in self.text_layers().items():
                 for proj in PROJECTIONS:
@@ -304,7 +304,7 @@ class DualAnoDiffWeights:
                     name = "lora_te_" + f"{layer}.{TEXT_PROJ_MODULE[proj]}".replace(".", "_")
                     out[f"{name}.lora_down.weight"] = down
                     out[f"{name}.lora_up.weight"] = up
-                    out[f"{name}.alpha"] = alpha
+                    out[f"{name}.alpha"] = torch.tensor(self.alpha)
         return out
 
     def save_branch_lora(self, branch: int, path: str | os.PathLike, include_text: bool = True) -> Path:

@@ -1,0 +1,227 @@
+"""DualBranchAttention on a diffusers UNet: exactness against the plain UNet and the reference math."""
+
+import pytest
+import torch
+
+from dualanodiff_core.attention import DualBranchAttention, DualBranchLayers, DualControl, layers_for
+from dualanodiff_core.diffusers_backend import DualUNet
+from dualanodiff_core.layout import LayoutError
+from dualanodiff_core.tiny import tiny_unet
+from helpers import randomize_, unet_inputs, zero_lora_
+from reference_impl import install_reference
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_unet(seed=0)
+
+
+def plain(unet, x, t, ctx):
+    with torch.no_grad():
+        return unet(x, t, encoder_hidden_states=ctx).sample
+
+
+def test_installs_on_every_attention_layer_and_uninstalls(unet):
+    x, t, ctx = unet_inputs(unet)
+    before = plain(unet, x, t, ctx)
+    n_attn = sum(1 for n, _ in unet.named_modules() if n.endswith(("attn1", "attn2")))
+    dual = DualUNet(unet, rank=4)
+    assert len(dual.processors) == n_attn == 14
+    assert sum(n.endswith("attn1") for n in dual.processors) == 7
+    # the reference's key layout: <layer>.processor.to_q_lora.0.down.weight
+    keys = unet.state_dict().keys()
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.1.down.weight" in keys
+    assert "mid_block.attentions.0.transformer_blocks.0.attn2.processor.temporal_n.weight" in keys
+    dual.uninstall()
+    assert not any(".processor." in k for k in unet.state_dict())
+    assert torch.equal(plain(unet, x, t, ctx), before)
+
+
+@pytest.mark.parametrize("saim", [True, False])
+def test_zero_lora_saim_off_bcm_off_equals_plain_unet_exactly(unet, saim):
+    x, t, ctx = unet_inputs(unet)
+    ref = plain(unet, x, t, ctx)
+    dual = DualUNet(unet, rank=4, saim=saim, bcm=True)
+    try:
+        randomize_(dual)  # SAIM and BCM layers random ...
+        zero_lora_(dual)  # ... but every LoRA delta exactly zero
+        with torch.no_grad(), dual.control.using(saim_strength=0.0):
+            out = dual(x, t, ctx)
+        assert torch.equal(out, ref)
+        # strength 0 skips the LoRA; zero LoRA at strength 1 adds exact zeros: both are the plain UNet
+        with torch.no_grad(), dual.control.using(saim_strength=0.0, lora_strength=(0.0, 0.0)):
+            assert torch.equal(dual(x, t, ctx), ref)
+        with torch.no_grad(), dual.control.using(mode="off"):
+            randomize_(dual, seed=3)
+            assert torch.equal(dual(x, t, ctx), ref)
+    finally:
+        dual.uninstall()
+
+
+def test_anomaly_lora_changes_only_odd_rows(unet):
+    x, t, ctx = unet_inputs(unet, pairs=3)
+    ref = plain(unet, x, t, ctx)
+    dual = DualUNet(unet, rank=4, saim=False)
+    try:
+        randomize_(dual, seed=1)
+        with torch.no_grad():
+            for p in dual.processors.values():
+                for proj in (p.to_q_lora, p.to_k_lora, p.to_v_lora, p.to_out_lora):
+                    proj[0].up.weight.zero_()  # global branch: no LoRA
+            out = dual(x, t, ctx)
+        assert torch.equal(out[0::2], ref[0::2])
+        assert (out[1::2] - ref[1::2]).abs().amax(dim=(1, 2, 3)).min() > 1e-4
+    finally:
+        dual.uninstall()
+
+
+def test_saim_couples_each_pair_and_never_crosses_pairs(unet):
+    x, t, ctx = unet_inputs(unet, pairs=3)
+    dual = DualUNet(unet, rank=4)
+    try:
+        randomize_(dual, seed=2)
+        x2 = x.clone()
+        x2[3] += 0.5  # perturb the anomaly row of pair 1
+        with torch.no_grad():
+            a, b = dual(x, t, ctx), dual(x2, t, ctx)
+            changed = (a - b).abs().amax(dim=(1, 2, 3))
+            assert changed[2] > 1e-4, "SAIM must carry the anomaly row into its pair's global row"
+            assert changed[3] > 1e-4
+            for row in (0, 1, 4, 5):
+                assert changed[row] == 0, f"row {row} of another pair changed"
+            with dual.control.using(saim_strength=0.0):
+                a, b = dual(x, t, ctx), dual(x2, t, ctx)
+            assert torch.equal(a[2], b[2]), "without SAIM the branches are independent"
+    finally:
+        dual.uninstall()
+
+
+def test_bcm_with_alpha_zero_changes_nothing(unet):
+    x, t, ctx = unet_inputs(unet, pairs=2)
+    dual = DualUNet(unet, rank=4, bcm=True)
+    try:
+        randomize_(dual, seed=4, bcm_alpha=0.0)
+        bg = torch.randn(2, 4, 8, 8)
+        with torch.no_grad():
+            ref = dual(x, t, ctx)
+            out = dual.forward_with_background(x, t, ctx, bg, t, ctx[0::2])
+            assert torch.equal(out, ref)
+            for p in dual.processors.values():
+                p.temporal_a.fill_(0.4)
+            out = dual.forward_with_background(x, t, ctx, bg, t, ctx[0::2])
+        diff = (out - ref).abs().amax(dim=(1, 2, 3))
+        assert diff[0] > 1e-4 and diff[2] > 1e-4, "BCM must change the global rows"
+        with torch.no_grad(), dual.control.using(saim_strength=0.0):
+            ref0 = dual(x, t, ctx)
+            out0 = dual.forward_with_background(x, t, ctx, bg, t, ctx[0::2])
+        assert torch.equal(out0[1::2], ref0[1::2]), "without SAIM the anomaly rows must not see the background"
+    finally:
+        dual.uninstall()
+
+
+def test_dual_forward_matches_reference_math(unet):
+    x, t, ctx = unet_inputs(unet, pairs=2)
+    dual = DualUNet(unet, rank=4)
+    try:
+        randomize_(dual, seed=5)
+        with torch.no_grad():
+            ours = dual(x, t, ctx)
+            state = {"mode": "r"}
+            install_reference(unet, dual.processors, state)
+            ref = unet(x, t, encoder_hidden_states=ctx).sample
+        assert (ours - ref).abs().max() < 1e-4
+        assert (ours - ref).abs().max() / ref.abs().max() < 1e-5
+    finally:
+        dual.uninstall()
+
+
+def test_bcm_forward_matches_reference_math(unet):
+    """Record pass (global LoRA, no SAIM, attn1 inputs stored) then inject pass, as the reference's
+    RefOnlyNoisedUNet + ReferenceOnlyAttnProc."""
+    x, t, ctx = unet_inputs(unet, pairs=2)
+    bg = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    dual = DualUNet(unet, rank=4, bcm=True)
+    try:
+        randomize_(dual, seed=6, bcm_alpha=0.35)
+        with torch.no_grad():
+            ours = dual.forward_with_background(x, t, ctx, bg, t, ctx[0::2])
+            state = {"mode": "w", "ref": {}}
+            install_reference(unet, dual.processors, state)
+            unet(bg, t, encoder_hidden_states=ctx[0::2])
+            assert len(state["ref"]) == 7
+            state["mode"] = "r"
+            ref = unet(x, t, encoder_hidden_states=ctx).sample
+            assert not state["ref"], "every recorded layer must be used once"
+        assert (ours - ref).abs().max() < 1e-4
+    finally:
+        dual.uninstall()
+
+
+def test_odd_batch_is_rejected_with_a_clear_error(unet):
+    x, t, ctx = unet_inputs(unet, pairs=2)
+    dual = DualUNet(unet, rank=4)
+    try:
+        with torch.no_grad(), pytest.raises(LayoutError, match="even number"):
+            dual(x[:3], t, ctx[:3])
+    finally:
+        dual.uninstall()
+
+
+def test_generic_wrapper_keeps_base_names_and_matches_function():
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=16, heads=4, dim_head=8)
+    layers = layers_for(attn, rank=4)
+    randomize_(layers, seed=1)
+    wrapped = DualBranchAttention(attn, layers, "blk.attn2", is_self_attention=False)
+    keys = set(wrapped.state_dict())
+    assert {"to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias"} <= keys
+    assert "dual.to_q_lora.1.up.weight" in keys and "dual.temporal_o.bias" in keys
+    h = torch.randn(4, 10, 32)
+    c = torch.randn(4, 5, 16)
+    from reference_impl import reference_processor
+
+    with torch.no_grad():
+        out = wrapped(h, c, DualControl())
+        ref = reference_processor(attn, layers, h, c, "r")
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_branch_strengths_scale_the_lora_delta():
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8)
+    layers = DualBranchLayers(16, 16, 16, 16, rank=2, saim=False)
+    randomize_(layers, seed=3)
+    w = DualBranchAttention(attn, layers, "b.attn1", True)
+    h = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        base = w(h, None, DualControl(mode="off"))
+        full = w(h, None, DualControl(lora_strength=(1.0, 1.0)))
+        half = w(h, None, DualControl(lora_strength=(0.5, 0.0)))
+    assert torch.equal(half[1], base[1])
+    assert not torch.allclose(half[0], base[0]) and not torch.allclose(half[0], full[0])
+
+
+def test_sd15_layer_count_and_parameter_counts():
+    """METHOD.md §7.8: 32 processors; SAIM 124,078,720 params; UNet LoRA (2 branches) 12,754,944 at rank 32."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+            layers_per_block=2,
+        )
+        dual = DualUNet(unet, rank=32, bcm=False)
+    assert len(dual.processors) == 32
+    saim = lora = 0
+    for p in dual.processors.values():
+        for name, t in p.named_parameters():
+            if name.startswith("temporal_"):
+                saim += t.numel()
+            else:
+                lora += t.numel()
+    assert saim == 124_078_720
+    assert lora == 12_754_944
