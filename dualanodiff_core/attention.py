@@ -83,6 +83,8 @@ class DualControl:
     saim_strength: float = 1.0
     bcm_strength: float = 1.0
     bcm_cache: dict[str, torch.Tensor] | None = None
+    #: last layer that records in a background pass; learned on the first pass, then used to stop it early
+    record_stop_after: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -176,37 +178,98 @@ def _scaled(y: torch.Tensor, s: float) -> torch.Tensor:
     return y if s == 1.0 else y * s
 
 
-def branch_lora(loras: nn.ModuleList, x: torch.Tensor, strength: tuple[float, float]) -> torch.Tensor | None:
-    """Per-branch LoRA delta on interleaved rows: row 2p uses ``loras[0]``, row 2p+1 ``loras[1]``.
+# ---- inference fast paths (exact fusions) ---------------------------------------------------------------------
+# Under torch.no_grad / inference_mode the per-branch LoRA can be merged into per-branch weights and SAIM's five
+# linear maps folded into three, computed once and cached on the layer. Results equal the straightforward path
+# within float rounding (tests guard 1e-5). Training (grad enabled) always takes the straightforward path.
 
-    Each branch's delta is computed on its own rows only. Returns None when both strengths are 0.
-    """
+#: merge a branch LoRA into its base weight when the LoRA would add at least this share of the base matmul's work
+MERGE_MIN_COST_SHARE = 0.125
+
+
+def _param_token(t: torch.Tensor) -> tuple:
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors carry no version counter; load_weights clears the cache
+        version = -1
+    return (t.data_ptr(), version, t.dtype, t.device)
+
+
+def _cached(layers: "DualBranchLayers", key, sources: tuple, build: Callable[[], object]):
+    cache = layers.__dict__.setdefault("_fast_cache", {})
+    token = tuple(_param_token(t) for t in sources)
+    hit = cache.get(key)
+    if hit is not None and hit[0] == token:
+        return hit[1]
+    value = build()
+    cache[key] = (token, value)
+    return value
+
+
+def clear_fast_cache(module: nn.Module) -> None:
+    """Drop cached merged weights (call after changing parameters in place under inference mode)."""
+    for m in module.modules():
+        m.__dict__.pop("_fast_cache", None)
+
+
+def _mergeable(base: nn.Module, lora: "LoRALinear") -> bool:
+    if type(base) is not nn.Linear or torch.is_grad_enabled():
+        return False  # only plain Linears: patched/cast layers (e.g. ComfyUI's) keep the delta path
+    i, o, r = base.in_features, base.out_features, lora.rank
+    return r * (i + o) >= MERGE_MIN_COST_SHARE * i * o
+
+
+def _merged_weight(layers, name: str, branch: int, base: nn.Linear, lora: "LoRALinear", s: float) -> torch.Tensor:
+    def build():
+        w = base.weight
+        delta = (lora.up.weight.double() @ lora.down.weight.double()) * (lora.scale * s)
+        return (w.double() + delta.to(w.device)).to(w.dtype)
+
+    return _cached(layers, ("merged", name, branch, s), (base.weight, lora.down.weight, lora.up.weight), build)
+
+
+def branch_lora(loras: nn.ModuleList, x: torch.Tensor, strength: tuple[float, float]) -> torch.Tensor | None:
+    """Per-branch LoRA delta on interleaved rows: row 2p uses ``loras[0]``, row 2p+1 ``loras[1]`` (each branch's
+    delta computed on its own rows only). Returns None when both strengths are 0."""
     s_g, s_a = float(strength[0]), float(strength[1])
     if s_g == 0.0 and s_a == 0.0:
         return None
     n = x.shape[0] // BRANCHES
     xv = x.view(n, BRANCHES, *x.shape[1:])
-    parts = []
-    for i, s in enumerate((s_g, s_a)):
-        xi = xv[:, i]
-        if s == 0.0:
-            parts.append(None)
-        else:
-            parts.append(_scaled(loras[i](xi), s))
+    parts = [None if s == 0.0 else _scaled(loras[i](xv[:, i]), s) for i, s in enumerate((s_g, s_a))]
     ref = parts[0] if parts[0] is not None else parts[1]
     parts = [p if p is not None else torch.zeros_like(ref) for p in parts]
     return torch.stack(parts, dim=1).flatten(0, 1)
 
 
-def _project(base: nn.Module, loras: nn.ModuleList, x: torch.Tensor, mode: str, strength) -> torch.Tensor:
-    y = base(x)
+def _project(base: nn.Module, loras: nn.ModuleList, x: torch.Tensor, mode: str, strength,
+             layers: "DualBranchLayers | None" = None, name: str = "") -> torch.Tensor:
+    """``base(x)`` plus the LoRA of each row's branch (record mode: the global LoRA on every row)."""
     if mode == MODE_RECORD:
         s = float(strength[0])
+        if s == 0.0:
+            return base(x)
+        if layers is not None and _mergeable(base, loras[0]):
+            return F.linear(x, _merged_weight(layers, name, 0, base, loras[0], s), base.bias)
+        return base(x) + _scaled(loras[0](x), s)
+
+    strengths = (float(strength[0]), float(strength[1]))
+    if strengths == (0.0, 0.0):
+        return base(x)
+    n = x.shape[0] // BRANCHES
+    xv = x.view(n, BRANCHES, *x.shape[1:])
+    if layers is not None and _mergeable(base, loras[0]):
+        ws = [base.weight if s == 0.0 else _merged_weight(layers, name, i, base, loras[i], s)
+              for i, s in enumerate(strengths)]
+        return torch.stack([F.linear(xv[:, i], ws[i], base.bias) for i in range(BRANCHES)], dim=1).flatten(0, 1)
+    y = base(x)
+    yv = y.view(n, BRANCHES, *y.shape[1:])
+    for i, s in enumerate(strengths):
         if s != 0.0:
-            y = y + _scaled(loras[0](x), s)
-        return y
-    delta = branch_lora(loras, x, strength)
-    return y if delta is None else y + delta
+            # in place into the base output's rows of this branch (the base matmul does not need its output for
+            # backward, so autograd allows it): no stacked copy of the delta
+            yv[:, i] += _scaled(loras[i](xv[:, i]), s)
+    return y
 
 
 def saim(layers: DualBranchLayers, o: torch.Tensor) -> torch.Tensor:
@@ -216,6 +279,8 @@ def saim(layers: DualBranchLayers, o: torch.Tensor) -> torch.Tensor:
     is the sigmoid of their difference, so for token i: ``out_i = v_1 + sigmoid((q_i . (k_0 - k_1)) / sqrt(C)) *
     (v_0 - v_1)`` -- the same numbers without a generic attention call on sequences of length 2.
     """
+    if not torch.is_grad_enabled():
+        return _saim_fused(layers, o)
     dtype = layers.temporal_i.weight.dtype  # the new layers may be kept in fp32 under a half-precision UNet
     x = layers.temporal_i(layers.temporal_n(o.to(dtype)))
     n = x.shape[0] // BRANCHES
@@ -228,6 +293,48 @@ def saim(layers: DualBranchLayers, o: torch.Tensor) -> torch.Tensor:
     v1 = v[:, 1:2]
     out = torch.addcmul(v1, w0, v[:, 0:1] - v1)  # v1 + w0 * (v0 - v1)
     return layers.temporal_o(out.flatten(0, 1)).to(o.dtype)
+
+
+def _saim_fused_weights(layers: DualBranchLayers):
+    """Fold temporal_i into q/k/v and temporal_o into v (float64, then cast):
+
+    with z = LN(o), A = Wq Wi, B = Wk Wi, V = Wv Wi, P = Wo V:
+      score_i = (z_i . u + m . d) / sqrt(C),  d = z_0 - z_1,  u = (A^T B) d,  m = B^T (Wq bi + bq)
+      y_i     = P z_1 + p + sigmoid(score_i) * (P d),   p = Wo (Wv bi + bv) + bo
+    """
+    def build():
+        f = lambda lin: (lin.weight.double(), lin.bias.double())  # noqa: E731
+        wi, bi = f(layers.temporal_i)
+        wq, bq = f(layers.temporal_q)
+        wk, _ = f(layers.temporal_k)
+        wv, bv = f(layers.temporal_v)
+        wo, bo = f(layers.temporal_o)
+        a_mat, b_mat = wq @ wi, wk @ wi
+        dtype = layers.temporal_i.weight.dtype
+        m_mat = a_mat.T @ b_mat  # u = d @ m_mat.T
+        m_vec = b_mat.T @ (wq @ bi + bq)
+        p_mat = wo @ (wv @ wi)
+        p_vec = wo @ (wv @ bi + bv) + bo
+        return tuple(t.to(dtype) for t in (m_mat, m_vec, p_mat, p_vec))
+
+    mods = (layers.temporal_i, layers.temporal_q, layers.temporal_k, layers.temporal_v, layers.temporal_o)
+    sources = tuple(t for m in mods for t in (m.weight, m.bias))
+    return _cached(layers, ("saim",), sources, build)
+
+
+def _saim_fused(layers: DualBranchLayers, o: torch.Tensor) -> torch.Tensor:
+    m_mat, m_vec, p_mat, p_vec = _saim_fused_weights(layers)
+    z = layers.temporal_n(o.to(m_mat.dtype))
+    n = z.shape[0] // BRANCHES
+    zv = z.view(n, BRANCHES, *z.shape[1:])
+    d = zv[:, 0] - zv[:, 1]  # [n, N, C]
+    u = F.linear(d, m_mat)
+    md = F.linear(d, m_vec.unsqueeze(0))  # [n, N, 1]
+    scores = (zv * u.unsqueeze(1)).sum(-1, keepdim=True) + md.unsqueeze(1)  # [n, 2, N, 1]
+    w0 = torch.sigmoid(scores * (1.0 / math.sqrt(z.shape[-1])))
+    e = F.linear(zv[:, 1], p_mat, p_vec).unsqueeze(1)  # P z_1 + p
+    f = F.linear(d, p_mat).unsqueeze(1)  # P d
+    return torch.addcmul(e, w0, f).flatten(0, 1).to(o.dtype)
 
 
 def dual_branch_attention(
@@ -273,6 +380,9 @@ def dual_branch_attention(
     if mode == MODE_RECORD and is_self_attention and control.bcm_cache is not None:
         # the reference stores the attn1 input (= norm1(h_bg)) of the background pass
         control.bcm_cache[layer_name] = src
+        if layer_name == control.record_stop_after and not torch.is_grad_enabled():
+            # everything after the last recorded layer is discarded by the reference: skip computing it
+            raise RecordComplete()
 
     if (
         mode == MODE_DUAL
@@ -283,11 +393,11 @@ def dual_branch_attention(
     ):
         src = _bcm_mix(layers, src, control, layer_name)
 
-    q = _project(attn.to_q, layers.to_q_lora, hidden, mode, strength)
-    k = _project(attn.to_k, layers.to_k_lora, src, mode, strength)
-    v = _project(attn.to_v, layers.to_v_lora, src, mode, strength)
+    q = _project(attn.to_q, layers.to_q_lora, hidden, mode, strength, layers, "q")
+    k = _project(attn.to_k, layers.to_k_lora, src, mode, strength, layers, "k")
+    v = _project(attn.to_v, layers.to_v_lora, src, mode, strength, layers, "v")
     a = attention_fn(q, k, v, heads, mask)
-    out = _project(attn.to_out[0], layers.to_out_lora, a, mode, strength)
+    out = _project(attn.to_out[0], layers.to_out_lora, a, mode, strength, layers, "out")
     if len(attn.to_out) > 1:
         out = attn.to_out[1](out)
 
@@ -355,11 +465,23 @@ def layers_for(attn: nn.Module, **kwargs) -> DualBranchLayers:
     )
 
 
+class RecordComplete(Exception):
+    """Raised inside the background pass once the last self-attention input is recorded (inference only)."""
+
+
 def run_with_background(control: DualControl, record: Callable[[], object], main: Callable[[], torch.Tensor]):
     """BCM: run ``record()`` (the UNet over the noised background rows) in record mode, then ``main()`` (the UNet
-    over the interleaved pairs) with the recorded features injected. The cache lives only for this call."""
+    over the interleaved pairs) with the recorded features injected. The cache lives only for this call.
+
+    The background pass's own output is discarded (as in the reference); under no_grad it stops right after the
+    last recorded layer, which is learned on the first pass."""
     cache: dict[str, torch.Tensor] = {}
     with control.using(mode=MODE_RECORD, bcm_cache=cache):
-        record()
+        try:
+            record()
+        except RecordComplete:
+            pass
+    if control.record_stop_after is None and cache:
+        control.record_stop_after = next(reversed(cache))
     with control.using(mode=MODE_DUAL, bcm_cache=cache):
         return main()

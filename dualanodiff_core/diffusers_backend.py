@@ -27,6 +27,7 @@ from .attention import (
     DualBranchLayers,
     DualControl,
     LoRALinear,
+    clear_fast_cache,
     dual_branch_attention,
     run_with_background,
 )
@@ -121,7 +122,8 @@ class DualUNet:
         return d
 
     def uninstall(self) -> None:
-        self.unet.set_attn_processor(self._original)
+        clear_fast_cache(self.unet)
+        self.unet.set_attn_processor(dict(self._original))
 
     @property
     def layer_names(self) -> list[str]:
@@ -144,6 +146,7 @@ class DualUNet:
                 hint=f"The model was installed with {self.config}; weights and model must agree on layers, SAIM and "
                      "BCM (build it with DualUNet.from_weights to match the file).",
             )
+        clear_fast_cache(self.unet)
         with torch.no_grad():
             for k, v in sd.items():
                 if k not in expected:

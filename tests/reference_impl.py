@@ -1,12 +1,10 @@
 """A deliberately naive, independent re-statement of the reference processor (METHOD.md §1.3-1.4), used as the
-oracle in tests: a Python loop over the two branches, generic multi-head SDPA, a generic 2-token attention for SAIM
-(no closed form), and the BCM mix written out as in the reference. It reads the parameters of our
+oracle in tests and as the "reference-style" case in bench/: a Python loop over the two branches, multi-head SDPA,
+a generic 2-token SDPA for SAIM (no closed form), and the BCM mix written out as in the reference. It reads the parameters of our
 ``DualBranchLayers`` by their reference names, so the same tensors drive both implementations.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +20,7 @@ def _mha(q, k, v, heads):
     q = q.reshape(b, lq, heads, d).permute(0, 2, 1, 3)
     k = k.reshape(b, -1, heads, d).permute(0, 2, 1, 3)
     v = v.reshape(b, -1, heads, d).permute(0, 2, 1, 3)
-    w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
-    return (w @ v).permute(0, 2, 1, 3).reshape(b, lq, inner)
+    return F.scaled_dot_product_attention(q, k, v).permute(0, 2, 1, 3).reshape(b, lq, inner)
 
 
 def reference_processor(attn, p, hidden, context=None, mode="r", condition=None, scale=1.0):
@@ -60,8 +57,7 @@ def reference_processor(attn, p, hidden, context=None, mode="r", condition=None,
     cdim = x.shape[-1]
     x = x.reshape(b, 2, n_tok, cdim).permute(0, 2, 1, 3).reshape(b * n_tok, 2, cdim)  # '(b f) d c -> (b d) f c'
     q, k, v = p.temporal_q(x), p.temporal_k(x), p.temporal_v(x)
-    w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(cdim), dim=-1)
-    y = p.temporal_o(w @ v)
+    y = p.temporal_o(F.scaled_dot_product_attention(q, k, v))
     y = y.reshape(b, n_tok, 2, cdim).permute(0, 2, 1, 3).reshape(b2, n_tok, cdim)  # '(b d) f c -> (b f) d c'
     return o + y
 

@@ -225,3 +225,46 @@ def test_sd15_layer_count_and_parameter_counts():
                 lora += t.numel()
     assert saim == 124_078_720
     assert lora == 12_754_944
+
+
+def test_inference_fast_paths_equal_the_straightforward_path(unet):
+    """Under no_grad the LoRA is merged into per-branch weights, SAIM's linear maps are folded and the background
+    pass stops after its last recorded layer; with grad enabled everything runs unfused. Both must agree."""
+    x, t, ctx = unet_inputs(unet, pairs=2)
+    bg = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    dual = DualUNet(unet, rank=32, bcm=True)
+    try:
+        randomize_(dual, seed=8, bcm_alpha=0.3)
+        for strengths in [dict(), dict(lora_strength=(0.7, 1.3), saim_strength=0.5)]:
+            with dual.control.using(**strengths):
+                with torch.no_grad():
+                    fast = dual(x, t, ctx)
+                    fast_bcm = dual.forward_with_background(x, t, ctx, bg, t, ctx[0::2])
+                    assert dual.control.record_stop_after is not None
+                with torch.enable_grad():
+                    slow = dual(x, t, ctx)
+                    slow_bcm = dual.forward_with_background(x, t, ctx, bg, t, ctx[0::2])
+            assert (fast - slow).abs().max() < 1e-5
+            assert (fast_bcm - slow_bcm).abs().max() < 1e-5
+        assert dual.control.record_stop_after.endswith("attn1")
+    finally:
+        dual.uninstall()
+
+
+def test_fast_path_cache_follows_parameter_changes(unet):
+    x, t, ctx = unet_inputs(unet, pairs=1)
+    dual = DualUNet(unet, rank=32)
+    try:
+        randomize_(dual, seed=9)
+        with torch.no_grad():
+            a = dual(x, t, ctx)
+            for p in dual.processors.values():
+                p.to_q_lora[1].up.weight.mul_(2.0)
+                p.temporal_o.weight.mul_(0.5)
+            b = dual(x, t, ctx)
+        with torch.enable_grad():
+            c = dual(x, t, ctx)
+        assert not torch.allclose(a, b)
+        assert (b - c).abs().max() < 1e-5
+    finally:
+        dual.uninstall()
