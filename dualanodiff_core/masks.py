@@ -307,19 +307,41 @@ def _grow(t: torch.Tensor, radius: int) -> torch.Tensor:
     return t
 
 
+def _crop(mask: np.ndarray, margin: int) -> tuple[slice, slice] | None:
+    """Bounding box of the foreground grown by ``margin`` (clipped to the image); None when empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    h, w = mask.shape
+    return (slice(max(0, rows[0] - margin), min(h, rows[-1] + 1 + margin)),
+            slice(max(0, cols[0] - margin), min(w, cols[-1] + 1 + margin)))
+
+
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    if radius <= 0 or not mask.any():
+    """Dilation by an octagon (cross and square steps alternating); works on the foreground's bounding box only."""
+    mask = np.asarray(mask, dtype=bool)
+    box = _crop(mask, radius) if radius > 0 else None
+    if box is None:
         return mask.copy()
-    t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return _grow(t, radius)[0, 0].numpy() > 0.5
+    t = torch.from_numpy(mask[box].astype(np.float32))[None, None]
+    out = np.zeros_like(mask)
+    out[box] = _grow(t, radius)[0, 0].numpy() > 0.5
+    return out
 
 
 def erode(mask: np.ndarray, radius: int) -> np.ndarray:
     """Erosion; pixels outside the image count as foreground, so objects touching the border are not eaten."""
-    if radius <= 0:
+    mask = np.asarray(mask, dtype=bool)
+    box = _crop(mask, radius) if radius > 0 else None
+    if box is None:
         return mask.copy()
-    t = torch.from_numpy((~mask).astype(np.float32))[None, None]
-    return ~(_grow(t, radius)[0, 0].numpy() > 0.5)
+    sub = mask[box]
+    t = torch.from_numpy((~sub).astype(np.float32))[None, None]
+    out = np.zeros_like(mask)
+    # inside the grown box every neighbour within the radius is in the crop or outside the image
+    out[box] = ~(_grow(t, radius)[0, 0].numpy() > 0.5)
+    return out
 
 
 def binary_open(mask: np.ndarray, radius: int) -> np.ndarray:

@@ -50,7 +50,8 @@ class FilterOptions:
         if self.min_area > self.max_area:
             raise ValueError(f"filter options: min_area {self.min_area} is above max_area {self.max_area}")
         if not (0.0 < self.max_gray_offset <= 1.0):
-            raise ValueError(f"filter option max_gray_offset={self.max_gray_offset}: must lie in (0, 1]; 1 turns it off")
+            raise ValueError(f"filter option max_gray_offset={self.max_gray_offset}: must lie in (0, 1]; "
+                             "1 turns it off")
         if int(self.agreement_tolerance) != self.agreement_tolerance or self.agreement_tolerance < 0:
             raise ValueError(f"filter option agreement_tolerance={self.agreement_tolerance}: a whole number of pixels")
 
@@ -124,7 +125,8 @@ def check_pair(mask: MaskResult, options: FilterOptions | None = None, *, global
     if offset > o.max_gray_offset:
         med = ", ".join(f"{v:.2f}" for v in mask.image_median)
         return decide("background_not_gray",
-                      f"anomaly image median ({med}) is {offset:.2f} from mid-gray 0.5 (limit {o.max_gray_offset:.2f}): "
+                      f"anomaly image median ({med}) is {offset:.2f} from mid-gray 0.5 "
+                      f"(limit {o.max_gray_offset:.2f}): "
                       "the anomaly branch did not draw the defect on gray")
     if mask.empty:
         return decide("empty_mask", f"empty mask: {mask.note or 'no defect found in the anomaly image'}")
@@ -134,7 +136,8 @@ def check_pair(mask: MaskResult, options: FilterOptions | None = None, *, global
         return decide("mask_too_small", f"mask covers {area:.3%} of the image (minimum {o.min_area:.3%})")
     if agreement is not None and agreement < o.min_agreement:
         return decide("disagrees_with_normal",
-                      f"mask and the change from the normal image agree {agreement:.0%} (minimum {o.min_agreement:.0%}; "
+                      f"mask and the change from the normal image agree {agreement:.0%} "
+                      f"(minimum {o.min_agreement:.0%}; "
                       f"{change_fraction:.1%} of the known region changed)")
     extra = "" if agreement is None else f", agreement with the normal image {agreement:.0%}"
     return decide("ok", f"mask covers {area:.2%} of the image in {mask.components} component(s){extra}")

@@ -176,8 +176,8 @@ def test_soft_edges():
 def test_input_types_agree():
     arr = render(TWO, COLORS["brown"], noise=0.02)
     ref = extract_mask(arr).mask
-    variants = [Image.fromarray(arr), arr.astype(np.float32) / 255, torch.from_numpy(arr).permute(2, 0, 1).float() / 255,
-                np.dstack([arr, np.full((H, W), 255, np.uint8)])]
+    variants = [Image.fromarray(arr), arr.astype(np.float32) / 255,
+                torch.from_numpy(arr).permute(2, 0, 1).float() / 255, np.dstack([arr, np.full((H, W), 255, np.uint8)])]
     for v in variants:
         assert np.array_equal(extract_mask(v).mask, ref)
 
@@ -276,7 +276,7 @@ def test_change_mask_and_refinement_drop_unsupported_components():
         extract_mask(fg, global_image=glob)
 
 
-# ---- quality filter ----------------------------------------------------------------------------------------------------
+# ---- quality filter ------------------------------------------------------------------------------------------------
 def test_filter_accepts_a_good_pair_and_records_numbers():
     res = extract_mask(render(DISK, COLORS["dark"]))
     d = check_pair(res)
