@@ -39,12 +39,18 @@ what lands in OUT (NAME = 000, 001, ...):
   manifest.jsonl                              one JSON record per sample, accepted or rejected
 
 anomalib: Folder(normal_dir=<your train/good>, abnormal_dir=OUT/CATEGORY/test/DEFECT,
-mask_dir=OUT/CATEGORY/ground_truth/DEFECT), or copy your normal images to OUT/CATEGORY/train/good and use MVTecAD.
+mask_dir=OUT/CATEGORY/ground_truth/DEFECT); or copy your normal images to OUT/CATEGORY/train/good and use
+MVTecAD(root=OUT, category=CATEGORY) (MVTec in anomalib < 2).
 """
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Shows defaults, but not the empty ones (None, False, "") that say nothing."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -221,8 +227,24 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished samples are kept; run the same command again to resume", file=sys.stderr)
         return 130
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{e} (finished samples are kept; fix this and run the same command again to resume)") from e
     print(summary.text())
-    if summary.accepted == 0:
-        print("warning: no sample was accepted; look at the rejected/ folder and the contact sheets, and at the "
-              "reasons in manifest.jsonl (e.g. lower --mask-min-contrast for faint defects)", file=sys.stderr)
+    if summary.accepted == 0 and summary.rejected:
+        top = max(summary.reasons.items(), key=lambda kv: kv[1])[0]
+        print(f"warning: no sample was accepted (mostly {top}): {HINTS.get(top, '')} The rejected/ folder, the contact "
+              "sheets and the reasons in manifest.jsonl show what happened.", file=sys.stderr)
     return 0
+
+
+HINTS = {
+    "background_not_gray": "the anomaly branch did not draw the defect on gray; check the weights and "
+                           "--prompt-anomaly (or raise --max-gray-offset).",
+    "empty_mask": "nothing stood out from gray; for faint defects lower --mask-min-contrast.",
+    "mask_too_large": "masks covered too much of the image; if your defects are that large, raise --max-area.",
+    "mask_too_small": "masks were smaller than --min-area.",
+    "disagrees_with_normal": "the images changed elsewhere than the masks; BCM may not keep the background "
+                             "(drop --filter-against-background or lower --min-agreement).",
+}

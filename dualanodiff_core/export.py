@@ -61,7 +61,7 @@ def check_name(value: str, what: str) -> str:
     if what == "defect" and value == "good":
         raise DatasetError("defect 'good' means *normal* in the MVTec layout; give the defect type instead "
                            "(e.g. 'crack')")
-    if what == "category" and value in SIDE_DIRS:
+    if what == "category" and value in SIDE_DIRS + (MANIFEST,):
         raise DatasetError(f"category {value!r} collides with the {value}/ folder this tool writes; "
                            "choose another name")
     return value
@@ -413,7 +413,10 @@ class DatasetWriter:
         staged = {}
         for key, dest in paths.items():
             tmp = stage / f"{key}.png"
-            content[key].save(tmp, format="PNG")
+            with open(tmp, "wb") as fh:
+                content[key].save(fh, format="PNG")
+                fh.flush()
+                os.fsync(fh.fileno())  # on disk before its manifest line can be
             staged[key] = tmp
         note = self.staging_dir / f"{name}.commit.json"
         write_text_atomic(note, json.dumps({"index": idx, "files": [self._rel(p) for p in paths.values()]}))
