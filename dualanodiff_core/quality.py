@@ -1,0 +1,143 @@
+"""Quality filter for generated (image, mask) pairs: every decision is kept with its reason and the numbers behind it.
+
+Checks, in this order (the first failing one is the reason):
+
+``background_not_gray``
+    the anomaly-branch image's median is far from mid-gray (``max_gray_offset``): the branch did not draw "defect on
+    gray" (a failed sample, or the global image was passed by mistake), so no mask from it can be trusted;
+``empty_mask``
+    nothing in the anomaly image stands out from gray (see :class:`~dualanodiff_core.masks.MaskResult.note`);
+``mask_too_large``
+    the mask covers more than ``max_area`` of the image (a defect rarely does; usually a failed anomaly branch);
+``mask_too_small``
+    the mask covers less than ``min_area`` of the image (off by default);
+``disagrees_with_normal``
+    only when a normal image aligned with the generated one is known (BCM with ``--filter-against-background``):
+    where the generated image differs from the normal image and where the mask is must agree (a symmetric,
+    tolerance-based overlap, ``agreement`` below), inside the region where the normal image is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from .masks import GRAY_LEVEL, MaskOptions, MaskResult, change_mask, dilate, to_bool_mask
+
+REASONS = ("ok", "background_not_gray", "empty_mask", "mask_too_large", "mask_too_small", "disagrees_with_normal")
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterOptions:
+    #: reject masks covering more than this share of the image
+    max_area: float = 0.5
+    #: reject masks covering less than this share of the image (0 = off; ``MaskOptions.min_area`` already drops specks)
+    min_area: float = 0.0
+    #: reject when the anomaly image's per-channel median is further than this from mid-gray (1 = off)
+    max_gray_offset: float = 0.2
+    #: with a known normal image: reject when the mask/change agreement is below this (0 = off)
+    min_agreement: float = 0.5
+    #: with a known normal image: how far (px) mask and change may be apart and still agree
+    agreement_tolerance: int = 3
+
+    def __post_init__(self):
+        for name in ("max_area", "min_area", "min_agreement"):
+            v = getattr(self, name)
+            if not (0.0 <= v <= 1.0):
+                raise ValueError(f"filter option {name}={v}: must be a share in [0, 1]")
+        if self.min_area > self.max_area:
+            raise ValueError(f"filter options: min_area {self.min_area} is above max_area {self.max_area}")
+        if not (0.0 < self.max_gray_offset <= 1.0):
+            raise ValueError(f"filter option max_gray_offset={self.max_gray_offset}: must lie in (0, 1]; "
+                             "1 turns it off")
+        if int(self.agreement_tolerance) != self.agreement_tolerance or self.agreement_tolerance < 0:
+            raise ValueError(f"filter option agreement_tolerance={self.agreement_tolerance}: a whole number of pixels")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterDecision:
+    accepted: bool
+    #: one of :data:`REASONS` ("ok" when accepted)
+    reason: str
+    #: a sentence with the numbers, for people
+    detail: str
+    area_fraction: float
+    #: largest per-channel distance of the anomaly image's median from mid-gray
+    gray_offset: float
+    #: mask/change agreement in [0, 1], None when no normal image was given
+    agreement: float | None = None
+    #: share of the known region where the generated image differs from the normal image (None without one)
+    change_fraction: float | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        r = lambda x: None if x is None else round(float(x), 6)  # noqa: E731
+        return {
+            "accepted": self.accepted, "reason": self.reason, "detail": self.detail,
+            "area_fraction": r(self.area_fraction), "gray_offset": r(self.gray_offset),
+            "agreement": r(self.agreement), "change_fraction": r(self.change_fraction),
+        }
+
+
+def mask_change_agreement(mask: np.ndarray, change: np.ndarray, region: np.ndarray | None = None,
+                          tolerance: int = 3) -> float:
+    """Symmetric overlap with tolerance, in [0, 1]: ``(|M ∩ dil(C)| + |C ∩ dil(M)|) / (|M| + |C|)`` counted inside
+    ``region``; 1.0 when neither has a pixel there (both agree that nothing changed)."""
+    m = np.asarray(mask) > 0
+    c = np.asarray(change) > 0
+    if region is not None:
+        m = m & region
+        c = c & region
+    total = int(m.sum()) + int(c.sum())
+    if total == 0:
+        return 1.0
+    hit = int((m & dilate(c, tolerance)).sum()) + int((c & dilate(m, tolerance)).sum())
+    return hit / total
+
+
+def check_pair(mask: MaskResult, options: FilterOptions | None = None, *, global_image=None, normal_image=None,
+               known_region=None, mask_options: MaskOptions | None = None) -> FilterDecision:
+    """Accept or reject one generated pair. ``normal_image`` (with ``global_image``) enables the agreement check,
+    restricted to ``known_region`` (True = the normal image is valid there, e.g. outside the object) if given."""
+    o = options or FilterOptions()
+    area = float(mask.area_fraction)
+    offset = float(max(abs(v - GRAY_LEVEL) for v in mask.image_median)) if mask.image_median else 0.0
+    agreement = change_fraction = None
+    if (global_image is None) != (normal_image is None):
+        raise ValueError("the agreement check needs both global_image and normal_image (or neither)")
+    if normal_image is not None:
+        h, w = mask.mask.shape
+        region = None if known_region is None else to_bool_mask(known_region, "known_region", (h, w))
+        change = change_mask(global_image, normal_image, mask_options, known_region=region)
+        if change.shape != (h, w):
+            raise ValueError(f"the generated image is {change.shape[1]}x{change.shape[0]} but the mask is {w}x{h}")
+        agreement = mask_change_agreement(mask.mask, change, region, o.agreement_tolerance)
+        n_known = h * w if region is None else int(region.sum())
+        change_fraction = float(change.sum()) / max(1, n_known)
+
+    def decide(reason: str, detail: str) -> FilterDecision:
+        return FilterDecision(reason == "ok", reason, detail, area, offset, agreement, change_fraction)
+
+    if offset > o.max_gray_offset:
+        med = ", ".join(f"{v:.2f}" for v in mask.image_median)
+        return decide("background_not_gray",
+                      f"anomaly image median ({med}) is {offset:.2f} from mid-gray 0.5 "
+                      f"(limit {o.max_gray_offset:.2f}): "
+                      "the anomaly branch did not draw the defect on gray")
+    if mask.empty:
+        return decide("empty_mask", f"empty mask: {mask.note or 'no defect found in the anomaly image'}")
+    if area > o.max_area:
+        return decide("mask_too_large", f"mask covers {area:.1%} of the image (limit {o.max_area:.0%})")
+    if area < o.min_area:
+        return decide("mask_too_small", f"mask covers {area:.3%} of the image (minimum {o.min_area:.3%})")
+    if agreement is not None and agreement < o.min_agreement:
+        return decide("disagrees_with_normal",
+                      f"mask and the change from the normal image agree {agreement:.0%} "
+                      f"(minimum {o.min_agreement:.0%}; "
+                      f"{change_fraction:.1%} of the known region changed)")
+    extra = "" if agreement is None else f", agreement with the normal image {agreement:.0%}"
+    return decide("ok", f"mask covers {area:.2%} of the image in {mask.components} component(s){extra}")
