@@ -409,10 +409,10 @@ def _augment(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tup
 
 @dataclasses.dataclass(frozen=True)
 class SegConfig:
-    steps: int = 1500
+    steps: int = 600
     batch: int = 16
     lr: float = 1e-3
-    width: int = 16
+    width: int = 12
     normal_fraction: float = 0.5  # share of each batch that is normal images with empty masks
 
     def to_dict(self) -> dict:

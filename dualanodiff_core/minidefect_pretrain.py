@@ -49,7 +49,7 @@ from .fileio import write_json_atomic
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-    layers_per_block=1, norm_num_groups=16, sample_size=64,
+    layers_per_block=1, norm_num_groups=16, sample_size=64, mid_block_add_attention=False,
 )
 UNET_CONFIG = dict(
     sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
@@ -70,13 +70,15 @@ class PretrainConfig:
     size: int = 64
     pool: int = 1500  # normal images per product
     clutter: int = 1500  # generic images for the VAE
-    vae_steps: int = 1500
+    vae_steps: int = 2000
     vae_batch: int = 16
     vae_crop: int = 32
     vae_lr: float = 1e-3
-    unet_steps: int = 4000
+    vae_grad_weight: float = 1.0
+    vae_logvar_init: float = -6.0
+    unet_steps: int = 3000
     unet_batch: int = 16
-    unet_lr: float = 5e-4
+    unet_lr: float = 8e-4
     warmup: int = 100
     ema: float = 0.999
     uncond_prob: float = 0.1
@@ -225,6 +227,7 @@ class _Log:
 
 
 def train_vae(vae, data: torch.Tensor, config: PretrainConfig, log) -> list[float]:
+    dev = data.device
     g = torch.Generator().manual_seed(config.seed + 10)
     opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     vae.train()
@@ -240,10 +243,10 @@ def train_vae(vae, data: torch.Tensor, config: PretrainConfig, log) -> list[floa
         xs = torch.randint(0, w - c + 1, (config.vae_batch,), generator=g)
         x = torch.stack([data[i, :, y:y + c, xx:xx + c] for i, y, xx in zip(idx.tolist(), ys.tolist(), xs.tolist())])
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev)
         rec = vae.decode(z).sample
         kl = post.kl().mean() / (c * c * 3)
-        loss = (rec - x).abs().mean() + _grad_l1(rec, x) + 1e-6 * kl
+        loss = (rec - x).abs().mean() + config.vae_grad_weight * _grad_l1(rec, x) + 1e-6 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -265,12 +268,13 @@ def encode_pool(vae, data: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor,
 
 
 def train_unet(unet, text, tokenizer, means, stds, captions_fn, config: PretrainConfig, scaling: float, log):
+    dev = means.device
     from diffusers import DDPMScheduler
 
     from .diffusers_backend import SD15_SCHEDULER_CONFIG
 
     sched = DDPMScheduler.from_config({k: v for k, v in SD15_SCHEDULER_CONFIG.items() if k != "skip_prk_steps"})
-    abar = sched.alphas_cumprod.float()
+    abar = sched.alphas_cumprod.float().to(dev)
     snr = abar / (1 - abar)
     weight = torch.clamp(snr, max=config.min_snr) / snr
     params = list(unet.parameters()) + list(text.parameters())
@@ -287,14 +291,16 @@ def train_unet(unet, text, tokenizer, means, stds, captions_fn, config: Pretrain
         for group in opt.param_groups:
             group["lr"] = _lr(step, config.unet_steps, config.unet_lr, config.warmup)
         idx = torch.randint(0, n, (config.unet_batch,), generator=g)
-        z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scaling
+        noise0 = torch.randn((config.unet_batch, *means.shape[1:]), generator=g).to(dev)
+        idx = idx.to(dev)
+        z0 = (means[idx] + stds[idx] * noise0) * scaling
         caps = [captions_fn(int(i), rng) for i in idx]
         caps = ["" if rng.random() < config.uncond_prob else c for c in caps]
         ids = tokenizer(caps, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
+                        return_tensors="pt").input_ids.to(dev)
         ctx = text(ids)[0]
-        t = torch.randint(0, len(abar), (config.unet_batch,), generator=g)
-        eps = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, len(abar), (config.unet_batch,), generator=g).to(dev)
+        eps = torch.randn(z0.shape, generator=g).to(dev)
         a = abar[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         pred = unet(zt, t, encoder_hidden_states=ctx).sample
@@ -332,7 +338,9 @@ def sample_base(unet, vae, text, tokenizer, prompts: Sequence[str], *, steps: in
     sched.set_timesteps(steps)
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn((len(prompts), unet.config.in_channels, size // f, size // f), generator=g) * sched.init_noise_sigma
+    dev = next(unet.parameters()).device
+    x = torch.randn((len(prompts), unet.config.in_channels, size // f, size // f), generator=g).to(dev)
+    x = x * sched.init_noise_sigma
     cond = encode_prompts(tokenizer, text, list(prompts))
     uncond = encode_prompts(tokenizer, text, [""]).expand_as(cond)
     ctx = torch.cat([uncond, cond])
@@ -412,7 +420,7 @@ def _version(pkg: str) -> str:
 
 
 def pretrain(out: str | os.PathLike, config: PretrainConfig | None = None, log: Callable[[str], None] | None = None,
-             grid: str | os.PathLike | None = None) -> Path:
+             grid: str | os.PathLike | None = None, device: str = "cpu") -> Path:
     """Run both stages and write the model folder ``out``. Returns it."""
     config = config or PretrainConfig()
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -422,13 +430,16 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig | None = None, log: 
     normals, products, params = normal_pool(config, log)
     clutter = clutter_pool(config, normals)
     vae, unet, text, tokenizer = build_models(config.seed)
-    vae_data = to_tensor(np.concatenate([normals, clutter]))
+    with torch.no_grad():  # start with a small posterior std (the decoder sees the code, not mostly noise)
+        vae.quant_conv.bias[vae.config.latent_channels:].fill_(config.vae_logvar_init)
+    vae, unet, text = vae.to(device), unet.to(device), text.to(device)
+    vae_data = to_tensor(np.concatenate([normals, clutter])).to(device)
     t0 = time.time()
     vae_hist = train_vae(vae, vae_data, config, log)
     vae_time = time.time() - t0
     del vae_data
-    means, stds = encode_pool(vae, to_tensor(normals))
-    std = float((means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(config.seed + 30))).std())
+    means, stds = encode_pool(vae, to_tensor(normals).to(device))
+    std = float((means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(config.seed + 30)).to(device)).std())
     scaling = round(1.0 / std, 5)
     vae.register_to_config(scaling_factor=scaling)
     log(f"vae done in {vae_time / 60:.1f} min; latent std {std:.4f} -> scaling_factor {scaling}")
@@ -441,20 +452,21 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig | None = None, log: 
     unet_time = time.time() - t0
     log(f"unet done in {unet_time / 60:.1f} min")
     with torch.no_grad():
-        rec = vae.decode(vae.encode(to_tensor(normals[:: max(1, len(normals) // 256)])).latent_dist.mean).sample
-        rec_l1 = float((rec - to_tensor(normals[:: max(1, len(normals) // 256)])).abs().mean() / 2)
+        sub = to_tensor(normals[:: max(1, len(normals) // 256)]).to(device)
+        rec_l1 = float((vae.decode(vae.encode(sub).latent_dist.mean).sample - sub).abs().mean() / 2)
     record = {
         "what": "MiniDefect base model (SD1.x architecture), pre-trained on MiniDefect normal images",
         "command": "OMP_NUM_THREADS=1 python scripts/pretrain_minidefect.py --out dualanodiff_core/assets/minidefect-sd",
         "config": config.to_dict(), "vae_config": _jsonable(VAE_CONFIG), "unet_config": _jsonable(UNET_CONFIG),
         "text_config": TEXT_CONFIG, "scaling_factor": scaling,
         "seconds": {"vae": round(vae_time, 1), "unet": round(unet_time, 1), "total": round(time.time() - t_start, 1)},
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": _version("diffusers"),
+        "threads": torch.get_num_threads(), "device": str(device), "torch": torch.__version__, "diffusers": _version("diffusers"),
         "transformers": _version("transformers"), "numpy": np.__version__,
         "final_loss": {"vae": float(np.mean(vae_hist[-100:])), "unet": float(np.mean(unet_hist[-200:]))},
         "vae_reconstruction_l1_normals": round(rec_l1, 5),
         "prompts": {p: md.PRODUCT_PROMPTS[p] for p in md.PRODUCTS},
     }
+    vae, unet, text = vae.cpu(), unet.cpu(), text.cpu()
     save_model(out, vae, unet, text, tokenizer, record)
     log(f"wrote {out} ({sum(p.stat().st_size for p in out.rglob('*') if p.is_file()) / 1e6:.1f} MB) in "
         f"{(time.time() - t_start) / 60:.1f} min")
@@ -469,22 +481,18 @@ def _jsonable(d: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def default_model_dir() -> Path:
-    """The shipped MiniDefect base model (package data)."""
-    return Path(__file__).resolve().parent / "assets" / "minidefect-sd"
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(description="Pre-train the MiniDefect base model (CPU; see module doc).")
     p.add_argument("--out", required=True, help="model folder to write (replaced if it exists)")
     p.add_argument("--grid", help="also write a sample grid PNG here")
+    p.add_argument("--device", default="cpu", help="torch device (the shipped model was made on CPU)")
     for f in dataclasses.fields(PretrainConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     a = p.parse_args(argv)
     cfg = PretrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(PretrainConfig)})
-    pretrain(a.out, cfg, grid=a.grid)
+    pretrain(a.out, cfg, grid=a.grid, device=a.device)
     return 0
 
 

@@ -145,3 +145,23 @@ def test_benchmark_end_to_end_on_tiny_data(tmp_path):
     assert "generated" not in r2["alignment"]
     with pytest.raises(FileNotFoundError, match="dualanodiff generate"):
         ev.benchmark(data, "metal", "scratch", gen, cfg, log=lambda s: None)
+
+
+def test_bench_cli_writes_table_and_json(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    md.write_minidefect(tmp_path / "data", md.MiniDefectSpec(seed=2, train_good=6, test_good=2, test_defect=3,
+                                                              products=("metal",)))
+    r = subprocess.run([sys.executable, "bench/quality.py", "--data", str(tmp_path / "data"), "--target",
+                        "metal/hole", "--sources", "real", "cutpaste", "--seeds", "0", "--steps", "2", "--width", "4",
+                        "--n-synthetic", "4", "--json", str(tmp_path / "q.json")],
+                       cwd=root, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "metal/hole" in r.stdout and "cutpaste" in r.stdout and "(a) mask alignment" in r.stdout
+    out = json.loads((tmp_path / "q.json").read_text())
+    assert out["results"][0]["counts"]["few_shot"] == 1
+    assert set(out["results"][0]["usefulness"]) == {"texture_detector (no training)", "real", "cutpaste"}
