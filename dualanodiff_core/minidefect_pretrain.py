@@ -70,13 +70,13 @@ class PretrainConfig:
     size: int = 64
     pool: int = 1500  # normal images per product
     clutter: int = 1500  # generic images for the VAE
-    vae_steps: int = 2000
+    vae_steps: int = 3500
     vae_batch: int = 16
     vae_crop: int = 32
     vae_lr: float = 1e-3
     vae_grad_weight: float = 1.0
     vae_logvar_init: float = -6.0
-    unet_steps: int = 3000
+    unet_steps: int = 2500
     unet_batch: int = 16
     unet_lr: float = 8e-4
     warmup: int = 100
@@ -123,13 +123,14 @@ def normal_pool(config: PretrainConfig, log: Callable[[str], None]) -> tuple[np.
 
 
 def clutter_image(rng: np.random.Generator, size: int, texture: np.ndarray | None = None) -> np.ndarray:
-    """A generic image: a background (mid-gray, flat colour, gradient or a given texture) with 1-5 random shapes
-    drawn with PIL (antialiased by drawing at 4x and downsampling)."""
+    """A generic image: a background (a given texture half of the time, else mid-gray, a flat colour or a
+    gradient) with 1-8 random PIL shapes (ellipses, rectangles, polygons, lines) of log-uniform size from about
+    half a pixel to 40 % of the image, so small high-contrast details are common. Drawn at 4x and downsampled."""
     s4 = size * 4
     kind = rng.random()
-    if texture is not None and kind < 0.35:
+    if texture is not None and kind < 0.5:
         bg = Image.fromarray(texture).resize((s4, s4), Image.NEAREST)
-    elif kind < 0.65:
+    elif kind < 0.75:
         g = int(round(rng.uniform(120, 135)))
         bg = Image.new("RGB", (s4, s4), (g, g, g))
     else:
@@ -140,17 +141,17 @@ def clutter_image(rng: np.random.Generator, size: int, texture: np.ndarray | Non
             arr = np.broadcast_to(c0, (s4, s4, 3))
         bg = Image.fromarray(np.ascontiguousarray(np.broadcast_to(arr, (s4, s4, 3))).astype(np.uint8))
     draw = ImageDraw.Draw(bg)
-    for _ in range(int(rng.integers(1, 6))):
+    for _ in range(int(rng.integers(1, 9))):
         col = tuple(int(v) for v in rng.uniform(0, 255, 3))
         x0, y0 = rng.uniform(0, s4, 2)
-        w, h = rng.uniform(s4 * 0.03, s4 * 0.4, 2)
+        w, h = np.exp(rng.uniform(np.log(2.0), np.log(s4 * 0.4), 2))
         shape = rng.integers(0, 4)
         if shape == 0:
             draw.ellipse([x0, y0, x0 + w, y0 + h], fill=col)
         elif shape == 1:
             draw.rectangle([x0, y0, x0 + w, y0 + h], fill=col)
         elif shape == 2:
-            pts = [tuple(float(v) for v in (x0, y0) + rng.uniform(-s4 * 0.2, s4 * 0.2, 2)) for _ in range(int(rng.integers(3, 7)))]
+            pts = [tuple(float(v) for v in (x0, y0) + rng.uniform(-w, w, 2)) for _ in range(int(rng.integers(3, 7)))]
             draw.polygon(pts, fill=col)
         else:
             pts = [tuple(float(v) for v in rng.uniform(0, s4, 2)) for _ in range(int(rng.integers(2, 5)))]
