@@ -136,9 +136,10 @@ def test_resume_refuses_other_settings_or_changed_data(data_root, tmp_path):
         make_trainer(root, tmp_path / "w", config).run(tmp_path / "w")
     Image.new("L", (RES, RES), 255).save(root / "masks" / "001.png")
     with pytest.raises(CheckpointError, match=r"training data changed since this checkpoint \(mask masks/001\.png\)"):
-        make_trainer(root, tmp_path / "w", small_config(steps=4)).run(ckpt)
+        make_trainer(root, tmp_path / "w", small_config(steps=4)).run(tmp_path / "w")
+    assert not ckpt.exists()  # keep_checkpoints=1 pruned it
     with pytest.raises(CheckpointError, match="not a DualAnoDiff training checkpoint"):
-        load_checkpoint(ckpt.with_suffix(".safetensors"))
+        load_checkpoint(tmp_path / "w" / "checkpoints" / "checkpoint-000002.safetensors")
 
 
 def test_gradient_checkpointing_gives_the_same_gradients_with_bcm(data_root):
