@@ -17,7 +17,6 @@ Otherwise :class:`~dualanodiff_core.models.ModelLoadError` says how to convert t
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Iterator

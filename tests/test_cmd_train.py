@@ -117,3 +117,31 @@ def test_bad_output_name_and_missing_model(tmp_path, capsys):
     assert "use a name ending in .safetensors" in capsys.readouterr().err
     assert main(_args(data, tmp_path / "no_model", tmp_path / "o.safetensors", "--steps", "1")) == 2
     assert "no_model: not a folder" in capsys.readouterr().err
+
+
+def test_single_file_checkpoint_loads_offline_with_a_local_config_folder(tiny_model, tmp_path, capsys, monkeypatch):
+    """A single-file (original layout) checkpoint + --model-config <diffusers folder>: loads offline, bit-exact."""
+    import shutil
+
+    from ldm_checkpoint import same_weights, write_ldm_checkpoint
+    from dualanodiff_core.models import ModelLoadError, load_diffusers_components
+    from dualanodiff_core.single_file import load_single_file_components
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty_hf_home" / "hub"))
+    config_dir = shutil.copytree(tiny_model, tmp_path / "sd15_config")
+    ckpt = write_ldm_checkpoint(config_dir, tmp_path / "my_sd15.safetensors")
+    comps = load_single_file_components(ckpt, config_dir=config_dir)
+    ref = load_diffusers_components(tiny_model)
+    for k in ("unet", "vae", "text_encoder"):
+        assert same_weights(comps[k], ref[k]), k
+    assert len(comps["tokenizer"]) == len(ref["tokenizer"])
+    with pytest.raises(ModelLoadError, match="not a diffusers Stable Diffusion folder"):
+        load_single_file_components(ckpt, config_dir=tmp_path)
+
+    data = make_flat(tmp_path / "d", n=2, size=16)
+    out = tmp_path / "o.safetensors"
+    assert main(_args(data, ckpt, out, "--model-config", str(config_dir), "--steps", "1")) == 0
+    assert DualAnoDiffWeights.load(out).metadata["base_model"] == str(ckpt)
+    assert main(_args(data, tiny_model, tmp_path / "p.safetensors", "--model-config", str(config_dir))) == 2
+    assert "--model-config is only for single-file checkpoints" in capsys.readouterr().err
