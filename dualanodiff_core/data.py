@@ -243,6 +243,15 @@ def match_masks(images: Sequence[Path], mask_files: Sequence[Path], what: str = 
     return out
 
 
+def _warn_orphans(masks: Sequence[Path], used: Iterable[Path | None], what: str = "mask") -> None:
+    used = set(used)
+    orphans = [m for m in masks if m not in used]
+    if orphans:
+        warnings.warn(
+            f"{orphans[0]}: {what} without a matching image; ignored (is an image missing or named differently?)"
+            + (f" ({len(orphans) - 1} more such file(s))" if len(orphans) > 1 else ""), DataWarning, stacklevel=3)
+
+
 def object_mask_files(folder: str | os.PathLike) -> list[Path]:
     return list_images(Path(folder), "object masks", allow_empty=False)
 
@@ -252,6 +261,9 @@ def find_mvtec(category: str | os.PathLike, defect: str, object_masks: str | os.
     root = Path(category)
     if not defect:
         raise DataError(f"{root}: an MVTec category folder needs a defect name (one of {', '.join(mvtec_defects(root))}).")
+    if defect == "good":
+        raise DataError(f"{root}: 'good' holds the normal images; name a defect type to train "
+                        f"({', '.join(mvtec_defects(root)) or 'none found'}).")
     test = root / "test" / defect
     if not test.is_dir():
         avail = mvtec_defects(root)
@@ -263,7 +275,9 @@ def find_mvtec(category: str | os.PathLike, defect: str, object_masks: str | os.
     gt = root / "ground_truth" / defect
     if not gt.is_dir():
         raise DataError(f"{gt}: no such folder; MVTec masks go in ground_truth/{defect}/<name>_mask.png.")
-    masks = match_masks(images, list_images(gt, f"masks of {defect!r}"), suffixes=(MASK_SUFFIX, ""))
+    mask_files = list_images(gt, f"masks of {defect!r}")
+    masks = match_masks(images, mask_files, suffixes=(MASK_SUFFIX, ""))
+    _warn_orphans(mask_files, masks)
     objs = _object_masks_for(images, object_masks)
     normals = list_images(root / "train" / "good", "normal images", allow_empty=True) \
         if (root / "train" / "good").is_dir() else []
@@ -303,7 +317,9 @@ def find_flat(folder: str | os.PathLike, object_masks: str | os.PathLike | None 
         if not (root / "masks").is_dir():
             raise DataError(f"{root}: has images/ but no masks/ folder; put one mask per image in {root / 'masks'} "
                             "(same name as the image, or <name>_mask.png).")
-        masks = match_masks(images, list_images(root / "masks", "masks"))
+        mask_files = list_images(root / "masks", "masks")
+        masks = match_masks(images, mask_files)
+        _warn_orphans(mask_files, masks)
         objs = _object_masks_for(images, object_masks)
         return DefectSet([DefectSample(i, m, o) for i, m, o in zip(images, masks, objs)], normals, root, "flat")
 
@@ -314,11 +330,7 @@ def find_flat(folder: str | os.PathLike, object_masks: str | os.PathLike | None 
     if not images:
         raise DataError(f"{root}: only mask files, no defect images (x.png beside x_mask.png).")
     masks = match_masks(images, masks_, suffixes=(MASK_SUFFIX,))
-    used = set(masks)
-    orphans = [m for m in masks_ if m not in used]
-    if orphans:
-        warnings.warn(f"{orphans[0]}: mask without an image named {orphans[0].stem[:-len(MASK_SUFFIX)]}.*; ignored"
-                      + (f" ({len(orphans) - 1} more)" if len(orphans) > 1 else ""), DataWarning, stacklevel=2)
+    _warn_orphans(masks_, masks)
     if object_masks is not None:
         objs = _object_masks_for(images, object_masks)
     else:
@@ -366,6 +378,14 @@ def read_image(path: Path, what: str = "image") -> Image.Image:
                         "or remove it.") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = old
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """Any image as 8-bit RGB; 16-bit and float grayscale (industrial cameras) are scaled, not clipped."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        g = _gray01(im)
+        return Image.fromarray(np.clip(np.rint(g * 255), 0, 255).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
 
 
 def _gray01(im: Image.Image) -> np.ndarray:
@@ -515,7 +535,7 @@ class DefectDataset:
         from .backgrounds import make_background
 
         R = self.resolution
-        img = read_image(s.image).convert("RGB")
+        img = to_rgb8(read_image(s.image))
         mask = read_mask(s.mask, img.size, s.image)
         bg = None
         if self.backgrounds:

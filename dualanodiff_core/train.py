@@ -592,7 +592,12 @@ class Trainer:
     # ---- the run --------------------------------------------------------------------------------------------------
     def run(self, resume: str | os.PathLike | dict | None = None) -> TrainResult:
         """Train until ``config.steps`` (or a stop request). ``resume``: a checkpoint file, a work dir (its newest
-        checkpoint) or a loaded checkpoint dict."""
+        checkpoint) or a loaded checkpoint dict. Runs with autograd on even when called under ``torch.no_grad()``
+        or ``torch.inference_mode()`` (as ComfyUI runs its nodes)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._run(resume)
+
+    def _run(self, resume) -> TrainResult:
         if resume is not None:
             self.load_state_dict(resume if isinstance(resume, dict) else load_checkpoint(resume))
         self.work_dir.mkdir(parents=True, exist_ok=True)

@@ -145,3 +145,33 @@ def test_single_file_checkpoint_loads_offline_with_a_local_config_folder(tiny_mo
     assert DualAnoDiffWeights.load(out).metadata["base_model"] == str(ckpt)
     assert main(_args(data, tiny_model, tmp_path / "p.safetensors", "--model-config", str(config_dir))) == 2
     assert "--model-config is only for single-file checkpoints" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resume_finishes(tiny_model, tmp_path, capsys,
+                                                                           monkeypatch):
+    import os
+    import signal
+
+    from dualanodiff_core.train import Trainer
+
+    data = make_flat(tmp_path / "d", n=2, size=16)
+    out = tmp_path / "o.safetensors"
+    real_step = Trainer.train_step
+
+    def step_then_interrupt(self):
+        result = real_step(self)
+        if self.step == 0:  # during the first step: as if the user pressed Ctrl-C now
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    handler = signal.getsignal(signal.SIGINT)
+    assert main(_args(data, tiny_model, out, "--steps", "3", "--checkpoint-every", "0")) == 130
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    err = capsys.readouterr().err
+    assert "stopping after this step" in err and "stopped at step 1/3" in err and "plus --resume" in err
+    assert not out.exists()
+    assert [p.name for p in (tmp_path / "o_train" / "checkpoints").glob("*.pt")] == ["checkpoint-000001.pt"]
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert main(_args(data, tiny_model, out, "--steps", "3", "--checkpoint-every", "0", "--resume")) == 0
+    assert DualAnoDiffWeights.load(out).metadata["trained_steps"] == "3"

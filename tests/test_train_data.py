@@ -316,3 +316,29 @@ def test_fingerprint_changes_with_file_content(tmp_path):
     img, _, _ = defect_pair(5)
     save(img, root / "images" / "001.png")
     assert find_defect_set(root).fingerprint() != fp
+
+
+def test_orphan_masks_warn_and_good_is_not_a_defect(tmp_path):
+    root = make_flat(tmp_path / "f", n=2)
+    _, mask, _ = defect_pair(0)
+    save(mask, root / "masks" / "007.png")
+    with pytest.warns(DataWarning, match=r"007\.png: mask without a matching image; ignored"):
+        assert len(find_defect_set(root)) == 2
+    cat = make_mvtec(tmp_path / "m", n=2)
+    with pytest.raises(DataError, match="'good' holds the normal images; name a defect type"):
+        find_defect_set(cat, "good")
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    root = tmp_path / "f"
+    g = np.full((16, 16), 30000, np.uint16)  # ~46 % gray in 16 bits
+    g[4:8, 4:8] = 65535
+    (root / "images").mkdir(parents=True)
+    Image.fromarray(g).save(root / "images" / "a.png")
+    _, mask, _ = defect_pair(0)
+    save(mask, root / "masks" / "a.png")
+    with Image.open(root / "images" / "a.png") as im:
+        assert im.mode.startswith("I")
+    ds = DefectDataset(find_defect_set(root), resolution=16, flips="none")
+    img = ds.items[0].image
+    assert img[0, 0].tolist() == [117, 117, 117] and img[5, 5].tolist() == [255, 255, 255]
