@@ -167,6 +167,14 @@ class TrainingBackbone(Protocol):
     timesteps are integer DDPM indices in ``[0, len(alphas_cumprod))``; ``x_t`` is in DDPM form
     ``sqrt(abar) x0 + sqrt(1 - abar) eps`` with ``x0`` the latent *times* the VAE scaling factor.
 
+    Implementing it on ComfyUI (SD1.5, ``model_sampling`` EPS): ``alphas_cumprod = 1 / (sigmas**2 + 1)``; the
+    simplest ``denoise`` calls the raw UNet, ``patcher.model.diffusion_model(x_t, timesteps.float(), context=ctx,
+    transformer_options=...)``, which takes DDPM-form ``x_t`` and integer-valued timesteps and returns eps (going
+    through ``apply_model`` instead needs ``x = x_t / sqrt(abar)``, ``sigma = sqrt((1 - abar) / abar)`` and
+    ``eps = (x - denoised) / sigma``). Build the trainable layers and run the loop inside
+    ``torch.inference_mode(False)`` with identity weight wrappers on the base layers (COMFYUI.md §5.3);
+    :meth:`Trainer.run` turns autograd on itself but cannot fix parameters created as inference tensors.
+
     Attributes:
         device: where the model computes; the loop puts its inputs there.
         alphas_cumprod: ``[T]`` float tensor of the training noise schedule (SD1.5: scaled-linear betas
@@ -217,6 +225,18 @@ class TrainingBackbone(Protocol):
         """The current trainable tensors as :class:`DualAnoDiffWeights` (copies, on any device) with ``metadata``
         merged into the file metadata."""
         ...
+
+
+BACKBONE_MEMBERS = ("device", "alphas_cumprod", "prediction_type", "trainable_parameters", "encode_prompts",
+                    "encode_images", "encode_backgrounds", "denoise", "to_weights")
+
+
+def check_backbone(backbone) -> None:
+    """Raise ``TypeError`` naming what a backbone lacks (``base_model`` is optional)."""
+    missing = [m for m in BACKBONE_MEMBERS if not hasattr(backbone, m)]
+    if missing:
+        raise TypeError(f"{type(backbone).__name__} is not a TrainingBackbone: it lacks {', '.join(missing)} "
+                        "(see dualanodiff_core.train.TrainingBackbone)")
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -327,6 +347,7 @@ class Trainer:
                  progress: Callable[[TrainProgress], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, metadata: dict | None = None,
                  data_fingerprint: list | None = None):
+        check_backbone(backbone)
         self.backbone = backbone
         self.dataset = dataset
         self.config = config.validate()

@@ -235,6 +235,20 @@ def test_training_works_when_called_under_inference_mode(data_root, tmp_path):
     assert len(changed) > len(before) // 2
 
 
+def test_an_incomplete_backbone_is_named(data_root, tmp_path):
+    class Half:
+        device = torch.device("cpu")
+
+        def denoise(self, *a):
+            raise AssertionError
+
+    ds = DefectDataset(find_defect_set(data_root), RES)
+    with pytest.raises(TypeError, match="Half is not a TrainingBackbone: it lacks alphas_cumprod, prediction_type, "
+                                        "trainable_parameters, encode_prompts, encode_images, encode_backgrounds, "
+                                        "to_weights"):
+        Trainer(Half(), ds, small_config(), tmp_path)
+
+
 def test_trained_weights_load_into_the_pipeline_and_generate(tmp_path):
     """Train from a diffusers folder on disk (BCM on), then generate with DualAnoDiffPipeline from the file."""
     from dualanodiff_core.diffusers_backend import DualAnoDiffPipeline
