@@ -130,6 +130,7 @@ def forward_cases(size: str, repeats: int) -> dict:
     target = torch.randn_like(x)
 
     def train_step():
+        unet.set_attn_processor(dict(dual_procs))
         out = dual(x, t, ctx)
         loss = torch.nn.functional.mse_loss(out, target)
         opt.zero_grad(set_to_none=True)
@@ -138,17 +139,44 @@ def forward_cases(size: str, repeats: int) -> dict:
         opt.step()
 
     def fwd():
+        unet.set_attn_processor(dict(dual_procs))
         with torch.no_grad():
             dual(x, t, ctx)
 
-    tr = interleaved({"forward": fwd, "train_step": train_step}, max(3, repeats // 2))
+    # the floor: the same backward through the frozen UNet with the plain attention, training only the attention
+    # output projections (gradients must still flow down to the first attention layer)
+    plain_params = [m.to_out[0].weight for n, m in unet.named_modules() if n.endswith(("attn1", "attn2"))]
+    plain_opt = torch.optim.AdamW(plain_params, lr=1e-5)
+
+    def plain_fwd():
+        unet.set_attn_processor(dict(plain_procs))
+        with torch.no_grad():
+            unet(x, t, encoder_hidden_states=ctx)
+
+    def plain_step():
+        unet.set_attn_processor(dict(plain_procs))
+        for p in plain_params:
+            p.requires_grad_(True)
+        out = unet(x, t, encoder_hidden_states=ctx).sample
+        loss = torch.nn.functional.mse_loss(out, target)
+        plain_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        plain_opt.step()
+        for p in plain_params:
+            p.requires_grad_(False)
+        unet.set_attn_processor(dict(dual_procs))
+
+    tr = interleaved({"forward": fwd, "train_step": train_step, "plain_forward": plain_fwd,
+                      "plain_train_step": plain_step}, max(3, repeats // 2))
     return {
-        "seconds": {**med, **{"train_forward": tr["forward"], "train_step": tr["train_step"]}},
+        "seconds": {**med, **{"train_forward": tr["forward"], "train_step": tr["train_step"],
+                              "plain_train_forward": tr["plain_forward"], "plain_train_step": tr["plain_train_step"]}},
         "ratios": {
             "dual_forward_vs_plain": med["dual"] / med["plain"],
             "reference_style_forward_vs_plain": med["reference_style"] / med["plain"],
             "bcm_forward_vs_plain": med["bcm"] / med["plain"],
             "train_step_vs_forward": tr["train_step"] / tr["forward"],
+            "plain_train_step_vs_forward": tr["plain_train_step"] / tr["plain_forward"],
         },
     }
 
