@@ -78,7 +78,7 @@ def sample_loop(model, lat, ctx, steps, cfg=2.5, bg=None):
     return lat
 
 
-def measure(fn, repeats=3):
+def measure(fn, repeats=2):
     fn()
     sync()
     best = float("inf")
