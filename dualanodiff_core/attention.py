@@ -420,7 +420,7 @@ def _bcm_mix(layers: DualBranchLayers, src: torch.Tensor, control: DualControl, 
             f"BCM: layer {layer_name!r} recorded background features of shape {tuple(bg.shape)}, but the batch "
             f"holds {n} pairs of {tuple(src.shape[1:])}; give one background row per pair."
         )
-    a = layers.temporal_a.to(src.dtype) * float(control.bcm_strength)
+    a = layers.temporal_a.to(device=src.device, dtype=src.dtype) * float(control.bcm_strength)
     sv = src.view(n, BRANCHES, *src.shape[1:])
     g = sv[:, 0]
     mlp_dtype = layers.temporal_condition_mlp[0].weight.dtype
