@@ -321,20 +321,45 @@ def install(model, weights: DualAnoDiffWeights, strength_global: float = 1.0, st
             f"This MODEL has {len(model_names)} attention layers, the file {len(file_layers)}. DualAnoDiff weights "
             "belong to the base model they were trained on (SD1.x): check the checkpoint.",
         )
+    layers = {
+        site.diffusers: build_layers(
+            model.get_model_object(site.patch_name), rank=weights.rank, alpha=weights.alpha,
+            saim=weights.has_saim, bcm=weights.has_bcm, state=file_layers[site.diffusers],
+            where=f"unet.{site.diffusers}")
+        for site in sites
+    }
+    return install_layers(model, layers, strength_global, strength_anomaly, source=source)
+
+
+def new_layers(model, rank: int = 32, alpha: float | None = None, saim: bool = True,
+               bcm: bool = False) -> dict[str, DualBranchLayers]:
+    """Freshly initialised layers for every attention module of ``model`` (``{diffusers name: layers}``), e.g. to
+    train them: call inside ``torch.inference_mode(False)`` so the parameters are trainable."""
+    return {site.diffusers: build_layers(model.get_model_object(site.patch_name), rank=rank, alpha=alpha, saim=saim,
+                                         bcm=bcm)
+            for site in attention_sites(model)}
+
+
+def install_layers(model, layers: dict[str, DualBranchLayers], strength_global: float = 1.0,
+                   strength_anomaly: float = 1.0, source: str = ""):
+    """A clone of ``model`` whose attention modules run the given layers (``{diffusers name: layers}``, one per
+    attention module; :func:`install` builds them from a weights file, :func:`new_layers` fresh)."""
+    sites = attention_sites(model)
+    names = {s.diffusers for s in sites}
+    if set(layers) != names:
+        raise WeightsKeyError(sorted(names - set(layers)), sorted(set(layers) - names), "DualAnoDiff layers")
+    first = next(iter(layers.values()))
     before = options(model)
     m = model.clone()
     extra = 0
-    rank, alpha = weights.rank, weights.alpha
     for site in sites:
-        attn = m.get_model_object(site.patch_name)
-        layers = build_layers(attn, rank=rank, alpha=alpha, saim=weights.has_saim, bcm=weights.has_bcm,
-                              state=file_layers[site.diffusers], where=f"unet.{site.diffusers}")
-        extra += layer_bytes(layers)
-        m.add_object_patch(site.patch_name, ComfyDualAttention(attn, layers, site))
+        extra += layer_bytes(layers[site.diffusers])
+        m.add_object_patch(site.patch_name, ComfyDualAttention(m.get_model_object(site.patch_name),
+                                                               layers[site.diffusers], site))
     # ModelPatcher sizes the model once; count our layers so memory planning includes them
     m.size = max(0, model.model_size() - int(before.get("extra_bytes", 0))) + extra
     set_options(m, lora=[float(strength_global), float(strength_anomaly)], saim=1.0, bcm=1.0,
-                has_saim=weights.has_saim, has_bcm=weights.has_bcm, extra_bytes=extra, source=source)
+                has_saim=first.has_saim, has_bcm=first.has_bcm, extra_bytes=extra, source=source)
     set_apply_model_wrapper(m, DualApplyModel(sites))
     _warn_replaced(m.model_options.get("transformer_options", {}).get("patches_replace"), sites,
                    "registered before the DualAnoDiff LoRA Loader")

@@ -112,6 +112,17 @@ class DualLoRALoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, weights=None):
+        # ComfyUI 0.3.64 does not check V3 combo values when a prompt is queued; refuse a missing file up front
+        if weights is None:  # connected to another node
+            return True
+        try:
+            resolve(weights)
+        except FileNotFoundError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def fingerprint_inputs(cls, weights=None, **kwargs):
         # re-run when the file changes on disk (e.g. retrained under the same name)
         try:

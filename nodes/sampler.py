@@ -70,6 +70,15 @@ class DualSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, sampler_name=None, scheduler=None):
+        # ComfyUI 0.3.64 does not check V3 combo values when a prompt is queued
+        if sampler_name is not None and sampler_name not in comfy.samplers.KSampler.SAMPLERS:
+            return f"unknown sampler {sampler_name!r}; choose one of {', '.join(comfy.samplers.KSampler.SAMPLERS)}"
+        if scheduler is not None and scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+            return f"unknown scheduler {scheduler!r}; choose one of {', '.join(comfy.samplers.KSampler.SCHEDULERS)}"
+        return True
+
+    @classmethod
     def execute(cls, model, positive_global, positive_anomaly, negative, pairs, width, height, seed, steps, cfg,
                 sampler_name, scheduler, denoise, latent=None) -> io.NodeOutput:
         backend.require_dual(model, "DualAnoDiff Sampler")

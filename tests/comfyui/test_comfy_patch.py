@@ -191,3 +191,44 @@ def test_attention_runs_through_comfy_optimized_attention(env, tiny, monkeypatch
     x, t, ctx = _inputs()
     ce.forward(m, x, t, ctx)
     assert len(calls) == 14 and all(c is not None and c["lora"] == [1.0, 1.0] for c in calls)
+
+
+def test_our_layers_take_part_in_lowvram_loading(env, tiny):
+    x, t, ctx = _inputs()
+    m = env.backend.install(tiny.model, ce.random_weights(env, tiny.model, bcm=True))
+    full = ce.forward(m, x, t, ctx)
+    to = dict(m.model_options["transformer_options"])
+    m.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=64 * 1024)  # most layers left to cast per call
+    try:
+        names = [name for _, name, _, _ in m._load_list()]  # what ModelPatcher loads, moves and casts
+        assert any(n.endswith("attn1.dual.to_q_lora.0.down") for n in names)
+        assert any(n.endswith("attn2.dual.temporal_q") for n in names)
+        assert m.model.model_lowvram
+        ours = [mod for name, mod in m.model.named_modules() if ".dual." in name and hasattr(mod, "comfy_cast_weights")]
+        assert ours and sum(1 for mod in ours if hasattr(mod, "prev_comfy_cast_weights")) > len(ours) // 2
+        with torch.inference_mode():
+            partial = m.model.diffusion_model(x, t, context=ctx, transformer_options=to)
+    finally:
+        m.unpatch_model()
+    assert torch.equal(partial, full)
+
+
+def test_fresh_layers_are_trainable_outside_inference_mode(env, tiny):
+    x, t, ctx = _inputs()
+    with torch.inference_mode():  # how ComfyUI runs nodes
+        with torch.inference_mode(False):
+            layers = env.backend.new_layers(tiny.model, rank=4, bcm=True)
+            m = env.backend.install_layers(tiny.model, layers)
+            params = [p for lay in layers.values() for p in lay.parameters()]
+            assert params and all(p.requires_grad and not p.is_inference() for p in params)
+            m.patch_model()
+            try:
+                to = dict(m.model_options["transformer_options"])
+                out = m.model.diffusion_model(x, t, context=ctx, transformer_options=to)
+                out.square().mean().backward()
+            finally:
+                m.unpatch_model()
+    ups = [p for lay in layers.values() for name, p in lay.named_parameters() if ".up." in name]
+    assert ups and all(p.grad is not None and p.grad.abs().sum() > 0 for p in ups)
+    saim_params = [p for lay in layers.values() for name, p in lay.named_parameters() if name.startswith("temporal_q")]
+    assert all(p.grad is not None for p in saim_params)
