@@ -323,7 +323,8 @@ def _saim_fused_weights(layers: DualBranchLayers):
 
 
 def _saim_fused(layers: DualBranchLayers, o: torch.Tensor) -> torch.Tensor:
-    m_mat, m_vec, p_mat, p_vec = _saim_fused_weights(layers)
+    # .to(o.device): the layers' parameters may live elsewhere (ComfyUI's lowvram mode casts them per call)
+    m_mat, m_vec, p_mat, p_vec = (t.to(o.device) for t in _saim_fused_weights(layers))
     z = layers.temporal_n(o.to(m_mat.dtype))
     n = z.shape[0] // BRANCHES
     zv = z.view(n, BRANCHES, *z.shape[1:])

@@ -38,6 +38,7 @@ from ..dualanodiff_core.attention import (
     DualBranchAttention,
     DualBranchLayers,
     DualControl,
+    RecordComplete,
     dual_branch_attention,
 )
 from ..dualanodiff_core.layout import LayoutError, validate_chunks
@@ -162,6 +163,7 @@ def control_from_options(transformer_options: dict) -> DualControl:
         saim_strength=float(opts.get("saim", 1.0)),
         bcm_strength=float(opts.get("bcm", 1.0)),
         bcm_cache=run.get("cache"),
+        record_stop_after=run.get("stop_after"),
     )
 
 
@@ -421,6 +423,11 @@ class DualApplyModel:
     def __init__(self, sites, background: Background | None = None):
         self.sites = list(sites)
         self.background = background
+        # the record pass only needs the self-attention inputs: stop after the last one the UNet runs
+        order = {"input": 0, "middle": 1, "output": 2}
+        attn1 = [s for s in self.sites if s.kind == "attn1"]
+        self.record_stop_after = max(
+            attn1, key=lambda s: (order[s.replace_key[0]], s.replace_key[1], s.replace_key[2])).diffusers if attn1 else None
 
     def with_background(self, background: Background | None) -> "DualApplyModel":
         return DualApplyModel(self.sites, background)
@@ -477,14 +484,17 @@ class DualApplyModel:
 
         cache: dict[str, torch.Tensor] = {}
         record = dict(transformer_options)
-        record[RUN_KEY] = {"mode": MODE_RECORD, "cache": cache}
+        record[RUN_KEY] = {"mode": MODE_RECORD, "cache": cache, "stop_after": self.record_stop_after}
         if isinstance(record.get("sigmas"), torch.Tensor) and record["sigmas"].shape[0] == chunk_rows:
             record["sigmas"] = record["sigmas"][0::2]
         every_other = slice(0, None, 2)
-        executor(
-            x_bg, sigma, _rows(c_concat, every_other, rows), _rows(c_crossattn, every_other, rows), None, record,
-            **{k: _rows(v, every_other, rows) for k, v in kwargs.items()},
-        )
+        try:
+            executor(
+                x_bg, sigma, _rows(c_concat, every_other, rows), _rows(c_crossattn, every_other, rows), None, record,
+                **{k: _rows(v, every_other, rows) for k, v in kwargs.items()},
+            )
+        except RecordComplete:  # raised after the last self-attention input is recorded (no grad): output unused
+            pass
         main = dict(transformer_options)
         main[RUN_KEY] = {"mode": MODE_DUAL, "cache": cache}
         return executor(x, t, c_concat, c_crossattn, control, main, **kwargs)

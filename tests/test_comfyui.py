@@ -28,7 +28,7 @@ COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON")
 pytestmark = pytest.mark.skipif(
     not COMFYUI_PATH or not COMFYUI_PYTHON,
     reason="COMFYUI_PATH and COMFYUI_PYTHON are not set: the ComfyUI tests need a ComfyUI checkout and its "
-           "interpreter (see readme_parts/comfyui.md)",
+           "interpreter (see the ComfyUI section of README.md)",
 )
 
 #: the ComfyUI UNet config equal to the diffusers tiny UNet below (heads come from ComfyUI's SD15 class: 8)

@@ -32,7 +32,7 @@ def skip_reason() -> str | None:
     path = os.environ.get("COMFYUI_PATH")
     if not path:
         return ("COMFYUI_PATH is not set: the ComfyUI tests need a ComfyUI checkout and its interpreter "
-                "(COMFYUI_PYTHON); see readme_parts/comfyui.md")
+                "(COMFYUI_PYTHON); see the ComfyUI section of README.md")
     if not (Path(path) / "comfy" / "model_patcher.py").is_file():
         return f"COMFYUI_PATH={path} is not a ComfyUI checkout (no comfy/model_patcher.py)"
     py = os.environ.get("COMFYUI_PYTHON")

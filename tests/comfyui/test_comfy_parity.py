@@ -76,6 +76,16 @@ def test_background_compensation_through_apply_model_matches_diffusers(env, ref,
     options = dict(m.model_options["transformer_options"])
     options.update(cond_or_uncond=[1, 0], sigmas=sigma.expand(rows // 2),
                    wrappers={pe.WrappersMP.APPLY_MODEL: {"dualanodiff": [wrapper]}})
+    import comfy.ldm.modules.attention as attention
+
+    modes = []
+    original = attention.optimized_attention
+
+    def spy(q, k, v, heads, *args, **kwargs):
+        modes.append(((kwargs.get("transformer_options") or {}).get(env.backend.RUN_KEY) or {}).get("mode"))
+        return original(q, k, v, heads, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "optimized_attention", spy)
     m.patch_model()
     try:
         with torch.inference_mode():
@@ -84,3 +94,7 @@ def test_background_compensation_through_apply_model_matches_diffusers(env, ref,
         m.unpatch_model()
     eps = (x - denoised) / sigma.item()
     _close(eps, t["bcm_eps"])
+    sites = env.backend.attention_sites(m)
+    # the record pass stops once the last self-attention input is stored (neither that layer's attention nor the
+    # last attn2 run); then the full main pass
+    assert modes.count("record") == len(sites) - 2 and modes.count("dual") == len(sites)
