@@ -352,6 +352,10 @@ def install_layers(model, layers: dict[str, DualBranchLayers], strength_global: 
         raise WeightsKeyError(sorted(names - set(layers)), sorted(set(layers) - names), "DualAnoDiff layers")
     first = next(iter(layers.values()))
     before = options(model)
+    upstream = apply_model_wrapper(model)
+    if upstream is not None and upstream.background is not None:
+        log.warning("DualAnoDiff: new DualAnoDiff layers replace the ones loaded upstream, and with them the "
+                    "background compensation set up there; put Background Compensate after the last loader.")
     m = model.clone()
     extra = 0
     for site in sites:
@@ -426,8 +430,8 @@ class DualApplyModel:
         # the record pass only needs the self-attention inputs: stop after the last one the UNet runs
         order = {"input": 0, "middle": 1, "output": 2}
         attn1 = [s for s in self.sites if s.kind == "attn1"]
-        self.record_stop_after = max(
-            attn1, key=lambda s: (order[s.replace_key[0]], s.replace_key[1], s.replace_key[2])).diffusers if attn1 else None
+        last = max(attn1, key=lambda s: (order[s.replace_key[0]], *s.replace_key[1:]), default=None)
+        self.record_stop_after = last.diffusers if last is not None else None
 
     def with_background(self, background: Background | None) -> "DualApplyModel":
         return DualApplyModel(self.sites, background)

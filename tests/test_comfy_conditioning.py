@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _pack_module(name):
     pack = "dualanodiff_pack"
     if pack not in sys.modules:
-        spec = importlib.util.spec_from_file_location(pack, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        spec = importlib.util.spec_from_file_location(pack, ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
         module = importlib.util.module_from_spec(spec)
         sys.modules[pack] = module
         spec.loader.exec_module(module)

@@ -43,7 +43,8 @@ TYPES = {
                            ["pairs", "width", "height", ("seed", "control"), "steps", "cfg", "sampler_name",
                             "scheduler", "denoise"],
                            [("global", "LATENT"), ("anomaly", "LATENT")]),
-    "DualAnoDiffPairConditioning": ([("global_prompt", "CONDITIONING", False), ("anomaly_prompt", "CONDITIONING", False)],
+    "DualAnoDiffPairConditioning": ([("global_prompt", "CONDITIONING", False),
+                                     ("anomaly_prompt", "CONDITIONING", False)],
                                     [], [("CONDITIONING", "CONDITIONING")]),
     "DualAnoDiffSplitLatentPairs": ([("latent", "LATENT", False)], [], [("global", "LATENT"), ("anomaly", "LATENT")]),
 }

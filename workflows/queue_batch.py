@@ -465,7 +465,8 @@ def follow(server: Server, jobs: list[Job], ws: WebSocket | None, timeout: float
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("workflow", help="workflow JSON file (API or UI format)")
     p.add_argument("--server", default="127.0.0.1:8188", help="ComfyUI address HOST:PORT (default 127.0.0.1:8188)")
     p.add_argument("--count", type=int, default=1, help="number of prompts to queue (default 1)")

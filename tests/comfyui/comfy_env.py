@@ -138,7 +138,8 @@ def tiny_model(seed: int = 0, unet_config: dict | None = None, heads: int | None
     else:
         base.diffusion_model.load_state_dict(state_dict, strict=True)
     base.eval()
-    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
 
 
 def tiny_clip(seed: int = 0):
@@ -195,7 +196,8 @@ def random_weights(env, model, *, seed: int = 0, rank: int = 4, saim: bool = Tru
                 layer = key[len(prefix):-len(".q_proj.weight")]
                 hidden = w.shape[1]
                 for proj in ("to_q", "to_k", "to_v", "to_out"):
-                    tensors[f"text_encoder.{layer}.{proj}_lora.down.weight"] = torch.randn(rank, hidden, generator=g) / rank
+                    down = torch.randn(rank, hidden, generator=g) / rank
+                    tensors[f"text_encoder.{layer}.{proj}_lora.down.weight"] = down
                     up = torch.zeros(hidden, rank) if zero else torch.randn(hidden, rank, generator=g) * 0.2
                     tensors[f"text_encoder.{layer}.{proj}_lora.up.weight"] = up
     return env.core_weights.DualAnoDiffWeights(tensors, {"prompt_global": "a vfx with sks", "prompt_anomaly": "sks"})

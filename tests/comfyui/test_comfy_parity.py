@@ -15,8 +15,9 @@ import comfy_env as ce
 
 REFERENCE = os.environ.get("DUALANODIFF_REFERENCE")
 pytestmark = pytest.mark.skipif(
-    not REFERENCE and ce.skip_reason() is None, reason="DUALANODIFF_REFERENCE is not set: the diffusers reference is built by tests/test_comfyui.py "
-                          "(run `python -m pytest tests/test_comfyui.py` in the project's environment)")
+    not REFERENCE and ce.skip_reason() is None,
+    reason="DUALANODIFF_REFERENCE is not set: the diffusers reference is built by tests/test_comfyui.py (run "
+           "`python -m pytest tests/test_comfyui.py` in the project's environment)")
 TOL = 1e-4
 
 

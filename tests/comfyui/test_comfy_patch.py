@@ -121,7 +121,6 @@ def test_clones_stay_isolated(env, tiny):
 
 def test_stock_lora_patch_still_applies_under_the_object_patch(env, tiny):
     import comfy.lora
-    import comfy.weight_adapter
 
     x, t, ctx = _inputs()
     site = env.backend.attention_sites(tiny.model)[0]
