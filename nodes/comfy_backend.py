@@ -455,6 +455,12 @@ class DualApplyModel:
                 "'DualAnoDiff Pair Conditioning' positive."
             ) from None
         _warn_replaced(transformer_options.get("patches_replace"), self.sites, "found while sampling")
+        if isinstance(c_crossattn, torch.Tensor) and c_crossattn.shape[0] == rows and 0 in chunks:
+            first = chunks.index(0) * chunk_rows  # the first pair of a positive chunk
+            if torch.equal(c_crossattn[first], c_crossattn[first + 1]):
+                warn_once("same-prompt", "DualAnoDiff: both rows of a pair got the same prompt, so the anomaly branch "
+                          "is not prompted with its own text; give the sampler a 'DualAnoDiff Pair Conditioning' "
+                          "positive (or use the DualAnoDiff Sampler).")
 
         opts = transformer_options.get(OPTIONS_KEY) or {}
         bg = self.background

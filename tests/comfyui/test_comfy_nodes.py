@@ -141,6 +141,19 @@ def test_sampler_and_stock_path_reject_bad_batches_clearly(env, tiny, weights_di
         _run(env.sampler.SplitLatentPairs, latent=odd)
 
 
+def test_stock_sampler_with_an_unpaired_positive_warns(env, tiny, weights_dir, caplog):
+    model, _, _, _ = _loaded(env, tiny, weights_dir, ce.random_weights(env, tiny.model))
+    pos_g, pos_a, neg = _prompts(tiny)
+    (latent,) = env.nodes.EmptyLatentImage().generate(32, 32, batch_size=2)
+    env.backend._warned.discard("same-prompt")
+    with caplog.at_level(logging.WARNING, logger="DualAnoDiff"):
+        (paired,) = _run(env.sampler.PairConditioning, global_prompt=pos_g, anomaly_prompt=pos_a)
+        ce.sample(env, model, paired, neg, latent, steps=1)
+        assert not any("same prompt" in r.getMessage() for r in caplog.records)
+        ce.sample(env, model, pos_g, neg, latent, steps=1)
+    assert any("same prompt" in r.getMessage() and "Pair Conditioning" in r.getMessage() for r in caplog.records)
+
+
 def test_sampler_latent_input_sets_pairs_and_size(env, tiny, weights_dir):
     model, _, _, _ = _loaded(env, tiny, weights_dir, ce.random_weights(env, tiny.model))
     latent = {"samples": torch.zeros(3, 4, 8, 4), "noise_mask": torch.ones(1, 8, 4)}
