@@ -323,7 +323,8 @@ def _saim_fused_weights(layers: DualBranchLayers):
 
 
 def _saim_fused(layers: DualBranchLayers, o: torch.Tensor) -> torch.Tensor:
-    m_mat, m_vec, p_mat, p_vec = _saim_fused_weights(layers)
+    # .to(o.device): the layers' parameters may live elsewhere (ComfyUI's lowvram mode casts them per call)
+    m_mat, m_vec, p_mat, p_vec = (t.to(o.device) for t in _saim_fused_weights(layers))
     z = layers.temporal_n(o.to(m_mat.dtype))
     n = z.shape[0] // BRANCHES
     zv = z.view(n, BRANCHES, *z.shape[1:])
@@ -420,7 +421,7 @@ def _bcm_mix(layers: DualBranchLayers, src: torch.Tensor, control: DualControl, 
             f"BCM: layer {layer_name!r} recorded background features of shape {tuple(bg.shape)}, but the batch "
             f"holds {n} pairs of {tuple(src.shape[1:])}; give one background row per pair."
         )
-    a = layers.temporal_a.to(src.dtype) * float(control.bcm_strength)
+    a = layers.temporal_a.to(device=src.device, dtype=src.dtype) * float(control.bcm_strength)
     sv = src.view(n, BRANCHES, *src.shape[1:])
     g = sv[:, 0]
     mlp_dtype = layers.temporal_condition_mlp[0].weight.dtype

@@ -1,0 +1,38 @@
+"""ComfyUI tests: they run in ComfyUI's interpreter (COMFYUI_PYTHON) with COMFYUI_PATH set, and skip elsewhere.
+
+`python -m pytest` in the project's own environment runs this folder through tests/test_comfyui.py, which starts
+`$COMFYUI_PYTHON -m pytest tests/comfyui` in a subprocess. Nothing here imports ComfyUI at collection time.
+"""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import comfy_env  # noqa: E402
+
+_REASON = comfy_env.skip_reason()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _REASON is None:
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    mark = pytest.mark.skip(reason=_REASON)
+    for item in items:
+        if os.path.abspath(str(item.fspath)).startswith(here):
+            item.add_marker(mark)
+
+
+@pytest.fixture(scope="session")
+def env():
+    return comfy_env.setup()
+
+
+@pytest.fixture()
+def tiny(env):
+    """A fresh tiny MODEL, CLIP and VAE for one test."""
+    import types
+
+    return types.SimpleNamespace(model=comfy_env.tiny_model(0), clip=comfy_env.tiny_clip(1), vae=comfy_env.tiny_vae(2))
