@@ -1,6 +1,7 @@
 """CPU benchmark: DualAnoDiff against a plain UNet, measured side by side in one run.
 
-Prints ratios (medians of interleaved repeats) and writes JSON. Run:
+Prints ratios (medians of interleaved repeats) and writes JSON. Times are CPU time of this (single-threaded)
+process, so other work on the machine disturbs them far less than wall-clock time would. Run:
 
     OMP_NUM_THREADS=1 python bench/bench_cpu.py --out bench/results_cpu.json
 
@@ -64,9 +65,9 @@ def randomize(dual, seed=1):
 def timeit(fn, warmup=2):
     for _ in range(warmup):
         fn()
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.process_time() - t0
 
 
 def interleaved(cases: dict, repeats: int) -> dict:
@@ -77,9 +78,9 @@ def interleaved(cases: dict, repeats: int) -> dict:
     times = {k: [] for k in cases}
     for _ in range(repeats):
         for k, fn in cases.items():
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             fn()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(time.process_time() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
