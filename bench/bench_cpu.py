@@ -144,6 +144,10 @@ def forward_cases(size: str, repeats: int) -> dict:
         with torch.no_grad():
             dual(x, t, ctx)
 
+    def fwd_grad():  # the forward of a training step: straightforward path, autograd graph recorded
+        unet.set_attn_processor(dict(dual_procs))
+        dual(x, t, ctx).sum()
+
     # the floor: the same backward through the frozen UNet with the plain attention, training only the attention
     # output projections (gradients must still flow down to the first attention layer)
     plain_params = [m.to_out[0].weight for n, m in unet.named_modules() if n.endswith(("attn1", "attn2"))]
@@ -153,6 +157,14 @@ def forward_cases(size: str, repeats: int) -> dict:
         unet.set_attn_processor(dict(plain_procs))
         with torch.no_grad():
             unet(x, t, encoder_hidden_states=ctx)
+
+    def plain_fwd_grad():
+        unet.set_attn_processor(dict(plain_procs))
+        for p in plain_params:
+            p.requires_grad_(True)
+        unet(x, t, encoder_hidden_states=ctx).sample.sum()
+        for p in plain_params:
+            p.requires_grad_(False)
 
     def plain_step():
         unet.set_attn_processor(dict(plain_procs))
@@ -167,17 +179,18 @@ def forward_cases(size: str, repeats: int) -> dict:
             p.requires_grad_(False)
         unet.set_attn_processor(dict(dual_procs))
 
-    tr = interleaved({"forward": fwd, "train_step": train_step, "plain_forward": plain_fwd,
-                      "plain_train_step": plain_step}, max(3, repeats // 2))
+    tr = interleaved({"forward": fwd, "forward_grad": fwd_grad, "train_step": train_step, "plain_forward": plain_fwd,
+                      "plain_forward_grad": plain_fwd_grad, "plain_train_step": plain_step}, max(3, repeats // 2))
     return {
-        "seconds": {**med, **{"train_forward": tr["forward"], "train_step": tr["train_step"],
-                              "plain_train_forward": tr["plain_forward"], "plain_train_step": tr["plain_train_step"]}},
+        "seconds": {**med, **{"train_" + k: v for k, v in tr.items()}},
         "ratios": {
             "dual_forward_vs_plain": med["dual"] / med["plain"],
             "reference_style_forward_vs_plain": med["reference_style"] / med["plain"],
             "bcm_forward_vs_plain": med["bcm"] / med["plain"],
             "train_step_vs_forward": tr["train_step"] / tr["forward"],
+            "train_step_vs_its_forward": tr["train_step"] / tr["forward_grad"],
             "plain_train_step_vs_forward": tr["plain_train_step"] / tr["plain_forward"],
+            "plain_train_step_vs_its_forward": tr["plain_train_step"] / tr["plain_forward_grad"],
         },
     }
 
@@ -228,11 +241,16 @@ def memory_child(size: str, mode: str, steps: int) -> None:
     print(json.dumps({"peak_rss": hwm}))
 
 
+# glibc's malloc otherwise keeps freed blocks and moves its mmap threshold, which makes RSS drift by ~10% between
+# identical runs; with a fixed threshold large tensors are returned to the OS on free and RSS tracks live memory
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
 def measure_memory(size: str, steps: int) -> dict:
     out = {}
     for mode in ("plain", "dual"):
         r = subprocess.run([sys.executable, __file__, "--memory-child", size, mode, str(steps)],
-                           capture_output=True, text=True, check=True)
+                           capture_output=True, text=True, check=True, env={**os.environ, **MALLOC_ENV})
         out[mode] = json.loads(r.stdout.strip().splitlines()[-1])["peak_rss"]
     return {"peak_rss_bytes": out, "ratio": out["dual"] / out["plain"]}
 
