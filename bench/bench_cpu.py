@@ -148,9 +148,11 @@ def forward_cases(size: str, repeats: int) -> dict:
         unet.set_attn_processor(dict(dual_procs))
         dual(x, t, ctx).sum()
 
-    # the floor: the same backward through the frozen UNet with the plain attention, training only the attention
-    # output projections (gradients must still flow down to the first attention layer)
-    plain_params = [m.to_out[0].weight for n, m in unet.named_modules() if n.endswith(("attn1", "attn2"))]
+    # the floor: the plain UNet trained the way an ordinary attention LoRA is (q/k/v/out of every attention layer
+    # trainable), so the backward runs through every attention layer exactly as DualAnoDiff's must
+    plain_params = [getattr(m, proj).weight if proj != "to_out" else m.to_out[0].weight
+                    for n, m in unet.named_modules() if n.endswith(("attn1", "attn2"))
+                    for proj in ("to_q", "to_k", "to_v", "to_out")]
     plain_opt = torch.optim.AdamW(plain_params, lr=1e-5)
 
     def plain_fwd():

@@ -299,15 +299,29 @@ def _project_record(base: nn.Module, lora: "LoRALinear", x: torch.Tensor, s: flo
 # ---- SAIM -------------------------------------------------------------------------------------------------------
 
 
+#: with gradients, fold SAIM's weights (a few C x C products per step) when each branch has at least this many tokens
+#: per channel: the per-token work then drops from 5 C^2 to 2 C^2 multiply-adds, which outweighs the products
+FOLD_MIN_TOKENS_PER_CHANNEL = 2
+
+
 def saim(layers: DualBranchLayers, ob: torch.Tensor) -> torch.Tensor:
     """SAIM's residual for branch-major attention outputs ``ob [2, n, N, C]``.
 
     The reference runs a single-head attention over the two branch tokens of every pixel. A softmax over two scores
     is the sigmoid of their difference, so for token i: ``out_i = v_1 + sigmoid((q_i . (k_0 - k_1)) / sqrt(C)) *
-    (v_0 - v_1)`` -- the same numbers without a generic attention call on sequences of length 2.
+    (v_0 - v_1)`` -- the same numbers without a generic attention call on sequences of length 2. The five linear
+    maps can further be folded into two (:func:`_saim_fold`): cached in double precision for inference, and, with
+    gradients, recomputed each step when there are enough tokens to pay for the products.
     """
     if not torch.is_grad_enabled():
-        return _saim_folded(layers, ob)
+        return _saim_apply(layers, ob, _saim_folded_weights(layers, ob.device))
+    tokens, c = ob.shape[1] * ob.shape[2], ob.shape[-1]
+    if tokens >= FOLD_MIN_TOKENS_PER_CHANNEL * c:
+        return _saim_apply(layers, ob, _saim_fold(layers, ob.device, layers.temporal_i.weight.dtype, exact=False))
+    return _saim_unfolded(layers, ob)
+
+
+def _saim_unfolded(layers: DualBranchLayers, ob: torch.Tensor) -> torch.Tensor:
     dtype = layers.temporal_i.weight.dtype  # the new layers may be kept in fp32 under a half-precision UNet
     x = layers.temporal_i(layers.temporal_n(ob.to(dtype)))
     if type(layers.temporal_q) is nn.Linear:
@@ -323,36 +337,47 @@ def saim(layers: DualBranchLayers, ob: torch.Tensor) -> torch.Tensor:
     return layers.temporal_o(out).to(ob.dtype)
 
 
-def _saim_folded_weights(layers: DualBranchLayers, device):
-    """Fold temporal_i into q/k/v and temporal_o into v (float64, then cast). With z = LN(o), d = z_0 - z_1,
-    A = Wq Wi, B = Wk Wi, V = Wv Wi, P = Wo V:
+def _saim_fold(layers: DualBranchLayers, device, dtype, exact: bool):
+    """Fold temporal_i into q/k/v and temporal_o into v. With z = LN(o), d = z_0 - z_1, A = Wq Wi, B = Wk Wi,
+    V = Wv Wi, P = Wo V:
 
       score_i / sqrt(C) = z_i . u + m . d,   u = (A^T B / sqrt(C)) d,   m = B^T (Wq bi + bq) / sqrt(C)
       y_i = P (z_1 + sigmoid(score_i) d) + p,   p = Wo (Wv bi + bv) + bo
-    """
-    def build():
-        f = lambda lin: (lin.weight.double(), lin.bias.double())  # noqa: E731
-        wi, bi = f(layers.temporal_i)
-        wq, bq = f(layers.temporal_q)
-        wk, _ = f(layers.temporal_k)
-        wv, bv = f(layers.temporal_v)
-        wo, bo = f(layers.temporal_o)
-        c = wi.shape[0]
-        a_mat, b_mat = wq @ wi, wk @ wi
-        m_mat = (a_mat.T @ b_mat) / math.sqrt(c)
-        m_vec = (b_mat.T @ (wq @ bi + bq)) / math.sqrt(c)
-        p_mat = wo @ (wv @ wi)
-        p_vec = wo @ (wv @ bi + bv) + bo
-        dtype = layers.temporal_i.weight.dtype
-        return tuple(t.to(device=device, dtype=dtype) for t in (m_mat, m_vec.unsqueeze(0), p_mat, p_vec))
 
+    ``exact``: compute in float64 (inference cache); otherwise in the parameters' dtype, differentiably.
+    """
+    work = torch.float64 if exact else dtype
+
+    def wb(lin):
+        return lin.weight.to(device=device, dtype=work), lin.bias.to(device=device, dtype=work)
+
+    wi, bi = wb(layers.temporal_i)
+    wq, bq = wb(layers.temporal_q)
+    wk, bk = wb(layers.temporal_k)
+    wv, bv = wb(layers.temporal_v)
+    wo, bo = wb(layers.temporal_o)
+    inv = 1.0 / math.sqrt(wi.shape[0])
+    a_mat, b_mat = wq @ wi, wk @ wi
+    m_mat = (a_mat.T @ b_mat) * inv
+    m_vec = (b_mat.T @ (wq @ bi + bq)) * inv
+    if not exact:
+        # the key bias cancels in k_0 - k_1, so its true gradient is zero; keep it in the graph so that it gets a
+        # zero gradient (and weight decay) as in the unfolded reference, instead of none at all
+        m_vec = m_vec + 0.0 * bk.sum()
+    p_mat = wo @ (wv @ wi)
+    p_vec = wo @ (wv @ bi + bv) + bo
+    return tuple(t.to(dtype) for t in (m_mat, m_vec.unsqueeze(0), p_mat, p_vec))
+
+
+def _saim_folded_weights(layers: DualBranchLayers, device):
     mods = (layers.temporal_i, layers.temporal_q, layers.temporal_k, layers.temporal_v, layers.temporal_o)
     sources = tuple(t for m in mods for t in (m.weight, m.bias))
-    return _cached(layers, ("saim", device), sources, build)
+    dtype = layers.temporal_i.weight.dtype
+    return _cached(layers, ("saim", device), sources, lambda: _saim_fold(layers, device, dtype, exact=True))
 
 
-def _saim_folded(layers: DualBranchLayers, ob: torch.Tensor) -> torch.Tensor:
-    m_mat, m_vec, p_mat, p_vec = _saim_folded_weights(layers, ob.device)
+def _saim_apply(layers: DualBranchLayers, ob: torch.Tensor, folded) -> torch.Tensor:
+    m_mat, m_vec, p_mat, p_vec = folded
     z = layers.temporal_n(ob.to(m_mat.dtype))  # [2, n, N, C]
     d = z[0] - z[1]
     u = F.linear(d, m_mat)
