@@ -10,6 +10,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: defect_data, anomalib_rules
 import comfy_env  # noqa: E402
 
 _REASON = comfy_env.skip_reason()
@@ -36,3 +37,11 @@ def tiny(env):
     import types
 
     return types.SimpleNamespace(model=comfy_env.tiny_model(0), clip=comfy_env.tiny_clip(1), vae=comfy_env.tiny_vae(2))
+
+
+@pytest.fixture()
+def dirs(env, tmp_path):
+    """ComfyUI's input/output folders and models/dualanodiff redirected into tmp_path for one test."""
+    ns, restore = comfy_env.dirs(env, tmp_path)
+    yield ns
+    restore()
