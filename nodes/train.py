@@ -140,7 +140,7 @@ class DualAnoDiffTrainer(io.ComfyNode):
                                      "Lower it if the GPU runs out of memory."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
                              tooltip="Training resolution (images are resized and center-cropped to a square)."),
-                io.Int.Input("seed", default=32, min=0, max=0xFFFFFFFFFFFF,
+                io.Int.Input("seed", default=32, min=0, max=0xFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the layer initialisation, data order and noise (the reference: 32). "
                                      "Keep it fixed to resume a run."),
                 io.Boolean.Input("resume", default=True,

@@ -45,3 +45,21 @@ def dirs(env, tmp_path):
     ns, restore = comfy_env.dirs(env, tmp_path)
     yield ns
     restore()
+
+
+@pytest.fixture(scope="session")
+def server(env, tmp_path_factory):
+    """One headless ComfyUI server (CPU, this pack installed) for the server and frontend tests."""
+    import comfy_server
+
+    base = tmp_path_factory.mktemp("comfy_base")
+    comfy_server.prepare_base(env, base)
+    srv = comfy_server.Server(base)
+    try:
+        srv.start()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    try:
+        yield srv
+    finally:
+        srv.stop()
