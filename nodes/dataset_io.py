@@ -94,7 +94,7 @@ def upstream_settings(prompt, node_id) -> dict:
 
 def _seed_of(workflow: dict):
     seeds = [n["inputs"][k] for n in workflow.values() for k in ("seed", "noise_seed")
-             if k in n["inputs"] and str(n.get("class_type", "")).endswith("Sampler")]
+             if k in n["inputs"] and ("Sampler" in str(n.get("class_type", "")) or k == "noise_seed")]
     return seeds[0] if len(seeds) == 1 else None
 
 

@@ -2,6 +2,7 @@
 SD1.5-detectable checkpoint, the example workflows queued over the HTTP API with workflows/queue_batch.py, and the
 outputs checked on disk (see comfy_server.py and the session fixture ``server`` in conftest.py)."""
 
+import importlib
 import importlib.util
 import json
 import subprocess
@@ -181,8 +182,6 @@ def test_train_workflow_over_the_api(server):
     assert prompt["status"] == "success", prompt
     models = server.base / "models" / "dualanodiff"
     weights = models / "api_trained.safetensors"
-    import importlib
-
     w = importlib.import_module(f"{ce.PACK}.dualanodiff_core.weights").DualAnoDiffWeights.load(weights)
     assert w.has_text and w.has_saim and w.metadata["trained_steps"] == "2"
     assert "tiny_sd15.ckpt" in w.metadata["base_model"]
@@ -215,8 +214,7 @@ def test_cancel_stops_training_with_a_checkpoint_and_resume_finishes(server):
     entry = server.wait_history(answer["prompt_id"], timeout=120)
     events = [e for e, _ in entry["status"]["messages"]]
     assert entry["status"]["status_str"] == "error" and "execution_interrupted" in events, events
-    imp = __import__("importlib").import_module
-    state = imp(f"{ce.PACK}.dualanodiff_core.train").load_checkpoint(work)
+    state = importlib.import_module(f"{ce.PACK}.dualanodiff_core.train").load_checkpoint(work)
     step = int(state["step"])
     assert step >= 1
     assert not (server.base / "models" / "dualanodiff" / "api_cancel.safetensors").exists()
@@ -225,7 +223,7 @@ def test_cancel_stops_training_with_a_checkpoint_and_resume_finishes(server):
     answer = json.loads(server.post("/prompt", {"prompt": prompt}))
     entry = server.wait_history(answer["prompt_id"], timeout=300)
     assert entry["status"]["status_str"] == "success", entry["status"]
-    w = imp(f"{ce.PACK}.dualanodiff_core.weights").DualAnoDiffWeights.load(
+    w = importlib.import_module(f"{ce.PACK}.dualanodiff_core.weights").DualAnoDiffWeights.load(
         server.base / "models" / "dualanodiff" / "api_cancel.safetensors")
     assert w.metadata["trained_steps"] == str(step + 1)
 
