@@ -11,6 +11,10 @@ Layout:
   text-encoder LoRA through ComfyUI's own CLIP patching;
 * ``conditioning`` -- pairing two CONDITIONINGs into one batch-2 conditioning, splitting interleaved results
   (no ComfyUI imports);
-* ``loaders``, ``patch``, ``background``, ``sampler`` -- the nodes;
+* ``images`` -- IMAGE/MASK tensors <-> numpy/PIL (no ComfyUI imports); ``dataset_io`` -- appending generated pairs to
+  an MVTec dataset with the core's DatasetWriter (no ComfyUI imports);
+* ``comfy_train`` -- the core's ``TrainingBackbone`` on a ComfyUI MODEL/CLIP/VAE (training inside
+  ``torch.inference_mode(False)``, a trainable text-encoder LoRA as CLIP weight wrappers);
+* ``loaders``, ``patch``, ``background``, ``sampler``, ``mask``, ``dataset``, ``train`` -- the nodes;
 * ``extension`` -- the V3 ``ComfyExtension`` listing every node module in :data:`extension.NODE_MODULES`.
 """

@@ -18,9 +18,8 @@ log = logging.getLogger("DualAnoDiff")
 #: the oldest ComfyUI this pack is tested with (also ``requires-comfyui`` in pyproject.toml)
 MIN_COMFYUI = (0, 3, 64)
 
-#: node modules, in menu order. Later phases add "mask" (MaskFromAnomalyBranch), "train" (the trainer) and
-#: "dataset" (the dataset saver) here.
-NODE_MODULES = ("loaders", "patch", "background", "sampler")
+#: node modules, in menu order
+NODE_MODULES = ("loaders", "patch", "background", "sampler", "mask", "dataset", "train")
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:

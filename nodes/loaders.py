@@ -21,9 +21,12 @@ CATEGORY = "DualAnoDiff/loaders"
 
 
 def register_model_folder() -> None:
-    """Register ``models/dualanodiff`` listing only weight files (idempotent; keeps user-configured paths)."""
+    """Register ``models/dualanodiff`` listing only weight files (idempotent: keeps user-configured paths and, once
+    registered, their order; the trainer writes into the first path)."""
     default = os.path.join(folder_paths.models_dir, FOLDER)
-    folder_paths.add_model_folder_path(FOLDER, default, is_default=True)
+    entry = folder_paths.folder_names_and_paths.get(FOLDER)
+    if entry is None or default not in entry[0]:
+        folder_paths.add_model_folder_path(FOLDER, default, is_default=True)
     paths, _exts = folder_paths.folder_names_and_paths[FOLDER]
     folder_paths.folder_names_and_paths[FOLDER] = (paths, set(WEIGHT_SUFFIXES))
 

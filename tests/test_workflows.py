@@ -33,6 +33,18 @@ def test_committed_workflows_are_the_generated_ones(name):
     assert json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()) == json.loads(json.dumps(build.to_api(nodes)))
 
 
+@pytest.mark.parametrize("name", sorted(build.GRAPHS))
+def test_every_ui_workflow_has_a_thumbnail(name):
+    # the template browser shows <name>.jpg beside <name>.json; made from a screenshot of the workflow loaded in
+    # ComfyUI's frontend (tests/comfyui/test_comfy_frontend.py with DUALANODIFF_WRITE_THUMBNAILS=1)
+    from PIL import Image
+
+    path = WORKFLOWS / f"{name}.jpg"
+    with Image.open(path) as im:
+        assert im.format == "JPEG" and im.size == (1024, 768), (path, im.format, im.size)
+        assert len(set(im.convert("L").resize((64, 48)).getdata())) > 8  # a picture, not a blank canvas
+
+
 def test_only_ui_files_sit_directly_in_workflows():
     # ComfyUI lists workflows/*.json as templates (UI format); API files live in workflows/api/
     for path in WORKFLOWS.glob("*.json"):

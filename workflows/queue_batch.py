@@ -10,7 +10,8 @@ Standard library only: copy it anywhere and run it with any Python >= 3.9.
 * WORKFLOW is API format ("Export (API)" in ComfyUI) or UI format (a saved workflow / template); UI format is
   converted with the server's /object_info, the way the web page converts it.
 * Each queued prompt gets its own seed (``--seed S --count N`` = S, S+1, ..., or ``--seeds a,b,c``) in every integer
-  input named ``seed`` or ``noise_seed`` (or the inputs named with ``--seed-input``).
+  input named ``seed`` or ``noise_seed`` (or the inputs named with ``--seed-input``); the DualAnoDiff Trainer's
+  seed is a training setting and is left alone.
 * ``--set SELECTOR.INPUT=VALUE`` changes an input first; SELECTOR is a node id, a node title or a node type (every
   node of that type); VALUE is JSON (``3``, ``2.5``, ``"text"``, ``true``) or else a plain string.
 * Progress comes from the server's websocket (/ws); ``--poll`` polls /history instead.
@@ -38,6 +39,9 @@ import urllib.request
 import uuid
 
 SEED_INPUTS = ("seed", "noise_seed")
+#: nodes whose seed is a setting, not a per-run seed: --seed/--seeds leave it alone (a training run must keep its
+#: seed to be resumed); --seed-input can still name it
+FIXED_SEED_NODES = ("DualAnoDiffTrainer",)
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 FRONTEND_ONLY = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
 
@@ -240,9 +244,14 @@ def _is_widget(spec) -> bool:
     return isinstance(kind, list) or kind in WIDGET_TYPES
 
 
-def _extra_widget_slots(spec) -> int:
+def _extra_widget_slots(spec, name: str | None = None) -> int:
+    """Frontend-only widget values that follow an input's value in ``widgets_values``: "control after generate"
+    (asked for, or by the frontend's legacy rule for an INT named seed/noise_seed) and image upload buttons."""
     options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    extra = 1 if options.get("control_after_generate") else 0
+    control = options.get("control_after_generate")
+    if control is None:
+        control = spec[0] == "INT" and name in ("seed", "noise_seed")
+    extra = 1 if control else 0
     extra += sum(1 for k, v in options.items() if k.endswith("_upload") and v is True)
     return extra
 
@@ -299,7 +308,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
                         inputs[name] = values[name]
                 elif values is not None and index < len(values):
                     inputs[name] = values[index]
-                index += 1 + _extra_widget_slots(spec)
+                index += 1 + _extra_widget_slots(spec, name)
             linked = ui_inputs.get(name, {}).get("link")
             if linked is not None:
                 src = source(linked)
@@ -357,7 +366,8 @@ def seed_targets(workflow: dict, explicit=None) -> list[tuple[str, str]]:
             targets += [(key, name) for key in _select(workflow, selector)]
         return targets
     return [(key, name) for key, node in workflow.items() for name, value in (node.get("inputs") or {}).items()
-            if name in SEED_INPUTS and isinstance(value, int) and not isinstance(value, bool)]
+            if name in SEED_INPUTS and isinstance(value, int) and not isinstance(value, bool)
+            and node.get("class_type") not in FIXED_SEED_NODES]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -28,6 +28,29 @@ TINY_UNET = dict(
 TINY_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
+def dirs(env, tmp_path):
+    """Point ComfyUI's input and output folders and the first ``models/dualanodiff`` path at ``tmp_path``; returns
+    ``(namespace of the paths, restore function)``."""
+    fp = env.folder_paths
+    old_input, old_output = fp.get_input_directory(), fp.get_output_directory()
+    env.loaders.register_model_folder()
+    ns = types.SimpleNamespace(input=tmp_path / "input", output=tmp_path / "output", models=tmp_path / "dualanodiff")
+    for p in (ns.input, ns.output, ns.models):
+        p.mkdir(parents=True, exist_ok=True)
+    fp.add_model_folder_path("dualanodiff", str(ns.models), is_default=True)
+    fp.set_input_directory(str(ns.input))
+    fp.set_output_directory(str(ns.output))
+
+    def restore():
+        fp.set_input_directory(old_input)
+        fp.set_output_directory(old_output)
+        paths = fp.folder_names_and_paths["dualanodiff"][0]
+        if str(ns.models) in paths:
+            paths.remove(str(ns.models))
+
+    return ns, restore
+
+
 def skip_reason() -> str | None:
     path = os.environ.get("COMFYUI_PATH")
     if not path:
@@ -80,6 +103,14 @@ def setup() -> types.SimpleNamespace:
         background=importlib.import_module(f"{PACK}.nodes.background"),
         sampler=importlib.import_module(f"{PACK}.nodes.sampler"),
         extension=importlib.import_module(f"{PACK}.nodes.extension"),
+        mask=importlib.import_module(f"{PACK}.nodes.mask"),
+        dataset=importlib.import_module(f"{PACK}.nodes.dataset"),
+        dataset_io=importlib.import_module(f"{PACK}.nodes.dataset_io"),
+        train=importlib.import_module(f"{PACK}.nodes.train"),
+        comfy_train=importlib.import_module(f"{PACK}.nodes.comfy_train"),
+        core_train=importlib.import_module(f"{PACK}.dualanodiff_core.train"),
+        core_data=importlib.import_module(f"{PACK}.dualanodiff_core.data"),
+        core_export=importlib.import_module(f"{PACK}.dualanodiff_core.export"),
         core_weights=importlib.import_module(f"{PACK}.dualanodiff_core.weights"),
         core_layout=importlib.import_module(f"{PACK}.dualanodiff_core.layout"),
         core_attention=importlib.import_module(f"{PACK}.dualanodiff_core.attention"),

@@ -50,7 +50,8 @@ def test_extension_registers_every_node_with_help(env):
     ids = [n.GET_SCHEMA().node_id for n in nodes]
     assert ids == ["DualAnoDiffLoRALoader", "DualAnoDiffAttentionPatch", "DualAnoDiffBackgroundCompensate",
                    "DualAnoDiffSampler", "DualAnoDiffPairConditioning", "DualAnoDiffSplitLatentPairs",
-                   "DualAnoDiffSplitImagePairs"]
+                   "DualAnoDiffSplitImagePairs", "DualAnoDiffMaskFromAnomalyBranch", "DualAnoDiffSaveDataset",
+                   "DualAnoDiffTrainer"]
     for node in nodes:
         schema = node.GET_SCHEMA()
         assert schema.category.startswith("DualAnoDiff/") and len(schema.description) > 40, schema.node_id
