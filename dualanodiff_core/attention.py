@@ -509,15 +509,15 @@ class DualBranchAttention(nn.Module):
         )
 
 
+def attention_dims(attn: nn.Module) -> dict[str, int]:
+    """The sizes :class:`DualBranchLayers` needs, read off a module with ``to_q/to_k/to_v/to_out``."""
+    return dict(query_dim=attn.to_q.in_features, context_dim=attn.to_k.in_features,
+                inner_dim=attn.to_q.out_features, out_dim=attn.to_out[0].out_features)
+
+
 def layers_for(attn: nn.Module, **kwargs) -> DualBranchLayers:
     """Build :class:`DualBranchLayers` sized for an attention module with ``to_q/to_k/to_v/to_out``."""
-    return DualBranchLayers(
-        query_dim=attn.to_q.in_features,
-        context_dim=attn.to_k.in_features,
-        inner_dim=attn.to_q.out_features,
-        out_dim=attn.to_out[0].out_features,
-        **kwargs,
-    )
+    return DualBranchLayers(**attention_dims(attn), **kwargs)
 
 
 class RecordComplete(Exception):

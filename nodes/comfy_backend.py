@@ -39,6 +39,7 @@ from ..dualanodiff_core.attention import (
     DualBranchLayers,
     DualControl,
     RecordComplete,
+    attention_dims,
     dual_branch_attention,
 )
 from ..dualanodiff_core.layout import LayoutError, validate_chunks
@@ -230,8 +231,7 @@ def build_layers(attn: nn.Module, *, rank: int, alpha: float | None, saim: bool,
     gradients; without it they are freshly initialised (as the reference initialises them, for training).
     Call it inside ``torch.inference_mode(False)`` to get trainable parameters.
     """
-    dims = dict(query_dim=attn.to_q.in_features, context_dim=attn.to_k.in_features,
-                inner_dim=attn.to_q.out_features, out_dim=attn.to_out[0].out_features)
+    dims = attention_dims(attn)
     kwargs = dict(rank=rank, alpha=alpha, saim=saim, bcm=bcm)
     if state is None:
         return _to_comfy_ops(DualBranchLayers(**dims, **kwargs))
