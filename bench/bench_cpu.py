@@ -1,6 +1,7 @@
 """CPU benchmark: DualAnoDiff against a plain UNet, measured side by side in one run.
 
-Prints ratios (medians of interleaved repeats) and writes JSON. Run:
+Prints ratios (medians of interleaved repeats) and writes JSON. Times are CPU time of this (single-threaded)
+process, so other work on the machine disturbs them far less than wall-clock time would. Run:
 
     OMP_NUM_THREADS=1 python bench/bench_cpu.py --out bench/results_cpu.json
 
@@ -64,9 +65,9 @@ def randomize(dual, seed=1):
 def timeit(fn, warmup=2):
     for _ in range(warmup):
         fn()
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.process_time() - t0
 
 
 def interleaved(cases: dict, repeats: int) -> dict:
@@ -77,9 +78,9 @@ def interleaved(cases: dict, repeats: int) -> dict:
     times = {k: [] for k in cases}
     for _ in range(repeats):
         for k, fn in cases.items():
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             fn()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(time.process_time() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -130,6 +131,7 @@ def forward_cases(size: str, repeats: int) -> dict:
     target = torch.randn_like(x)
 
     def train_step():
+        unet.set_attn_processor(dict(dual_procs))
         out = dual(x, t, ctx)
         loss = torch.nn.functional.mse_loss(out, target)
         opt.zero_grad(set_to_none=True)
@@ -138,17 +140,59 @@ def forward_cases(size: str, repeats: int) -> dict:
         opt.step()
 
     def fwd():
+        unet.set_attn_processor(dict(dual_procs))
         with torch.no_grad():
             dual(x, t, ctx)
 
-    tr = interleaved({"forward": fwd, "train_step": train_step}, max(3, repeats // 2))
+    def fwd_grad():  # the forward of a training step: straightforward path, autograd graph recorded
+        unet.set_attn_processor(dict(dual_procs))
+        dual(x, t, ctx).sum()
+
+    # the floor: the plain UNet trained the way an ordinary attention LoRA is (q/k/v/out of every attention layer
+    # trainable), so the backward runs through every attention layer exactly as DualAnoDiff's must
+    plain_params = [getattr(m, proj).weight if proj != "to_out" else m.to_out[0].weight
+                    for n, m in unet.named_modules() if n.endswith(("attn1", "attn2"))
+                    for proj in ("to_q", "to_k", "to_v", "to_out")]
+    plain_opt = torch.optim.AdamW(plain_params, lr=1e-5)
+
+    def plain_fwd():
+        unet.set_attn_processor(dict(plain_procs))
+        with torch.no_grad():
+            unet(x, t, encoder_hidden_states=ctx)
+
+    def plain_fwd_grad():
+        unet.set_attn_processor(dict(plain_procs))
+        for p in plain_params:
+            p.requires_grad_(True)
+        unet(x, t, encoder_hidden_states=ctx).sample.sum()
+        for p in plain_params:
+            p.requires_grad_(False)
+
+    def plain_step():
+        unet.set_attn_processor(dict(plain_procs))
+        for p in plain_params:
+            p.requires_grad_(True)
+        out = unet(x, t, encoder_hidden_states=ctx).sample
+        loss = torch.nn.functional.mse_loss(out, target)
+        plain_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        plain_opt.step()
+        for p in plain_params:
+            p.requires_grad_(False)
+        unet.set_attn_processor(dict(dual_procs))
+
+    tr = interleaved({"forward": fwd, "forward_grad": fwd_grad, "train_step": train_step, "plain_forward": plain_fwd,
+                      "plain_forward_grad": plain_fwd_grad, "plain_train_step": plain_step}, max(3, repeats // 2))
     return {
-        "seconds": {**med, **{"train_forward": tr["forward"], "train_step": tr["train_step"]}},
+        "seconds": {**med, **{"train_" + k: v for k, v in tr.items()}},
         "ratios": {
             "dual_forward_vs_plain": med["dual"] / med["plain"],
             "reference_style_forward_vs_plain": med["reference_style"] / med["plain"],
             "bcm_forward_vs_plain": med["bcm"] / med["plain"],
             "train_step_vs_forward": tr["train_step"] / tr["forward"],
+            "train_step_vs_its_forward": tr["train_step"] / tr["forward_grad"],
+            "plain_train_step_vs_forward": tr["plain_train_step"] / tr["plain_forward"],
+            "plain_train_step_vs_its_forward": tr["plain_train_step"] / tr["plain_forward_grad"],
         },
     }
 
@@ -199,11 +243,16 @@ def memory_child(size: str, mode: str, steps: int) -> None:
     print(json.dumps({"peak_rss": hwm}))
 
 
+# glibc's malloc otherwise keeps freed blocks and moves its mmap threshold, which makes RSS drift by ~10% between
+# identical runs; with a fixed threshold large tensors are returned to the OS on free and RSS tracks live memory
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
 def measure_memory(size: str, steps: int) -> dict:
     out = {}
     for mode in ("plain", "dual"):
         r = subprocess.run([sys.executable, __file__, "--memory-child", size, mode, str(steps)],
-                           capture_output=True, text=True, check=True)
+                           capture_output=True, text=True, check=True, env={**os.environ, **MALLOC_ENV})
         out[mode] = json.loads(r.stdout.strip().splitlines()[-1])["peak_rss"]
     return {"peak_rss_bytes": out, "ratio": out["dual"] / out["plain"]}
 

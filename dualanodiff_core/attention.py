@@ -178,10 +178,28 @@ def _scaled(y: torch.Tensor, s: float) -> torch.Tensor:
     return y if s == 1.0 else y * s
 
 
-# ---- inference fast paths (exact fusions) ---------------------------------------------------------------------
-# Under torch.no_grad / inference_mode the per-branch LoRA can be merged into per-branch weights and SAIM's five
-# linear maps folded into three, computed once and cached on the layer. Results equal the straightforward path
-# within float rounding (tests guard 1e-5). Training (grad enabled) always takes the straightforward path.
+# ---- layout inside a layer ------------------------------------------------------------------------------------
+# The UNet's rows are interleaved pairs [g0, a0, g1, a1, ...]. Inside a layer we work "branch-major": one copy to
+# [2, pairs, tokens, C] makes each branch a contiguous half, so each branch's projection is one batched matmul, SAIM
+# pairs are the two halves, and BCM mixes into half 0 -- a handful of kernels per layer instead of dozens (this
+# matters on GPUs, where small kernels are launch-bound). One copy at the end restores the interleaved rows.
+
+
+def to_branch_major(x: torch.Tensor) -> torch.Tensor:
+    """``[(n f), L, C]`` -> contiguous ``[f, n, L, C]``."""
+    n = x.shape[0] // BRANCHES
+    return x.view(n, BRANCHES, *x.shape[1:]).transpose(0, 1).contiguous()
+
+
+def from_branch_major(x: torch.Tensor) -> torch.Tensor:
+    """``[f, n, L, C]`` -> contiguous ``[(n f), L, C]``."""
+    return x.transpose(0, 1).reshape(-1, *x.shape[2:])
+
+
+# ---- inference caches (exact fusions) ---------------------------------------------------------------------------
+# Under torch.no_grad / inference_mode, weights derived from the parameters (stacked or merged branch LoRAs, SAIM's
+# five linear maps folded into two) are computed once and cached on the layer. They equal the straightforward
+# path within float rounding (tests guard 1e-5). With grad enabled (training) everything is computed afresh.
 
 #: merge a branch LoRA into its base weight when the LoRA would add at least this share of the base matmul's work
 MERGE_MIN_COST_SHARE = 0.125
@@ -196,6 +214,8 @@ def _param_token(t: torch.Tensor) -> tuple:
 
 
 def _cached(layers: "DualBranchLayers", key, sources: tuple, build: Callable[[], object]):
+    if torch.is_grad_enabled():
+        return build()
     cache = layers.__dict__.setdefault("_fast_cache", {})
     token = tuple(_param_token(t) for t in sources)
     hit = cache.get(key)
@@ -207,134 +227,166 @@ def _cached(layers: "DualBranchLayers", key, sources: tuple, build: Callable[[],
 
 
 def clear_fast_cache(module: nn.Module) -> None:
-    """Drop cached merged weights (call after changing parameters in place under inference mode)."""
+    """Drop cached derived weights (call after changing parameters in place under inference mode)."""
     for m in module.modules():
         m.__dict__.pop("_fast_cache", None)
 
 
 def _mergeable(base: nn.Module, lora: "LoRALinear") -> bool:
     if type(base) is not nn.Linear or torch.is_grad_enabled():
-        return False  # only plain Linears: patched/cast layers (e.g. ComfyUI's) keep the delta path
+        return False  # only plain Linears: patched/cast layers (e.g. ComfyUI's) keep the LoRA path
     i, o, r = base.in_features, base.out_features, lora.rank
     return r * (i + o) >= MERGE_MIN_COST_SHARE * i * o
 
 
-def _merged_weight(layers, name: str, branch: int, base: nn.Linear, lora: "LoRALinear", s: float) -> torch.Tensor:
+def _lora_stacks(layers, name: str, loras: nn.ModuleList, strengths, device, dtype):
+    """``(D [f, in, r], U [f, r, out])`` with each branch's ``scale * strength`` folded into U."""
     def build():
-        w = base.weight
-        delta = (lora.up.weight.double() @ lora.down.weight.double()) * (lora.scale * s)
-        return (w.double() + delta.to(w.device)).to(w.dtype)
+        d = torch.stack([l.down.weight.t() for l in loras]).to(device=device, dtype=dtype)
+        u = torch.stack([l.up.weight.t() * (l.scale * s) for l, s in zip(loras, strengths)])
+        return d, u.to(device=device, dtype=dtype)
 
-    return _cached(layers, ("merged", name, branch, s), (base.weight, lora.down.weight, lora.up.weight), build)
-
-
-def branch_lora(loras: nn.ModuleList, x: torch.Tensor, strength: tuple[float, float]) -> torch.Tensor | None:
-    """Per-branch LoRA delta on interleaved rows: row 2p uses ``loras[0]``, row 2p+1 ``loras[1]`` (each branch's
-    delta computed on its own rows only). Returns None when both strengths are 0."""
-    s_g, s_a = float(strength[0]), float(strength[1])
-    if s_g == 0.0 and s_a == 0.0:
-        return None
-    n = x.shape[0] // BRANCHES
-    xv = x.view(n, BRANCHES, *x.shape[1:])
-    parts = [None if s == 0.0 else _scaled(loras[i](xv[:, i]), s) for i, s in enumerate((s_g, s_a))]
-    ref = parts[0] if parts[0] is not None else parts[1]
-    parts = [p if p is not None else torch.zeros_like(ref) for p in parts]
-    return torch.stack(parts, dim=1).flatten(0, 1)
+    srcs = tuple(t for l in loras for t in (l.down.weight, l.up.weight))
+    return _cached(layers, ("stacks", name, strengths, device, dtype), srcs, build)
 
 
-def _project(base: nn.Module, loras: nn.ModuleList, x: torch.Tensor, mode: str, strength,
-             layers: "DualBranchLayers | None" = None, name: str = "") -> torch.Tensor:
-    """``base(x)`` plus the LoRA of each row's branch (record mode: the global LoRA on every row)."""
-    if mode == MODE_RECORD:
-        s = float(strength[0])
-        if s == 0.0:
-            return base(x)
-        if layers is not None and _mergeable(base, loras[0]):
-            return F.linear(x, _merged_weight(layers, name, 0, base, loras[0], s), base.bias)
-        return base(x) + _scaled(loras[0](x), s)
+def _merged_stack(layers, name: str, base: nn.Linear, loras: nn.ModuleList, strengths) -> torch.Tensor:
+    """``[f, in, out]``: each branch's base weight with its LoRA merged in, transposed for ``bmm``."""
+    def build():
+        w = base.weight.double()
+        out = []
+        for l, s in zip(loras, strengths):
+            if s == 0.0:
+                out.append(w.t())
+            else:
+                delta = (l.up.weight.double() @ l.down.weight.double()).to(w.device) * (l.scale * s)
+                out.append((w + delta).t())
+        return torch.stack(out).to(base.weight.dtype).contiguous()
 
-    strengths = (float(strength[0]), float(strength[1]))
+    srcs = (base.weight,) + tuple(t for l in loras for t in (l.down.weight, l.up.weight))
+    return _cached(layers, ("merged", name, strengths), srcs, build)
+
+
+def _project_branches(base: nn.Module, loras: nn.ModuleList, xb: torch.Tensor, strengths,
+                      layers: "DualBranchLayers", name: str) -> torch.Tensor:
+    """Branch-major ``xb [f, n, L, in]`` -> ``[f, n, L, out]``: ``base(x) + strength_i * lora_i(x)`` for branch i."""
+    f, n, length, c_in = xb.shape
     if strengths == (0.0, 0.0):
+        return base(xb)
+    if _mergeable(base, loras[0]):
+        w = _merged_stack(layers, name, base, loras, strengths)
+        x2 = xb.reshape(f, n * length, c_in)
+        y = torch.bmm(x2, w) if base.bias is None else torch.baddbmm(base.bias, x2, w)
+        return y.view(f, n, length, -1)
+    y = base(xb)
+    dt = loras[0].down.weight.dtype
+    d, u = _lora_stacks(layers, name, loras, strengths, xb.device, dt)
+    delta = torch.bmm(torch.bmm(xb.reshape(f, n * length, c_in).to(dt), d), u)
+    return y + delta.view(f, n, length, -1).to(y.dtype)
+
+
+def _project_record(base: nn.Module, lora: "LoRALinear", x: torch.Tensor, s: float,
+                    layers: "DualBranchLayers", name: str) -> torch.Tensor:
+    """Background rows: the global branch's LoRA on every row."""
+    if s == 0.0:
         return base(x)
-    n = x.shape[0] // BRANCHES
-    xv = x.view(n, BRANCHES, *x.shape[1:])
-    if layers is not None and _mergeable(base, loras[0]):
-        ws = [base.weight if s == 0.0 else _merged_weight(layers, name, i, base, loras[i], s)
-              for i, s in enumerate(strengths)]
-        return torch.stack([F.linear(xv[:, i], ws[i], base.bias) for i in range(BRANCHES)], dim=1).flatten(0, 1)
-    y = base(x)
-    yv = y.view(n, BRANCHES, *y.shape[1:])
-    for i, s in enumerate(strengths):
-        if s != 0.0:
-            # in place into the base output's rows of this branch (the base matmul does not need its output for
-            # backward, so autograd allows it): no stacked copy of the delta
-            yv[:, i] += _scaled(loras[i](xv[:, i]), s)
-    return y
+    if _mergeable(base, lora):
+        w = _merged_stack(layers, name + "@record", base, nn.ModuleList([lora]), (s,))[0]
+        return F.linear(x, w.t(), base.bias)
+    return base(x) + _scaled(lora(x), s)
 
 
-def saim(layers: DualBranchLayers, o: torch.Tensor) -> torch.Tensor:
-    """SAIM's residual for interleaved attention outputs ``o`` ``[(b f), N, C]``.
+# ---- SAIM -------------------------------------------------------------------------------------------------------
+
+
+#: with gradients, fold SAIM's weights (a few C x C products per step) when each branch has at least this many tokens
+#: per channel: the per-token work then drops from 5 C^2 to 2 C^2 multiply-adds, which outweighs the products
+FOLD_MIN_TOKENS_PER_CHANNEL = 2
+
+
+def saim(layers: DualBranchLayers, ob: torch.Tensor) -> torch.Tensor:
+    """SAIM's residual for branch-major attention outputs ``ob [2, n, N, C]``.
 
     The reference runs a single-head attention over the two branch tokens of every pixel. A softmax over two scores
     is the sigmoid of their difference, so for token i: ``out_i = v_1 + sigmoid((q_i . (k_0 - k_1)) / sqrt(C)) *
-    (v_0 - v_1)`` -- the same numbers without a generic attention call on sequences of length 2.
+    (v_0 - v_1)`` -- the same numbers without a generic attention call on sequences of length 2. The five linear
+    maps can further be folded into two (:func:`_saim_fold`): cached in double precision for inference, and, with
+    gradients, recomputed each step when there are enough tokens to pay for the products.
     """
     if not torch.is_grad_enabled():
-        return _saim_fused(layers, o)
+        return _saim_apply(layers, ob, _saim_folded_weights(layers, ob.device))
+    tokens, c = ob.shape[1] * ob.shape[2], ob.shape[-1]
+    if tokens >= FOLD_MIN_TOKENS_PER_CHANNEL * c:
+        return _saim_apply(layers, ob, _saim_fold(layers, ob.device, layers.temporal_i.weight.dtype, exact=False))
+    return _saim_unfolded(layers, ob)
+
+
+def _saim_unfolded(layers: DualBranchLayers, ob: torch.Tensor) -> torch.Tensor:
     dtype = layers.temporal_i.weight.dtype  # the new layers may be kept in fp32 under a half-precision UNet
-    x = layers.temporal_i(layers.temporal_n(o.to(dtype)))
-    n = x.shape[0] // BRANCHES
-    c = x.shape[-1]
-    q = layers.temporal_q(x).view(n, BRANCHES, *x.shape[1:])
-    k = layers.temporal_k(x).view(n, BRANCHES, *x.shape[1:])
-    v = layers.temporal_v(x).view(n, BRANCHES, *x.shape[1:])
-    dk = (k[:, 0] - k[:, 1]).unsqueeze(1)  # [n, 1, N, C]
-    w0 = torch.sigmoid((q * dk).sum(-1, keepdim=True) * (1.0 / math.sqrt(c)))  # weight of token 0, [n, 2, N, 1]
-    v1 = v[:, 1:2]
-    out = torch.addcmul(v1, w0, v[:, 0:1] - v1)  # v1 + w0 * (v0 - v1)
-    return layers.temporal_o(out.flatten(0, 1)).to(o.dtype)
+    x = layers.temporal_i(layers.temporal_n(ob.to(dtype)))
+    if type(layers.temporal_q) is nn.Linear:
+        # q, k, v in one matmul (same numbers; one larger GEMM forward and backward instead of three)
+        w = torch.cat([layers.temporal_q.weight, layers.temporal_k.weight, layers.temporal_v.weight])
+        b = torch.cat([layers.temporal_q.bias, layers.temporal_k.bias, layers.temporal_v.bias])
+        q, k, v = F.linear(x, w, b).chunk(3, dim=-1)
+    else:  # cast/patched layers (ComfyUI) go through their own forward
+        q, k, v = layers.temporal_q(x), layers.temporal_k(x), layers.temporal_v(x)
+    dk = k[0] - k[1]  # [n, N, C]; broadcast over both query tokens
+    w0 = torch.sigmoid((q * dk).sum(-1, keepdim=True) * (1.0 / math.sqrt(x.shape[-1])))  # weight of token 0
+    out = torch.addcmul(v[1], w0, v[0] - v[1])  # v1 + w0 * (v0 - v1), [2, n, N, C]
+    return layers.temporal_o(out).to(ob.dtype)
 
 
-def _saim_fused_weights(layers: DualBranchLayers):
-    """Fold temporal_i into q/k/v and temporal_o into v (float64, then cast):
+def _saim_fold(layers: DualBranchLayers, device, dtype, exact: bool):
+    """Fold temporal_i into q/k/v and temporal_o into v. With z = LN(o), d = z_0 - z_1, A = Wq Wi, B = Wk Wi,
+    V = Wv Wi, P = Wo V:
 
-    with z = LN(o), A = Wq Wi, B = Wk Wi, V = Wv Wi, P = Wo V:
-      score_i = (z_i . u + m . d) / sqrt(C),  d = z_0 - z_1,  u = (A^T B) d,  m = B^T (Wq bi + bq)
-      y_i     = P z_1 + p + sigmoid(score_i) * (P d),   p = Wo (Wv bi + bv) + bo
+      score_i / sqrt(C) = z_i . u + m . d,   u = (A^T B / sqrt(C)) d,   m = B^T (Wq bi + bq) / sqrt(C)
+      y_i = P (z_1 + sigmoid(score_i) d) + p,   p = Wo (Wv bi + bv) + bo
+
+    ``exact``: compute in float64 (inference cache); otherwise in the parameters' dtype, differentiably.
     """
-    def build():
-        f = lambda lin: (lin.weight.double(), lin.bias.double())  # noqa: E731
-        wi, bi = f(layers.temporal_i)
-        wq, bq = f(layers.temporal_q)
-        wk, _ = f(layers.temporal_k)
-        wv, bv = f(layers.temporal_v)
-        wo, bo = f(layers.temporal_o)
-        a_mat, b_mat = wq @ wi, wk @ wi
-        dtype = layers.temporal_i.weight.dtype
-        m_mat = a_mat.T @ b_mat  # u = d @ m_mat.T
-        m_vec = b_mat.T @ (wq @ bi + bq)
-        p_mat = wo @ (wv @ wi)
-        p_vec = wo @ (wv @ bi + bv) + bo
-        return tuple(t.to(dtype) for t in (m_mat, m_vec, p_mat, p_vec))
+    work = torch.float64 if exact else dtype
 
+    def wb(lin):
+        return lin.weight.to(device=device, dtype=work), lin.bias.to(device=device, dtype=work)
+
+    wi, bi = wb(layers.temporal_i)
+    wq, bq = wb(layers.temporal_q)
+    wk, bk = wb(layers.temporal_k)
+    wv, bv = wb(layers.temporal_v)
+    wo, bo = wb(layers.temporal_o)
+    inv = 1.0 / math.sqrt(wi.shape[0])
+    a_mat, b_mat = wq @ wi, wk @ wi
+    m_mat = (a_mat.T @ b_mat) * inv
+    m_vec = (b_mat.T @ (wq @ bi + bq)) * inv
+    if not exact:
+        # the key bias cancels in k_0 - k_1, so its true gradient is zero; keep it in the graph so that it gets a
+        # zero gradient (and weight decay) as in the unfolded reference, instead of none at all
+        m_vec = m_vec + 0.0 * bk.sum()
+    p_mat = wo @ (wv @ wi)
+    p_vec = wo @ (wv @ bi + bv) + bo
+    return tuple(t.to(dtype) for t in (m_mat, m_vec.unsqueeze(0), p_mat, p_vec))
+
+
+def _saim_folded_weights(layers: DualBranchLayers, device):
     mods = (layers.temporal_i, layers.temporal_q, layers.temporal_k, layers.temporal_v, layers.temporal_o)
     sources = tuple(t for m in mods for t in (m.weight, m.bias))
-    return _cached(layers, ("saim",), sources, build)
+    dtype = layers.temporal_i.weight.dtype
+    return _cached(layers, ("saim", device), sources, lambda: _saim_fold(layers, device, dtype, exact=True))
 
 
-def _saim_fused(layers: DualBranchLayers, o: torch.Tensor) -> torch.Tensor:
-    m_mat, m_vec, p_mat, p_vec = _saim_fused_weights(layers)
-    z = layers.temporal_n(o.to(m_mat.dtype))
-    n = z.shape[0] // BRANCHES
-    zv = z.view(n, BRANCHES, *z.shape[1:])
-    d = zv[:, 0] - zv[:, 1]  # [n, N, C]
+def _saim_apply(layers: DualBranchLayers, ob: torch.Tensor, folded) -> torch.Tensor:
+    m_mat, m_vec, p_mat, p_vec = folded
+    z = layers.temporal_n(ob.to(m_mat.dtype))  # [2, n, N, C]
+    d = z[0] - z[1]
     u = F.linear(d, m_mat)
-    md = F.linear(d, m_vec.unsqueeze(0))  # [n, N, 1]
-    scores = (zv * u.unsqueeze(1)).sum(-1, keepdim=True) + md.unsqueeze(1)  # [n, 2, N, 1]
-    w0 = torch.sigmoid(scores * (1.0 / math.sqrt(z.shape[-1])))
-    e = F.linear(zv[:, 1], p_mat, p_vec).unsqueeze(1)  # P z_1 + p
-    f = F.linear(d, p_mat).unsqueeze(1)  # P d
-    return torch.addcmul(e, w0, f).flatten(0, 1).to(o.dtype)
+    scores = (z * u).sum(-1, keepdim=True) + F.linear(d, m_vec)  # [2, n, N, 1]
+    g = torch.addcmul(z[1], torch.sigmoid(scores), d)  # z_1 + sigmoid(score_i) d
+    return F.linear(g, p_mat, p_vec).to(ob.dtype)
+
+
+# ---- the layer --------------------------------------------------------------------------------------------------
 
 
 def dual_branch_attention(
@@ -363,69 +415,72 @@ def dual_branch_attention(
     heads = attn.heads
     src = hidden if context is None else context
 
-    if mode == MODE_OFF:
-        q, k, v = attn.to_q(hidden), attn.to_k(src), attn.to_v(src)
-        out = attention_fn(q, k, v, heads, mask)
-        out = attn.to_out[0](out)
+    def finish(out):
         return attn.to_out[1](out) if len(attn.to_out) > 1 else out
 
-    strength = control.lora_strength
-    if mode == MODE_DUAL:
-        validate_pairs(hidden.shape[0], f"input of attention layer {layer_name or '?'}")
-        if src.shape[0] != hidden.shape[0]:
-            raise LayoutError(
-                f"attention layer {layer_name}: {hidden.shape[0]} query rows but {src.shape[0]} context rows."
-            )
+    if mode == MODE_OFF:
+        out = attention_fn(attn.to_q(hidden), attn.to_k(src), attn.to_v(src), heads, mask)
+        return finish(attn.to_out[0](out))
 
-    if mode == MODE_RECORD and is_self_attention and control.bcm_cache is not None:
-        # the reference stores the attn1 input (= norm1(h_bg)) of the background pass
-        control.bcm_cache[layer_name] = src
-        if layer_name == control.record_stop_after and not torch.is_grad_enabled():
-            # everything after the last recorded layer is discarded by the reference: skip computing it
-            raise RecordComplete()
+    if mode == MODE_RECORD:
+        if is_self_attention and control.bcm_cache is not None:
+            # the reference stores the attn1 input (= norm1(h_bg)) of the background pass
+            control.bcm_cache[layer_name] = src
+            if layer_name == control.record_stop_after and not torch.is_grad_enabled():
+                # everything after the last recorded layer is discarded by the reference: skip computing it
+                raise RecordComplete()
+        s = float(control.lora_strength[0])
+        q = _project_record(attn.to_q, layers.to_q_lora[0], hidden, s, layers, "q")
+        k = _project_record(attn.to_k, layers.to_k_lora[0], src, s, layers, "k")
+        v = _project_record(attn.to_v, layers.to_v_lora[0], src, s, layers, "v")
+        a = attention_fn(q, k, v, heads, mask)
+        return finish(_project_record(attn.to_out[0], layers.to_out_lora[0], a, s, layers, "out"))
 
-    if (
-        mode == MODE_DUAL
-        and is_self_attention
-        and layers.has_bcm
-        and control.bcm_cache is not None
-        and control.bcm_strength != 0.0
-    ):
-        src = _bcm_mix(layers, src, control, layer_name)
+    # ---- dual mode: interleaved pairs
+    rows = hidden.shape[0]
+    n = validate_pairs(rows, f"input of attention layer {layer_name or '?'}")
+    if src.shape[0] != rows:
+        raise LayoutError(f"attention layer {layer_name}: {rows} query rows but {src.shape[0]} context rows.")
+    strengths = (float(control.lora_strength[0]), float(control.lora_strength[1]))
+    hb = to_branch_major(hidden)
+    sb = hb if context is None else to_branch_major(context)
+    if is_self_attention and layers.has_bcm and control.bcm_cache is not None and control.bcm_strength != 0.0:
+        sb = _bcm_mix(layers, sb, control, layer_name)
+    if mask is not None and mask.shape[0] == rows:
+        mask = to_branch_major(mask).flatten(0, 1)
 
-    q = _project(attn.to_q, layers.to_q_lora, hidden, mode, strength, layers, "q")
-    k = _project(attn.to_k, layers.to_k_lora, src, mode, strength, layers, "k")
-    v = _project(attn.to_v, layers.to_v_lora, src, mode, strength, layers, "v")
-    a = attention_fn(q, k, v, heads, mask)
-    out = _project(attn.to_out[0], layers.to_out_lora, a, mode, strength, layers, "out")
-    if len(attn.to_out) > 1:
-        out = attn.to_out[1](out)
+    q = _project_branches(attn.to_q, layers.to_q_lora, hb, strengths, layers, "q")
+    k = _project_branches(attn.to_k, layers.to_k_lora, sb, strengths, layers, "k")
+    v = _project_branches(attn.to_v, layers.to_v_lora, sb, strengths, layers, "v")
+    a = attention_fn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), heads, mask)
+    ob = finish(_project_branches(attn.to_out[0], layers.to_out_lora, a.view(BRANCHES, n, *a.shape[1:]),
+                                  strengths, layers, "out"))
+    if layers.has_saim and control.saim_strength != 0.0:
+        y = saim(layers, ob)
+        s = float(control.saim_strength)
+        ob = ob + y if s == 1.0 else torch.add(ob, y, alpha=s)
+    return from_branch_major(ob)
 
-    if mode == MODE_DUAL and layers.has_saim and control.saim_strength != 0.0:
-        out = out + _scaled(saim(layers, out), float(control.saim_strength))
-    return out
 
-
-def _bcm_mix(layers: DualBranchLayers, src: torch.Tensor, control: DualControl, layer_name: str) -> torch.Tensor:
-    """Global rows' K/V input ``(1 - a) h + a MLP(h_bg)``; anomaly rows unchanged."""
+def _bcm_mix(layers: DualBranchLayers, sb: torch.Tensor, control: DualControl, layer_name: str) -> torch.Tensor:
+    """Branch-major K/V input: the global half becomes ``(1 - a) h + a MLP(h_bg)``; the anomaly half is unchanged."""
     try:
         bg = control.bcm_cache[layer_name]
     except KeyError:
         raise LayoutError(
             f"BCM: no background features were recorded for layer {layer_name!r}; run the record pass first."
         ) from None
-    n = src.shape[0] // BRANCHES
-    if bg.shape[0] != n or bg.shape[1:] != src.shape[1:]:
+    g = sb[0]
+    if bg.shape != g.shape:
         raise LayoutError(
             f"BCM: layer {layer_name!r} recorded background features of shape {tuple(bg.shape)}, but the batch "
-            f"holds {n} pairs of {tuple(src.shape[1:])}; give one background row per pair."
+            f"holds {g.shape[0]} pairs of {tuple(g.shape[1:])}; give one background row per pair."
         )
-    a = layers.temporal_a.to(src.dtype) * float(control.bcm_strength)
-    sv = src.view(n, BRANCHES, *src.shape[1:])
-    g = sv[:, 0]
+    # .to(device): ComfyUI may keep the parameter elsewhere (lowvram) and cast modules per call
+    a = layers.temporal_a.to(device=g.device, dtype=g.dtype) * float(control.bcm_strength)
     mlp_dtype = layers.temporal_condition_mlp[0].weight.dtype
     mixed = (1 - a) * g + a * layers.temporal_condition_mlp(bg.to(mlp_dtype)).to(g.dtype)
-    return torch.stack([mixed, sv[:, 1]], dim=1).flatten(0, 1)
+    return torch.stack([mixed, sb[1]])
 
 
 class DualBranchAttention(nn.Module):
@@ -454,15 +509,15 @@ class DualBranchAttention(nn.Module):
         )
 
 
+def attention_dims(attn: nn.Module) -> dict[str, int]:
+    """The sizes :class:`DualBranchLayers` needs, read off a module with ``to_q/to_k/to_v/to_out``."""
+    return dict(query_dim=attn.to_q.in_features, context_dim=attn.to_k.in_features,
+                inner_dim=attn.to_q.out_features, out_dim=attn.to_out[0].out_features)
+
+
 def layers_for(attn: nn.Module, **kwargs) -> DualBranchLayers:
     """Build :class:`DualBranchLayers` sized for an attention module with ``to_q/to_k/to_v/to_out``."""
-    return DualBranchLayers(
-        query_dim=attn.to_q.in_features,
-        context_dim=attn.to_k.in_features,
-        inner_dim=attn.to_q.out_features,
-        out_dim=attn.to_out[0].out_features,
-        **kwargs,
-    )
+    return DualBranchLayers(**attention_dims(attn), **kwargs)
 
 
 class RecordComplete(Exception):

@@ -27,6 +27,7 @@ from .attention import (
     DualBranchLayers,
     DualControl,
     LoRALinear,
+    attention_dims,
     clear_fast_cache,
     dual_branch_attention,
     run_with_background,
@@ -47,13 +48,7 @@ class DualAnoDiffProcessor(DualBranchLayers):
     """A diffusers attention processor that *is* the layer's :class:`DualBranchLayers`."""
 
     def __init__(self, attn: nn.Module, layer_name: str, control: DualControl, **layer_kwargs):
-        super().__init__(
-            query_dim=attn.to_q.in_features,
-            context_dim=attn.to_k.in_features,
-            inner_dim=attn.to_q.out_features,
-            out_dim=attn.to_out[0].out_features,
-            **layer_kwargs,
-        )
+        super().__init__(**attention_dims(attn), **layer_kwargs)
         self.layer_name = layer_name
         self.is_self_attention = layer_name.endswith("attn1")
         self.control = control

@@ -284,24 +284,17 @@ class DualAnoDiffWeights:
         if branch not in (0, 1):
             raise ValueError("branch must be 0 (global) or 1 (anomaly)")
         out: dict[str, torch.Tensor] = {}
-        for layer, params in self.unet_layers().items():
-            for proj in PROJECTIONS:
-                down = params.get(f"{proj}_lora.{branch}.down.weight")
-                up = params.get(f"{proj}_lora.{branch}.up.weight")
-                if down is None or up is None:
-                    continue
-                name = "lora_unet_" + f"{layer}.{UNET_PROJ_MODULE[proj]}".replace(".", "_")
-                out[f"{name}.lora_down.weight"] = down
-                out[f"{name}.lora_up.weight"] = up
-                out[f"{name}.alpha"] = torch.tensor(self.alpha)
+        groups = [("lora_unet_", self.unet_layers(), UNET_PROJ_MODULE, f".{branch}")]
         if include_text:
-            for layer, params in self.text_layers().items():
+            groups.append(("lora_te_", self.text_layers(), TEXT_PROJ_MODULE, ""))
+        for prefix, layers, modules, index in groups:
+            for layer, params in layers.items():
                 for proj in PROJECTIONS:
-                    down = params.get(f"{proj}_lora.down.weight")
-                    up = params.get(f"{proj}_lora.up.weight")
+                    down = params.get(f"{proj}_lora{index}.down.weight")
+                    up = params.get(f"{proj}_lora{index}.up.weight")
                     if down is None or up is None:
                         continue
-                    name = "lora_te_" + f"{layer}.{TEXT_PROJ_MODULE[proj]}".replace(".", "_")
+                    name = prefix + f"{layer}.{modules[proj]}".replace(".", "_")
                     out[f"{name}.lora_down.weight"] = down
                     out[f"{name}.lora_up.weight"] = up
                     out[f"{name}.alpha"] = torch.tensor(self.alpha)

@@ -1,0 +1,668 @@
+"""The DualAnoDiff training loop, independent of the model backend.
+
+What one step does (the reference ``train_dreambooth_lora.py`` / ``train_dreambooth_lora_single_background.py``,
+METHOD.md §1.4 and §2):
+
+1. draw ``batch_size`` training images (:class:`~dualanodiff_core.data.PairSampler`: seeded epochs of permutations,
+   random flips) -> images ``I`` and masks ``M``; the anomaly image is ``I * M`` in [-1, 1] (defect on mid-gray);
+2. encode the interleaved rows ``[I_0, A_0, I_1, A_1, ...]`` to (scaled) latents ``z0`` -- a VAE *sample*;
+3. one timestep per pair (both rows of a pair share it), independent Gaussian noise per row:
+   ``z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps``;
+4. prompts: the global prompt on even rows, the anomaly prompt on odd rows, encoded *with* gradient through the
+   text-encoder LoRA;
+5. with BCM: the background of each pair (the same training image with the object blacked out) is encoded to an
+   *unscaled* VAE sample, noised at the pair's timestep with fresh noise, and run through the UNet in a record pass
+   (global-branch LoRA, no SAIM, global prompt) before the main pass -- not under ``no_grad``, so gradients also
+   flow through the record pass;
+6. loss = MSE over both branches of (prediction, target) with target ``eps`` (or ``v`` for v-prediction models);
+   AdamW, gradient clipping, constant learning rate after an optional linear warm-up.
+
+The loop only talks to a :class:`TrainingBackbone` (the model), so the same code trains with diffusers
+(:mod:`dualanodiff_core.train_diffusers`) or inside ComfyUI.
+
+Checkpoints (``<work_dir>/checkpoints/checkpoint-<step>.pt``) hold everything a run needs to continue: trainable
+tensors, optimizer, learning-rate schedule, loss scaler, the data sampler and every random generator, and the loss
+history. They are written atomically (temp file + rename), the last K are kept, and each comes with a
+``checkpoint-<step>.safetensors`` holding the weights at that step in our format (usable for generation). On CPU a
+resumed run continues bit-identically. They are read back with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from . import layout
+from .data import DefectDataset, Draw, PairSampler
+from .fileio import atomic_path, save_image_atomic, write_json_atomic, write_text_atomic
+from .weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL, DualAnoDiffWeights
+
+CHECKPOINT_FORMAT = "dualanodiff-train-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
+PRECISIONS = ("fp32", "fp16", "bf16")
+#: settings that may change when a run is resumed (everything else must match the checkpoint)
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "checkpoint_weights")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the message says which checkpoint is the last good one."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used to resume this run (wrong file, different settings or data)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every training setting. Defaults are the reference's (METHOD.md §2.3) unless noted.
+
+    Model settings (``rank`` .. ``gradient_checkpointing``) are applied by whoever builds the backbone; they are part
+    of the config so that checkpoints and the final weights record them.
+    """
+
+    # optimisation
+    steps: int = 5000
+    batch_size: int = 4  # training images (= pairs) per step; the UNet sees 2x as many rows
+    learning_rate: float = 2e-5
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    warmup_steps: int = 0  # linear learning-rate warm-up (the reference: 0, constant)
+    seed: int = 32  # the reference dual script's seed
+    # model
+    rank: int = 32
+    saim: bool = True
+    bcm: bool = False
+    saim_zero_init: bool = False  # not the reference: start SAIM as an exact no-op
+    train_text_encoder: bool = True
+    precision: str = "fp32"  # fp32 | fp16 | bf16 for the frozen base model; new layers always fp32
+    gradient_checkpointing: bool = False
+    prompt_global: str = DEFAULT_PROMPT_GLOBAL
+    prompt_anomaly: str = DEFAULT_PROMPT_ANOMALY
+    # data
+    resolution: int = 512
+    split: str = "all"
+    flips: str = "hv"
+    crop: str = "center"
+    # checkpoints
+    checkpoint_every: int = 500  # steps; 0 = only at the end (and on a stop request)
+    keep_checkpoints: int = 3  # the newest K are kept; 0 = keep all
+    checkpoint_weights: bool = True  # also write checkpoint-<step>.safetensors (our weights format)
+
+    def validate(self) -> "TrainConfig":
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(msg)
+
+        need(self.steps >= 1, f"steps must be at least 1, got {self.steps}")
+        need(self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}")
+        need(self.learning_rate > 0 and math.isfinite(self.learning_rate), f"learning rate must be > 0, got {self.learning_rate}")
+        need(self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "Adam betas must be in [0, 1)")
+        need(self.adam_epsilon > 0, "Adam epsilon must be > 0")
+        need(self.grad_clip >= 0, f"gradient clipping must be >= 0 (0 = off), got {self.grad_clip}")
+        need(self.warmup_steps >= 0, "warm-up steps must be >= 0")
+        need(self.rank >= 1, f"rank must be at least 1, got {self.rank}")
+        need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        need(self.resolution >= 8 and self.resolution % 8 == 0, f"resolution must be a multiple of 8, got {self.resolution}")
+        need(self.checkpoint_every >= 0, "checkpoint interval must be >= 0 (0 = only at the end)")
+        need(self.keep_checkpoints >= 0, "keep-checkpoints must be >= 0 (0 = keep all)")
+        need(bool(self.prompt_global) and bool(self.prompt_anomaly), "prompts must not be empty")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the backbone protocol
+
+
+@dataclasses.dataclass
+class BackgroundPass:
+    """BCM input of one UNet call: one noised background latent per pair.
+
+    ``latents``: ``[B, C, h, w]``, the *unscaled* VAE sample of each background, already noised;
+    ``timesteps``: ``[B]`` integer DDPM timesteps (the pair's); ``context``: ``[B, tokens, dim]``, the global prompt.
+    """
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    context: torch.Tensor
+
+
+@runtime_checkable
+class TrainingBackbone(Protocol):
+    """What the loop needs from a model. Implemented for diffusers by
+    :class:`dualanodiff_core.train_diffusers.DiffusersTrainingBackbone`; a ComfyUI implementation wraps a
+    ``ModelPatcher`` + CLIP + VAE the same way.
+
+    Conventions: rows are interleaved pairs ``[g0, a0, g1, a1, ...]`` (even = global branch, odd = anomaly branch);
+    timesteps are integer DDPM indices in ``[0, len(alphas_cumprod))``; ``x_t`` is in DDPM form
+    ``sqrt(abar) x0 + sqrt(1 - abar) eps`` with ``x0`` the latent *times* the VAE scaling factor.
+
+    Implementing it on ComfyUI (SD1.5, ``model_sampling`` EPS): ``alphas_cumprod = 1 / (sigmas**2 + 1)``; the
+    simplest ``denoise`` calls the raw UNet, ``patcher.model.diffusion_model(x_t, timesteps.float(), context=ctx,
+    transformer_options=...)``, which takes DDPM-form ``x_t`` and integer-valued timesteps and returns eps (going
+    through ``apply_model`` instead needs ``x = x_t / sqrt(abar)``, ``sigma = sqrt((1 - abar) / abar)`` and
+    ``eps = (x - denoised) / sigma``). Build the trainable layers and run the loop inside
+    ``torch.inference_mode(False)`` with identity weight wrappers on the base layers (COMFYUI.md §5.3);
+    :meth:`Trainer.run` turns autograd on itself but cannot fix parameters created as inference tensors.
+
+    Attributes:
+        device: where the model computes; the loop puts its inputs there.
+        alphas_cumprod: ``[T]`` float tensor of the training noise schedule (SD1.5: scaled-linear betas
+            0.00085..0.012, T = 1000). ComfyUI: ``1 / (model_sampling.sigmas ** 2 + 1)``.
+        prediction_type: ``"epsilon"`` (SD1.5) or ``"v_prediction"``: what :meth:`denoise` returns.
+        base_model: a short description of the base model (recorded in the weights' metadata).
+    """
+
+    device: torch.device
+    alphas_cumprod: torch.Tensor
+    prediction_type: str
+    base_model: str
+
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """Every trainable tensor, named by its canonical weights key (``unet.<layer>.to_q_lora.0.down.weight``,
+        ``text_encoder.<clip attention>.to_q_lora.down.weight``, ...), in a fixed order, ``requires_grad=True``,
+        kept in fp32. Both branch LoRAs, SAIM, (BCM MLP + alpha), and the text-encoder LoRA when it is trained.
+        Called once; the order must be the same every time the backbone is built (optimizer state follows it)."""
+        ...
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``[len(prompts), tokens, dim]`` text embeddings, computed with autograd enabled so gradients reach the
+        text-encoder LoRA (plain ``no_grad`` output when the text encoder is not trained)."""
+        ...
+
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Images ``[N, 3, H, W]`` in [-1, 1] -> latents ``[N, C, H/f, W/f]`` *multiplied* by the VAE scaling factor.
+        The reference draws a sample of the latent distribution; use ``generator`` (a CPU generator) for it so the
+        run is reproducible. Called under ``torch.no_grad()``."""
+        ...
+
+    def encode_backgrounds(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """BCM backgrounds ``[B, 3, H, W]`` in [-1, 1] -> a VAE sample **not** multiplied by the scaling factor
+        (the reference's quirk, which trained weights depend on). Called under ``torch.no_grad()``."""
+        ...
+
+    def denoise(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                background: BackgroundPass | None = None) -> torch.Tensor:
+        """The model prediction for interleaved rows ``x_t`` ``[2B, C, h, w]`` at integer ``timesteps`` ``[2B]``
+        with per-row text ``context`` ``[2B, tokens, dim]``, with both branch LoRAs, SAIM and (given a
+        ``background``) BCM active at full strength. With a background: first a record pass of the UNet over
+        ``background.latents`` (global LoRA on every row, no SAIM, ``background.context``), then the main pass
+        with the recorded features injected -- both with autograd. Returns the raw prediction (eps or v) in the
+        DDPM parameterization, any float dtype."""
+        ...
+
+    def to_weights(self, metadata: dict) -> DualAnoDiffWeights:
+        """The current trainable tensors as :class:`DualAnoDiffWeights` (copies, on any device) with ``metadata``
+        merged into the file metadata."""
+        ...
+
+
+BACKBONE_MEMBERS = ("device", "alphas_cumprod", "prediction_type", "trainable_parameters", "encode_prompts",
+                    "encode_images", "encode_backgrounds", "denoise", "to_weights")
+
+
+def check_backbone(backbone) -> None:
+    """Raise ``TypeError`` naming what a backbone lacks (``base_model`` is optional)."""
+    missing = [m for m in BACKBONE_MEMBERS if not hasattr(backbone, m)]
+    if missing:
+        raise TypeError(f"{type(backbone).__name__} is not a TrainingBackbone: it lacks {', '.join(missing)} "
+                        "(see dualanodiff_core.train.TrainingBackbone)")
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """DDPM forward process ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (diffusers ``DDPMScheduler.add_noise``)."""
+    abar = alphas_cumprod.to(device=x0.device, dtype=torch.float32)[timesteps.to(x0.device)]
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    return abar.sqrt().view(shape) * x0 + (1 - abar).sqrt().view(shape) * noise
+
+
+def velocity(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    abar = alphas_cumprod.to(device=x0.device, dtype=torch.float32)[timesteps.to(x0.device)]
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    return abar.sqrt().view(shape) * noise - (1 - abar).sqrt().view(shape) * x0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# progress and results
+
+
+@dataclasses.dataclass
+class TrainProgress:
+    """Sent to the progress callback after every step."""
+
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    rate: float  # steps per second (recent average)
+    eta_seconds: float
+    elapsed_seconds: float  # training time of the whole run, across resumes
+    checkpoint: Path | None = None  # set when this step wrote a checkpoint
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    total_steps: int
+    completed: bool  # all steps done
+    stopped: bool  # ended early by a stop request
+    checkpoint: Path | None  # the newest checkpoint written
+    weights: DualAnoDiffWeights | None  # final weights (completed runs)
+    output: Path | None  # where the final weights were written
+    history: list[dict]
+    work_dir: Path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _metadata_config(config: TrainConfig) -> dict:
+    return {k: v for k, v in config.to_dict().items()
+            if k not in ("checkpoint_every", "keep_checkpoints", "checkpoint_weights")}
+
+
+def list_checkpoints(work_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the resumable checkpoints in ``<work_dir>/checkpoints``, oldest first."""
+    folder = Path(work_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in folder.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m:
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(work_dir: str | os.PathLike) -> Path | None:
+    cps = list_checkpoints(work_dir)
+    return cps[-1][1] if cps else None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a training checkpoint safely (``weights_only=True``)."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"{path}: no checkpoint-<step>.pt in {path / 'checkpoints'}; nothing to resume.")
+        path = found
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling problem means "not our checkpoint"
+        raise CheckpointError(f"{path}: not a readable training checkpoint ({e}).") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a DualAnoDiff training checkpoint (a weights .safetensors cannot be "
+                              "resumed; give the checkpoint-<step>.pt beside it).")
+    if int(state.get("version", 0)) > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer DualAnoDiff (checkpoint version {state['version']}).")
+    state["path"] = str(path)
+    return state
+
+
+class Trainer:
+    """Runs the DualAnoDiff training loop on any :class:`TrainingBackbone`.
+
+    ``work_dir`` receives ``checkpoints/``, ``loss.csv``, ``loss.png`` and ``train_config.json``; ``output`` (if
+    given) the final weights. ``progress(TrainProgress)`` is called after every step; ``should_stop()`` is polled
+    between steps, and when it returns True the loop writes a checkpoint and returns (resume it later).
+    ``data_fingerprint`` (see :meth:`DefectSet.fingerprint`) is stored in checkpoints and compared on resume.
+    """
+
+    def __init__(self, backbone: TrainingBackbone, dataset: DefectDataset, config: TrainConfig,
+                 work_dir: str | os.PathLike, *, output: str | os.PathLike | None = None,
+                 progress: Callable[[TrainProgress], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None, metadata: dict | None = None,
+                 data_fingerprint: list | None = None):
+        check_backbone(backbone)
+        self.backbone = backbone
+        self.dataset = dataset
+        self.config = config.validate()
+        self.work_dir = Path(work_dir)
+        self.output = Path(output) if output is not None else None
+        if self.output is not None and self.output.suffix != ".safetensors":
+            raise ValueError(f"{self.output}: the weights are written as .safetensors; change the file name.")
+        self.progress = progress
+        self.should_stop = should_stop or (lambda: False)
+        self.metadata = dict(metadata or {})
+        self.data_fingerprint = data_fingerprint if data_fingerprint is not None else \
+            dataset.defect_set.fingerprint()
+        if config.bcm and not dataset.backgrounds:
+            raise ValueError("BCM training needs a dataset built with backgrounds=True (object masks).")
+        if dataset.resolution != config.resolution:
+            raise ValueError(f"the dataset was built at {dataset.resolution} px but the config says {config.resolution}")
+        pt = getattr(backbone, "prediction_type", "epsilon")
+        if pt not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unsupported prediction type {pt!r} (epsilon or v_prediction)")
+
+        named = list(backbone.trainable_parameters())
+        if not named:
+            raise ValueError("the backbone has no trainable parameters")
+        self.param_names = [n for n, _ in named]
+        if len(set(self.param_names)) != len(self.param_names):
+            raise ValueError("the backbone's trainable parameter names are not unique")
+        self.params = [p for _, p in named]
+        for n, p in named:
+            if not p.requires_grad:
+                raise ValueError(f"trainable parameter {n} has requires_grad=False")
+        c = self.config
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon,
+            weight_decay=c.weight_decay,
+        )
+        warm = c.warmup_steps
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+        dev_type = torch.device(backbone.device).type
+        self.scaler = torch.amp.GradScaler(dev_type, enabled=(c.precision == "fp16"))
+        self.sampler = PairSampler(len(dataset), c.batch_size, c.seed)
+        self.noise_generator = torch.Generator(device="cpu")
+        self.noise_generator.manual_seed(c.seed + 1_000_003)
+        self.step = 0
+        self.history: list[dict] = []
+        self.elapsed = 0.0
+        self.last_checkpoint: Path | None = None
+        self._last_checkpoint_step = -1
+
+    # ---- one step -------------------------------------------------------------------------------------------------
+    def compute_loss(self) -> torch.Tensor:
+        """Draw the next batch and return the loss (with a graph to the trainable tensors)."""
+        batch = self.dataset.batch(self.sampler.next_batch())
+        return self._loss(batch, self.noise_generator)
+
+    def _loss(self, batch, gen: torch.Generator, t_pair: torch.Tensor | None = None) -> torch.Tensor:
+        c, bb = self.config, self.backbone
+        n_pairs = batch.images.shape[0]
+        dev = torch.device(bb.device)
+        rows = layout.interleave(batch.images, batch.anomaly).to(dev)
+        with torch.no_grad():
+            x0 = bb.encode_images(rows, gen).float()
+            bg0 = bb.encode_backgrounds(batch.backgrounds.to(dev), gen).float() if c.bcm else None
+        ac = bb.alphas_cumprod
+        if t_pair is None:
+            t_pair = torch.randint(0, len(ac), (n_pairs,), generator=gen)
+        t = t_pair.repeat_interleave(layout.BRANCHES)  # the same timestep for both rows of a pair
+        noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(dev)
+        bg_noise = torch.randn(bg0.shape, generator=gen, dtype=torch.float32).to(dev) if c.bcm else None
+        t, t_pair = t.to(dev), t_pair.to(dev)
+        x_t = add_noise(x0, noise, t, ac)
+        emb = bb.encode_prompts([c.prompt_global, c.prompt_anomaly])  # [2, tokens, dim]
+        context = emb.repeat(n_pairs, 1, 1)  # [g, a, g, a, ...]
+        background = None
+        if c.bcm:
+            background = BackgroundPass(add_noise(bg0, bg_noise, t_pair, ac), t_pair,
+                                        emb[0:1].expand(n_pairs, -1, -1))
+        pred = bb.denoise(x_t, t, context, background)
+        if pred.shape != x0.shape:
+            raise TrainingError(f"the backbone returned a prediction of shape {tuple(pred.shape)} for input "
+                                f"{tuple(x0.shape)}")
+        target = noise if getattr(bb, "prediction_type", "epsilon") == "epsilon" else velocity(x0, noise, t, ac)
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+
+    @torch.no_grad()
+    def evaluation_loss(self, n_timesteps: int = 8, seed: int = 0) -> float:
+        """The loss on fixed inputs: every training image (no flip; the middle crop window), at ``n_timesteps``
+        evenly spaced timesteps, with fixed noise. Unlike the training loss, which jumps with the random timesteps,
+        it changes only when the weights do. Uses its own generator: the training run is not disturbed."""
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(seed)
+        T = len(self.backbone.alphas_cumprod)
+        n, bs = len(self.dataset), self.config.batch_size
+        total, count = 0.0, 0
+        for k in range(n_timesteps):
+            tk = min(T - 1, int((k + 0.5) * T / n_timesteps))
+            for start in range(0, n, bs):
+                idx = list(range(start, min(n, start + bs)))
+                batch = self.dataset.batch([Draw(i, False, False, 0.5) for i in idx])
+                loss = self._loss(batch, gen, torch.full((len(idx),), tk, dtype=torch.long))
+                total += float(loss) * len(idx)
+                count += len(idx)
+        return total / count
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimisation step; returns (loss, gradient norm before clipping)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.compute_loss()
+        value = float(loss.detach())
+        if not math.isfinite(value) and not self.scaler.is_enabled():
+            last = self.last_checkpoint or "none yet"
+            raise TrainingError(
+                f"the loss became {value} at step {self.step + 1}; the weights were not updated. Last checkpoint: "
+                f"{last}. Lower the learning rate, or train in fp32/bf16 instead of fp16."
+            )
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.config.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([
+                torch.linalg.vector_norm(p.grad.float()) for p in self.params if p.grad is not None]))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_scheduler.step()
+        return value, float(norm)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.work_dir / "checkpoints"
+
+    def weights_metadata(self) -> dict:
+        from . import __version__
+
+        c = self.config
+        ds = self.dataset.defect_set
+        meta = {
+            "prompt_global": c.prompt_global,
+            "prompt_anomaly": c.prompt_anomaly,
+            "rank": c.rank,
+            "alpha": c.rank,
+            "base_model": getattr(self.backbone, "base_model", "") or "",
+            "training": _metadata_config(c),
+            "trained_steps": self.step,
+            "train_images": len(self.dataset),
+            "train_image_names": self.dataset.names,
+            "data_layout": ds.layout,
+            "created_by": f"dualanodiff {__version__}",
+            "created": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        }
+        if ds.defect:
+            meta["defect"] = ds.defect
+        meta.update(self.metadata)
+        return meta
+
+    def state_dict(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "config": json.dumps(self.config.to_dict(), sort_keys=True),
+            "data": json.dumps(self.data_fingerprint),
+            "param_names": list(self.param_names),
+            "params": {n: p.detach().to("cpu").clone() for n, p in zip(self.param_names, self.params)},
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "grad_scaler": self.scaler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "noise_generator": self.noise_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": json.dumps(self.history),
+            "elapsed": float(self.elapsed),
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-<step>.pt`` (and ``.safetensors`` weights) atomically; prune old ones."""
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"checkpoint-{self.step:06d}"
+        if self.config.checkpoint_weights:
+            self.backbone.to_weights(self.weights_metadata()).save(self.checkpoint_dir / f"{stem}.safetensors")
+        path = self.checkpoint_dir / f"{stem}.pt"
+        with atomic_path(path) as tmp:
+            torch.save(self.state_dict(), tmp)
+        self.last_checkpoint = path
+        self._last_checkpoint_step = self.step
+        self._prune()
+        self.write_history()
+        return path
+
+    def _prune(self) -> None:
+        k = self.config.keep_checkpoints
+        if k <= 0:
+            return
+        cps = list_checkpoints(self.work_dir)
+        for step, p in cps[:-k]:
+            for q in (p, p.with_suffix(".safetensors")):
+                with contextlib.suppress(FileNotFoundError):
+                    q.unlink()
+        # weights files whose .pt is gone (e.g. a crash between the two writes)
+        keep = {s for s, _ in cps[-k:]}
+        for q in self.checkpoint_dir.glob("checkpoint-*.safetensors"):
+            m = re.match(r"^checkpoint-(\d+)\.safetensors$", q.name)
+            if m and int(m.group(1)) not in keep and int(m.group(1)) < (cps[-1][0] if cps else 0):
+                with contextlib.suppress(FileNotFoundError):
+                    q.unlink()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint; refuses one made with other settings, data or parameters."""
+        where = state.get("path", "checkpoint")
+        saved = json.loads(state["config"])
+        mine = self.config.to_dict()
+        diff = [k for k in sorted(set(saved) | set(mine)) if k not in RESUMABLE_CHANGES and saved.get(k) != mine.get(k)]
+        if diff:
+            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {mine.get(k)!r}" for k in diff[:6])
+            raise CheckpointError(f"{where}: the run was made with other settings ({details}). Resume with the same "
+                                  "settings (only steps and checkpoint options may change), or start a new run.")
+        data = json.loads(state["data"])
+        if data != self.data_fingerprint:
+            old = {tuple(x[:2]): x[2] for x in data}
+            new = {tuple(x[:2]): x[2] for x in self.data_fingerprint}
+            changed = sorted(set(old) ^ set(new)) + sorted(k for k in set(old) & set(new) if old[k] != new[k])
+            shown = ", ".join(f"{r} {p}" for r, p in changed[:4]) or "the order of the files"
+            raise CheckpointError(f"{where}: the training data changed since this checkpoint ({shown}). Resume with "
+                                  "the same files, or start a new run.")
+        if list(state["param_names"]) != self.param_names:
+            raise CheckpointError(f"{where}: the model's trainable tensors differ from the checkpoint's (another base "
+                                  "model or model settings); start a new run.")
+        if int(state["step"]) > self.config.steps:
+            raise CheckpointError(f"{where}: the checkpoint is at step {state['step']}, but only {self.config.steps} "
+                                  "step(s) were asked for; ask for more steps to train further.")
+        with torch.no_grad():
+            for n, p in zip(self.param_names, self.params):
+                v = state["params"][n]
+                if v.shape != p.shape:
+                    raise CheckpointError(f"{where}: {n} has shape {tuple(v.shape)} there, {tuple(p.shape)} here.")
+                p.copy_(v.to(device=p.device, dtype=p.dtype))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if state["grad_scaler"]:
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.noise_generator.set_state(state["noise_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = json.loads(state["history"])
+        self.elapsed = float(state["elapsed"])
+        self.step = int(state["step"])
+        self.last_checkpoint = Path(where) if where != "checkpoint" else None
+        self._last_checkpoint_step = self.step
+
+    # ---- history --------------------------------------------------------------------------------------------------
+    def write_history(self) -> None:
+        from .lossplot import draw_loss_curve
+
+        lines = ["step,loss,lr,grad_norm,seconds"]
+        for h in self.history:
+            lines.append(f"{h['step']},{h['loss']:.8g},{h['lr']:.8g},{h['grad_norm']:.6g},{h['seconds']:.3f}")
+        write_text_atomic(self.work_dir / "loss.csv", "\n".join(lines) + "\n")
+        title = f"DualAnoDiff training loss ({self.step}/{self.config.steps} steps)"
+        img = draw_loss_curve([h["step"] for h in self.history], [h["loss"] for h in self.history], title)
+        save_image_atomic(img, self.work_dir / "loss.png")
+
+    # ---- the run --------------------------------------------------------------------------------------------------
+    def run(self, resume: str | os.PathLike | dict | None = None) -> TrainResult:
+        """Train until ``config.steps`` (or a stop request). ``resume``: a checkpoint file, a work dir (its newest
+        checkpoint) or a loaded checkpoint dict. Runs with autograd on even when called under ``torch.no_grad()``
+        or ``torch.inference_mode()`` (as ComfyUI runs its nodes)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._run(resume)
+
+    def _run(self, resume) -> TrainResult:
+        if resume is not None:
+            self.load_state_dict(resume if isinstance(resume, dict) else load_checkpoint(resume))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.work_dir / "train_config.json", {
+            "config": self.config.to_dict(), "data": self.data_fingerprint,
+            "base_model": getattr(self.backbone, "base_model", ""), "output": str(self.output or ""),
+        })
+        c = self.config
+        stopped = False
+        recent: list[float] = []
+        while self.step < c.steps:
+            if self.should_stop():
+                stopped = True
+                break
+            t0 = time.perf_counter()
+            loss, norm = self.train_step()
+            self.step += 1
+            dt = time.perf_counter() - t0
+            self.elapsed += dt
+            lr = float(self.optimizer.param_groups[0]["lr"])
+            self.history.append({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
+                                 "seconds": round(self.elapsed, 3)})
+            if not math.isfinite(loss):  # fp16: the scaler skipped the step; give up if it keeps happening
+                bad = sum(1 for h in self.history[-20:] if not math.isfinite(h["loss"]))
+                if bad >= 20:
+                    raise TrainingError(f"the loss has been non-finite for 20 steps (step {self.step}); train in "
+                                        f"fp32/bf16 or lower the learning rate. Last checkpoint: {self.last_checkpoint}")
+            ckpt = None
+            if (c.checkpoint_every and self.step % c.checkpoint_every == 0) or self.step == c.steps:
+                ckpt = self.save_checkpoint()
+            recent = (recent + [dt])[-20:]
+            rate = len(recent) / max(sum(recent), 1e-9)
+            if self.progress is not None:
+                self.progress(TrainProgress(self.step, c.steps, loss, lr, rate, (c.steps - self.step) / rate,
+                                            self.elapsed, ckpt))
+        if self._last_checkpoint_step != self.step:
+            self.save_checkpoint()
+        else:
+            self.write_history()
+        completed = self.step >= c.steps
+        weights = None
+        if completed:
+            weights = self.backbone.to_weights(self.weights_metadata())
+            if self.output is not None:
+                weights.save(self.output)
+        return TrainResult(self.step, c.steps, completed, stopped, self.last_checkpoint, weights,
+                           self.output if completed else None, list(self.history), self.work_dir)

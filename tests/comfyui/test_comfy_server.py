@@ -1,0 +1,247 @@
+"""ComfyUI as users run it: a headless CPU server with this pack installed (a symlink in custom_nodes/), a generated
+SD1.5-detectable checkpoint, the example workflows queued over the HTTP API with workflows/queue_batch.py, and the
+outputs checked on disk (see comfy_server.py and the session fixture ``server`` in conftest.py)."""
+
+import importlib
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import comfy_env as ce
+from anomalib_rules import load_mvtec
+from comfy_server import DEFECT_FOLDER, PACK_DIR_NAME
+
+ROOT = ce.ROOT
+WORKFLOWS = ROOT / "workflows"
+NODE_IDS = ["DualAnoDiffLoRALoader", "DualAnoDiffAttentionPatch", "DualAnoDiffBackgroundCompensate",
+            "DualAnoDiffSampler", "DualAnoDiffPairConditioning", "DualAnoDiffSplitLatentPairs",
+            "DualAnoDiffSplitImagePairs", "DualAnoDiffMaskFromAnomalyBranch", "DualAnoDiffSaveDataset",
+            "DualAnoDiffTrainer"]
+GRAPHS = ["dualanodiff_generate", "dualanodiff_generate_bcm", "dualanodiff_generate_ksampler", "dualanodiff_train"]
+SMALL = ["--set", "CheckpointLoaderSimple.ckpt_name=tiny_sd15.ckpt",
+         "--set", "DualAnoDiffLoRALoader.weights=test_defect.safetensors"]
+SMALL_SAMPLER = ["--set", "DualAnoDiffSampler.pairs=2", "--set", "DualAnoDiffSampler.width=64",
+                 "--set", "DualAnoDiffSampler.height=64", "--set", "DualAnoDiffSampler.steps=3"]
+SMALL_DUAL = SMALL + SMALL_SAMPLER
+SMALL_STOCK = SMALL + ["--set", "EmptyLatentImage.width=64", "--set", "EmptyLatentImage.height=64",
+                       "--set", "EmptyLatentImage.batch_size=4", "--set", "KSampler.steps=3"]
+SMALL_TRAIN = ["--set", "CheckpointLoaderSimple.ckpt_name=tiny_sd15.ckpt",
+               "--set", f"DualAnoDiffTrainer.folder={DEFECT_FOLDER}", "--set", "DualAnoDiffTrainer.resolution=64",
+               "--set", "DualAnoDiffTrainer.batch_size=1", "--set", "DualAnoDiffTrainer.rank=4",
+               "--set", "DualAnoDiffTrainer.learning_rate=0.001"] + SMALL_SAMPLER
+# the random tiny checkpoint does not draw defects on gray: accept every non-empty mask to exercise the MVTec tree
+ACCEPT_ALL = ["--set", "DualAnoDiffSaveDataset.max_area=1.0", "--set", "DualAnoDiffSaveDataset.max_gray_offset=1.0"]
+
+
+def _queue_script():
+    spec = importlib.util.spec_from_file_location("queue_batch", WORKFLOWS / "queue_batch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _queue(server, workflow, *args, expect=0):
+    summary = server.base / f"summary_{time.monotonic_ns()}.json"
+    cmd = [sys.executable, str(WORKFLOWS / "queue_batch.py"), str(workflow), "--server", server.address,
+           "--summary", str(summary), "--timeout", "600", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=700)
+    assert proc.returncode == expect, (f"{' '.join(cmd)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}\n"
+                                       f"server log:\n{server.log.read_text()[-4000:]}")
+    return (json.loads(summary.read_text()) if summary.exists() else None), proc
+
+
+def _images_saved(server, report, pairs):
+    """Stock-sampler workflow: image_* and anomaly_* PNGs from Save Image, two different branches."""
+    from PIL import Image
+
+    for prompt in report["prompts"]:
+        assert prompt["status"] == "success", prompt
+        paths = [o["path"] for o in prompt["outputs"]]
+        images = [p for p in paths if "/DualAnoDiff/image" in p]
+        anomalies = [p for p in paths if "/DualAnoDiff/anomaly" in p]
+        assert len(images) == pairs and len(anomalies) == pairs, paths
+        for rel in paths:
+            assert rel.startswith("output/")
+            with Image.open(server.base / rel) as im:
+                assert im.size == (64, 64)
+        with Image.open(server.base / images[0]) as a, Image.open(server.base / anomalies[0]) as b:
+            assert a.tobytes() != b.tobytes()
+
+
+def _dataset_saved(server, report, pairs, dataset):
+    """Dataset workflows: every pair is in the dataset (MVTec tree or rejected/) with a manifest line, and the mask
+    overlay is previewed."""
+    root = server.base / "output" / dataset
+    records = [json.loads(x) for x in (root / "manifest.jsonl").read_text().splitlines()]
+    by_image = {r["files"].get("image") or r["files"].get("rejected_image"): r for r in records}
+    for prompt in report["prompts"]:
+        assert prompt["status"] == "success", prompt
+        saved = [o["path"] for o in prompt["outputs"] if o["path"].startswith(f"output/{dataset}/")]
+        previews = [o["path"] for o in prompt["outputs"] if o["path"].startswith("temp/")]
+        assert len(saved) == pairs and len(previews) == pairs, prompt["outputs"]
+        for rel in saved:
+            record = by_image[rel[len(f"output/{dataset}/"):]]
+            for f in record["files"].values():
+                assert (root / f).is_file(), f
+            assert record["workflow"] and record["seed"] == prompt["seed"]
+    return root, records
+
+
+def test_pack_loads_and_registers_its_nodes(server):
+    log = server.log.read_text()
+    assert "IMPORT FAILED" not in log or PACK_DIR_NAME not in log.split("IMPORT FAILED", 1)[1][:500], log[-3000:]
+    info = server.get("/object_info")
+    for node_id in NODE_IDS:
+        assert node_id in info, node_id
+        assert info[node_id]["category"].startswith("DualAnoDiff/") and info[node_id]["description"]
+    assert "test_defect.safetensors" in info["DualAnoDiffLoRALoader"]["input"]["required"]["weights"][1]["options"]
+    trainer = info["DualAnoDiffTrainer"]["input"]["required"]
+    assert DEFECT_FOLDER in trainer["folder"][1]["options"]
+    # the training seed must stay fixed (resume): no "control after generate" in the frontend
+    assert trainer["seed"][1]["control_after_generate"] is False
+    assert info["DualAnoDiffSaveDataset"]["output_node"] and info["DualAnoDiffTrainer"]["output_node"]
+
+
+def test_workflows_are_served_as_templates_with_thumbnails(server):
+    templates = server.get("/workflow_templates")
+    assert sorted(templates.get(PACK_DIR_NAME, [])) == GRAPHS  # UI files only, not workflows/api/
+    served = server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/dualanodiff_generate.json")
+    assert served == json.loads((WORKFLOWS / "dualanodiff_generate.json").read_text())
+    for name in GRAPHS:
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK_DIR_NAME}/{name}.jpg") as r:
+            assert r.read(3) == b"\xff\xd8\xff", name
+
+
+def test_ui_workflows_have_no_missing_nodes_and_match_the_api_files(server):
+    qb = _queue_script()
+    info = server.get("/object_info")
+    for name in GRAPHS:
+        ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+        for node in ui["nodes"]:
+            assert node["type"] in info, f"{name}: missing node type {node['type']}"
+            specs = list(qb._input_specs(info[node["type"]]))
+            widgets = sum(1 + qb._extra_widget_slots(s, n) for n, s in specs if qb._is_widget(s))
+            assert len(node.get("widgets_values", [])) == widgets, (name, node["type"])
+            for slot, inp in enumerate(node.get("inputs", [])):
+                names = [n for n, _ in specs]
+                assert inp["name"] in names, (name, node["type"], inp["name"])
+        for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
+            src_type = next(n["type"] for n in ui["nodes"] if n["id"] == src)
+            assert info[src_type]["output"][src_slot] == kind, (name, link_id)
+        api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+        converted = qb.ui_to_api(ui, info)
+        assert {k: (v["class_type"], v["inputs"]) for k, v in converted.items()} == \
+               {k: (v["class_type"], v["inputs"]) for k, v in api.items()}, name
+
+
+def test_generate_workflow_mask_and_dataset_over_the_api(server):
+    report, proc = _queue(server, WORKFLOWS / "api/dualanodiff_generate.json", "--count", "2", "--seed", "100",
+                          *SMALL_DUAL, *ACCEPT_ALL, "--set", "DualAnoDiffSaveDataset.dataset=api_generate")
+    assert [p["seed"] for p in report["prompts"]] == [100, 101]
+    root, records = _dataset_saved(server, report, pairs=2, dataset="api_generate")
+    assert [r["index"] for r in records] == [0, 1, 2, 3]  # the second prompt appended after the first
+    accepted = [r for r in records if r["accepted"]]
+    assert accepted, [r["reason"] for r in records]
+    assert len(load_mvtec(root, "my_object")) == len(accepted)  # what anomalib's MVTec loader would read
+    assert "step 3/3" in proc.stderr  # progress followed over the websocket
+    # the same dataset with another filter setting is refused with a clear error, and the server carries on
+    report, _ = _queue(server, WORKFLOWS / "api/dualanodiff_generate.json", "--seed", "102", *SMALL_DUAL,
+                       "--set", "DualAnoDiffSaveDataset.dataset=api_generate", expect=1)
+    assert "other settings" in report["prompts"][0]["error"]
+
+
+def test_generate_with_background_compensation_over_the_api(server):
+    report, _ = _queue(server, WORKFLOWS / "api/dualanodiff_generate_bcm.json", "--seed", "7", *SMALL_DUAL,
+                       "--set", "DualAnoDiffSaveDataset.dataset=api_bcm")
+    _dataset_saved(server, report, pairs=2, dataset="api_bcm")
+
+
+def test_stock_ksampler_workflow_over_the_api(server):
+    report, _ = _queue(server, WORKFLOWS / "api/dualanodiff_generate_ksampler.json", "--seed", "7", *SMALL_STOCK)
+    _images_saved(server, report, pairs=2)
+
+
+def test_ui_workflow_is_queued_directly_by_polling(server, tmp_path):
+    report, _ = _queue(server, WORKFLOWS / "dualanodiff_generate.json", "--seeds", "55", "--poll",
+                       "--download", str(tmp_path), *SMALL_DUAL, "--set", "DualAnoDiffSaveDataset.dataset=api_ui")
+    _dataset_saved(server, report, pairs=2, dataset="api_ui")
+    for out in report["prompts"][0]["outputs"]:
+        if out["path"].startswith("output/"):
+            assert Path(out["downloaded"]).read_bytes() == (server.base / out["path"]).read_bytes()
+
+
+def test_train_workflow_over_the_api(server):
+    report, proc = _queue(server, WORKFLOWS / "api/dualanodiff_train.json", *SMALL_TRAIN,
+                          "--set", "DualAnoDiffTrainer.steps=2", "--set", "DualAnoDiffTrainer.output_name=api_trained",
+                          "--set", "DualAnoDiffTrainer.checkpoint_every=1")
+    prompt = report["prompts"][0]
+    assert prompt["status"] == "success", prompt
+    models = server.base / "models" / "dualanodiff"
+    weights = models / "api_trained.safetensors"
+    w = importlib.import_module(f"{ce.PACK}.dualanodiff_core.weights").DualAnoDiffWeights.load(weights)
+    assert w.has_text and w.has_saim and w.metadata["trained_steps"] == "2"
+    assert "tiny_sd15.ckpt" in w.metadata["base_model"]
+    ckpts = sorted(p.name for p in (models / "api_trained_train" / "checkpoints").iterdir())
+    assert ckpts == ["checkpoint-000001.pt", "checkpoint-000001.safetensors", "checkpoint-000002.pt",
+                     "checkpoint-000002.safetensors"]
+    assert (models / "api_trained_train" / "loss.png").is_file()
+    previews = [o for o in prompt["outputs"] if o["path"].startswith("temp/")]
+    assert len(previews) == 1 + 2  # the loss curve on the trainer node and the mask overlays of the 2 pairs
+    assert "step 2/2" in proc.stderr
+    # the new weights are listed by the loader at once
+    info = server.get("/object_info/DualAnoDiffLoRALoader")["DualAnoDiffLoRALoader"]
+    assert "api_trained.safetensors" in info["input"]["required"]["weights"][1]["options"]
+
+
+def test_cancel_stops_training_with_a_checkpoint_and_resume_finishes(server):
+    qb = _queue_script()
+    prompt = json.loads((WORKFLOWS / "api/dualanodiff_train.json").read_text())
+    prompt = qb.apply_overrides(prompt, [a for a in SMALL_TRAIN if a != "--set"] + [
+        "DualAnoDiffTrainer.steps=100000", "DualAnoDiffTrainer.output_name=api_cancel",
+        "DualAnoDiffTrainer.checkpoint_every=0", "DualAnoDiffTrainer.train_text_encoder=false"])
+    work = server.base / "models" / "dualanodiff" / "api_cancel_train"
+    answer = json.loads(server.post("/prompt", {"prompt": prompt}))
+    deadline = time.monotonic() + 120
+    while not (work / "train_config.json").exists():  # written when the training loop starts
+        assert time.monotonic() < deadline, server.log.read_text()[-3000:]
+        time.sleep(0.2)
+    time.sleep(1.0)
+    server.post("/interrupt", {})
+    entry = server.wait_history(answer["prompt_id"], timeout=120)
+    events = [e for e, _ in entry["status"]["messages"]]
+    assert entry["status"]["status_str"] == "error" and "execution_interrupted" in events, events
+    state = importlib.import_module(f"{ce.PACK}.dualanodiff_core.train").load_checkpoint(work)
+    step = int(state["step"])
+    assert step >= 1
+    assert not (server.base / "models" / "dualanodiff" / "api_cancel.safetensors").exists()
+    # queue again with resume on (the default) and one more step: it continues and finishes
+    prompt["2"]["inputs"]["steps"] = step + 1
+    answer = json.loads(server.post("/prompt", {"prompt": prompt}))
+    entry = server.wait_history(answer["prompt_id"], timeout=300)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    w = importlib.import_module(f"{ce.PACK}.dualanodiff_core.weights").DualAnoDiffWeights.load(
+        server.base / "models" / "dualanodiff" / "api_cancel.safetensors")
+    assert w.metadata["trained_steps"] == str(step + 1)
+
+
+def test_a_bad_batch_fails_clearly_and_the_server_survives(server):
+    bad = [a if a != "EmptyLatentImage.batch_size=4" else "EmptyLatentImage.batch_size=3" for a in SMALL_STOCK]
+    report, proc = _queue(server, WORKFLOWS / "api/dualanodiff_generate_ksampler.json", "--seed", "1", *bad, expect=1)
+    assert report["prompts"][0]["status"] == "error"
+    error = report["prompts"][0]["error"]
+    assert error.startswith("node 9 (KSampler): LayoutError:") and "whole (global, anomaly) pairs" in error, error
+    assert "DualAnoDiff Sampler" in error and "batch_size = 2 x pairs" in error, error
+    _, proc = _queue(server, WORKFLOWS / "api/dualanodiff_generate.json", *SMALL_DUAL,
+                     "--set", "DualAnoDiffLoRALoader.weights=nope.safetensors", expect=2)
+    assert "nope.safetensors" in proc.stderr and "not in models/dualanodiff" in proc.stderr
+    _, proc = _queue(server, WORKFLOWS / "api/dualanodiff_generate.json", *SMALL_DUAL,
+                     "--set", "DualAnoDiffSampler.sampler_name=nope", expect=2)
+    assert "unknown sampler 'nope'" in proc.stderr
+    _, proc = _queue(server, WORKFLOWS / "api/dualanodiff_train.json", *SMALL_TRAIN,
+                     "--set", "DualAnoDiffTrainer.folder=no_such_folder", expect=2)
+    assert "no_such_folder" in proc.stderr and "does not exist" in proc.stderr
+    assert server.get("/system_stats")["system"]

@@ -1,0 +1,195 @@
+"""The example workflows and workflows/queue_batch.py, without ComfyUI (the server test in tests/comfyui/ runs them
+against a real ComfyUI)."""
+
+import base64
+import hashlib
+import importlib.util
+import json
+import socket
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, WORKFLOWS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _load("build_workflows")
+qb = _load("queue_batch")
+
+
+@pytest.mark.parametrize("name", sorted(build.GRAPHS))
+def test_committed_workflows_are_the_generated_ones(name):
+    nodes = build.GRAPHS[name]()
+    assert json.loads((WORKFLOWS / f"{name}.json").read_text()) == json.loads(json.dumps(build.to_ui(nodes)))
+    assert json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()) == json.loads(json.dumps(build.to_api(nodes)))
+
+
+@pytest.mark.parametrize("name", sorted(build.GRAPHS))
+def test_every_ui_workflow_has_a_thumbnail(name):
+    # the template browser shows <name>.jpg beside <name>.json; made from a screenshot of the workflow loaded in
+    # ComfyUI's frontend (tests/comfyui/test_comfy_frontend.py with DUALANODIFF_WRITE_THUMBNAILS=1)
+    from PIL import Image
+
+    path = WORKFLOWS / f"{name}.jpg"
+    with Image.open(path) as im:
+        assert im.format == "JPEG" and im.size == (1024, 768), (path, im.format, im.size)
+        assert len(set(im.convert("L").resize((64, 48)).getdata())) > 8  # a picture, not a blank canvas
+
+
+def test_only_ui_files_sit_directly_in_workflows():
+    # ComfyUI lists workflows/*.json as templates (UI format); API files live in workflows/api/
+    for path in WORKFLOWS.glob("*.json"):
+        assert qb.is_ui_format(json.loads(path.read_text())), path
+
+
+INFO = {
+    "Loader": {"input": {"required": {"name": [["a.ckpt", "b.ckpt"], {}]}}, "input_order": {"required": ["name"]},
+               "output": ["MODEL", "STRING"]},
+    "Sampler": {"input": {"required": {"model": ["MODEL", {}], "seed": ["INT", {"control_after_generate": True}],
+                                       "text": ["STRING", {"multiline": True}], "mode": ["COMBO", {"options": ["x"]}]},
+                          "optional": {"extra": ["MODEL", {}], "forced": ["INT", {"forceInput": True}]}},
+                "input_order": {"required": ["model", "seed", "text", "mode"], "optional": ["extra", "forced"]},
+                "output": ["LATENT"]},
+    "Image": {"input": {"required": {"image": [["bg.png"], {"image_upload": True}], "scale": ["FLOAT", {}]}},
+              "input_order": {"required": ["image", "scale"]}, "output": ["IMAGE"]},
+}
+
+
+def _ui(nodes, links):
+    return {"nodes": nodes, "links": links, "version": 0.4}
+
+
+def test_ui_to_api_maps_widgets_links_reroutes_bypass_primitives_and_mutes():
+    ui = _ui([
+        {"id": 1, "type": "Loader", "mode": 0, "widgets_values": ["b.ckpt"]},
+        {"id": 2, "type": "Reroute", "mode": 0, "inputs": [{"name": "", "type": "*", "link": 1}]},
+        {"id": 3, "type": "Sampler", "mode": 4, "inputs": [{"name": "model", "type": "MODEL", "link": 2}],
+         "widgets_values": [1, "fixed", "t", "x"]},  # bypassed: passes its MODEL input through
+        {"id": 4, "type": "Sampler", "mode": 0, "title": "main",
+         "inputs": [{"name": "model", "type": "MODEL", "link": 3},
+                    {"name": "text", "type": "STRING", "widget": {"name": "text"}, "link": 4},
+                    {"name": "forced", "type": "INT", "link": 5}],
+         "widgets_values": [42, "randomize", "ignored because linked", "x"]},
+        {"id": 5, "type": "PrimitiveNode", "mode": 0, "widgets_values": [7, "fixed"]},
+        {"id": 6, "type": "Image", "mode": 2, "widgets_values": ["bg.png", "image", 1.0]},  # muted
+        {"id": 7, "type": "Image", "mode": 0, "widgets_values": ["bg.png", "image", 0.5]},
+        {"id": 8, "type": "Note", "mode": 0, "widgets_values": ["hello"]},
+    ], [[1, 1, 0, 2, 0, "MODEL"], [2, 2, 0, 3, 0, "MODEL"], [3, 3, 0, 4, 0, "MODEL"], [4, 1, 1, 4, 1, "STRING"],
+        [5, 5, 0, 4, 2, "INT"]])
+    api = qb.ui_to_api(ui, INFO)
+    assert api == {
+        "1": {"inputs": {"name": "b.ckpt"}, "class_type": "Loader"},
+        "4": {"inputs": {"model": ["1", 0], "seed": 42, "text": ["1", 1], "mode": "x", "forced": 7},
+              "class_type": "Sampler", "_meta": {"title": "main"}},
+        "7": {"inputs": {"image": "bg.png", "scale": 0.5}, "class_type": "Image"},
+    }
+
+
+def test_ui_to_api_names_missing_node_types():
+    with pytest.raises(qb.UsageError, match="SomePackNode"):
+        qb.ui_to_api(_ui([{"id": 1, "type": "SomePackNode", "mode": 0}], []), INFO)
+
+
+def test_overrides_select_by_id_title_or_type_and_refuse_linked_inputs():
+    wf = {"1": {"class_type": "Sampler", "inputs": {"seed": 1, "model": ["2", 0]}, "_meta": {"title": "main"}},
+          "3": {"class_type": "Sampler", "inputs": {"seed": 1}}}
+    out = qb.apply_overrides(wf, ["main.seed=5", "3.cfg=2.5", "Sampler.text=a vfx with sks", "1.flag=true"])
+    assert out["1"]["inputs"] == {"seed": 5, "model": ["2", 0], "text": "a vfx with sks", "flag": True}
+    assert out["3"]["inputs"] == {"seed": 1, "cfg": 2.5, "text": "a vfx with sks"}
+    assert wf["1"]["inputs"]["seed"] == 1  # the original is untouched
+    with pytest.raises(qb.UsageError, match="connected"):
+        qb.apply_overrides(wf, ["1.model=3"])
+    with pytest.raises(qb.UsageError, match="no node 'Nope'"):
+        qb.apply_overrides(wf, ["Nope.seed=1"])
+    with pytest.raises(qb.UsageError, match="SELECTOR.INPUT=VALUE"):
+        qb.apply_overrides(wf, ["seed=1"])
+    assert sorted(qb.seed_targets(out)) == [("1", "seed"), ("3", "seed")]
+    assert qb.seed_targets(out, ["main.text"]) == [("1", "text")]
+
+
+def test_rejections_are_readable():
+    payload = {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation"},
+               "node_errors": {"2": {"class_type": "DualAnoDiffLoRALoader",
+                                     "errors": [{"message": "Custom validation failed for node",
+                                                 "details": "weights - DualAnoDiff weights 'x' are not in ..."}]}}}
+    text = qb.describe_rejection(payload)
+    assert "Prompt outputs failed validation" in text and "node 2 (DualAnoDiffLoRALoader): weights - " in text
+
+
+def test_usage_errors_exit_2(tmp_path, capsys):
+    assert qb.run([str(tmp_path / "missing.json")]) == 2
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps({"1": {"class_type": "X", "inputs": {}}}))
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert qb.run([str(wf), "--server", f"127.0.0.1:{port}", "--poll"]) == 2
+    assert "cannot reach the ComfyUI server" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert qb.run([str(tmp_path / "bad.json"), "--server", f"127.0.0.1:{port}"]) == 2
+
+
+def _frame(opcode, payload, fin=True):
+    head = bytes([(0x80 if fin else 0) | opcode])
+    n = len(payload)
+    if n < 126:
+        head += bytes([n])
+    elif n < 65536:
+        head += bytes([126]) + struct.pack("!H", n)
+    else:
+        head += bytes([127]) + struct.pack("!Q", n)
+    return head + payload
+
+
+def test_websocket_client_reads_text_binary_fragmented_ping_and_close():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    received = {}
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(4096)
+            headers = dict(line.split(": ", 1) for line in data.decode().split("\r\n")[1:] if ": " in line)
+            received["path"] = data.decode().split(" ")[1]
+            accept = base64.b64encode(hashlib.sha1((headers["Sec-WebSocket-Key"] + qb.WebSocket.GUID).encode())
+                                      .digest()).decode()
+            conn.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode())
+            conn.sendall(_frame(1, json.dumps({"type": "status"}).encode()))
+            conn.sendall(_frame(2, b"\x00" * 8 + b"P" * 300))  # a preview image (binary, 16-bit length)
+            conn.sendall(_frame(9, b"hi"))  # ping: the client must answer with a masked pong
+            conn.sendall(_frame(1, b'{"type": "prog', fin=False) + _frame(0, b'ress"}'))
+            head = conn.recv(2)
+            mask = conn.recv(4)
+            body = conn.recv(head[1] & 0x7F)
+            received["pong"] = (head[0] & 0x0F, head[1] & 0x80, bytes(b ^ mask[i % 4] for i, b in enumerate(body)))
+            conn.sendall(_frame(8, b""))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    ws = qb.WebSocket("127.0.0.1", port, "/ws?clientId=abc")
+    assert ws.receive(5) == (1, b'{"type": "status"}')
+    op, payload = ws.receive(5)
+    assert op == 2 and len(payload) == 308
+    assert ws.receive(5) == (1, b'{"type": "progress"}')
+    with pytest.raises(ConnectionError):
+        ws.receive(5)
+    ws.close()
+    thread.join(5)
+    server.close()
+    assert received["path"] == "/ws?clientId=abc"
+    assert received["pong"] == (0xA, 0x80, b"hi")

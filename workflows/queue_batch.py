@@ -1,0 +1,594 @@
+#!/usr/bin/env python3
+"""Queue a batch of a ComfyUI workflow over the HTTP API, follow its progress, and report where the outputs landed.
+
+Standard library only: copy it anywhere and run it with any Python >= 3.9.
+
+    python workflows/queue_batch.py workflows/api/dualanodiff_generate.json --count 8 --seed 1000
+    python workflows/queue_batch.py workflows/dualanodiff_generate_bcm.json --server 192.168.1.20:8188 \\
+        --seeds 1,2,3 --set DualAnoDiffLoRALoader.weights=bottle_broken.safetensors --set DualAnoDiffSampler.pairs=8
+
+* WORKFLOW is API format ("Export (API)" in ComfyUI) or UI format (a saved workflow / template); UI format is
+  converted with the server's /object_info, the way the web page converts it.
+* Each queued prompt gets its own seed (``--seed S --count N`` = S, S+1, ..., or ``--seeds a,b,c``) in every integer
+  input named ``seed`` or ``noise_seed`` (or the inputs named with ``--seed-input``); the DualAnoDiff Trainer's
+  seed is a training setting and is left alone.
+* ``--set SELECTOR.INPUT=VALUE`` changes an input first; SELECTOR is a node id, a node title or a node type (every
+  node of that type); VALUE is JSON (``3``, ``2.5``, ``"text"``, ``true``) or else a plain string.
+* Progress comes from the server's websocket (/ws); ``--poll`` polls /history instead.
+* At the end every output file is listed as ``<type>/<subfolder>/<filename>`` (``output/...`` is under the server's
+  output directory) with its /view URL; ``--download DIR`` fetches them and ``--summary FILE`` writes a JSON report.
+
+Exit status: 0 when every prompt succeeded, 1 when one failed or was interrupted, 2 when nothing could be queued
+(bad arguments, unreachable server, a workflow the server rejects).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import socket
+import struct
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+SEED_INPUTS = ("seed", "noise_seed")
+#: nodes whose seed is a setting, not a per-run seed: --seed/--seeds leave it alone (a training run must keep its
+#: seed to be resumed); --seed-input can still name it
+FIXED_SEED_NODES = ("DualAnoDiffTrainer",)
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+FRONTEND_ONLY = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
+
+
+class UsageError(Exception):
+    """Nothing was queued: the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HTTP
+
+
+class Server:
+    def __init__(self, address: str, timeout: float = 30.0):
+        address = address.strip().rstrip("/")
+        if "://" not in address:
+            address = "http://" + address
+        parsed = urllib.parse.urlparse(address)
+        if not parsed.hostname:
+            raise UsageError(f"--server {address!r}: give HOST:PORT, e.g. 127.0.0.1:8188")
+        self.base = f"{parsed.scheme}://{parsed.hostname}:{parsed.port or 80}"
+        self.host, self.port, self.timeout = parsed.hostname, parsed.port or 80, timeout
+
+    def request(self, method: str, path: str, body=None):
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                payload = json.loads(raw)
+            except ValueError:
+                payload = raw.decode("utf-8", "replace")
+            raise HTTPError(e.code, payload) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise UsageError(f"cannot reach the ComfyUI server at {self.base} ({getattr(e, 'reason', e)}). Is it "
+                             "running? Start it with `python main.py --listen` or give --server HOST:PORT.") from None
+        return json.loads(raw) if raw else None
+
+    def get(self, path: str):
+        return self.request("GET", path)
+
+    def post(self, path: str, body):
+        return self.request("POST", path, body)
+
+    def download(self, image: dict, folder: str) -> str:
+        query = urllib.parse.urlencode({k: image.get(k, "") for k in ("filename", "subfolder", "type")})
+        target = os.path.join(folder, image.get("subfolder", ""), image["filename"])
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with urllib.request.urlopen(f"{self.base}/view?{query}", timeout=self.timeout) as resp:
+            data = resp.read()
+        tmp = target + ".part"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+        return target
+
+    def view_url(self, image: dict) -> str:
+        return f"{self.base}/view?" + urllib.parse.urlencode(
+            {k: image.get(k, "") for k in ("filename", "subfolder", "type")})
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, payload):
+        super().__init__(f"HTTP {status}")
+        self.status, self.payload = status, payload
+
+
+def describe_rejection(payload) -> str:
+    """A readable version of ComfyUI's 400 answer to /prompt."""
+    if not isinstance(payload, dict):
+        return str(payload)
+    lines = []
+    err = payload.get("error")
+    if isinstance(err, dict):
+        lines.append(f"{err.get('message', 'rejected')}{': ' + err['details'] if err.get('details') else ''}")
+    for node_id, info in (payload.get("node_errors") or {}).items():
+        for e in info.get("errors", []):
+            detail = e.get("details") or e.get("message")
+            lines.append(f"  node {node_id} ({info.get('class_type', '?')}): {detail}")
+    return "\n".join(lines) or json.dumps(payload)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a minimal websocket client (RFC 6455, text and binary frames, ping/pong, close)
+
+
+class WebSocket:
+    GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+    def __init__(self, host: str, port: int, path: str, timeout: float = 10.0):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode("ascii")
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+                          .encode("ascii"))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise OSError("the server closed the websocket handshake")
+            head += chunk
+        head, self.buffer = head.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        if " 101 " not in lines[0] + " ":
+            raise OSError(f"websocket handshake refused: {lines[0]}")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        expected = base64.b64encode(hashlib.sha1((key + self.GUID).encode("ascii")).digest()).decode("ascii")
+        if headers.get("sec-websocket-accept") != expected:
+            raise OSError("websocket handshake: bad Sec-WebSocket-Accept")
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the websocket was closed by the server")
+            self.buffer += chunk
+        out, self.buffer = self.buffer[:n], self.buffer[n:]
+        return out
+
+    def _send(self, opcode: int, payload: bytes = b"") -> None:
+        mask = os.urandom(4)
+        n = len(payload)
+        if n < 126:
+            header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+        elif n < 65536:
+            header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+        else:
+            header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(header + mask + masked)
+
+    def receive(self, timeout: float):
+        """The next complete message as (opcode, payload), or None when nothing arrived within ``timeout``."""
+        self.sock.settimeout(timeout)
+        parts, opcode = [], None
+        try:
+            while True:
+                b1, b2 = self._read(2)
+                fin, op, n = b1 & 0x80, b1 & 0x0F, b2 & 0x7F
+                self.sock.settimeout(30.0)  # the rest of a started frame must follow
+                if n == 126:
+                    n = struct.unpack("!H", self._read(2))[0]
+                elif n == 127:
+                    n = struct.unpack("!Q", self._read(8))[0]
+                mask = self._read(4) if b2 & 0x80 else None
+                payload = self._read(n)
+                if mask:
+                    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+                if op == 0x9:
+                    self._send(0xA, payload)
+                    continue
+                if op == 0xA:
+                    continue
+                if op == 0x8:
+                    raise ConnectionError("the websocket was closed by the server")
+                if op != 0x0:
+                    opcode = op
+                parts.append(payload)
+                if fin:
+                    return opcode, b"".join(parts)
+        except socket.timeout:
+            if parts:
+                raise ConnectionError("a websocket message was cut off") from None
+            return None
+
+    def close(self) -> None:
+        try:
+            self._send(0x8)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# workflows
+
+
+def is_ui_format(workflow) -> bool:
+    return isinstance(workflow, dict) and isinstance(workflow.get("nodes"), list) and "links" in workflow
+
+
+def _input_specs(info: dict):
+    order = info.get("input_order") or {k: list(v) for k, v in info.get("input", {}).items() if k != "hidden"}
+    for section in ("required", "optional"):
+        for name in order.get(section, []):
+            yield name, info["input"].get(section, {}).get(name)
+
+
+def _is_widget(spec) -> bool:
+    if not spec:
+        return False
+    kind = spec[0]
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if options.get("forceInput"):
+        return False
+    return isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def _extra_widget_slots(spec, name: str | None = None) -> int:
+    """Frontend-only widget values that follow an input's value in ``widgets_values``: "control after generate"
+    (asked for, or by the frontend's legacy rule for an INT named seed/noise_seed) and image upload buttons."""
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    control = options.get("control_after_generate")
+    if control is None:
+        control = spec[0] == "INT" and name in ("seed", "noise_seed")
+    extra = 1 if control else 0
+    extra += sum(1 for k, v in options.items() if k.endswith("_upload") and v is True)
+    return extra
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """Convert a UI-format workflow to API format using /object_info (muted nodes dropped, bypassed nodes and
+    reroutes passed through, primitive nodes resolved to their values)."""
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {}
+    for link in workflow.get("links", []):
+        if isinstance(link, dict):
+            links[link["id"]] = (link["origin_id"], link["origin_slot"], link.get("type"))
+        else:
+            links[link[0]] = (link[1], link[2], link[5] if len(link) > 5 else None)
+    if workflow.get("definitions", {}).get("subgraphs"):
+        raise UsageError("this workflow uses subgraphs; open it in ComfyUI and use 'Export (API)' instead.")
+    missing = sorted({n["type"] for n in nodes.values()
+                      if n.get("mode", 0) != 2 and n["type"] not in object_info and n["type"] not in FRONTEND_ONLY})
+    if missing:
+        raise UsageError(f"the server does not know the node types {', '.join(missing)}; install the packs that "
+                         "provide them (ComfyUI-Manager: 'Install Missing Custom Nodes').")
+
+    def source(link_id, depth=0):
+        """Follow a link back through reroutes and bypassed nodes: ("link", [id, slot]) or ("value", v) or None."""
+        if link_id is None or link_id not in links or depth > 100:
+            return None
+        node_id, slot, kind = links[link_id]
+        node = nodes.get(node_id)
+        if node is None or node.get("mode", 0) == 2:
+            return None
+        if node["type"] == "Reroute":
+            return source((node.get("inputs") or [{}])[0].get("link"), depth + 1)
+        if node["type"] == "PrimitiveNode":
+            return ("value", (node.get("widgets_values") or [None])[0])
+        if node.get("mode", 0) == 4:  # bypassed: pass the first input of the same type through
+            for inp in node.get("inputs") or []:
+                if inp.get("link") is not None and (kind is None or inp.get("type") == kind):
+                    return source(inp["link"], depth + 1)
+            return None
+        return ("link", [str(node_id), slot])
+
+    api = {}
+    for node in sorted(nodes.values(), key=lambda n: n["id"]):
+        if node.get("mode", 0) in (2, 4) or node["type"] in FRONTEND_ONLY:
+            continue
+        info = object_info[node["type"]]
+        ui_inputs = {i["name"]: i for i in node.get("inputs") or []}
+        values = node.get("widgets_values")
+        index, inputs = 0, {}
+        for name, spec in _input_specs(info):
+            if _is_widget(spec):
+                if isinstance(values, dict):
+                    if name in values:
+                        inputs[name] = values[name]
+                elif values is not None and index < len(values):
+                    inputs[name] = values[index]
+                index += 1 + _extra_widget_slots(spec, name)
+            linked = ui_inputs.get(name, {}).get("link")
+            if linked is not None:
+                src = source(linked)
+                if src is not None:
+                    inputs[name] = src[1]
+        entry = {"inputs": inputs, "class_type": node["type"]}
+        if node.get("title"):
+            entry["_meta"] = {"title": node["title"]}
+        api[str(node["id"])] = entry
+    return api
+
+
+def _select(workflow: dict, selector: str) -> list[str]:
+    if selector in workflow:
+        return [selector]
+    by_title = [k for k, v in workflow.items() if (v.get("_meta") or {}).get("title") == selector]
+    by_type = [k for k, v in workflow.items() if v.get("class_type") == selector]
+    found = by_title or by_type
+    if not found:
+        raise UsageError(f"no node {selector!r} in the workflow (give a node id, a title or a node type).")
+    return found
+
+
+def _parse_assignment(text: str):
+    target, eq, raw = text.partition("=")
+    selector, dot, name = target.rpartition(".")
+    if not eq or not dot or not selector or not name:
+        raise UsageError(f"--set {text!r}: write SELECTOR.INPUT=VALUE, e.g. DualAnoDiffSampler.pairs=8")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return selector, name, value
+
+
+def apply_overrides(workflow: dict, assignments) -> dict:
+    workflow = json.loads(json.dumps(workflow))
+    for text in assignments or []:
+        selector, name, value = _parse_assignment(text)
+        for key in _select(workflow, selector):
+            inputs = workflow[key].setdefault("inputs", {})
+            if isinstance(inputs.get(name), list):
+                raise UsageError(f"--set {text!r}: input {name!r} of node {key} is connected to another node.")
+            inputs[name] = value
+    return workflow
+
+
+def seed_targets(workflow: dict, explicit=None) -> list[tuple[str, str]]:
+    if explicit:
+        targets = []
+        for text in explicit:
+            selector, dot, name = text.rpartition(".")
+            if not dot:
+                raise UsageError(f"--seed-input {text!r}: write SELECTOR.INPUT, e.g. 7.seed")
+            targets += [(key, name) for key in _select(workflow, selector)]
+        return targets
+    return [(key, name) for key, node in workflow.items() for name, value in (node.get("inputs") or {}).items()
+            if name in SEED_INPUTS and isinstance(value, int) and not isinstance(value, bool)
+            and node.get("class_type") not in FIXED_SEED_NODES]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# running
+
+
+class Job:
+    def __init__(self, index: int, seed, prompt_id: str):
+        self.index, self.seed, self.prompt_id = index, seed, prompt_id
+        self.status = "queued"  # queued, running, success, error, interrupted
+        self.error = None
+        self.outputs: list[dict] = []
+        self.node = None
+
+
+def _log(quiet: bool, message: str, end: str = "\n") -> None:
+    if not quiet:
+        sys.stderr.write(message + end)
+        sys.stderr.flush()
+
+
+def _collect(server: Server, job: Job) -> bool:
+    """Read the job's history entry; True when it finished."""
+    history = server.get(f"/history/{job.prompt_id}") or {}
+    entry = history.get(job.prompt_id)
+    if not entry:
+        return False
+    status = entry.get("status") or {}
+    if not status.get("completed", False) and status.get("status_str") != "error":
+        return False
+    if status.get("status_str") == "error":
+        job.status = "error"
+        for event, data in status.get("messages", []):
+            if event == "execution_error":
+                kind = str(data.get("exception_type", "")).rsplit(".", 1)[-1]
+                job.error = (f"node {data.get('node_id')} ({data.get('node_type')}): "
+                             f"{kind}: {str(data.get('exception_message', '')).strip()}")
+            elif event == "execution_interrupted":
+                job.status, job.error = "interrupted", "interrupted"
+    else:
+        job.status = "success"
+    for node_id, out in (entry.get("outputs") or {}).items():
+        for kind, items in out.items():
+            if not isinstance(items, list):
+                continue
+            for item in items:
+                if isinstance(item, dict) and "filename" in item:
+                    job.outputs.append(dict(item, node=node_id, kind=kind))
+    return True
+
+
+def follow(server: Server, jobs: list[Job], ws: WebSocket | None, timeout: float, quiet: bool, names: dict):
+    pending = {job.prompt_id: job for job in jobs}
+    deadline = time.monotonic() + timeout
+    tty = sys.stderr.isatty()
+    last_poll = 0.0
+    while pending:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(pending)} prompt(s) still unfinished after {timeout:.0f} s")
+        message = None
+        if ws is not None:
+            try:
+                message = ws.receive(timeout=1.0)
+            except (ConnectionError, OSError) as e:
+                _log(quiet, f"websocket lost ({e}); polling /history instead")
+                ws = None
+        else:
+            time.sleep(0.5)
+        if message and message[0] == 0x1:
+            try:
+                msg = json.loads(message[1])
+            except ValueError:
+                msg = {}
+            data = msg.get("data") or {}
+            job = pending.get(data.get("prompt_id"))
+            kind = msg.get("type")
+            if job is not None:
+                label = f"[{job.index + 1}/{len(jobs)} seed {job.seed}]"
+                if kind == "execution_start":
+                    job.status = "running"
+                    _log(quiet, f"{label} started")
+                elif kind == "executing" and data.get("node") is not None:
+                    job.node = data["node"]
+                    _log(quiet, f"{label} node {job.node} ({names.get(job.node, '?')})")
+                elif kind == "progress":
+                    text = f"{label} node {data.get('node')}: step {data.get('value')}/{data.get('max')}"
+                    if tty:
+                        _log(quiet, "\r" + text, end="" if data.get("value") != data.get("max") else "\n")
+                    elif data.get("value") == data.get("max"):
+                        _log(quiet, text)
+                elif kind in ("execution_success", "execution_error", "execution_interrupted") or (
+                        kind == "executing" and data.get("node") is None):
+                    if _collect(server, job):
+                        del pending[job.prompt_id]
+                        _log(quiet, f"{label} {job.status}" + (f": {job.error}" if job.error else ""))
+        now = time.monotonic()
+        if ws is None or now - last_poll > 5.0:  # also covers messages missed while connecting
+            last_poll = now
+            for prompt_id, job in list(pending.items()):
+                if _collect(server, job):
+                    del pending[prompt_id]
+                    _log(quiet, f"[{job.index + 1}/{len(jobs)} seed {job.seed}] {job.status}"
+                                + (f": {job.error}" if job.error else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("workflow", help="workflow JSON file (API or UI format)")
+    p.add_argument("--server", default="127.0.0.1:8188", help="ComfyUI address HOST:PORT (default 127.0.0.1:8188)")
+    p.add_argument("--count", type=int, default=1, help="number of prompts to queue (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first prompt; the next ones count up "
+                                                          "(default: the workflow's own seed)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds, one prompt each (overrides --count/--seed)")
+    p.add_argument("--seed-input", action="append", metavar="SELECTOR.INPUT",
+                   help="the input(s) that receive the seed (default: every integer input named seed/noise_seed)")
+    p.add_argument("--set", action="append", metavar="SELECTOR.INPUT=VALUE", help="change an input (repeatable)")
+    p.add_argument("--poll", action="store_true", help="follow progress by polling /history instead of /ws")
+    p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds (default 3600)")
+    p.add_argument("--download", metavar="DIR", help="also fetch every output file into DIR")
+    p.add_argument("--summary", metavar="FILE", help="write a JSON report of prompts, seeds and outputs")
+    p.add_argument("--quiet", action="store_true", help="only print the final report")
+    return p
+
+
+def run(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with open(args.workflow, encoding="utf-8") as f:
+            workflow = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.stderr.write(f"error: cannot read the workflow {args.workflow}: {e}\n")
+        return 2
+    try:
+        server = Server(args.server)
+        if is_ui_format(workflow):
+            workflow = ui_to_api(workflow, server.get("/object_info"))
+        elif not (isinstance(workflow, dict) and workflow and
+                  all(isinstance(v, dict) and "class_type" in v for v in workflow.values())):
+            raise UsageError(f"{args.workflow} is neither an API-format nor a UI-format ComfyUI workflow.")
+        workflow = apply_overrides(workflow, args.set)
+        targets = seed_targets(workflow, args.seed_input)
+        if args.seeds:
+            try:
+                seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+            except ValueError:
+                raise UsageError(f"--seeds {args.seeds!r}: give integers separated by commas") from None
+        elif args.seed is not None:
+            if args.count < 1:
+                raise UsageError("--count must be at least 1")
+            seeds = [args.seed + i for i in range(args.count)]
+        else:
+            if args.count < 1:
+                raise UsageError("--count must be at least 1")
+            seeds = [None] * args.count
+        if any(s is not None for s in seeds) and not targets:
+            raise UsageError("the workflow has no seed input (an integer input named seed/noise_seed); name one "
+                             "with --seed-input SELECTOR.INPUT")
+        if any(s is not None and not 0 <= s <= 0xFFFFFFFFFFFFFFFF for s in seeds):
+            raise UsageError("seeds must be between 0 and 2**64-1")
+        client_id = uuid.uuid4().hex
+        ws = None
+        if not args.poll:
+            try:
+                ws = WebSocket(server.host, server.port, f"/ws?clientId={client_id}")
+            except OSError as e:
+                _log(args.quiet, f"no websocket ({e}); polling /history instead")
+        names = {k: (v.get("_meta") or {}).get("title") or v["class_type"] for k, v in workflow.items()}
+        jobs = []
+        for i, seed in enumerate(seeds):
+            prompt = json.loads(json.dumps(workflow))
+            for key, name in targets if seed is not None else []:
+                prompt[key]["inputs"][name] = seed
+            if seed is None and targets:
+                key, name = targets[0]
+                seed = prompt[key]["inputs"][name]
+            try:
+                answer = server.post("/prompt", {"prompt": prompt, "client_id": client_id})
+            except HTTPError as e:
+                if jobs:
+                    _log(args.quiet, f"prompt {i + 1} was rejected; following the {len(jobs)} already queued")
+                    _log(args.quiet, describe_rejection(e.payload))
+                    break
+                raise UsageError("the server rejected the workflow:\n" + describe_rejection(e.payload)) from None
+            jobs.append(Job(i, seed, answer["prompt_id"]))
+            _log(args.quiet, f"queued prompt {i + 1}/{len(seeds)} seed {seed}: {answer['prompt_id']}")
+        try:
+            follow(server, jobs, ws, args.timeout, args.quiet, names)
+        finally:
+            if ws is not None:
+                ws.close()
+    except UsageError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except TimeoutError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+
+    report = []
+    for job in jobs:
+        files = []
+        for item in job.outputs:
+            rel = "/".join(p for p in (item.get("type", "output"), item.get("subfolder", ""), item["filename"]) if p)
+            entry = {"node": item["node"], "path": rel, "url": server.view_url(item)}
+            if args.download:
+                entry["downloaded"] = server.download(item, args.download)
+            files.append(entry)
+        report.append({"prompt_id": job.prompt_id, "seed": job.seed, "status": job.status, "error": job.error,
+                       "outputs": files})
+    for r in report:
+        print(f"seed {r['seed']}: {r['status']}" + (f" ({r['error']})" if r["error"] else ""))
+        for f in r["outputs"]:
+            print(f"  {f['path']}" + (f"  -> {f['downloaded']}" if "downloaded" in f else ""))
+    if args.summary:
+        tmp = args.summary + ".part"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"server": server.base, "workflow": args.workflow, "prompts": report}, f, indent=2)
+        os.replace(tmp, args.summary)
+    return 0 if all(j.status == "success" for j in jobs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run())
