@@ -663,8 +663,11 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"    {name:<31}  skipped: {u['skipped']}")
             continue
         s, sd = u["scores"], u.get("std", {})
-        pm = lambda k: _f(s[k]) + (f"±{_f(sd[k])}" if k in sd else "")  # noqa: E731
+        several = len(u.get("per_seed", [])) > 1
+        pm = lambda k: _f(s[k]) + (f"±{_f(sd[k])}" if several and k in sd else "")  # noqa: E731
         lines.append(f"    {name:<31}{pm('pixel_ap'):>14}{pm('pixel_auroc'):>14}{_f(s['pixel_f1max']):>11}"
                      f"{_f(s['image_auroc']):>11}")
-    lines.append(f"    ({len(r['config']['seeds'])} seed(s), {r['config']['seg']['steps']} steps each; mean ± std)")
+    n_seeds = len(r["config"]["seeds"])
+    lines.append(f"    ({n_seeds} seed(s), {r['config']['seg']['steps']} steps each"
+                 + ("; mean ± std)" if n_seeds > 1 else ")"))
     return "\n".join(lines)
