@@ -65,26 +65,23 @@ class PairSet:
         return PairSet(self.images[idx], self.masks[idx], [self.names[i] for i in idx])
 
 
-def read_rgb(path: Path, size: int | None = None) -> np.ndarray:
+def _read(path: Path, mode: str, size: int | None, resample, what: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = im.convert(mode)
             if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BICUBIC)
+                im = im.resize((size, size), resample)
             return np.asarray(im, dtype=np.uint8).copy()
     except OSError as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        raise ValueError(f"cannot read {what} {path}: {e}") from None
+
+
+def read_rgb(path: Path, size: int | None = None) -> np.ndarray:
+    return _read(path, "RGB", size, Image.BICUBIC, "image")
 
 
 def read_mask(path: Path, size: int | None = None) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.NEAREST)
-            return np.asarray(im) >= 128
-    except OSError as e:
-        raise ValueError(f"cannot read mask {path}: {e}") from None
+    return _read(path, "L", size, Image.NEAREST, "mask") >= 128
 
 
 def list_png(folder: Path) -> list[Path]:

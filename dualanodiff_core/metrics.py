@@ -64,27 +64,30 @@ def _pr_points(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, in
     return tp, fp, int(y.sum())
 
 
-def average_precision(scores, labels) -> float:
+def _precision_recall(scores, labels) -> tuple[np.ndarray, np.ndarray] | None:
+    """Precision and recall at every distinct threshold; None when there are no scores or no positives."""
     s, y = _flat(scores, labels)
     if len(s) == 0:
-        return float("nan")
+        return None
     tp, fp, n_pos = _pr_points(s, y)
     if n_pos == 0:
+        return None
+    return tp / (tp + fp), tp / n_pos
+
+
+def average_precision(scores, labels) -> float:
+    pr = _precision_recall(scores, labels)
+    if pr is None:
         return float("nan")
-    precision = tp / (tp + fp)
-    recall = tp / n_pos
+    precision, recall = pr
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 def f1_max(scores, labels) -> float:
-    s, y = _flat(scores, labels)
-    if len(s) == 0:
+    pr = _precision_recall(scores, labels)
+    if pr is None:
         return float("nan")
-    tp, fp, n_pos = _pr_points(s, y)
-    if n_pos == 0:
-        return float("nan")
-    precision = tp / (tp + fp)
-    recall = tp / n_pos
+    precision, recall = pr
     f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-300), 0.0)
     return float(f1.max())
 

@@ -324,13 +324,18 @@ def metal_hole(rng, img, size):
     return out, mask, dict(radius_px64=round(radius * 64, 3), depth=round(depth, 4))
 
 
-def metal_stain(rng, img, size):
-    radius = rng.uniform(0.06, 0.18)
-    field, _ = _blob_field(rng, size, radius, irregular=0.45)
-    field = field + 0.15 * _smooth_noise(rng, size, 10)
+def _stain_shape(rng, size, radii, irregular, noise, cells, strengths):
+    """A stain's irregular blob: (radius, mask, alpha ramp, strength), drawn in this order from ``rng``."""
+    radius = rng.uniform(*radii)
+    field, _ = _blob_field(rng, size, radius, irregular=irregular)
+    field = field + noise * _smooth_noise(rng, size, cells)
     mask = field > 0
     alpha = np.where(mask, np.clip(field / 0.4, 0.45, 1.0), 0.0)
-    strength = rng.uniform(0.4, 0.85)
+    return radius, field, mask, alpha, rng.uniform(*strengths)
+
+
+def metal_stain(rng, img, size):
+    radius, field, mask, alpha, strength = _stain_shape(rng, size, (0.06, 0.18), 0.45, 0.15, 10, (0.4, 0.85))
     kind = rng.choice(["rust", "oil", "water"])
     if kind == "rust":
         colour = np.array([0.52, 0.27, 0.12])
@@ -362,12 +367,7 @@ def fabric_hole(rng, img, size):
 
 
 def fabric_stain(rng, img, size):
-    radius = rng.uniform(0.07, 0.2)
-    field, _ = _blob_field(rng, size, radius, irregular=0.5)
-    field = field + 0.2 * _smooth_noise(rng, size, 9)
-    mask = field > 0
-    alpha = np.where(mask, np.clip(field / 0.4, 0.45, 1.0), 0.0)
-    strength = rng.uniform(0.45, 0.9)
+    radius, field, mask, alpha, strength = _stain_shape(rng, size, (0.07, 0.2), 0.5, 0.2, 9, (0.45, 0.9))
     colour = rng.choice(np.array([[0.35, 0.22, 0.1], [0.45, 0.05, 0.1], [0.15, 0.15, 0.15], [0.6, 0.55, 0.2]]))
     target = img * colour[None, None, :] * 1.6  # the stain dyes the threads; the weave stays visible
     ring = np.where(mask & (field < 0.25), 0.25, 0.0)  # dried edge is darker
