@@ -42,9 +42,9 @@ class DemoConfig:
     defect: str = "hole"
     seed: int = 0  # MiniDefect dataset seed
     size: int = 64
-    train_steps: int = 400
+    train_steps: int = 800
     rank: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-4
     batch_size: int = 4
     train_seed: int = 0
     samples: int = 48

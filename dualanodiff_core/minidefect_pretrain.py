@@ -60,9 +60,6 @@ UNET_CONFIG = dict(
 TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                    max_position_embeddings=77)
 
-#: the caption of generic clutter images in UNet pre-training (config.unet_clutter)
-CLUTTER_PROMPT = "shapes"
-
 FABRIC_COLOUR_WORDS = ((0.6, "blue"), (0.08, "beige"), (0.0, "red"), (0.33, "green"), (0.12, "ochre"),
                        (0.75, "violet"))
 
@@ -87,9 +84,6 @@ class PretrainConfig:
     uncond_prob: float = 0.1
     min_snr: float = 5.0
     log_every: int = 50
-    # share of UNet training examples taken from the clutter pool (captioned CLUTTER_PROMPT), standing in for the
-    # broad data SD1.5's UNet saw; 0 = normal images only
-    unet_clutter: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -274,10 +268,7 @@ def encode_pool(vae, data: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor,
     return torch.cat(means), torch.cat(stds)
 
 
-def train_unet(unet, text, tokenizer, means, stds, captions_fn, config: PretrainConfig, scaling: float, log,
-               clutter: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """``clutter``: (means, stds) of clutter latents; with ``config.unet_clutter`` > 0 each example is drawn from
-    them with that probability (caption :data:`CLUTTER_PROMPT`), from a random stream of its own."""
+def train_unet(unet, text, tokenizer, means, stds, captions_fn, config: PretrainConfig, scaling: float, log):
     dev = means.device
     from diffusers import DDPMScheduler
 
@@ -292,8 +283,6 @@ def train_unet(unet, text, tokenizer, means, stds, captions_fn, config: Pretrain
     ema = [p.detach().clone() for p in params]
     g = torch.Generator().manual_seed(config.seed + 20)
     rng = np.random.Generator(np.random.PCG64(md.image_seed(config.seed, "captions", "pretrain", "any", 0)))
-    use_clutter = clutter is not None and config.unet_clutter > 0
-    g_clutter = torch.Generator().manual_seed(config.seed + 40)
     unet.train()
     text.train()
     n = len(means)
@@ -307,12 +296,6 @@ def train_unet(unet, text, tokenizer, means, stds, captions_fn, config: Pretrain
         idx = idx.to(dev)
         z0 = (means[idx] + stds[idx] * noise0) * scaling
         caps = [captions_fn(int(i), rng) for i in idx]
-        if use_clutter:
-            pick = torch.rand(config.unet_batch, generator=g_clutter) < config.unet_clutter
-            cidx = torch.randint(0, len(clutter[0]), (config.unet_batch,), generator=g_clutter).to(dev)
-            zc = (clutter[0][cidx] + clutter[1][cidx] * noise0) * scaling
-            z0 = torch.where(pick.to(dev).view(-1, 1, 1, 1), zc, z0)
-            caps = [CLUTTER_PROMPT if bool(k) else c for k, c in zip(pick, caps)]
         caps = ["" if rng.random() < config.uncond_prob else c for c in caps]
         ids = tokenizer(caps, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(dev)
@@ -465,9 +448,8 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig | None = None, log: 
     def captions_fn(i: int, rng: np.random.Generator) -> str:
         return caption(products[i], params[i], rng)
 
-    clutter_latents = encode_pool(vae, to_tensor(clutter).to(device)) if config.unet_clutter > 0 else None
     t0 = time.time()
-    unet_hist = train_unet(unet, text, tokenizer, means, stds, captions_fn, config, scaling, log, clutter_latents)
+    unet_hist = train_unet(unet, text, tokenizer, means, stds, captions_fn, config, scaling, log)
     unet_time = time.time() - t0
     log(f"unet done in {unet_time / 60:.1f} min")
     with torch.no_grad():

@@ -50,15 +50,16 @@ def _chroma(images: torch.Tensor) -> float:
 
 
 def test_base_model_draws_the_product_it_is_asked_for(pipe):
-    """Plain text-to-image with the base model: 'woven fabric' images are colourful and periodic, 'brushed metal'
-    images are gray; both look like the real normal images by these statistics."""
+    """Plain text-to-image with the base model: 'woven fabric' images are colourful, 'brushed metal' images are
+    nearly gray, as in the real normal images (guidance makes both more saturated than the real ones)."""
     prompts = ["brushed metal"] * 4 + ["woven fabric"] * 4
     imgs = mp.sample_base(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, prompts, steps=15, seed=1)
     metal, fabric = imgs[:4], imgs[4:]
     real_metal = torch.from_numpy(np.stack([md.normal_image("metal", 0, "test", i)[0] for i in range(8)])).permute(0, 3, 1, 2) / 255
     real_fabric = torch.from_numpy(np.stack([md.normal_image("fabric", 0, "test", i)[0] for i in range(8)])).permute(0, 3, 1, 2) / 255
-    assert _chroma(metal) < 0.08 and _chroma(real_metal) < 0.08
-    assert _chroma(fabric) > 2 * _chroma(metal)
+    assert _chroma(real_metal) < 0.5 * _chroma(real_fabric)
+    assert _chroma(metal) < 0.5 * _chroma(fabric)
+    assert _chroma(metal) < 0.6 * _chroma(real_fabric) and _chroma(fabric) > 1.2 * _chroma(real_metal)
 
 
 def test_pretraining_is_deterministic():
