@@ -27,6 +27,7 @@ def _known_commands() -> dict[str, tuple[str, str]]:
         "train": ("dualanodiff_core.cmd_train", "fine-tune DualAnoDiff weights on a few defect images"),
         "generate": ("dualanodiff_core.cmd_generate", "generate image/mask pairs and export a defect dataset"),
         "demo": ("dualanodiff_core.cmd_demo", "offline end-to-end demo on the procedural MiniDefect data"),
+        "minidefect": ("dualanodiff_core.cmd_minidefect", "write the procedural MiniDefect dataset (MVTec layout)"),
     }
     out = dict(COMMANDS)
     for name, (mod, help_text) in optional.items():

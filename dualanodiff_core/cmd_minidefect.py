@@ -1,0 +1,5 @@
+"""``dualanodiff minidefect``: write the procedural MiniDefect dataset (MVTec layout) to a folder."""
+
+from __future__ import annotations
+
+from .minidefect import add_arguments, run  # noqa: F401

@@ -1,0 +1,80 @@
+"""The shipped MiniDefect base model: complete, small, loads offline with DualAnoDiffPipeline, generates, follows
+its prompts; and the pre-training code is deterministic."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dualanodiff_core import minidefect as md
+from dualanodiff_core import minidefect_pretrain as mp
+from dualanodiff_core.diffusers_backend import DualAnoDiffPipeline
+
+MODEL = md.base_model_dir()
+
+
+def test_shipped_model_is_complete_and_small():
+    files = [p for p in MODEL.rglob("*") if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
+    assert total <= 25 * 1024 * 1024, f"{total / 1e6:.1f} MB"
+    record = json.loads((MODEL / "pretrain.json").read_text())
+    # every file is the one the pre-training run wrote
+    for rel, digest in record["sha256"].items():
+        assert hashlib.sha256((MODEL / rel).read_bytes()).hexdigest() == digest, rel
+    assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= {p.name for p in MODEL.iterdir()}
+    assert not any(p.suffix in (".bin", ".ckpt", ".pt") for p in files), "weights must be safetensors"
+    assert record["config"]["seed"] == 0 and record["seconds"]["total"] > 0
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    return DualAnoDiffPipeline.from_pretrained(MODEL, rank=4)
+
+
+def test_loads_offline_and_generates_pairs(pipe):
+    assert len(pipe.tokenizer) == 514
+    assert pipe.vae_scale_factor == 4
+    r = pipe.generate(2, steps=4, height=64, width=64, seed=0, sampler="ddim")
+    assert r.global_images.shape == (2, 3, 64, 64) and r.anomaly_images.shape == (2, 3, 64, 64)
+    assert torch.isfinite(r.global_images).all()
+    assert 0.0 <= float(r.global_images.min()) and float(r.global_images.max()) <= 1.0
+    again = pipe.generate(2, steps=4, height=64, width=64, seed=0, sampler="ddim")
+    assert torch.equal(r.global_images, again.global_images)
+
+
+def _chroma(images: torch.Tensor) -> float:
+    return float((images.amax(1) - images.amin(1)).mean())
+
+
+def test_base_model_draws_the_product_it_is_asked_for(pipe):
+    """Plain text-to-image with the base model: 'woven fabric' images are colourful, 'brushed metal' images are
+    nearly gray, as in the real normal images (guidance makes both more saturated than the real ones)."""
+    prompts = ["brushed metal"] * 4 + ["woven fabric"] * 4
+    imgs = mp.sample_base(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, prompts, steps=15, seed=1)
+    metal, fabric = imgs[:4], imgs[4:]
+    real_metal = torch.from_numpy(np.stack([md.normal_image("metal", 0, "test", i)[0] for i in range(8)])).permute(0, 3, 1, 2) / 255
+    real_fabric = torch.from_numpy(np.stack([md.normal_image("fabric", 0, "test", i)[0] for i in range(8)])).permute(0, 3, 1, 2) / 255
+    assert _chroma(real_metal) < 0.5 * _chroma(real_fabric)
+    assert _chroma(metal) < 0.5 * _chroma(fabric)
+    assert _chroma(metal) < 0.6 * _chroma(real_fabric) and _chroma(fabric) > 1.2 * _chroma(real_metal)
+
+
+def test_pretraining_is_deterministic():
+    torch.set_num_threads(1)
+    cfg = mp.PretrainConfig(vae_steps=2, vae_batch=2, unet_steps=2, unet_batch=2, warmup=1, log_every=100)
+    data = mp.to_tensor(np.stack([md.normal_image("metal", 0, "pretrain", i)[0] for i in range(4)]))
+    states = []
+    for _ in range(2):
+        vae, unet, text, tok = mp.build_models(0)
+        mp.train_vae(vae, data, cfg, log=lambda s: None)
+        means, stds = mp.encode_pool(vae, data)
+        mp.train_unet(unet, text, tok, means, stds, lambda i, rng: "brushed metal", cfg, 0.33, log=lambda s: None)
+        states.append({**{f"v.{k}": v for k, v in vae.state_dict().items()},
+                       **{f"u.{k}": v for k, v in unet.state_dict().items()}})
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    fresh = mp.build_models(0)[1].state_dict()
+    assert any(not torch.equal(fresh[k], states[0]["u." + k]) for k in fresh), "training changed nothing"
