@@ -49,7 +49,7 @@ def test_demo_writes_every_result(first_run, capsys):
     report = json.loads((out / "report.json").read_text())
     q = report["quality"]
     assert q["category"] == "fabric" and q["defect"] == "hole"
-    assert q["counts"] == {**q["counts"], "few_shot": 10, "held_out": 20}
+    assert q["counts"]["few_shot"] == 10 and q["counts"]["held_out"] == 20
     assert set(q["usefulness"]) >= {"real", "cutpaste", "perlin", "generated"}
     assert 0.0 <= q["alignment"]["real_held_out"]["iou_mean"] <= 1.0
     md = (out / "report.md").read_text()
@@ -93,8 +93,9 @@ def test_same_settings_give_the_same_results(first_run, tmp_path):
     wa = DualAnoDiffWeights.load(a / "weights" / "fabric_hole.safetensors").tensors
     wb = DualAnoDiffWeights.load(b / "weights" / "fabric_hole.safetensors").tensors
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    for rel in sorted(p.relative_to(a / "generated") for p in (a / "generated").rglob("*.png")
-                      if "contact" not in p.parts[-2]):
+    pngs = sorted(p.relative_to(a / "generated") for p in (a / "generated").rglob("*.png"))
+    assert any(rel.parts[0] != "contact_sheets" for rel in pngs)
+    for rel in pngs:  # images, masks, anomaly-branch images and the contact sheets drawn from them
         assert _sha(a / "generated" / rel) == _sha(b / "generated" / rel), rel
 
 
