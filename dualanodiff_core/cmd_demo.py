@@ -187,7 +187,7 @@ def run_demo(config: DemoConfig, *, overwrite: bool = False, progress: bool = Tr
     from . import evaluation as ev
     from . import minidefect as md
     from .data import find_defect_set
-    from .fileio import write_json_atomic
+    from .fileio import write_json_atomic, write_text_atomic
     from .generate import SamplingOptions, generate_dataset
     from .train import TrainConfig
     from .train_diffusers import train_from_folder
@@ -314,7 +314,7 @@ def run_demo(config: DemoConfig, *, overwrite: bool = False, progress: bool = Tr
                         "contact_sheet": str(sheet)}}
     write_json_atomic(out / "report.json", report)
     text = _report_markdown(report, ev.format_report(result))
-    _write_text_atomic(out / "report.md", text)
+    write_text_atomic(out / "report.md", text)
     stages.finish("evaluate", time.time() - t0)
     log(f"      done in {_fmt_s(time.time() - t0)}")
     print(ev.format_report(result))
@@ -328,12 +328,6 @@ def _bar(progress: bool, desc: str, unit: str, total: int | None = None):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=f"      {desc}", unit=unit, dynamic_ncols=True, file=sys.stderr)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _report_markdown(report: dict[str, Any], table: str) -> str:
@@ -375,6 +369,7 @@ def demo_contact_sheet(data: Path, product: str, defect: str, generated: Path, p
     from PIL import Image, ImageDraw
 
     from .export import _font, iter_records, mask_overlay
+    from .fileio import save_image_atomic
     from .minidefect import few_shot_split
 
     font = _font()
@@ -407,9 +402,7 @@ def demo_contact_sheet(data: Path, product: str, defect: str, generated: Path, p
         for i, im in enumerate(imgs):
             sheet.paste(im.resize((thumb, thumb), Image.NEAREST), (4 + i * (thumb + 4), y))
         y += thumb + 4
-    tmp = path.with_name(path.stem + ".tmp.png")
-    sheet.save(tmp)
-    os.replace(tmp, path)
+    save_image_atomic(sheet, path)
     return path
 
 
