@@ -46,8 +46,13 @@ def build(size: str, seed: int = 0):
     from dualanodiff_core.tiny import tiny_unet
 
     s = SIZES[size]
-    unet = tiny_unet(seed, block_out_channels=s["block_out_channels"], cross_attention_dim=s["cross_attention_dim"],
-                     heads=s["heads"], sample_size=s["latent"])
+    unet = tiny_unet(
+        seed,
+        block_out_channels=s["block_out_channels"],
+        cross_attention_dim=s["cross_attention_dim"],
+        heads=s["heads"],
+        sample_size=s["latent"],
+    )
     unet.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     n = 2 * s["pairs"]
@@ -85,8 +90,9 @@ def interleaved(cases: dict, repeats: int) -> dict:
 
 
 def forward_cases(size: str, repeats: int) -> dict:
-    from dualanodiff_core.diffusers_backend import DualUNet
     from reference_impl import install_reference
+
+    from dualanodiff_core.diffusers_backend import DualUNet
 
     unet, x, ctx, s = build(size)
     t = torch.tensor(500)
@@ -150,9 +156,12 @@ def forward_cases(size: str, repeats: int) -> dict:
 
     # the floor: the plain UNet trained the way an ordinary attention LoRA is (q/k/v/out of every attention layer
     # trainable), so the backward runs through every attention layer exactly as DualAnoDiff's must
-    plain_params = [getattr(m, proj).weight if proj != "to_out" else m.to_out[0].weight
-                    for n, m in unet.named_modules() if n.endswith(("attn1", "attn2"))
-                    for proj in ("to_q", "to_k", "to_v", "to_out")]
+    plain_params = [
+        getattr(m, proj).weight if proj != "to_out" else m.to_out[0].weight
+        for n, m in unet.named_modules()
+        if n.endswith(("attn1", "attn2"))
+        for proj in ("to_q", "to_k", "to_v", "to_out")
+    ]
     plain_opt = torch.optim.AdamW(plain_params, lr=1e-5)
 
     def plain_fwd():
@@ -181,8 +190,17 @@ def forward_cases(size: str, repeats: int) -> dict:
             p.requires_grad_(False)
         unet.set_attn_processor(dict(dual_procs))
 
-    tr = interleaved({"forward": fwd, "forward_grad": fwd_grad, "train_step": train_step, "plain_forward": plain_fwd,
-                      "plain_forward_grad": plain_fwd_grad, "plain_train_step": plain_step}, max(3, repeats // 2))
+    tr = interleaved(
+        {
+            "forward": fwd,
+            "forward_grad": fwd_grad,
+            "train_step": train_step,
+            "plain_forward": plain_fwd,
+            "plain_forward_grad": plain_fwd_grad,
+            "plain_train_step": plain_step,
+        },
+        max(3, repeats // 2),
+    )
     return {
         "seconds": {**med, **{"train_" + k: v for k, v in tr.items()}},
         "ratios": {
@@ -199,17 +217,18 @@ def forward_cases(size: str, repeats: int) -> dict:
 
 def sampling_case(size: str, mode: str, steps: int) -> float:
     """Time one sampling run (CFG 2.5): 'plain' = 2N images with the plain UNet, 'dual' = N pairs."""
-    from dualanodiff_core.diffusers_backend import DualUNet, make_scheduler, SD15_SCHEDULER_CONFIG
+    from dualanodiff_core.diffusers_backend import SD15_SCHEDULER_CONFIG, DualUNet, make_scheduler
 
     unet, x, ctx, s = build(size)
-    n = 2 * s["pairs"]
     cond = torch.cat([ctx, ctx])
     if mode == "dual":
         dual = DualUNet(unet, rank=32)
         randomize(dual)
-        model = lambda a, t, c: dual(a, t, c)
+        model = dual
     else:
-        model = lambda a, t, c: unet(a, t, encoder_hidden_states=c).sample
+
+        def model(a, t, c):
+            return unet(a, t, encoder_hidden_states=c).sample
 
     def run():
         sched = make_scheduler("pndm", SD15_SCHEDULER_CONFIG)
@@ -251,8 +270,13 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 def measure_memory(size: str, steps: int) -> dict:
     out = {}
     for mode in ("plain", "dual"):
-        r = subprocess.run([sys.executable, __file__, "--memory-child", size, mode, str(steps)],
-                           capture_output=True, text=True, check=True, env={**os.environ, **MALLOC_ENV})
+        r = subprocess.run(
+            [sys.executable, __file__, "--memory-child", size, mode, str(steps)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, **MALLOC_ENV},
+        )
         out[mode] = json.loads(r.stdout.strip().splitlines()[-1])["peak_rss"]
     return {"peak_rss_bytes": out, "ratio": out["dual"] / out["plain"]}
 
@@ -273,8 +297,10 @@ def main() -> None:
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "sizes": {}}
     for size in args.sizes:
         r = forward_cases(size, args.repeats)
-        samp = interleaved({"plain": sampling_case(size, "plain", args.steps),
-                            "dual": sampling_case(size, "dual", args.steps)}, max(3, args.repeats // 2))
+        samp = interleaved(
+            {"plain": sampling_case(size, "plain", args.steps), "dual": sampling_case(size, "dual", args.steps)},
+            max(3, args.repeats // 2),
+        )
         r["seconds"]["sampling_plain"] = samp["plain"]
         r["seconds"]["sampling_dual"] = samp["dual"]
         r["ratios"]["sampling_pairs_vs_plain"] = samp["dual"] / samp["plain"]
@@ -284,8 +310,10 @@ def main() -> None:
         r["config"] = SIZES[size]
         results["sizes"][size] = r
 
-    print(f"\nDualAnoDiff CPU benchmark (torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"medians of {args.repeats} interleaved runs)\n")
+    print(
+        f"\nDualAnoDiff CPU benchmark (torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"medians of {args.repeats} interleaved runs)\n"
+    )
     names = list(next(iter(results["sizes"].values()))["ratios"])
     print(f"{'ratio':40s}" + "".join(f"{s:>10s}" for s in results["sizes"]))
     for n in names:

@@ -21,8 +21,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    cross_attention_dim=768,
+    attention_head_dim=8,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
@@ -98,7 +103,9 @@ def run_dtype(dtype, steps, pairs, train_steps):
     unet = build_unet(dtype)
     n = 2 * pairs
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    lat = torch.randn(n, 4, SD15_UNET['sample_size'], SD15_UNET['sample_size'], device=DEVICE, generator=g, dtype=torch.float32).to(dtype)
+    lat = torch.randn(
+        n, 4, SD15_UNET["sample_size"], SD15_UNET["sample_size"], device=DEVICE, generator=g, dtype=torch.float32
+    ).to(dtype)
     ctx = torch.randn(2 * n, 77, 768, device=DEVICE, generator=g, dtype=torch.float32).to(dtype)
 
     plain = lambda x, t, c: unet(x, t, encoder_hidden_states=c, return_dict=False)[0]  # noqa: E731
@@ -114,7 +121,15 @@ def run_dtype(dtype, steps, pairs, train_steps):
     res["dual_s_per_pair"] = t_dual / pairs
     res["dual_peak_gib"] = m_dual / 2**30
 
-    bg = torch.randn(2 * pairs, 4, SD15_UNET['sample_size'], SD15_UNET['sample_size'], device=DEVICE, generator=g, dtype=torch.float32).to(dtype)
+    bg = torch.randn(
+        2 * pairs,
+        4,
+        SD15_UNET["sample_size"],
+        SD15_UNET["sample_size"],
+        device=DEVICE,
+        generator=g,
+        dtype=torch.float32,
+    ).to(dtype)
     bg_ctx = ctx[0::2]
     bcm = lambda x, t, c: dual.forward_with_background(x, t, c, bg, t, bg_ctx)  # noqa: E731
     t_bcm, m_bcm = measure(lambda: sample_loop(bcm, lat, ctx, steps))
@@ -130,7 +145,7 @@ def run_dtype(dtype, steps, pairs, train_steps):
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=2e-5, weight_decay=1e-2)
-    s_ = SD15_UNET['sample_size']
+    s_ = SD15_UNET["sample_size"]
     x = torch.randn(2 * 4, 4, s_, s_, device=DEVICE, dtype=dtype)
     c = torch.randn(2 * 4, 77, 768, device=DEVICE, dtype=dtype)
     t = torch.randint(0, 1000, (4,), device=DEVICE).repeat_interleave(2)
@@ -158,7 +173,6 @@ def run_dtype(dtype, steps, pairs, train_steps):
         key = "train_ckpt" if checkpointing else "train"
         res[f"{key}_steps_per_s"] = train_steps / (time.perf_counter() - t0)
         res[f"{key}_peak_gib"] = peak_bytes() / 2**30
-    del dual, unet, opt
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     return res
@@ -171,8 +185,11 @@ def main():
     ap.add_argument("--train-steps", type=int, default=10)
     ap.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"])
     ap.add_argument("--out", default="bench_gpu.json")
-    ap.add_argument("--dry-run-cpu", action="store_true",
-                    help="check the script on the CPU with a narrow UNet at 64 px (numbers meaningless)")
+    ap.add_argument(
+        "--dry-run-cpu",
+        action="store_true",
+        help="check the script on the CPU with a narrow UNet at 64 px (numbers meaningless)",
+    )
     args = ap.parse_args()
     global DEVICE
     if args.dry_run_cpu:
@@ -182,8 +199,14 @@ def main():
     elif not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
-    out = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)", "torch": torch.__version__, "steps": args.steps,
-           "pairs": args.pairs, "resolution": 512, "results": {}}
+    out = {
+        "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)",
+        "torch": torch.__version__,
+        "steps": args.steps,
+        "pairs": args.pairs,
+        "resolution": 512,
+        "results": {},
+    }
     for name in args.dtypes:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[name]
         t0 = time.time()
@@ -208,7 +231,9 @@ def main():
     print(f"| {'':48s} | " + " | ".join(f"{d:>6s}" for d in out["results"]) + " |")
     print(f"|{'-' * 50}|" + "|".join("-" * 8 for _ in out["results"]) + "|")
     for label, key, fmt in rows:
-        print(f"| {label:48s} | " + " | ".join(f"{fmt.format(out['results'][d][key]):>6s}" for d in out["results"]) + " |")
+        print(
+            f"| {label:48s} | " + " | ".join(f"{fmt.format(out['results'][d][key]):>6s}" for d in out["results"]) + " |"
+        )
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 

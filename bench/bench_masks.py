@@ -41,8 +41,10 @@ def main() -> None:
             t = time.perf_counter()
             res = extract_mask(img)
             times.append(time.perf_counter() - t)
-        print(f"{name:>12} {n}x{n}: {statistics.median(times) * 1000:7.1f} ms  "
-              f"(area {res.area_fraction:.3%}, {res.components} component(s), empty={res.empty})")
+        print(
+            f"{name:>12} {n}x{n}: {statistics.median(times) * 1000:7.1f} ms  "
+            f"(area {res.area_fraction:.3%}, {res.components} component(s), empty={res.empty})"
+        )
 
 
 if __name__ == "__main__":

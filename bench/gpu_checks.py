@@ -9,10 +9,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
+from helpers import randomize_, unet_inputs  # noqa: E402
 
 from dualanodiff_core.diffusers_backend import DualUNet  # noqa: E402
 from dualanodiff_core.tiny import tiny_unet  # noqa: E402
-from helpers import randomize_, unet_inputs  # noqa: E402
 
 
 def main():

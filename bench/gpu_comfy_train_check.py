@@ -29,6 +29,7 @@ def _stub_av() -> None:
     installed, a stub lets ComfyUI import (this check only)."""
     try:
         import av  # noqa: F401
+
         return
     except ImportError:
         pass
@@ -57,9 +58,8 @@ def main() -> int:
     cuda = torch.cuda.is_available()
     import comfy.model_management as mm
     import comfy.sd
-    import folder_paths
-
     import comfy_env
+    import folder_paths
     import tiny_checkpoint
     from defect_data import make_flat
 
@@ -116,29 +116,62 @@ def main() -> int:
             torch.cuda.reset_peak_memory_stats()
         node = train.DualAnoDiffTrainer.PREPARE_CLASS_CLONE({"UNIQUE_ID": "1"})
         t0 = time.perf_counter()
-        out = node.execute(model=model, clip=clip, vae=vae, folder="toy", defect="", output_name="gpu", steps=args.steps,
-                           learning_rate=1e-4, rank=32, batch_size=args.batch_size, resolution=args.resolution,
-                           seed=32, resume=False, train_text_encoder=True, bcm=False, split="all",
-                           checkpoint_every=max(1, args.steps // 2))
+        out = node.execute(
+            model=model,
+            clip=clip,
+            vae=vae,
+            folder="toy",
+            defect="",
+            output_name="gpu",
+            steps=args.steps,
+            learning_rate=1e-4,
+            rank=32,
+            batch_size=args.batch_size,
+            resolution=args.resolution,
+            seed=32,
+            resume=False,
+            train_text_encoder=True,
+            bcm=False,
+            split="all",
+            checkpoint_every=max(1, args.steps // 2),
+        )
         report["train_wall_s"] = round(time.perf_counter() - t0, 2)
         report["peak_gpu_gib_training"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
         live = dict(model.model.diffusion_model.named_modules())
         report["base_model_restored"] = type(live["input_blocks.1.1.transformer_blocks.0.attn1"]).__name__
         report.update(seen)
         report["step_s"] = [round(t, 3) for t in times]
-        report["step_s_median_after_first"] = round(sorted(times[1:])[len(times[1:]) // 2], 3) if len(times) > 1 else None
+        report["step_s_median_after_first"] = (
+            round(sorted(times[1:])[len(times[1:]) // 2], 3) if len(times) > 1 else None
+        )
         model_out, clip_out, name, loss = out.result
         w = importlib.import_module(f"{pack.__name__}.dualanodiff_core.weights").DualAnoDiffWeights.load(
-            tmp / "models" / name)
-        report["weights"] = {"file": name, "trained_steps": w.metadata.get("trained_steps"), "text": w.has_text,
-                             "tensors": len(w.tensors)}
+            tmp / "models" / name
+        )
+        report["weights"] = {
+            "file": name,
+            "trained_steps": w.metadata.get("trained_steps"),
+            "text": w.has_text,
+            "tensors": len(w.tensors),
+        }
         csv = (tmp / "models" / "gpu_train" / "loss.csv").read_text().splitlines()[1:]
         report["losses"] = [round(float(line.split(",")[1]), 4) for line in csv]
         enc = lambda text: clip_out.encode_from_tokens_scheduled(clip_out.tokenize(text))  # noqa: E731
         g, a = sampler.DualSampler.execute(
-            model=model_out, positive_global=enc("a vfx with sks"), positive_anomaly=enc("sks"), negative=enc(""),
-            pairs=2, width=args.resolution, height=args.resolution, seed=0, steps=4, cfg=2.5, sampler_name="euler",
-            scheduler="normal", denoise=1.0).result
+            model=model_out,
+            positive_global=enc("a vfx with sks"),
+            positive_anomaly=enc("sks"),
+            negative=enc(""),
+            pairs=2,
+            width=args.resolution,
+            height=args.resolution,
+            seed=0,
+            steps=4,
+            cfg=2.5,
+            sampler_name="euler",
+            scheduler="normal",
+            denoise=1.0,
+        ).result
         images = vae.decode(torch.cat([g["samples"], a["samples"]]))
         report["sampled"] = {"shape": list(images.shape), "finite": bool(torch.isfinite(images).all())}
     text = json.dumps(report, indent=2)

@@ -24,7 +24,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualanodiff_core.data import DefectDataset, find_defect_set  # noqa: E402
-from dualanodiff_core.train import Trainer, TrainConfig, load_checkpoint  # noqa: E402
+from dualanodiff_core.train import TrainConfig, Trainer, load_checkpoint  # noqa: E402
 from dualanodiff_core.train_diffusers import DiffusersTrainingBackbone  # noqa: E402
 
 RES = 512
@@ -41,22 +41,45 @@ def sd15_components(device: str) -> dict:
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8,
-            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         )
         vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=2,
+            sample_size=512,
         )
-        te = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            max_position_embeddings=77, hidden_act="quick_gelu"))
+        te = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+            )
+        )
     for m in (unet, vae, te):
         m.requires_grad_(False).eval()
-    return dict(unet=unet, vae=vae, text_encoder=te, tokenizer=tiny_tokenizer(),
-                scheduler_config=dict(SD15_SCHEDULER_CONFIG), name="sd15-shaped random")
+    return dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tiny_tokenizer(),
+        scheduler_config=dict(SD15_SCHEDULER_CONFIG),
+        name="sd15-shaped random",
+    )
 
 
 def make_data(root: Path, n: int = 6) -> Path:
@@ -70,7 +93,7 @@ def make_data(root: Path, n: int = 6) -> Path:
         obj[128:384, 128:384] = 255
         y, x = rng.integers(140, 320, 2)
         mask = np.zeros((RES, RES), np.uint8)
-        mask[y:y + 40, x:x + 60] = 255
+        mask[y : y + 40, x : x + 60] = 255
         img[mask > 0] = (200, 40, 30)
         Image.fromarray(img).save(root / "images" / f"{i:03d}.png")
         Image.fromarray(mask).save(root / "masks" / f"{i:03d}.png")
@@ -94,8 +117,16 @@ def count(bb) -> dict:
 
 
 def variant(data: Path, work: Path, precision: str, gc: bool, bcm: bool, steps: int = 5, warmup: int = 2) -> dict:
-    config = TrainConfig(steps=100, batch_size=4, resolution=RES, precision=precision, gradient_checkpointing=gc,
-                         bcm=bcm, checkpoint_every=0, checkpoint_weights=False)
+    config = TrainConfig(
+        steps=100,
+        batch_size=4,
+        resolution=RES,
+        precision=precision,
+        gradient_checkpointing=gc,
+        bcm=bcm,
+        checkpoint_every=0,
+        checkpoint_weights=False,
+    )
     ds = DefectDataset(find_defect_set(data), RES, backgrounds=bcm)
     bb = DiffusersTrainingBackbone.build(sd15_components("cuda"), config, device="cuda")
     tr = Trainer(bb, ds, config, work)
@@ -112,12 +143,18 @@ def variant(data: Path, work: Path, precision: str, gc: bool, bcm: bool, steps: 
         norms.append(norm)
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
-    res = dict(precision=precision, gc=gc, bcm=bcm, s_per_step=round(dt, 4),
-               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-               losses=[round(v, 5) for v in losses], grad_norms=[round(v, 4) for v in norms],
-               finite=bool(all(np.isfinite(losses)) and all(np.isfinite(norms))),
-               params_fp32=all(p.dtype == torch.float32 for p in tr.params),
-               scale=float(tr.scaler.get_scale()) if tr.scaler.is_enabled() else None)
+    res = dict(
+        precision=precision,
+        gc=gc,
+        bcm=bcm,
+        s_per_step=round(dt, 4),
+        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        losses=[round(v, 5) for v in losses],
+        grad_norms=[round(v, 4) for v in norms],
+        finite=bool(all(np.isfinite(losses)) and all(np.isfinite(norms))),
+        params_fp32=all(p.dtype == torch.float32 for p in tr.params),
+        scale=float(tr.scaler.get_scale()) if tr.scaler.is_enabled() else None,
+    )
     if precision == "fp32" and not gc and not bcm:
         res["counts"] = count(bb)
     if precision == "bf16" and bcm and not gc:
@@ -146,10 +183,15 @@ def checkpoint_io(data: Path, work: Path) -> dict:
     tr2.load_state_dict(state)
     t_restore = time.perf_counter() - t0
     r = tr2.run()
-    return dict(checkpoint_mb=round(ck.stat().st_size / 2**20, 1),
-                weights_mb=round((work / "out.safetensors").stat().st_size / 2**20, 1),
-                save_s=round(t_save, 2), load_s=round(t_load, 2), restore_s=round(t_restore, 2),
-                resumed_to=r.step, resumed_loss=r.history[-1]["loss"])
+    return dict(
+        checkpoint_mb=round(ck.stat().st_size / 2**20, 1),
+        weights_mb=round((work / "out.safetensors").stat().st_size / 2**20, 1),
+        save_s=round(t_save, 2),
+        load_s=round(t_load, 2),
+        restore_s=round(t_restore, 2),
+        resumed_to=r.step,
+        resumed_loss=r.history[-1]["loss"],
+    )
 
 
 def main() -> None:
@@ -163,9 +205,15 @@ def main() -> None:
     results = dict(info=info, variants=[])
     with tempfile.TemporaryDirectory() as tmp:
         data = make_data(Path(tmp) / "data")
-        for precision, gc, bcm in (("fp32", False, False), ("bf16", False, False), ("fp16", False, False),
-                                   ("bf16", True, False), ("fp32", True, False), ("bf16", False, True),
-                                   ("bf16", True, True)):
+        for precision, gc, bcm in (
+            ("fp32", False, False),
+            ("bf16", False, False),
+            ("fp16", False, False),
+            ("bf16", True, False),
+            ("fp32", True, False),
+            ("bf16", False, True),
+            ("bf16", True, True),
+        ):
             try:
                 r = variant(data, Path(tmp) / "w", precision, gc, bcm)
             except Exception as e:  # noqa: BLE001 - record and go on
@@ -185,8 +233,10 @@ def main() -> None:
         if "error" in r:
             print(f"{r['precision']:<10} {r['gc']!s:<6} {r['bcm']!s:<6} ERROR {r['error'][:80]}")
         else:
-            print(f"{r['precision']:<10} {r['gc']!s:<6} {r['bcm']!s:<6} {r['s_per_step']:<7} {r['peak_gib']:<9} "
-                  f"{r['finite']}")
+            print(
+                f"{r['precision']:<10} {r['gc']!s:<6} {r['bcm']!s:<6} {r['s_per_step']:<7} {r['peak_gib']:<9} "
+                f"{r['finite']}"
+            )
 
 
 if __name__ == "__main__":

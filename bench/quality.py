@@ -34,21 +34,26 @@ from dualanodiff_core.fileio import write_json_atomic  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="MiniDefect / MVTec-layout root (written if missing)")
-    p.add_argument("--target", action="append", default=[], metavar="CATEGORY/DEFECT",
-                   help="what to evaluate (repeatable)")
+    p.add_argument(
+        "--target", action="append", default=[], metavar="CATEGORY/DEFECT", help="what to evaluate (repeatable)"
+    )
     p.add_argument("--all", action="store_true", help="every MiniDefect category/defect")
     p.add_argument("--generated", help="output folder of `dualanodiff generate` (MVTec layout + fg/ + manifest)")
     p.add_argument("--json", default="quality.json", help="where to write the results")
-    p.add_argument("--sources", nargs="+", default=list(ev.SOURCES), choices=list(ev.SOURCES),
-                   help="training sources for the usefulness test")
+    p.add_argument(
+        "--sources",
+        nargs="+",
+        default=list(ev.SOURCES),
+        choices=list(ev.SOURCES),
+        help="training sources for the usefulness test",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="segmentation training seeds")
     p.add_argument("--steps", type=int, default=ev.SegConfig.steps, help="segmentation training steps")
     p.add_argument("--width", type=int, default=ev.SegConfig.width, help="segmentation network width")
     p.add_argument("--n-synthetic", type=int, default=500, help="CutPaste / Perlin pairs per run")
     p.add_argument("--train-count", type=int, help="few-shot images (default: the first third, rounded down)")
     p.add_argument("--quick", action="store_true", help="1 seed, 200 steps (a first look)")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
-                   help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")), help="torch CPU threads")
     a = p.parse_args(argv)
 
     import torch
@@ -64,9 +69,13 @@ def main(argv=None) -> int:
     if not targets or any(len(t) != 2 for t in targets):
         p.error("give --target CATEGORY/DEFECT (repeatable) or --all")
     seeds, steps = (a.seeds[:1], 200) if a.quick else (a.seeds, a.steps)
-    cfg = ev.BenchConfig(sources=tuple(a.sources), seeds=tuple(seeds),
-                         seg=ev.SegConfig(steps=steps, width=a.width), n_synthetic=a.n_synthetic,
-                         train_count=a.train_count)
+    cfg = ev.BenchConfig(
+        sources=tuple(a.sources),
+        seeds=tuple(seeds),
+        seg=ev.SegConfig(steps=steps, width=a.width),
+        n_synthetic=a.n_synthetic,
+        train_count=a.train_count,
+    )
     results = []
     t0 = time.time()
     for category, defect in targets:
@@ -78,9 +87,16 @@ def main(argv=None) -> int:
         print(ev.format_report(r))
         print()
         results.append(r)
-    write_json_atomic(a.json, {"command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
-                               "results": results, "seconds": round(time.time() - t0, 1),
-                               "threads": torch.get_num_threads(), "torch": torch.__version__})
+    write_json_atomic(
+        a.json,
+        {
+            "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
+            "results": results,
+            "seconds": round(time.time() - t0, 1),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+    )
     print(f"wrote {a.json} ({time.time() - t0:.0f} s)")
     return 0
 

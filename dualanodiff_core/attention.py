@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +91,7 @@ class DualControl:
             raise ValueError(f"unknown dual attention mode {self.mode!r}; expected one of {MODES}")
 
     @contextlib.contextmanager
-    def using(self, **changes) -> Iterator["DualControl"]:
+    def using(self, **changes) -> Iterator[DualControl]:
         """Temporarily change fields (restored afterwards, also on error)."""
         old = {k: getattr(self, k) for k in changes}
         for k, v in changes.items():
@@ -149,7 +149,9 @@ class DualBranchLayers(nn.Module):
                 nn.init.zeros_(self.temporal_o.weight)
                 nn.init.zeros_(self.temporal_o.bias)
         if bcm:
-            self.temporal_condition_mlp = nn.Sequential(nn.Linear(query_dim, BCM_HIDDEN), nn.Linear(BCM_HIDDEN, query_dim))
+            self.temporal_condition_mlp = nn.Sequential(
+                nn.Linear(query_dim, BCM_HIDDEN), nn.Linear(BCM_HIDDEN, query_dim)
+            )
             self.temporal_a = nn.Parameter(torch.tensor([float(bcm_alpha_init)]))
 
     def extra_repr(self) -> str:
@@ -213,7 +215,7 @@ def _param_token(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), version, t.dtype, t.device)
 
 
-def _cached(layers: "DualBranchLayers", key, sources: tuple, build: Callable[[], object]):
+def _cached(layers: DualBranchLayers, key, sources: tuple, build: Callable[[], object]):
     if torch.is_grad_enabled():
         return build()
     cache = layers.__dict__.setdefault("_fast_cache", {})
@@ -232,7 +234,7 @@ def clear_fast_cache(module: nn.Module) -> None:
         m.__dict__.pop("_fast_cache", None)
 
 
-def _mergeable(base: nn.Module, lora: "LoRALinear") -> bool:
+def _mergeable(base: nn.Module, lora: LoRALinear) -> bool:
     if type(base) is not nn.Linear or torch.is_grad_enabled():
         return False  # only plain Linears: patched/cast layers (e.g. ComfyUI's) keep the LoRA path
     i, o, r = base.in_features, base.out_features, lora.rank
@@ -241,6 +243,7 @@ def _mergeable(base: nn.Module, lora: "LoRALinear") -> bool:
 
 def _lora_stacks(layers, name: str, loras: nn.ModuleList, strengths, device, dtype):
     """``(D [f, in, r], U [f, r, out])`` with each branch's ``scale * strength`` folded into U."""
+
     def build():
         d = torch.stack([l.down.weight.t() for l in loras]).to(device=device, dtype=dtype)
         u = torch.stack([l.up.weight.t() * (l.scale * s) for l, s in zip(loras, strengths)])
@@ -252,6 +255,7 @@ def _lora_stacks(layers, name: str, loras: nn.ModuleList, strengths, device, dty
 
 def _merged_stack(layers, name: str, base: nn.Linear, loras: nn.ModuleList, strengths) -> torch.Tensor:
     """``[f, in, out]``: each branch's base weight with its LoRA merged in, transposed for ``bmm``."""
+
     def build():
         w = base.weight.double()
         out = []
@@ -267,8 +271,9 @@ def _merged_stack(layers, name: str, base: nn.Linear, loras: nn.ModuleList, stre
     return _cached(layers, ("merged", name, strengths), srcs, build)
 
 
-def _project_branches(base: nn.Module, loras: nn.ModuleList, xb: torch.Tensor, strengths,
-                      layers: "DualBranchLayers", name: str) -> torch.Tensor:
+def _project_branches(
+    base: nn.Module, loras: nn.ModuleList, xb: torch.Tensor, strengths, layers: DualBranchLayers, name: str
+) -> torch.Tensor:
     """Branch-major ``xb [f, n, L, in]`` -> ``[f, n, L, out]``: ``base(x) + strength_i * lora_i(x)`` for branch i."""
     f, n, length, c_in = xb.shape
     if strengths == (0.0, 0.0):
@@ -285,8 +290,9 @@ def _project_branches(base: nn.Module, loras: nn.ModuleList, xb: torch.Tensor, s
     return y + delta.view(f, n, length, -1).to(y.dtype)
 
 
-def _project_record(base: nn.Module, lora: "LoRALinear", x: torch.Tensor, s: float,
-                    layers: "DualBranchLayers", name: str) -> torch.Tensor:
+def _project_record(
+    base: nn.Module, lora: LoRALinear, x: torch.Tensor, s: float, layers: DualBranchLayers, name: str
+) -> torch.Tensor:
     """Background rows: the global branch's LoRA on every row."""
     if s == 0.0:
         return base(x)
@@ -453,8 +459,11 @@ def dual_branch_attention(
     k = _project_branches(attn.to_k, layers.to_k_lora, sb, strengths, layers, "k")
     v = _project_branches(attn.to_v, layers.to_v_lora, sb, strengths, layers, "v")
     a = attention_fn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), heads, mask)
-    ob = finish(_project_branches(attn.to_out[0], layers.to_out_lora, a.view(BRANCHES, n, *a.shape[1:]),
-                                  strengths, layers, "out"))
+    ob = finish(
+        _project_branches(
+            attn.to_out[0], layers.to_out_lora, a.view(BRANCHES, n, *a.shape[1:]), strengths, layers, "out"
+        )
+    )
     if layers.has_saim and control.saim_strength != 0.0:
         y = saim(layers, ob)
         s = float(control.saim_strength)
@@ -503,16 +512,26 @@ class DualBranchAttention(nn.Module):
 
     def forward(self, hidden, context=None, control: DualControl | None = None, attention_fn=None, mask=None):
         return dual_branch_attention(
-            self, self.dual, hidden, context, control,
-            layer_name=self.layer_name, is_self_attention=self.is_self_attention,
-            attention_fn=attention_fn, mask=mask,
+            self,
+            self.dual,
+            hidden,
+            context,
+            control,
+            layer_name=self.layer_name,
+            is_self_attention=self.is_self_attention,
+            attention_fn=attention_fn,
+            mask=mask,
         )
 
 
 def attention_dims(attn: nn.Module) -> dict[str, int]:
     """The sizes :class:`DualBranchLayers` needs, read off a module with ``to_q/to_k/to_v/to_out``."""
-    return dict(query_dim=attn.to_q.in_features, context_dim=attn.to_k.in_features,
-                inner_dim=attn.to_q.out_features, out_dim=attn.to_out[0].out_features)
+    return dict(
+        query_dim=attn.to_q.in_features,
+        context_dim=attn.to_k.in_features,
+        inner_dim=attn.to_q.out_features,
+        out_dim=attn.to_out[0].out_features,
+    )
 
 
 def layers_for(attn: nn.Module, **kwargs) -> DualBranchLayers:

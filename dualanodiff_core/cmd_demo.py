@@ -19,8 +19,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
 
@@ -28,8 +29,22 @@ DESCRIPTION = __doc__.split("\n\n", 1)[1]
 _STAGE_KEYS = {
     "dataset": ("seed", "size"),
     "train": ("seed", "size", "product", "defect", "train_steps", "rank", "lr", "batch_size", "train_seed"),
-    "generate": ("seed", "size", "product", "defect", "train_steps", "rank", "lr", "batch_size", "train_seed",
-                 "samples", "sampling_steps", "cfg", "sampler", "gen_seed"),
+    "generate": (
+        "seed",
+        "size",
+        "product",
+        "defect",
+        "train_steps",
+        "rank",
+        "lr",
+        "batch_size",
+        "train_seed",
+        "samples",
+        "sampling_steps",
+        "cfg",
+        "sampler",
+        "gen_seed",
+    ),
 }
 
 
@@ -56,7 +71,7 @@ class DemoConfig:
     sources: tuple[str, ...] = ("generated", "real", "cutpaste", "perlin")
     threads: int = 0  # 0 = torch's default
 
-    def validate(self) -> "DemoConfig":
+    def validate(self) -> DemoConfig:
         from . import minidefect as md
 
         if self.product not in md.PRODUCTS:
@@ -69,7 +84,9 @@ class DemoConfig:
         if self.seg_steps < 0:
             raise ValueError(f"--seg-steps must be >= 0 (0 skips the usefulness test), got {self.seg_steps}")
         if self.size % 8 or not 32 <= self.size <= 256:
-            raise ValueError(f"--size {self.size}: use a multiple of 8 from 32 to 256 (the base model was trained at 64)")
+            raise ValueError(
+                f"--size {self.size}: use a multiple of 8 from 32 to 256 (the base model was trained at 64)"
+            )
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.threads < 0:
@@ -106,22 +123,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--gen-seed", "generation seed (sample i uses a seed derived from it and i)")
     opt("--seg-steps", "segmentation-network steps per usefulness row; 0 skips the usefulness test")
     opt("--threads", "torch CPU threads; 0 = torch's default")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke run in about a minute: 30 training steps, 8 samples, 10 sampling steps, "
-                        "30 segmentation steps (the images are not yet useful)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run in about a minute: 30 training steps, 8 samples, 10 sampling steps, "
+        "30 segmentation steps (the images are not yet useful)",
+    )
     p.add_argument("--device", default="cpu", help="torch device for training and generation (default: cpu)")
     p.add_argument("--overwrite", action="store_true", help="discard earlier demo results in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars, one line per stage")
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
-    c = DemoConfig(out=args.out, product=args.product, defect=args.defect, seed=args.seed, train_steps=args.train_steps,
-                   rank=args.rank, lr=args.lr, batch_size=args.batch_size, train_seed=args.train_seed,
-                   samples=args.samples, sampling_steps=args.sampling_steps, cfg=args.cfg, gen_seed=args.gen_seed,
-                   seg_steps=args.seg_steps, threads=args.threads)
+    c = DemoConfig(
+        out=args.out,
+        product=args.product,
+        defect=args.defect,
+        seed=args.seed,
+        train_steps=args.train_steps,
+        rank=args.rank,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        train_seed=args.train_seed,
+        samples=args.samples,
+        sampling_steps=args.sampling_steps,
+        cfg=args.cfg,
+        gen_seed=args.gen_seed,
+        seg_steps=args.seg_steps,
+        threads=args.threads,
+    )
     if args.quick:
-        c = dataclasses.replace(c, train_steps=min(c.train_steps, 30), samples=min(c.samples, 8),
-                                sampling_steps=min(c.sampling_steps, 10), seg_steps=min(c.seg_steps, 30))
+        c = dataclasses.replace(
+            c,
+            train_steps=min(c.train_steps, 30),
+            samples=min(c.samples, 8),
+            sampling_steps=min(c.sampling_steps, 10),
+            seg_steps=min(c.seg_steps, 30),
+        )
     return c.validate()
 
 
@@ -144,11 +182,19 @@ class _Stages:
             except (OSError, ValueError) as e:
                 raise ValueError(f"{self.path}: unreadable ({e}); use --overwrite or another --out") from e
         elif out.is_dir() and any(out.iterdir()) and not overwrite:
-            raise FileExistsError(f"--out {out}: the folder exists and is not a demo folder (no demo.json); "
-                                  "choose another --out")
+            raise FileExistsError(
+                f"--out {out}: the folder exists and is not a demo folder (no demo.json); choose another --out"
+            )
         if overwrite:
-            for name in ("minidefect", "weights", "generated", "report.md", "report.json", "contact_sheet.png",
-                         "demo.json"):
+            for name in (
+                "minidefect",
+                "weights",
+                "generated",
+                "report.md",
+                "report.json",
+                "contact_sheet.png",
+                "demo.json",
+            ):
                 p = out / name
                 if p.is_dir():
                     shutil.rmtree(p)
@@ -156,12 +202,16 @@ class _Stages:
                     p.unlink()
             self.state = {}
         out.mkdir(parents=True, exist_ok=True)
-        stale = [s for s, rec in self.state.get("stages", {}).items()
-                 if s in _STAGE_KEYS and rec.get("settings") != config.stage_settings(s)]
+        stale = [
+            s
+            for s, rec in self.state.get("stages", {}).items()
+            if s in _STAGE_KEYS and rec.get("settings") != config.stage_settings(s)
+        ]
         if stale:
             raise FileExistsError(
                 f"--out {out} holds demo results made with other settings (stage(s): {', '.join(stale)}); add "
-                "--overwrite to discard them, or choose another --out")
+                "--overwrite to discard them, or choose another --out"
+            )
 
     def done(self, stage: str) -> bool:
         return stage in self.state.get("stages", {})
@@ -179,8 +229,14 @@ def _fmt_s(s: float) -> str:
     return f"{int(s) // 60}:{int(s) % 60:02d}"
 
 
-def run_demo(config: DemoConfig, *, overwrite: bool = False, progress: bool = True, device: str = "cpu",
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_demo(
+    config: DemoConfig,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    device: str = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run the demo; returns the report dict (also written to ``OUT/report.json``)."""
     import torch
 
@@ -202,8 +258,10 @@ def run_demo(config: DemoConfig, *, overwrite: bool = False, progress: bool = Tr
     stages = _Stages(out, config, overwrite, log)
     model = md.base_model_dir()
     if not (model / "unet" / "diffusion_pytorch_model.safetensors").is_file():
-        raise FileNotFoundError(f"{model}: the MiniDefect base model is missing from this installation; reinstall the "
-                                "package or make it with scripts/pretrain_minidefect.py")
+        raise FileNotFoundError(
+            f"{model}: the MiniDefect base model is missing from this installation; reinstall the "
+            "package or make it with scripts/pretrain_minidefect.py"
+        )
     t_all = time.time()
     data = out / "minidefect"
     name = f"{config.product}_{config.defect}"
@@ -224,8 +282,7 @@ def run_demo(config: DemoConfig, *, overwrite: bool = False, progress: bool = Tr
                 bar.total = n
                 bar.update(1)
 
-        md.write_minidefect(data, md.MiniDefectSpec(seed=config.seed, size=config.size), overwrite=True,
-                            progress=tick)
+        md.write_minidefect(data, md.MiniDefectSpec(seed=config.seed, size=config.size), overwrite=True, progress=tick)
         if bar is not None:
             bar.close()
         stages.finish("dataset", time.time() - t0)
@@ -237,12 +294,23 @@ def run_demo(config: DemoConfig, *, overwrite: bool = False, progress: bool = Tr
     if stages.done("train") and weights.is_file():
         log(f"[2/{n_stages}] train: reusing {weights}")
     else:
-        tc = TrainConfig(steps=config.train_steps, batch_size=config.batch_size, learning_rate=config.lr,
-                         rank=config.rank, seed=config.train_seed, resolution=config.size, split="strict",
-                         checkpoint_every=0, keep_checkpoints=1, checkpoint_weights=False).validate()
+        tc = TrainConfig(
+            steps=config.train_steps,
+            batch_size=config.batch_size,
+            learning_rate=config.lr,
+            rank=config.rank,
+            seed=config.train_seed,
+            resolution=config.size,
+            split="strict",
+            checkpoint_every=0,
+            keep_checkpoints=1,
+            checkpoint_weights=False,
+        ).validate()
         n_train = len(defect_set.select("strict").samples)
-        log(f"[2/{n_stages}] train: {config.product}/{config.defect}, {n_train} of {len(defect_set.samples)} defect "
-            f"images (the first third; the rest are held out), {config.train_steps} steps, rank {config.rank}")
+        log(
+            f"[2/{n_stages}] train: {config.product}/{config.defect}, {n_train} of {len(defect_set.samples)} defect "
+            f"images (the first third; the rest are held out), {config.train_steps} steps, rank {config.rank}"
+        )
         bar = _bar(progress, "train", "step", total=config.train_steps)
 
         def on_step(p):
@@ -271,47 +339,82 @@ def run_demo(config: DemoConfig, *, overwrite: bool = False, progress: bool = Tr
         log(f"[3/{n_stages}] generate: reusing {generated}")
         summary_text = stages.state["stages"]["generate"].get("summary", "")
     else:
-        log(f"[3/{n_stages}] generate: {config.samples} pairs, {config.sampler} {config.sampling_steps} steps, "
-            f"cfg {config.cfg}")
+        log(
+            f"[3/{n_stages}] generate: {config.samples} pairs, {config.sampler} {config.sampling_steps} steps, "
+            f"cfg {config.cfg}"
+        )
         from .diffusers_backend import DualAnoDiffPipeline
 
         def load():
             return DualAnoDiffPipeline.from_pretrained(model, weights, device=device)
 
         summary = generate_dataset(
-            load, generated, config.samples, category=config.product, defect=config.defect, seed=config.gen_seed,
-            batch_size=8, sampling=SamplingOptions(sampler=config.sampler, steps=config.sampling_steps, cfg=config.cfg,
-                                                   height=config.size, width=config.size),
-            mask_options=md.mask_options(), weights_path=weights, base_model=str(model), progress=progress, log=log)
+            load,
+            generated,
+            config.samples,
+            category=config.product,
+            defect=config.defect,
+            seed=config.gen_seed,
+            batch_size=8,
+            sampling=SamplingOptions(
+                sampler=config.sampler,
+                steps=config.sampling_steps,
+                cfg=config.cfg,
+                height=config.size,
+                width=config.size,
+            ),
+            mask_options=md.mask_options(),
+            weights_path=weights,
+            base_model=str(model),
+            progress=progress,
+            log=log,
+        )
         summary_text = summary.text()
-        stages.finish("generate", time.time() - t0, summary=summary_text, accepted=summary.accepted,
-                      rejected=summary.rejected)
+        stages.finish(
+            "generate", time.time() - t0, summary=summary_text, accepted=summary.accepted, rejected=summary.rejected
+        )
         log(f"      done in {_fmt_s(time.time() - t0)}: {summary.accepted} accepted, {summary.rejected} rejected")
 
     # 4. evaluation
     t0 = time.time()
     sources = tuple(config.sources) if config.seg_steps > 0 else ()
-    log(f"[4/{n_stages}] evaluate: mask alignment, diversity"
-        + (f", usefulness ({', '.join(sources)}; {config.seg_steps} steps each)" if sources else ""))
-    bench_cfg = ev.BenchConfig(sources=sources, seeds=(0,), seg=ev.SegConfig(steps=max(1, config.seg_steps)),
-                               n_synthetic=200)
+    log(
+        f"[4/{n_stages}] evaluate: mask alignment, diversity"
+        + (f", usefulness ({', '.join(sources)}; {config.seg_steps} steps each)" if sources else "")
+    )
+    bench_cfg = ev.BenchConfig(
+        sources=sources, seeds=(0,), seg=ev.SegConfig(steps=max(1, config.seg_steps)), n_synthetic=200
+    )
     from .export import iter_records
 
     accepted = sum(1 for r in iter_records(generated, config.product, config.defect) if r.get("accepted"))
     if not accepted:
-        log("      every generated pair was rejected by the quality filter: only the reference rows are measured "
-            "(train longer: --train-steps)")
-    result = ev.benchmark(data, config.product, config.defect, generated if accepted else None, bench_cfg,
-                          log=lambda s: log("      " + s))
+        log(
+            "      every generated pair was rejected by the quality filter: only the reference rows are measured "
+            "(train longer: --train-steps)"
+        )
+    result = ev.benchmark(
+        data, config.product, config.defect, generated if accepted else None, bench_cfg, log=lambda s: log("      " + s)
+    )
     sheet = out / "contact_sheet.png"
     demo_contact_sheet(data, config.product, config.defect, generated, sheet)
     total = time.time() - t_all
-    report = {"config": dataclasses.asdict(config), "quality": result, "generate": summary_text,
-              "stage_seconds": {k: v["seconds"] for k, v in stages.state.get("stages", {}).items()},
-              "evaluate_seconds": round(time.time() - t0, 1), "total_seconds_this_run": round(total, 1),
-              "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "files": {"dataset": str(data), "weights": str(weights), "generated": str(generated),
-                        "contact_sheet": str(sheet)}}
+    report = {
+        "config": dataclasses.asdict(config),
+        "quality": result,
+        "generate": summary_text,
+        "stage_seconds": {k: v["seconds"] for k, v in stages.state.get("stages", {}).items()},
+        "evaluate_seconds": round(time.time() - t0, 1),
+        "total_seconds_this_run": round(total, 1),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "files": {
+            "dataset": str(data),
+            "weights": str(weights),
+            "generated": str(generated),
+            "contact_sheet": str(sheet),
+        },
+    }
     write_json_atomic(out / "report.json", report)
     text = _report_markdown(report, ev.format_report(result))
     write_text_atomic(out / "report.md", text)
@@ -334,36 +437,40 @@ def _report_markdown(report: dict[str, Any], table: str) -> str:
     c = report["config"]
     files = report["files"]
     secs = ", ".join(f"{k} {_fmt_s(v)}" for k, v in report["stage_seconds"].items())
-    return "\n".join([
-        f"# DualAnoDiff demo: MiniDefect {c['product']}/{c['defect']}",
-        "",
-        f"- dataset: `{files['dataset']}` (seed {c['seed']}, {c['size']} px)",
-        f"- weights: `{files['weights']}` ({c['train_steps']} steps, rank {c['rank']}, lr {c['lr']}, "
-        f"batch {c['batch_size']})",
-        f"- generated dataset: `{files['generated']}` ({c['samples']} samples, {c['sampler']} {c['sampling_steps']} "
-        f"steps, cfg {c['cfg']})",
-        f"- contact sheet: `{files['contact_sheet']}`",
-        f"- time per stage (m:ss): {secs}; {report['threads']} torch thread(s)",
-        "",
-        "```",
-        report["generate"].strip(),
-        "```",
-        "",
-        "```",
-        table,
-        "```",
-        "",
-        "How to read it: (a) the mask from the anomaly branch should agree with an independent detector on the "
-        "generated image about as well as the true masks of real defects do; (b) generated sets should vary about "
-        "as much as real defects and not copy the few-shot images (`to train` > 0); (c) a segmentation network "
-        "trained on generated pairs should find held-out real defects better than one trained on the few real "
-        "pairs alone. The demo uses one seed and a short schedule; `bench/quality.py` runs the full protocol.",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# DualAnoDiff demo: MiniDefect {c['product']}/{c['defect']}",
+            "",
+            f"- dataset: `{files['dataset']}` (seed {c['seed']}, {c['size']} px)",
+            f"- weights: `{files['weights']}` ({c['train_steps']} steps, rank {c['rank']}, lr {c['lr']}, "
+            f"batch {c['batch_size']})",
+            f"- generated dataset: `{files['generated']}` ({c['samples']} samples, "
+            f"{c['sampler']} {c['sampling_steps']} "
+            f"steps, cfg {c['cfg']})",
+            f"- contact sheet: `{files['contact_sheet']}`",
+            f"- time per stage (m:ss): {secs}; {report['threads']} torch thread(s)",
+            "",
+            "```",
+            report["generate"].strip(),
+            "```",
+            "",
+            "```",
+            table,
+            "```",
+            "",
+            "How to read it: (a) the mask from the anomaly branch should agree with an independent detector on the "
+            "generated image about as well as the true masks of real defects do; (b) generated sets should vary about "
+            "as much as real defects and not copy the few-shot images (`to train` > 0); (c) a segmentation network "
+            "trained on generated pairs should find held-out real defects better than one trained on the few real "
+            "pairs alone. The demo uses one seed and a short schedule; `bench/quality.py` runs the full protocol.",
+            "",
+        ]
+    )
 
 
-def demo_contact_sheet(data: Path, product: str, defect: str, generated: Path, path: Path, columns: int = 8,
-                       thumb: int = 96) -> Path:
+def demo_contact_sheet(
+    data: Path, product: str, defect: str, generated: Path, path: Path, columns: int = 8, thumb: int = 96
+) -> Path:
     """One PNG: a row of few-shot training images (with true masks outlined), then rows of accepted generated
     images, each above its anomaly-branch image and its mask overlaid. Written atomically."""
     from PIL import Image, ImageDraw
@@ -378,13 +485,16 @@ def demo_contact_sheet(data: Path, product: str, defect: str, generated: Path, p
     test_dir = data / product / "test" / defect
     gt_dir = data / product / "ground_truth" / defect
     files = sorted(test_dir.glob("*.png"))
-    train = files[:few_shot_split(len(files))][:columns]
-    rows.append(("few-shot training images (true masks in red)",
-                 [mask_overlay(Image.open(f).convert("RGB"), Image.open(gt_dir / f"{f.stem}_mask.png"))
-                  for f in train]))
-    recs = [r for r in iter_records(generated, product, defect) if r.get("accepted")][:2 * columns]
+    train = files[: few_shot_split(len(files))][:columns]
+    rows.append(
+        (
+            "few-shot training images (true masks in red)",
+            [mask_overlay(Image.open(f).convert("RGB"), Image.open(gt_dir / f"{f.stem}_mask.png")) for f in train],
+        )
+    )
+    recs = [r for r in iter_records(generated, product, defect) if r.get("accepted")][: 2 * columns]
     for start in range(0, len(recs), columns):
-        chunk = recs[start:start + columns]
+        chunk = recs[start : start + columns]
         imgs = [Image.open(generated / r["files"]["image"]).convert("RGB") for r in chunk]
         fgs = [Image.open(generated / r["files"]["fg"]).convert("RGB") for r in chunk]
         masks = [mask_overlay(im, Image.open(generated / r["files"]["mask"])) for r, im in zip(chunk, imgs)]

@@ -74,11 +74,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = _Formatter
 
     g = p.add_argument_group("what to generate")
-    g.add_argument("--weights", required=True, metavar="W",
-                   help="DualAnoDiff weights: our .safetensors or an official reference checkpoint (.bin)")
-    g.add_argument("--base", required=True, metavar="B",
-                   help="local diffusers Stable Diffusion 1.5 folder (unet/, vae/, text_encoder/, tokenizer/, "
-                        "scheduler/); nothing is downloaded")
+    g.add_argument(
+        "--weights",
+        required=True,
+        metavar="W",
+        help="DualAnoDiff weights: our .safetensors or an official reference checkpoint (.bin)",
+    )
+    g.add_argument(
+        "--base",
+        required=True,
+        metavar="B",
+        help="local diffusers Stable Diffusion 1.5 folder (unet/, vae/, text_encoder/, tokenizer/, "
+        "scheduler/); nothing is downloaded",
+    )
     g.add_argument("--out", required=True, metavar="D", help="output folder (created; resumed if it exists)")
     g.add_argument("--n", type=int, default=500, help="number of samples (indices 0..n-1); rejected ones count too")
     g.add_argument("--category", default="object", help="MVTec category folder name, e.g. bottle")
@@ -86,56 +94,117 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="base seed; sample i uses a seed derived from it and i")
     g.add_argument("--batch-size", type=int, default=1, help="pairs sampled together (speed/memory only)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps, ...")
-    g.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
-                   help="UNet/VAE/text-encoder precision (the reference uses fp32; fp16/bf16 on GPU are faster)")
+    g.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=("fp32", "fp16", "bf16"),
+        help="UNet/VAE/text-encoder precision (the reference uses fp32; fp16/bf16 on GPU are faster)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = p.add_argument_group("sampling (reference: PNDM, 100 steps, CFG 2.5)")
     s.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=("pndm", "ddim", "dpmpp"), help="scheduler")
-    s.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                   help=f"denoising steps (the BCM reference uses {BCM_REFERENCE_STEPS})")
-    s.add_argument("--cfg", type=float, default=DEFAULT_CFG,
-                   help=f"classifier-free guidance scale (the BCM reference uses {BCM_REFERENCE_CFG}, 1.2 for screw; "
-                        "<= 1 turns guidance off)")
-    s.add_argument("--size", type=_size, default="512", metavar="S",
-                   help="image size: 512 or WIDTHxHEIGHT, multiples of 8")
-    s.add_argument("--prompt-global", default=None, help="global-branch prompt (default: from the weights, else "
-                                                         "'a vfx with sks')")
-    s.add_argument("--prompt-anomaly", default=None,
-                   help="anomaly-branch prompt (default: from the weights, else 'sks')")
+    s.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help=f"denoising steps (the BCM reference uses {BCM_REFERENCE_STEPS})",
+    )
+    s.add_argument(
+        "--cfg",
+        type=float,
+        default=DEFAULT_CFG,
+        help=f"classifier-free guidance scale (the BCM reference uses {BCM_REFERENCE_CFG}, 1.2 for screw; "
+        "<= 1 turns guidance off)",
+    )
+    s.add_argument(
+        "--size", type=_size, default="512", metavar="S", help="image size: 512 or WIDTHxHEIGHT, multiples of 8"
+    )
+    s.add_argument(
+        "--prompt-global", default=None, help="global-branch prompt (default: from the weights, else 'a vfx with sks')"
+    )
+    s.add_argument(
+        "--prompt-anomaly", default=None, help="anomaly-branch prompt (default: from the weights, else 'sks')"
+    )
     s.add_argument("--negative-prompt", default="", help="negative prompt for both branches")
-    s.add_argument("--lora-strength", type=float, nargs=2, default=(1.0, 1.0), metavar=("GLOBAL", "ANOMALY"),
-                   help="per-branch LoRA strength")
+    s.add_argument(
+        "--lora-strength",
+        type=float,
+        nargs=2,
+        default=(1.0, 1.0),
+        metavar=("GLOBAL", "ANOMALY"),
+        help="per-branch LoRA strength",
+    )
     s.add_argument("--saim-strength", type=float, default=1.0, help="cross-branch attention (SAIM) strength")
     s.add_argument("--text-strength", type=float, default=1.0, help="text-encoder LoRA strength")
 
     b = p.add_argument_group("background compensation (BCM weights only)")
-    b.add_argument("--backgrounds", metavar="DIR", default=None,
-                   help="folder of normal images (e.g. <mvtec>/<category>/train/good), used in sorted order")
-    b.add_argument("--object-masks", metavar="DIR", default=None,
-                   help="object masks for those images (same stem, or STEM_mask; white = object), blacked out "
-                        "in the background as the reference does; without them the whole image is the background")
-    b.add_argument("--switch-every", type=int, default=DEFAULT_SWITCH_EVERY, metavar="K",
-                   help="use the next background every K samples (reference: 50, screw: 10)")
+    b.add_argument(
+        "--backgrounds",
+        metavar="DIR",
+        default=None,
+        help="folder of normal images (e.g. <mvtec>/<category>/train/good), used in sorted order",
+    )
+    b.add_argument(
+        "--object-masks",
+        metavar="DIR",
+        default=None,
+        help="object masks for those images (same stem, or STEM_mask; white = object), blacked out "
+        "in the background as the reference does; without them the whole image is the background",
+    )
+    b.add_argument(
+        "--switch-every",
+        type=int,
+        default=DEFAULT_SWITCH_EVERY,
+        metavar="K",
+        help="use the next background every K samples (reference: 50, screw: 10)",
+    )
     b.add_argument("--bcm-strength", type=float, default=1.0, help="background fusion strength")
-    b.add_argument("--filter-against-background", action="store_true",
-                   help="reject pairs whose mask disagrees with where the image differs from the normal image "
-                        "(outside the object when --object-masks are given); assumes BCM kept the background")
-    b.add_argument("--refine-mask", action="store_true",
-                   help="drop mask components the normal image does not support (same assumption)")
+    b.add_argument(
+        "--filter-against-background",
+        action="store_true",
+        help="reject pairs whose mask disagrees with where the image differs from the normal image "
+        "(outside the object when --object-masks are given); assumes BCM kept the background",
+    )
+    b.add_argument(
+        "--refine-mask",
+        action="store_true",
+        help="drop mask components the normal image does not support (same assumption)",
+    )
 
     m = p.add_argument_group("mask from the anomaly branch (distances in [0,1] image units, sizes in pixels)")
-    m.add_argument("--mask-gray", type=_level, default="median", metavar="G",
-                   help="gray level of the anomaly branch background: median, border, or a value like 0.5")
+    m.add_argument(
+        "--mask-gray",
+        type=_level,
+        default="median",
+        metavar="G",
+        help="gray level of the anomaly branch background: median, border, or a value like 0.5",
+    )
     m.add_argument("--mask-reduce", default="max", choices=("max", "mean", "l2"), help="channel reduction")
-    m.add_argument("--mask-blur", type=float, default=1.0, metavar="SIGMA",
-                   help="Gaussian smoothing before thresholding")
-    m.add_argument("--mask-threshold", type=_level, default="otsu", metavar="T",
-                   help="otsu, or a fixed distance from gray, e.g. 0.15")
-    m.add_argument("--mask-min-contrast", type=float, default=0.1, metavar="C",
-                   help="absolute floor: an anomaly image with no pixel this far from gray gives an empty mask")
-    m.add_argument("--mask-hysteresis", type=float, default=0.5, metavar="H",
-                   help="grow the mask into connected pixels above H x threshold (1 = off)")
+    m.add_argument(
+        "--mask-blur", type=float, default=1.0, metavar="SIGMA", help="Gaussian smoothing before thresholding"
+    )
+    m.add_argument(
+        "--mask-threshold",
+        type=_level,
+        default="otsu",
+        metavar="T",
+        help="otsu, or a fixed distance from gray, e.g. 0.15",
+    )
+    m.add_argument(
+        "--mask-min-contrast",
+        type=float,
+        default=0.1,
+        metavar="C",
+        help="absolute floor: an anomaly image with no pixel this far from gray gives an empty mask",
+    )
+    m.add_argument(
+        "--mask-hysteresis",
+        type=float,
+        default=0.5,
+        metavar="H",
+        help="grow the mask into connected pixels above H x threshold (1 = off)",
+    )
     m.add_argument("--mask-open", type=int, default=1, metavar="R", help="opening radius (0 keeps hairline defects)")
     m.add_argument("--mask-close", type=int, default=2, metavar="R", help="closing radius")
     m.add_argument("--mask-min-area", type=int, default=20, metavar="PX", help="drop components smaller than this")
@@ -145,17 +214,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f = p.add_argument_group("quality filter (rejected samples stay out of the MVTec tree, recorded in the manifest)")
     f.add_argument("--max-area", type=float, default=0.5, help="reject masks covering more than this share")
     f.add_argument("--min-area", type=float, default=0.0, help="reject masks covering less than this share")
-    f.add_argument("--max-gray-offset", type=float, default=0.2,
-                   help="reject when the anomaly image's median is further than this from mid-gray (1 = off)")
-    f.add_argument("--min-agreement", type=float, default=0.5,
-                   help="with --filter-against-background: minimum mask/change agreement")
+    f.add_argument(
+        "--max-gray-offset",
+        type=float,
+        default=0.2,
+        help="reject when the anomaly image's median is further than this from mid-gray (1 = off)",
+    )
+    f.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.5,
+        help="with --filter-against-background: minimum mask/change agreement",
+    )
 
     e = p.add_argument_group("export")
-    e.add_argument("--research-layout", action="store_true",
-                   help="also write research/CATEGORY/DEFECT/{image,mask,fg}/NAME.png "
-                        "(DualAnoDiff/AnomalyDiffusion eval)")
-    e.add_argument("--discard-rejected", action="store_true",
-                   help="do not keep rejected samples' files under rejected/ (they stay in the manifest)")
+    e.add_argument(
+        "--research-layout",
+        action="store_true",
+        help="also write research/CATEGORY/DEFECT/{image,mask,fg}/NAME.png (DualAnoDiff/AnomalyDiffusion eval)",
+    )
+    e.add_argument(
+        "--discard-rejected",
+        action="store_true",
+        help="do not keep rejected samples' files under rejected/ (they stay in the manifest)",
+    )
     e.add_argument("--no-contact-sheet", action="store_true", help="skip the contact sheets")
 
 
@@ -190,19 +272,38 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--object-masks needs --backgrounds")
     width, height = args.size
     sampling = SamplingOptions(
-        sampler=args.sampler, steps=args.steps, cfg=args.cfg, height=height, width=width,
-        prompt_global=args.prompt_global, prompt_anomaly=args.prompt_anomaly, negative_prompt=args.negative_prompt,
-        lora_strength=tuple(args.lora_strength), saim_strength=args.saim_strength, bcm_strength=args.bcm_strength,
+        sampler=args.sampler,
+        steps=args.steps,
+        cfg=args.cfg,
+        height=height,
+        width=width,
+        prompt_global=args.prompt_global,
+        prompt_anomaly=args.prompt_anomaly,
+        negative_prompt=args.negative_prompt,
+        lora_strength=tuple(args.lora_strength),
+        saim_strength=args.saim_strength,
+        bcm_strength=args.bcm_strength,
         text_strength=args.text_strength,
     )
     mask_options = MaskOptions(
-        gray=args.mask_gray, reduce=args.mask_reduce, blur_sigma=args.mask_blur, threshold=args.mask_threshold,
-        min_contrast=args.mask_min_contrast, hysteresis=args.mask_hysteresis, open_radius=args.mask_open,
-        close_radius=args.mask_close, fill_holes=not args.mask_keep_holes, min_area=args.mask_min_area,
+        gray=args.mask_gray,
+        reduce=args.mask_reduce,
+        blur_sigma=args.mask_blur,
+        threshold=args.mask_threshold,
+        min_contrast=args.mask_min_contrast,
+        hysteresis=args.mask_hysteresis,
+        open_radius=args.mask_open,
+        close_radius=args.mask_close,
+        fill_holes=not args.mask_keep_holes,
+        min_area=args.mask_min_area,
         dilate=args.mask_dilate,
     )
-    filter_options = FilterOptions(max_area=args.max_area, min_area=args.min_area,
-                                   max_gray_offset=args.max_gray_offset, min_agreement=args.min_agreement)
+    filter_options = FilterOptions(
+        max_area=args.max_area,
+        min_area=args.min_area,
+        max_gray_offset=args.max_gray_offset,
+        min_agreement=args.min_agreement,
+    )
     backgrounds = None
     if args.backgrounds:
         backgrounds = BackgroundSet.from_folder(args.backgrounds, args.object_masks, args.switch_every)
@@ -217,12 +318,26 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         summary = generate_dataset(
-            load, args.out, args.n, category=args.category, defect=args.defect, seed=args.seed,
-            batch_size=args.batch_size, sampling=sampling, backgrounds=backgrounds,
-            filter_against_background=args.filter_against_background, refine_mask=args.refine_mask,
-            mask_options=mask_options, filter_options=filter_options, research_layout=args.research_layout,
-            keep_rejected=not args.discard_rejected, contact_sheets=not args.no_contact_sheet,
-            weights_path=weights, base_model=str(base), dtype=args.dtype, progress=not args.no_progress,
+            load,
+            args.out,
+            args.n,
+            category=args.category,
+            defect=args.defect,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            sampling=sampling,
+            backgrounds=backgrounds,
+            filter_against_background=args.filter_against_background,
+            refine_mask=args.refine_mask,
+            mask_options=mask_options,
+            filter_options=filter_options,
+            research_layout=args.research_layout,
+            keep_rejected=not args.discard_rejected,
+            contact_sheets=not args.no_contact_sheet,
+            weights_path=weights,
+            base_model=str(base),
+            dtype=args.dtype,
+            progress=not args.no_progress,
         )
     except KeyboardInterrupt:
         print("interrupted: finished samples are kept; run the same command again to resume", file=sys.stderr)
@@ -234,17 +349,20 @@ def run(args: argparse.Namespace) -> int:
     print(summary.text())
     if summary.accepted == 0 and summary.rejected:
         top = max(summary.reasons.items(), key=lambda kv: kv[1])[0]
-        print(f"warning: no sample was accepted (mostly {top}): {HINTS.get(top, '')} The rejected/ folder, the contact "
-              "sheets and the reasons in manifest.jsonl show what happened.", file=sys.stderr)
+        print(
+            f"warning: no sample was accepted (mostly {top}): {HINTS.get(top, '')} The rejected/ folder, the contact "
+            "sheets and the reasons in manifest.jsonl show what happened.",
+            file=sys.stderr,
+        )
     return 0
 
 
 HINTS = {
     "background_not_gray": "the anomaly branch did not draw the defect on gray; check the weights and "
-                           "--prompt-anomaly (or raise --max-gray-offset).",
+    "--prompt-anomaly (or raise --max-gray-offset).",
     "empty_mask": "nothing stood out from gray; for faint defects lower --mask-min-contrast.",
     "mask_too_large": "masks covered too much of the image; if your defects are that large, raise --max-area.",
     "mask_too_small": "masks were smaller than --min-area.",
     "disagrees_with_normal": "the images changed elsewhere than the masks; BCM may not keep the background "
-                             "(drop --filter-against-background or lower --min-agreement).",
+    "(drop --filter-against-background or lower --min-agreement).",
 }

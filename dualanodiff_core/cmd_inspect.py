@@ -11,11 +11,18 @@ from .weights import DualAnoDiffWeights
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("weights", help="our .safetensors or an official reference checkpoint (.bin / .safetensors)")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
-    p.add_argument("--convert", metavar="OUT.safetensors",
-                   help="write the weights in our .safetensors format (e.g. to convert a reference .bin)")
-    p.add_argument("--export-branch-lora", nargs=2, metavar=("BRANCH", "OUT.safetensors"),
-                   help="write one branch's LoRA (global or anomaly) in kohya style for ComfyUI's stock LoraLoader; "
-                        "SAIM/BCM are not included")
+    p.add_argument(
+        "--convert",
+        metavar="OUT.safetensors",
+        help="write the weights in our .safetensors format (e.g. to convert a reference .bin)",
+    )
+    p.add_argument(
+        "--export-branch-lora",
+        nargs=2,
+        metavar=("BRANCH", "OUT.safetensors"),
+        help="write one branch's LoRA (global or anomaly) in kohya style for ComfyUI's stock LoraLoader; "
+        "SAIM/BCM are not included",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

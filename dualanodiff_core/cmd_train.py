@@ -36,79 +36,163 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = DESCRIPTION
     p.formatter_class = _Formatter
     g = p.add_argument_group("data")
-    g.add_argument("data", metavar="DATA",
-                   help="the defect images: an MVTec category folder (with --defect) or a flat folder (see above)")
+    g.add_argument(
+        "data",
+        metavar="DATA",
+        help="the defect images: an MVTec category folder (with --defect) or a flat folder (see above)",
+    )
     g.add_argument("--defect", metavar="NAME", help="defect type to train, for an MVTec category folder (e.g. scratch)")
-    g.add_argument("--object-masks", metavar="DIR",
-                   help="folder of object masks (<image name>.png, white = object), one per training image; needed "
-                        "by --bcm unless DATA/object_masks/ exists")
-    g.add_argument("--split", choices=SPLITS, default=d.split,
-                   help="which sorted images to train on: "
-                   + "; ".join(f"{k} = {v}" for k, v in SPLIT_HELP.items()).replace("%", "%%"))
-    g.add_argument("--flips", choices=FLIPS, default=d.flips,
-                   help="random flips: hv = horizontal and vertical (the reference), h, v, or none (for defects or "
-                        "objects with a direction, e.g. cable, text)")
+    g.add_argument(
+        "--object-masks",
+        metavar="DIR",
+        help="folder of object masks (<image name>.png, white = object), one per training image; needed "
+        "by --bcm unless DATA/object_masks/ exists",
+    )
+    g.add_argument(
+        "--split",
+        choices=SPLITS,
+        default=d.split,
+        help="which sorted images to train on: "
+        + "; ".join(f"{k} = {v}" for k, v in SPLIT_HELP.items()).replace("%", "%%"),
+    )
+    g.add_argument(
+        "--flips",
+        choices=FLIPS,
+        default=d.flips,
+        help="random flips: hv = horizontal and vertical (the reference), h, v, or none (for defects or "
+        "objects with a direction, e.g. cable, text)",
+    )
     g.add_argument("--no-flip", dest="flips", action="store_const", const="none", help="same as --flips none")
-    g.add_argument("--crop", choices=CROPS, default=d.crop,
-                   help="non-square photos: center = center square; random = random square that keeps part of the "
-                        "defect (the reference's RandomCrop); stretch = resize to a square ignoring the aspect ratio")
-    g.add_argument("--resolution", type=int, default=d.resolution, metavar="PX",
-                   help="training resolution (square, multiple of 8); SD1.5 is trained at 512")
+    g.add_argument(
+        "--crop",
+        choices=CROPS,
+        default=d.crop,
+        help="non-square photos: center = center square; random = random square that keeps part of the "
+        "defect (the reference's RandomCrop); stretch = resize to a square ignoring the aspect ratio",
+    )
+    g.add_argument(
+        "--resolution",
+        type=int,
+        default=d.resolution,
+        metavar="PX",
+        help="training resolution (square, multiple of 8); SD1.5 is trained at 512",
+    )
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, metavar="PATH",
-                   help="base model: a local diffusers Stable Diffusion 1.5 folder (unet/, vae/, text_encoder/, "
-                        "tokenizer/, scheduler/), or a single-file .safetensors/.ckpt checkpoint (then see "
-                        "--model-config). Nothing is downloaded.")
-    g.add_argument("--model-config", metavar="DIR",
-                   help="for a single-file --model: a local diffusers SD1.5 folder whose configs and tokenizer are "
-                        "used (the weights come from the file)")
+    g.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH",
+        help="base model: a local diffusers Stable Diffusion 1.5 folder (unet/, vae/, text_encoder/, "
+        "tokenizer/, scheduler/), or a single-file .safetensors/.ckpt checkpoint (then see "
+        "--model-config). Nothing is downloaded.",
+    )
+    g.add_argument(
+        "--model-config",
+        metavar="DIR",
+        help="for a single-file --model: a local diffusers SD1.5 folder whose configs and tokenizer are "
+        "used (the weights come from the file)",
+    )
     g.add_argument("--rank", type=int, default=d.rank, help="LoRA rank of both branch LoRAs and the text-encoder LoRA")
-    g.add_argument("--bcm", action="store_true",
-                   help="also train the background compensation module (needs object masks); generation then takes "
-                        "a background image")
-    g.add_argument("--no-saim", dest="saim", action="store_false",
-                   help="leave out SAIM, the cross-branch attention (an ablation; the reference always has it)")
-    g.add_argument("--saim-zero-init", action="store_true",
-                   help="start SAIM's output projection at zero so training starts from the plain model "
-                        "(not the reference, which initialises it randomly)")
-    g.add_argument("--no-text-encoder", dest="train_text_encoder", action="store_false",
-                   help="do not train the text-encoder LoRA (the reference trains it)")
+    g.add_argument(
+        "--bcm",
+        action="store_true",
+        help="also train the background compensation module (needs object masks); generation then takes "
+        "a background image",
+    )
+    g.add_argument(
+        "--no-saim",
+        dest="saim",
+        action="store_false",
+        help="leave out SAIM, the cross-branch attention (an ablation; the reference always has it)",
+    )
+    g.add_argument(
+        "--saim-zero-init",
+        action="store_true",
+        help="start SAIM's output projection at zero so training starts from the plain model "
+        "(not the reference, which initialises it randomly)",
+    )
+    g.add_argument(
+        "--no-text-encoder",
+        dest="train_text_encoder",
+        action="store_false",
+        help="do not train the text-encoder LoRA (the reference trains it)",
+    )
     g.add_argument("--prompt-global", default=DEFAULT_PROMPT_GLOBAL, help="prompt of the global (whole image) branch")
-    g.add_argument("--prompt-anomaly", default=DEFAULT_PROMPT_ANOMALY, help="prompt of the anomaly (defect only) branch")
+    g.add_argument(
+        "--prompt-anomaly", default=DEFAULT_PROMPT_ANOMALY, help="prompt of the anomaly (defect only) branch"
+    )
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=d.steps, help="training steps in total (when resuming: the new total)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="defect images per step (the UNet sees twice as many rows: one per branch)")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="defect images per step (the UNet sees twice as many rows: one per branch)",
+    )
     g.add_argument("--lr", type=float, default=d.learning_rate, help="AdamW learning rate (constant after warm-up)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm; 0 = no clipping")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warm-up steps")
-    g.add_argument("--seed", type=int, default=d.seed,
-                   help="seed of the new layers' init, the data order, the flips and the noise")
-    g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="dtype of the frozen base model (fp16/bf16 save memory on a GPU); new layers stay fp32")
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in backward: much less GPU memory, about 30%% slower")
+    g.add_argument(
+        "--seed", type=int, default=d.seed, help="seed of the new layers' init, the data order, the flips and the noise"
+    )
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help="dtype of the frozen base model (fp16/bf16 save memory on a GPU); new layers stay fp32",
+    )
+    g.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in backward: much less GPU memory, about 30%% slower",
+    )
     g.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1, mps ...")
 
     g = p.add_argument_group("output")
     g.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="where the trained weights go")
-    g.add_argument("--work-dir", metavar="DIR",
-                   help="where checkpoints/, loss.csv, loss.png and train_config.json go (default: OUTPUT minus "
-                        ".safetensors, plus _train)")
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
-                   help="write a checkpoint every N steps (0 = only at the end or on Ctrl-C)")
-    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, metavar="K",
-                   help="keep the newest K checkpoints (0 = keep all)")
-    g.add_argument("--no-checkpoint-weights", dest="checkpoint_weights", action="store_false",
-                   help="do not write checkpoint-<step>.safetensors weights beside each resumable checkpoint")
-    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                   help="continue a stopped or finished run: the newest checkpoint of the work folder, or the given "
-                        "checkpoint-<step>.pt; all settings except --steps and checkpoint options must match")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start over even if OUTPUT or checkpoints of an earlier run exist (deletes those checkpoints)")
+    g.add_argument(
+        "--work-dir",
+        metavar="DIR",
+        help="where checkpoints/, loss.csv, loss.png and train_config.json go (default: OUTPUT minus "
+        ".safetensors, plus _train)",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=d.checkpoint_every,
+        metavar="N",
+        help="write a checkpoint every N steps (0 = only at the end or on Ctrl-C)",
+    )
+    g.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=d.keep_checkpoints,
+        metavar="K",
+        help="keep the newest K checkpoints (0 = keep all)",
+    )
+    g.add_argument(
+        "--no-checkpoint-weights",
+        dest="checkpoint_weights",
+        action="store_false",
+        help="do not write checkpoint-<step>.safetensors weights beside each resumable checkpoint",
+    )
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue a stopped or finished run: the newest checkpoint of the work folder, or the given "
+        "checkpoint-<step>.pt; all settings except --steps and checkpoint options must match",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over even if OUTPUT or checkpoints of an earlier run exist (deletes those checkpoints)",
+    )
     g.add_argument("--dry-run", action="store_true", help="check the data and print the plan; load no model")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per checkpoint instead)")
 
@@ -119,8 +203,14 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         d = action.default
-        if "%(default)" in text or d is None or d is argparse.SUPPRESS or isinstance(d, bool) \
-                or action.option_strings == [] or isinstance(action, argparse._StoreConstAction):
+        if (
+            "%(default)" in text
+            or d is None
+            or d is argparse.SUPPRESS
+            or isinstance(d, bool)
+            or action.option_strings == []
+            or isinstance(action, argparse._StoreConstAction)
+        ):
             return text
         return text + " (default: %(default)s)"
 
@@ -129,13 +219,29 @@ def config_from_args(args: argparse.Namespace):
     from .train import TrainConfig
 
     return TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, warmup_steps=args.warmup_steps, seed=args.seed, rank=args.rank, saim=args.saim,
-        bcm=args.bcm, saim_zero_init=args.saim_zero_init, train_text_encoder=args.train_text_encoder,
-        precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
-        prompt_global=args.prompt_global, prompt_anomaly=args.prompt_anomaly, resolution=args.resolution,
-        split=args.split, flips=args.flips, crop=args.crop, checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints, checkpoint_weights=args.checkpoint_weights,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        warmup_steps=args.warmup_steps,
+        seed=args.seed,
+        rank=args.rank,
+        saim=args.saim,
+        bcm=args.bcm,
+        saim_zero_init=args.saim_zero_init,
+        train_text_encoder=args.train_text_encoder,
+        precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        prompt_global=args.prompt_global,
+        prompt_anomaly=args.prompt_anomaly,
+        resolution=args.resolution,
+        split=args.split,
+        flips=args.flips,
+        crop=args.crop,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+        checkpoint_weights=args.checkpoint_weights,
     ).validate()
 
 
@@ -209,7 +315,9 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     output = Path(args.output)
     if output.suffix != ".safetensors":
-        raise ValueError(f"--output {output}: the weights are written as .safetensors; use a name ending in .safetensors")
+        raise ValueError(
+            f"--output {output}: the weights are written as .safetensors; use a name ending in .safetensors"
+        )
     work_dir = Path(args.work_dir) if args.work_dir else output.with_name(output.stem + "_train")
 
     def echo(msg: str) -> None:
@@ -225,11 +333,14 @@ def run(args: argparse.Namespace) -> int:
         selected = defect_set.select(config.split)
         echo(f"data: {selected.describe()}")
         if args.dry_run:
-            ds = DefectDataset(selected, config.resolution, flips=config.flips, crop=config.crop,
-                               backgrounds=config.bcm)
+            ds = DefectDataset(
+                selected, config.resolution, flips=config.flips, crop=config.crop, backgrounds=config.bcm
+            )
             echo(f"checked {len(ds)} image(s): {', '.join(ds.names)}")
-            echo(f"plan: {config.steps} steps x {config.batch_size} images at {config.resolution} px, rank "
-                 f"{config.rank}, BCM {'on' if config.bcm else 'off'}; weights -> {output}; work folder {work_dir}")
+            echo(
+                f"plan: {config.steps} steps x {config.batch_size} images at {config.resolution} px, rank "
+                f"{config.rank}, BCM {'on' if config.bcm else 'off'}; weights -> {output}; work folder {work_dir}"
+            )
             return 0
 
         if args.resume is None:
@@ -257,16 +368,24 @@ def run(args: argparse.Namespace) -> int:
             if bar is None and not args.no_progress:
                 from tqdm import tqdm
 
-                bar = tqdm(total=p.total_steps, initial=p.step - 1, unit="step", dynamic_ncols=True, desc="train",
-                           file=sys.stderr)
+                bar = tqdm(
+                    total=p.total_steps,
+                    initial=p.step - 1,
+                    unit="step",
+                    dynamic_ncols=True,
+                    desc="train",
+                    file=sys.stderr,
+                )
             if bar is not None:
                 bar.set_postfix(loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}", refresh=False)
                 bar.update(p.step - bar.n)
                 if p.checkpoint is not None:
                     bar.write(f"checkpoint: {p.checkpoint}", file=sys.stderr)
             elif p.checkpoint is not None or p.step == p.total_steps:
-                echo(f"step {p.step}/{p.total_steps}  loss {p.loss:.4f}  {p.rate:.2f} step/s  "
-                     f"eta {_fmt_time(p.eta_seconds)}" + (f"  checkpoint: {p.checkpoint}" if p.checkpoint else ""))
+                echo(
+                    f"step {p.step}/{p.total_steps}  loss {p.loss:.4f}  {p.rate:.2f} step/s  "
+                    f"eta {_fmt_time(p.eta_seconds)}" + (f"  checkpoint: {p.checkpoint}" if p.checkpoint else "")
+                )
 
         def say(msg):
             (bar.write(msg, file=sys.stderr) if bar is not None else echo(msg))
@@ -276,8 +395,16 @@ def run(args: argparse.Namespace) -> int:
         try:
             with _graceful_interrupt(flag, say):
                 result = train_from_folder(
-                    defect_set, args.model, output, config, work_dir=work_dir, resume=args.resume, device=device,
-                    model_config=args.model_config, progress=progress, should_stop=lambda: bool(flag.get("stop")),
+                    defect_set,
+                    args.model,
+                    output,
+                    config,
+                    work_dir=work_dir,
+                    resume=args.resume,
+                    device=device,
+                    model_config=args.model_config,
+                    progress=progress,
+                    should_stop=lambda: bool(flag.get("stop")),
                     on_ready=on_ready,
                 )
         except TrainingError as e:

@@ -37,8 +37,8 @@ import hashlib
 import math
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -108,7 +108,7 @@ class DefectSet:
     def has_object_masks(self) -> bool:
         return bool(self.samples) and all(s.object_mask is not None for s in self.samples)
 
-    def select(self, mode: str) -> "DefectSet":
+    def select(self, mode: str) -> DefectSet:
         """The training images of a split mode (see :data:`SPLITS`)."""
         n = split_count(len(self.samples), mode)
         if n == 0:
@@ -121,7 +121,9 @@ class DefectSet:
     def require_object_masks(self) -> None:
         missing = [s.image for s in self.samples if s.object_mask is None]
         if missing:
-            shown = ", ".join(str(p) for p in missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+            shown = ", ".join(str(p) for p in missing[:5]) + (
+                f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+            )
             raise DataError(
                 f"BCM training needs an object mask for every training image (white = object), to black the object "
                 f"out of its background; none found for: {shown}. Put them in '{OBJECT_MASK_FOLDER}/' "
@@ -132,8 +134,10 @@ class DefectSet:
         split = f", split {self.split!r}: {len(self.samples)} of {self.total}" if self.total is not None else ""
         defect = f" defect {self.defect!r}" if self.defect else ""
         obj = ", object masks: yes" if self.has_object_masks else ""
-        return (f"{self.root} ({self.layout}{defect}): {len(self.samples)} training image(s){split}, "
-                f"{len(self.normals)} normal image(s){obj}")
+        return (
+            f"{self.root} ({self.layout}{defect}): {len(self.samples)} training image(s){split}, "
+            f"{len(self.normals)} normal image(s){obj}"
+        )
 
     def fingerprint(self) -> list[list[str]]:
         """``[[role, path relative to root, sha256], ...]`` of every training file (checked when resuming)."""
@@ -199,7 +203,9 @@ def list_images(folder: Path, what: str, allow_empty: bool = False) -> list[Path
             + (f" ({len(others) - 1} more such file(s))" if len(others) > 1 else "")
         )
     if not files and not allow_empty:
-        raise DataError(f"{folder}: the folder holds no images ({what}); put {', '.join(IMAGE_EXTENSIONS[:3])} files there.")
+        raise DataError(
+            f"{folder}: the folder holds no images ({what}); put {', '.join(IMAGE_EXTENSIONS[:3])} files there."
+        )
     return files
 
 
@@ -217,8 +223,13 @@ def _index_by_stem(files: Iterable[Path]) -> dict[str, list[Path]]:
     return out
 
 
-def match_masks(images: Sequence[Path], mask_files: Sequence[Path], what: str = "mask",
-                suffixes: Sequence[str] = ("", MASK_SUFFIX), required: bool = True) -> list[Path | None]:
+def match_masks(
+    images: Sequence[Path],
+    mask_files: Sequence[Path],
+    what: str = "mask",
+    suffixes: Sequence[str] = ("", MASK_SUFFIX),
+    required: bool = True,
+) -> list[Path | None]:
     """For each image the file in ``mask_files`` named ``<stem><suffix>.<any image ext>``."""
     index = _index_by_stem(mask_files)
     out: list[Path | None] = []
@@ -249,7 +260,10 @@ def _warn_orphans(masks: Sequence[Path], used: Iterable[Path | None], what: str 
     if orphans:
         warnings.warn(
             f"{orphans[0]}: {what} without a matching image; ignored (is an image missing or named differently?)"
-            + (f" ({len(orphans) - 1} more such file(s))" if len(orphans) > 1 else ""), DataWarning, stacklevel=3)
+            + (f" ({len(orphans) - 1} more such file(s))" if len(orphans) > 1 else ""),
+            DataWarning,
+            stacklevel=3,
+        )
 
 
 def object_mask_files(folder: str | os.PathLike) -> list[Path]:
@@ -260,10 +274,14 @@ def find_mvtec(category: str | os.PathLike, defect: str, object_masks: str | os.
     """``<category>/test/<defect>`` images, ``ground_truth/<defect>/<stem>_mask.png`` masks, ``train/good`` normals."""
     root = Path(category)
     if not defect:
-        raise DataError(f"{root}: an MVTec category folder needs a defect name (one of {', '.join(mvtec_defects(root))}).")
+        raise DataError(
+            f"{root}: an MVTec category folder needs a defect name (one of {', '.join(mvtec_defects(root))})."
+        )
     if defect == "good":
-        raise DataError(f"{root}: 'good' holds the normal images; name a defect type to train "
-                        f"({', '.join(mvtec_defects(root)) or 'none found'}).")
+        raise DataError(
+            f"{root}: 'good' holds the normal images; name a defect type to train "
+            f"({', '.join(mvtec_defects(root)) or 'none found'})."
+        )
     test = root / "test" / defect
     if not test.is_dir():
         avail = mvtec_defects(root)
@@ -279,8 +297,11 @@ def find_mvtec(category: str | os.PathLike, defect: str, object_masks: str | os.
     masks = match_masks(images, mask_files, suffixes=(MASK_SUFFIX, ""))
     _warn_orphans(mask_files, masks)
     objs = _object_masks_for(images, object_masks)
-    normals = list_images(root / "train" / "good", "normal images", allow_empty=True) \
-        if (root / "train" / "good").is_dir() else []
+    normals = (
+        list_images(root / "train" / "good", "normal images", allow_empty=True)
+        if (root / "train" / "good").is_dir()
+        else []
+    )
     samples = [DefectSample(i, m, o) for i, m, o in zip(images, masks, objs)]
     return DefectSet(samples, normals, root, "mvtec", defect)
 
@@ -295,8 +316,9 @@ def mvtec_defects(root: Path) -> list[str]:
 def _object_masks_for(images: Sequence[Path], folder: str | os.PathLike | None) -> list[Path | None]:
     if folder is None:
         return [None] * len(images)
-    return match_masks(images, object_mask_files(folder), "object mask", suffixes=("", MASK_SUFFIX, OBJECT_SUFFIX),
-                       required=False)
+    return match_masks(
+        images, object_mask_files(folder), "object mask", suffixes=("", MASK_SUFFIX, OBJECT_SUFFIX), required=False
+    )
 
 
 def find_flat(folder: str | os.PathLike, object_masks: str | os.PathLike | None = None) -> DefectSet:
@@ -315,8 +337,10 @@ def find_flat(folder: str | os.PathLike, object_masks: str | os.PathLike | None 
     if (root / "images").is_dir():
         images = list_images(root / "images", "defect images")
         if not (root / "masks").is_dir():
-            raise DataError(f"{root}: has images/ but no masks/ folder; put one mask per image in {root / 'masks'} "
-                            "(same name as the image, or <name>_mask.png).")
+            raise DataError(
+                f"{root}: has images/ but no masks/ folder; put one mask per image in {root / 'masks'} "
+                "(same name as the image, or <name>_mask.png)."
+            )
         mask_files = list_images(root / "masks", "masks")
         masks = match_masks(images, mask_files)
         _warn_orphans(mask_files, masks)
@@ -338,8 +362,9 @@ def find_flat(folder: str | os.PathLike, object_masks: str | os.PathLike | None 
     return DefectSet([DefectSample(i, m, o) for i, m, o in zip(images, masks, objs)], normals, root, "side-by-side")
 
 
-def find_defect_set(path: str | os.PathLike, defect: str | None = None,
-                    object_masks: str | os.PathLike | None = None) -> DefectSet:
+def find_defect_set(
+    path: str | os.PathLike, defect: str | None = None, object_masks: str | os.PathLike | None = None
+) -> DefectSet:
     """Detect the layout: an MVTec category (``path/test/`` and a defect name) or a flat folder."""
     root = Path(path)
     if not root.exists():
@@ -354,8 +379,10 @@ def find_defect_set(path: str | os.PathLike, defect: str | None = None,
     if defect:
         if (root / defect / "test").is_dir():
             raise DataError(f"{root}: this looks like the MVTec root; give the category folder, e.g. {root / defect}.")
-        raise DataError(f"{root}: a defect name ({defect!r}) was given but this is not an MVTec category folder "
-                        "(no test/ and ground_truth/ inside). Drop the defect name for a flat folder.")
+        raise DataError(
+            f"{root}: a defect name ({defect!r}) was given but this is not an MVTec category folder "
+            "(no test/ and ground_truth/ inside). Drop the defect name for a flat folder."
+        )
     return find_flat(root, object_masks)
 
 
@@ -372,10 +399,13 @@ def read_image(path: Path, what: str = "image") -> Image.Image:
             im.load()
             return ImageOps.exif_transpose(im)
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not a readable {what} (unknown or corrupt format); re-export it as PNG or remove it.") from None
+        raise DataError(
+            f"{path}: not a readable {what} (unknown or corrupt format); re-export it as PNG or remove it."
+        ) from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the {what} ({e}); the file is truncated or damaged, re-export it as PNG "
-                        "or remove it.") from None
+        raise DataError(
+            f"{path}: cannot read the {what} ({e}); the file is truncated or damaged, re-export it as PNG or remove it."
+        ) from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = old
 
@@ -429,7 +459,8 @@ def read_mask(path: Path, size: tuple[int, int], image_path: Path, what: str = "
         warnings.warn(
             f"{path}: the {what} is not strictly black/white ({len(levels)} gray levels); binarized at 50 % "
             f"({int(binary.sum())} defect pixels). Save masks as 0/255 PNG to silence this.",
-            DataWarning, stacklevel=2,
+            DataWarning,
+            stacklevel=2,
         )
     return binary
 
@@ -505,8 +536,15 @@ class DefectDataset:
     ``backgrounds=True`` builds each image's BCM background (object blacked out) and needs object masks.
     """
 
-    def __init__(self, defect_set: DefectSet, resolution: int = 512, flips: str = "hv", crop: str = "center",
-                 backgrounds: bool = False, multiple_of: int = 8):
+    def __init__(
+        self,
+        defect_set: DefectSet,
+        resolution: int = 512,
+        flips: str = "hv",
+        crop: str = "center",
+        backgrounds: bool = False,
+        multiple_of: int = 8,
+    ):
         if flips not in FLIPS:
             raise DataError(f"unknown flips {flips!r}; choose one of {', '.join(FLIPS)}")
         if crop not in CROPS:
@@ -647,8 +685,13 @@ class PairSampler:
         return draws
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "order": list(self.order), "epoch": self.epoch,
-                "n_items": self.n_items, "batch_size": self.batch_size}
+        return {
+            "generator": self.generator.get_state(),
+            "order": list(self.order),
+            "epoch": self.epoch,
+            "n_items": self.n_items,
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["n_items"]) != self.n_items:

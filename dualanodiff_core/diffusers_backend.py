@@ -15,8 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -70,8 +69,14 @@ class DualAnoDiffProcessor(DualBranchLayers):
             mask = attn.prepare_attention_mask(attention_mask, src_len, hidden_states.shape[0])
             mask = mask.view(hidden_states.shape[0], attn.heads, -1, mask.shape[-1])
         out = dual_branch_attention(
-            attn, self, hidden_states, context, self.control,
-            layer_name=self.layer_name, is_self_attention=self.is_self_attention, mask=mask,
+            attn,
+            self,
+            hidden_states,
+            context,
+            self.control,
+            layer_name=self.layer_name,
+            is_self_attention=self.is_self_attention,
+            mask=mask,
         )
         if getattr(attn, "residual_connection", False):
             out = out + residual
@@ -102,8 +107,15 @@ class DualUNet:
             layer = proc_name[: -len(".processor")]
             attn = modules[layer]
             p = DualAnoDiffProcessor(
-                attn, layer, self.control, rank=rank, alpha=alpha, saim=saim, bcm=bcm,
-                saim_zero_init=saim_zero_init, bcm_alpha_init=bcm_alpha_init,
+                attn,
+                layer,
+                self.control,
+                rank=rank,
+                alpha=alpha,
+                saim=saim,
+                bcm=bcm,
+                saim_zero_init=saim_zero_init,
+                bcm_alpha_init=bcm_alpha_init,
             )
             ref = next(attn.parameters())
             procs[proc_name] = p.to(device=ref.device)
@@ -111,7 +123,7 @@ class DualUNet:
         unet.set_attn_processor(procs)
 
     @classmethod
-    def from_weights(cls, unet: nn.Module, weights: DualAnoDiffWeights, **kwargs) -> "DualUNet":
+    def from_weights(cls, unet: nn.Module, weights: DualAnoDiffWeights, **kwargs) -> DualUNet:
         d = cls(unet, rank=weights.rank, alpha=weights.alpha, saim=weights.has_saim, bcm=weights.has_bcm, **kwargs)
         d.load_weights(weights)
         return d
@@ -137,9 +149,10 @@ class DualUNet:
         expected = self.state_dict()
         if strict:
             DualAnoDiffWeights(sd).check_keys(
-                expected, "UNet weights",
+                expected,
+                "UNet weights",
                 hint=f"The model was installed with {self.config}; weights and model must agree on layers, SAIM and "
-                     "BCM (build it with DualUNet.from_weights to match the file).",
+                "BCM (build it with DualUNet.from_weights to match the file).",
             )
         clear_fast_cache(self.unet)
         with torch.no_grad():
@@ -147,7 +160,9 @@ class DualUNet:
                 if k not in expected:
                     continue
                 if expected[k].shape != v.shape:
-                    raise WeightsError(f"{k}: shape {tuple(v.shape)} in the weights, {tuple(expected[k].shape)} in the model")
+                    raise WeightsError(
+                        f"{k}: shape {tuple(v.shape)} in the weights, {tuple(expected[k].shape)} in the model"
+                    )
                 expected[k].copy_(v.to(expected[k].dtype))
 
     def __call__(self, sample, timestep, context, **kwargs) -> torch.Tensor:
@@ -177,22 +192,26 @@ class TextEncoderLoRA(nn.Module):
         self._handles = []
         ref = next(text_encoder.parameters())
         for module_name, mod in text_encoder.named_modules():
-            if all(hasattr(mod, p) for p in self._PROJ.values()) and isinstance(getattr(mod, "q_proj"), nn.Linear):
+            if all(hasattr(mod, p) for p in self._PROJ.values()) and isinstance(mod.q_proj, nn.Linear):
                 m = re.search(r"layers\.(\d+)\.self_attn$", module_name)
                 if not m:
                     raise TypeError(f"unexpected CLIP attention module name {module_name!r}")
                 # canonical (transformers-version independent) name, as the reference checkpoints spell it
                 name = f"text_model.encoder.layers.{m.group(1)}.self_attn"
-                block = nn.ModuleDict({
-                    lora: LoRALinear(getattr(mod, proj).in_features, getattr(mod, proj).out_features, rank, alpha)
-                    for lora, proj in self._PROJ.items()
-                })
+                block = nn.ModuleDict(
+                    {
+                        lora: LoRALinear(getattr(mod, proj).in_features, getattr(mod, proj).out_features, rank, alpha)
+                        for lora, proj in self._PROJ.items()
+                    }
+                )
                 self.names.append(name)
                 self.blocks.append(block.to(ref.device))
                 for lora, proj in self._PROJ.items():
                     self._handles.append(getattr(mod, proj).register_forward_hook(self._hook(block[lora])))
         if not self.names:
-            raise TypeError(f"{type(text_encoder).__name__}: no CLIP self-attention (q_proj/k_proj/v_proj/out_proj) found")
+            raise TypeError(
+                f"{type(text_encoder).__name__}: no CLIP self-attention (q_proj/k_proj/v_proj/out_proj) found"
+            )
 
     def _hook(self, lora: LoRALinear):
         def hook(module, args, output):
@@ -200,6 +219,7 @@ class TextEncoderLoRA(nn.Module):
                 return output
             delta = lora(args[0])
             return output + (delta if self.strength == 1.0 else delta * self.strength)
+
         return hook
 
     def uninstall(self) -> None:
@@ -224,7 +244,9 @@ class TextEncoderLoRA(nn.Module):
             for k, v in sd.items():
                 if k in expected:
                     if expected[k].shape != v.shape:
-                        raise WeightsError(f"{k}: shape {tuple(v.shape)} in the weights, {tuple(expected[k].shape)} in the model")
+                        raise WeightsError(
+                            f"{k}: shape {tuple(v.shape)} in the weights, {tuple(expected[k].shape)} in the model"
+                        )
                     expected[k].copy_(v.to(expected[k].dtype))
 
 
@@ -240,7 +262,10 @@ def check_tokenizer(tokenizer) -> None:
 def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Tensor:
     """CLIP embeddings ``[len(prompts), tokens, dim]`` as Stable Diffusion 1.x uses them (last hidden state)."""
     ids = tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
         return_tensors="pt",
     ).input_ids
     device = next(text_encoder.parameters()).device
@@ -262,8 +287,15 @@ def make_scheduler(name: str, config: dict):
 
 
 SD15_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False, prediction_type="epsilon",
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    clip_sample=False,
+    prediction_type="epsilon",
 )
 
 
@@ -301,15 +333,27 @@ def _noise_fn(source, shape, device, dtype, seed_fallback: int | None):
             gen.manual_seed(seed_fallback)
         else:
             gen.seed()
-    return lambda i: torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32).to(device=device, dtype=dtype)
+    return lambda i: torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32).to(
+        device=device, dtype=dtype
+    )
 
 
 class DualAnoDiffPipeline:
     """Generate (whole image, anomaly part) pairs with a diffusers SD1.x model and DualAnoDiff weights."""
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict | None = None,
-                 weights: DualAnoDiffWeights | None = None, rank: int = 32, saim: bool = True, bcm: bool = False,
-                 text_lora: bool = True):
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler_config: dict | None = None,
+        weights: DualAnoDiffWeights | None = None,
+        rank: int = 32,
+        saim: bool = True,
+        bcm: bool = False,
+        text_lora: bool = True,
+    ):
         check_tokenizer(tokenizer)
         self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
         self.scheduler_config = dict(scheduler_config or SD15_SCHEDULER_CONFIG)
@@ -338,8 +382,14 @@ class DualAnoDiffPipeline:
         return next(self.unet.parameters()).dtype
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike, weights: str | os.PathLike | DualAnoDiffWeights | None = None,
-                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **kwargs):
+    def from_pretrained(
+        cls,
+        model_dir: str | os.PathLike,
+        weights: str | os.PathLike | DualAnoDiffWeights | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        **kwargs,
+    ):
         """Load a local diffusers SD1.x folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
         ``scheduler/``). Nothing is downloaded."""
         from .models import load_diffusers_components
@@ -347,8 +397,15 @@ class DualAnoDiffPipeline:
         comps = load_diffusers_components(model_dir, dtype=dtype, device=device)
         if weights is not None and not isinstance(weights, DualAnoDiffWeights):
             weights = DualAnoDiffWeights.load(weights)
-        pipe = cls(comps["unet"], comps["vae"], comps["text_encoder"], comps["tokenizer"], comps["scheduler_config"],
-                   weights=weights, **kwargs)
+        pipe = cls(
+            comps["unet"],
+            comps["vae"],
+            comps["text_encoder"],
+            comps["tokenizer"],
+            comps["scheduler_config"],
+            weights=weights,
+            **kwargs,
+        )
         pipe.base_model = str(model_dir)
         return pipe
 
@@ -378,7 +435,9 @@ class DualAnoDiffPipeline:
 
     def encode_images(self, images: torch.Tensor, generator=None) -> torch.Tensor:
         """Images in [-1, 1] -> latents *scaled* by the VAE scaling factor (what the UNet denoises)."""
-        return self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist.sample(generator) * self.scaling_factor
+        return (
+            self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist.sample(generator) * self.scaling_factor
+        )
 
     def encode_background(self, images: torch.Tensor, generator=None) -> torch.Tensor:
         """BCM background latents: a VAE *sample*, **not** multiplied by the scaling factor (as the reference)."""
@@ -468,26 +527,30 @@ class DualAnoDiffPipeline:
                 gray = self.encode_background(torch.zeros_like(background[:1]), generator)
             else:
                 gray = None
-            bg_cond = background_latents.to(device, dtype).expand(n_pairs, -1, -1, -1) \
-                if background_latents.shape[0] == 1 else background_latents.to(device, dtype)
+            bg_cond = (
+                background_latents.to(device, dtype).expand(n_pairs, -1, -1, -1)
+                if background_latents.shape[0] == 1
+                else background_latents.to(device, dtype)
+            )
             if use_cfg:
                 if gray is None:
                     gray = self.encode_background(
-                        torch.zeros((1, 3, height, width), device=device, dtype=self.vae.dtype), generator)
+                        torch.zeros((1, 3, height, width), device=device, dtype=self.vae.dtype), generator
+                    )
                 bg = torch.cat([gray.to(dtype).expand(n_pairs, -1, -1, -1), bg_cond])
             else:
                 bg = bg_cond
             from diffusers import DDPMScheduler
 
             ddpm = DDPMScheduler.from_config({k: v for k, v in self.scheduler_config.items() if not k.startswith("_")})
-            noise_fn = _noise_fn(bcm_noise, tuple(bg.shape), device, dtype,
-                                 None if seed is None else seed + 1)
+            noise_fn = _noise_fn(bcm_noise, tuple(bg.shape), device, dtype, None if seed is None else seed + 1)
             bg_context = context[0::2]
 
         control = self.dual.control
         call = 0
-        with control.using(mode=MODE_DUAL, lora_strength=tuple(lora_strength), saim_strength=saim_strength,
-                           bcm_strength=bcm_strength):
+        with control.using(
+            mode=MODE_DUAL, lora_strength=tuple(lora_strength), saim_strength=saim_strength, bcm_strength=bcm_strength
+        ):
             for i, t in enumerate(scheduler.timesteps):
                 x = torch.cat([latents, latents]) if use_cfg else latents
                 x = scheduler.scale_model_input(x, t)

@@ -5,9 +5,10 @@ Three questions, one function each, and :func:`benchmark` that runs them all on 
 (a) **Mask alignment** -- does the generated image actually show a defect where the mask says? An independent
     detector (:class:`TextureDetector`: per-pixel deviation from the normal texture's statistics, fitted on normal
     images only) is run on each generated *global* image and compared with the mask extracted from the anomaly
-    branch (IoU after thresholding the detector at a fixed false-positive rate on normal images and trimming to pixels whose
-    own colour is unusual; pixel AUROC of the detector's score against the mask, threshold-free). The same detector on *real* held-out defects against their
-    true masks gives the reference: a generated set is as well aligned as real data when its numbers match.
+    branch (IoU after thresholding the detector at a fixed false-positive rate on normal images and trimming to pixels
+    whose own colour is unusual; pixel AUROC of the detector's score against the mask, threshold-free). The same
+    detector on *real* held-out defects against their true masks gives the reference: a generated set is as well
+    aligned as real data when its numbers match.
 (b) **Diversity** -- mean pairwise distance inside a set: pixel L1 between images, the IC-LPIPS protocol with L1 in
     place of LPIPS (cluster around the few-shot training images), ``1 - IoU`` between masks (where and what shape),
     and the distance of each image to its nearest few-shot training image (a copy of a training image gives 0).
@@ -32,8 +33,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +62,7 @@ class PairSet:
     def __len__(self) -> int:
         return len(self.names)
 
-    def subset(self, idx) -> "PairSet":
+    def subset(self, idx) -> PairSet:
         idx = list(idx)
         return PairSet(self.images[idx], self.masks[idx], [self.names[i] for i in idx])
 
@@ -138,20 +140,28 @@ def strict_train_count(n: int) -> int:
     return max(1, n // 3)
 
 
-def load_real(root: str | Path, category: str, defect: str, train_count: int | None = None,
-              size: int | None = None) -> RealData:
+def load_real(
+    root: str | Path, category: str, defect: str, train_count: int | None = None, size: int | None = None
+) -> RealData:
     base = Path(root) / category
     if not base.is_dir():
         raise FileNotFoundError(f"{base} does not exist; give the dataset root (the folder holding {category}/)")
     pairs = load_pairs(base / "test" / defect, base / "ground_truth" / defect, size)
     k = strict_train_count(len(pairs)) if train_count is None else int(train_count)
     if not 1 <= k < len(pairs):
-        raise ValueError(f"train_count={k}: {category}/{defect} has {len(pairs)} defect images; keep at least one "
-                         "for training and one held out")
+        raise ValueError(
+            f"train_count={k}: {category}/{defect} has {len(pairs)} defect images; keep at least one "
+            "for training and one held out"
+        )
     size = size or pairs.images.shape[1]
-    return RealData(category, defect, load_images(base / "train" / "good", size),
-                    load_images(base / "test" / "good", size), pairs.subset(range(k)),
-                    pairs.subset(range(k, len(pairs))))
+    return RealData(
+        category,
+        defect,
+        load_images(base / "train" / "good", size),
+        load_images(base / "test" / "good", size),
+        pairs.subset(range(k)),
+        pairs.subset(range(k, len(pairs))),
+    )
 
 
 @dataclasses.dataclass
@@ -168,8 +178,10 @@ def load_generated(root: str | Path, category: str, defect: str, size: int | Non
     root = Path(root)
     img_dir = root / category / "test" / defect
     if not img_dir.is_dir():
-        raise FileNotFoundError(f"{img_dir} does not exist: give the --out folder of `dualanodiff generate` and the "
-                                "category/defect it was generated for")
+        raise FileNotFoundError(
+            f"{img_dir} does not exist: give the --out folder of `dualanodiff generate` and the "
+            "category/defect it was generated for"
+        )
     pairs = load_pairs(img_dir, root / category / "ground_truth" / defect, size)
     fg_dir = root / "fg" / category / defect
     fg = None
@@ -225,7 +237,7 @@ def _colour_features(img: np.ndarray, sigma: float = 0.5) -> np.ndarray:
 class _Gaussian:
     """Mahalanobis distance to a Gaussian fitted on feature vectors."""
 
-    def fit(self, feats: np.ndarray) -> "_Gaussian":
+    def fit(self, feats: np.ndarray) -> _Gaussian:
         f = feats.astype(np.float64)
         self.mean = f.mean(0)
         self.precision = np.linalg.inv(np.cov(f, rowvar=False) + 1e-3 * np.eye(f.shape[1]))
@@ -247,8 +259,7 @@ class TextureDetector:
     colour is unusual (colour Mahalanobis distance above the ``pixel_quantile`` of normal pixels), and components
     under ``min_area`` pixels are dropped."""
 
-    def __init__(self, quantile: float = 0.999, pixel_quantile: float = 0.95, min_area: int = 3,
-                 smooth: float = 1.0):
+    def __init__(self, quantile: float = 0.999, pixel_quantile: float = 0.95, min_area: int = 3, smooth: float = 1.0):
         if not 0.5 < quantile < 1 or not 0.5 < pixel_quantile < 1:
             raise ValueError(f"quantile={quantile}, pixel_quantile={pixel_quantile}: both must be in (0.5, 1)")
         self.quantile, self.pixel_quantile = float(quantile), float(pixel_quantile)
@@ -256,7 +267,7 @@ class TextureDetector:
         self.threshold: float | None = None
         self.pixel_threshold: float | None = None
 
-    def fit(self, normals: np.ndarray, seed: int = 0) -> "TextureDetector":
+    def fit(self, normals: np.ndarray, seed: int = 0) -> TextureDetector:
         if len(normals) < 4:
             raise ValueError("the texture detector needs at least 4 normal images")
         half = len(normals) // 2
@@ -272,15 +283,18 @@ class TextureDetector:
         self._colour = _Gaussian().fit(np.concatenate(cols))
         held = normals[half:]
         self.threshold = float(np.quantile(self.score(held), self.quantile))
-        self.pixel_threshold = float(np.quantile(np.stack([self._colour(_colour_features(i)) for i in held]),
-                                                 self.pixel_quantile))
+        self.pixel_threshold = float(
+            np.quantile(np.stack([self._colour(_colour_features(i)) for i in held]), self.pixel_quantile)
+        )
         return self
 
     def score(self, images: np.ndarray) -> np.ndarray:
         if not hasattr(self, "_local"):
             raise RuntimeError("fit the detector first")
-        out = [gaussian_blur(self._local(_features(img))[..., None].astype(np.float32), self.smooth)[..., 0]
-               for img in images]
+        out = [
+            gaussian_blur(self._local(_features(img))[..., None].astype(np.float32), self.smooth)[..., 0]
+            for img in images
+        ]
         return np.stack(out)
 
     def detect(self, images: np.ndarray, scores: np.ndarray | None = None) -> np.ndarray:
@@ -331,8 +345,9 @@ def _subsample(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return x[idx]
 
 
-def diversity(images: np.ndarray, masks: np.ndarray, train_images: np.ndarray, max_items: int = 200,
-              seed: int = 0) -> dict[str, float]:
+def diversity(
+    images: np.ndarray, masks: np.ndarray, train_images: np.ndarray, max_items: int = 200, seed: int = 0
+) -> dict[str, float]:
     """Diversity of one set (uint8 images, bool masks) and its distance from the few-shot training images."""
     idx = np.arange(len(images))
     if len(idx) > max_items:
@@ -362,8 +377,14 @@ class SegNet(nn.Module):
         super().__init__()
 
         def block(i, o):
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(inplace=True),
-                                 nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
+            return nn.Sequential(
+                nn.Conv2d(i, o, 3, padding=1),
+                nn.BatchNorm2d(o),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(o, o, 3, padding=1),
+                nn.BatchNorm2d(o),
+                nn.ReLU(inplace=True),
+            )
 
         w = width
         self.e1, self.e2, self.e3 = block(3, w), block(w, 2 * w), block(2 * w, 4 * w)
@@ -388,7 +409,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -
     lognp = F.logsigmoid(-logits)
     logpt = torch.where(target > 0.5, logp, lognp)
     pt = logpt.exp()
-    return (-(1 - pt) ** gamma * logpt).mean()
+    return (-((1 - pt) ** gamma) * logpt).mean()
 
 
 def _to_input(images: np.ndarray) -> torch.Tensor:
@@ -416,9 +437,13 @@ class SegConfig:
         return dataclasses.asdict(self)
 
 
-def train_segnet(normals: np.ndarray, pairs: PairSet | Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]],
-                 config: SegConfig = SegConfig(), seed: int = 0,
-                 progress: Callable[[int, int, float], None] | None = None) -> SegNet:
+def train_segnet(
+    normals: np.ndarray,
+    pairs: PairSet | Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]],
+    config: SegConfig = SegConfig(),
+    seed: int = 0,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> SegNet:
     """Train a :class:`SegNet`: each batch is ``normal_fraction`` normal images (empty masks) and defect pairs drawn
     from ``pairs`` (a :class:`PairSet`, sampled uniformly, or a function ``rng -> (image, mask)``), all flipped at
     random. Adam, lr ``config.lr`` decayed x0.2 at 80 % and 90 % of the steps (the reference's MultiStepLR)."""
@@ -460,7 +485,7 @@ def train_segnet(normals: np.ndarray, pairs: PairSet | Callable[[np.random.Gener
 def predict(net: SegNet, images: np.ndarray, batch: int = 64) -> np.ndarray:
     out = []
     for i in range(0, len(images), batch):
-        out.append(torch.sigmoid(net(_to_input(images[i:i + batch])))[:, 0].numpy())
+        out.append(torch.sigmoid(net(_to_input(images[i : i + batch])))[:, 0].numpy())
     return np.concatenate(out)
 
 
@@ -482,18 +507,21 @@ def segmentation_scores(prob: np.ndarray, masks: np.ndarray, labels: np.ndarray)
 def held_out_test_set(real: RealData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Held-out defects + normal test images: images, masks, image labels."""
     imgs = np.concatenate([real.held_out.images, real.normals_test])
-    masks = np.concatenate([real.held_out.masks, np.zeros((len(real.normals_test),) + real.held_out.masks.shape[1:], bool)])
+    masks = np.concatenate(
+        [real.held_out.masks, np.zeros((len(real.normals_test),) + real.held_out.masks.shape[1:], bool)]
+    )
     labels = np.r_[np.ones(len(real.held_out), bool), np.zeros(len(real.normals_test), bool)]
     return imgs, masks, labels
 
 
-def synthetic_pool(kind: str, real: RealData, n: int, seed: int = 0,
-                   other_normals: np.ndarray | None = None) -> PairSet:
+def synthetic_pool(
+    kind: str, real: RealData, n: int, seed: int = 0, other_normals: np.ndarray | None = None
+) -> PairSet:
     """``n`` CutPaste ("cutpaste", normal and scar variants 50/50) or Perlin ("perlin") pairs made from the normal
     training images. Perlin anomaly sources: ``other_normals`` (e.g. other products) and random colour fields."""
     rng = np.random.default_rng([seed, {"cutpaste": 1, "perlin": 2}.get(kind, 0)])
     imgs, masks = [], []
-    for i in range(n):
+    for _ in range(n):
         base = real.normals_train[int(rng.integers(0, len(real.normals_train)))]
         if kind == "cutpaste":
             img, m = synthetic.cutpaste(base, rng, "mixed")
@@ -536,9 +564,16 @@ def _other_normals(root: Path, category: str, size: int, limit: int = 60) -> np.
     return np.stack(out) if out else None
 
 
-def benchmark(data_root: str | Path, category: str, defect: str, generated: str | Path | None = None,
-              config: BenchConfig | None = None, generated_category: str | None = None,
-              generated_defect: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def benchmark(
+    data_root: str | Path,
+    category: str,
+    defect: str,
+    generated: str | Path | None = None,
+    config: BenchConfig | None = None,
+    generated_category: str | None = None,
+    generated_defect: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run (a), (b), (c) for one (category, defect). Without ``generated`` only the real and synthetic references
     are measured (the rows that need generated data are skipped and say so)."""
     config = config or BenchConfig()
@@ -552,12 +587,19 @@ def benchmark(data_root: str | Path, category: str, defect: str, generated: str 
         if len(gen.pairs) == 0:
             raise ValueError(f"{generated}: no accepted samples for {category}/{defect}")
     result: dict[str, Any] = {
-        "category": category, "defect": defect, "data_root": str(data_root),
-        "generated": None if generated is None else str(generated), "config": config.to_dict(),
-        "counts": {"normal_train": len(real.normals_train), "normal_test": len(real.normals_test),
-                   "few_shot": len(real.few_shot), "held_out": len(real.held_out),
-                   "generated": 0 if gen is None else len(gen.pairs),
-                   "generated_rejected": 0 if gen is None else gen.rejected},
+        "category": category,
+        "defect": defect,
+        "data_root": str(data_root),
+        "generated": None if generated is None else str(generated),
+        "config": config.to_dict(),
+        "counts": {
+            "normal_train": len(real.normals_train),
+            "normal_test": len(real.normals_test),
+            "few_shot": len(real.few_shot),
+            "held_out": len(real.held_out),
+            "generated": 0 if gen is None else len(gen.pairs),
+            "generated_rejected": 0 if gen is None else gen.rejected,
+        },
     }
     # (a) alignment
     det = TextureDetector(config.detector_quantile).fit(real.normals_train)
@@ -571,18 +613,25 @@ def benchmark(data_root: str | Path, category: str, defect: str, generated: str 
     result["alignment"] = align
     log("alignment done")
     # (b) diversity
-    div = {"real_held_out": diversity(real.held_out.images, real.held_out.masks, real.few_shot.images,
-                                      config.max_diversity_items)}
+    div = {
+        "real_held_out": diversity(
+            real.held_out.images, real.held_out.masks, real.few_shot.images, config.max_diversity_items
+        )
+    }
     if gen is not None:
-        div["generated"] = diversity(gen.pairs.images, gen.pairs.masks, real.few_shot.images,
-                                     config.max_diversity_items)
+        div["generated"] = diversity(
+            gen.pairs.images, gen.pairs.masks, real.few_shot.images, config.max_diversity_items
+        )
     result["diversity"] = div
     log("diversity done")
     # (c) usefulness
     test_imgs, test_masks, test_labels = held_out_test_set(real)
     det_scores = det.score(test_imgs)
-    use: dict[str, Any] = {"texture_detector (no training)": {
-        "scores": segmentation_scores(det_scores / (det_scores.max() + 1e-9), test_masks, test_labels)}}
+    use: dict[str, Any] = {
+        "texture_detector (no training)": {
+            "scores": segmentation_scores(det_scores / (det_scores.max() + 1e-9), test_masks, test_labels)
+        }
+    }
     pools: dict[str, PairSet] = {}
     others = None
     for src in config.sources:
@@ -597,9 +646,11 @@ def benchmark(data_root: str | Path, category: str, defect: str, generated: str 
             # the few real pairs are as likely to be drawn as the whole generated set
             reps = max(1, len(gen.pairs) // max(1, len(real.few_shot)))
             fs = real.few_shot
-            pools[src] = PairSet(np.concatenate([gen.pairs.images] + [fs.images] * reps),
-                                 np.concatenate([gen.pairs.masks] + [fs.masks] * reps),
-                                 gen.pairs.names + fs.names * reps)
+            pools[src] = PairSet(
+                np.concatenate([gen.pairs.images] + [fs.images] * reps),
+                np.concatenate([gen.pairs.masks] + [fs.masks] * reps),
+                gen.pairs.names + fs.names * reps,
+            )
         elif src in ("cutpaste", "perlin"):
             if src == "perlin" and others is None:
                 others = _other_normals(Path(data_root), category, size)
@@ -613,11 +664,17 @@ def benchmark(data_root: str | Path, category: str, defect: str, generated: str 
             net = train_segnet(real.normals_train, pool, config.seg, seed)
             sc = segmentation_scores(predict(net, test_imgs), test_masks, test_labels)
             runs.append(sc)
-            log(f"usefulness {src} seed {seed}: pixel AP {sc['pixel_ap']:.3f} AUROC {sc['pixel_auroc']:.3f} "
-                f"({time.time() - t1:.0f} s)")
+            log(
+                f"usefulness {src} seed {seed}: pixel AP {sc['pixel_ap']:.3f} AUROC {sc['pixel_auroc']:.3f} "
+                f"({time.time() - t1:.0f} s)"
+            )
         agg = {k: metrics.mean_std(r[k] for r in runs) for k in runs[0]}
-        use[src] = {"scores": {k: v[0] for k, v in agg.items()}, "std": {k: v[1] for k, v in agg.items()},
-                    "per_seed": runs, "train_pairs": len(pool)}
+        use[src] = {
+            "scores": {k: v[0] for k, v in agg.items()},
+            "std": {k: v[1] for k, v in agg.items()},
+            "per_seed": runs,
+            "train_pairs": len(pool),
+        }
     result["usefulness"] = use
     result["seconds"] = round(time.time() - t0, 1)
     return result
@@ -635,36 +692,54 @@ def _f(v, digits: int = 3) -> str:
 
 def format_report(r: dict[str, Any]) -> str:
     c = r["counts"]
-    lines = [f"MiniDefect quality: {r['category']}/{r['defect']}  (few-shot {c['few_shot']}, held-out {c['held_out']}, "
-             f"normal test {c['normal_test']}, generated {c['generated']} accepted / {c['generated_rejected']} rejected)",
-             "", "(a) mask alignment: independent texture detector vs mask",
-             f"    {'set':<16}{'IoU mean':>10}{'IoU med':>10}{'pix AUROC':>11}{'hit rate':>10}{'mask area':>11}"]
+    lines = [
+        f"MiniDefect quality: {r['category']}/{r['defect']}  (few-shot {c['few_shot']}, held-out {c['held_out']}, "
+        f"normal test {c['normal_test']}, generated {c['generated']} accepted / {c['generated_rejected']} rejected)",
+        "",
+        "(a) mask alignment: independent texture detector vs mask",
+        f"    {'set':<16}{'IoU mean':>10}{'IoU med':>10}{'pix AUROC':>11}{'hit rate':>10}{'mask area':>11}",
+    ]
     for name in ("real_held_out", "generated"):
         a = r["alignment"].get(name)
         if a:
-            lines.append(f"    {name:<16}{_f(a['iou_mean']):>10}{_f(a['iou_median']):>10}{_f(a['pixel_auroc']):>11}"
-                         f"{_f(a['hit_rate']):>10}{_f(a['mask_area'], 4):>11}")
-    lines.append(f"    detector false-positive area on normal test images: "
-                 f"{_f(r['alignment']['normal_test_false_positive_area'], 4)}")
-    lines += ["", "(b) diversity (pixel L1 in [0,1]; IC-L1 = IC-LPIPS protocol with L1)",
-              f"    {'set':<16}{'pairwise':>10}{'IC-L1':>10}{'mask 1-IoU':>12}{'to train':>10}{'min':>8}"]
+            lines.append(
+                f"    {name:<16}{_f(a['iou_mean']):>10}{_f(a['iou_median']):>10}{_f(a['pixel_auroc']):>11}"
+                f"{_f(a['hit_rate']):>10}{_f(a['mask_area'], 4):>11}"
+            )
+    lines.append(
+        f"    detector false-positive area on normal test images: "
+        f"{_f(r['alignment']['normal_test_false_positive_area'], 4)}"
+    )
+    lines += [
+        "",
+        "(b) diversity (pixel L1 in [0,1]; IC-L1 = IC-LPIPS protocol with L1)",
+        f"    {'set':<16}{'pairwise':>10}{'IC-L1':>10}{'mask 1-IoU':>12}{'to train':>10}{'min':>8}",
+    ]
     for name in ("real_held_out", "generated"):
         d = r["diversity"].get(name)
         if d:
-            lines.append(f"    {name:<16}{_f(d['pixel_l1']):>10}{_f(d['ic_l1']):>10}{_f(d['mask_1_minus_iou']):>12}"
-                         f"{_f(d['nearest_train_l1']):>10}{_f(d['nearest_train_l1_min']):>8}")
-    lines += ["", "(c) usefulness: segmentation net trained on <source>, tested on held-out real defects + normals",
-              f"    {'source':<31}{'pix AP':>14}{'pix AUROC':>14}{'pix F1max':>11}{'img AUROC':>11}"]
+            lines.append(
+                f"    {name:<16}{_f(d['pixel_l1']):>10}{_f(d['ic_l1']):>10}{_f(d['mask_1_minus_iou']):>12}"
+                f"{_f(d['nearest_train_l1']):>10}{_f(d['nearest_train_l1_min']):>8}"
+            )
+    lines += [
+        "",
+        "(c) usefulness: segmentation net trained on <source>, tested on held-out real defects + normals",
+        f"    {'source':<31}{'pix AP':>14}{'pix AUROC':>14}{'pix F1max':>11}{'img AUROC':>11}",
+    ]
     for name, u in r["usefulness"].items():
         if "skipped" in u:
             lines.append(f"    {name:<31}  skipped: {u['skipped']}")
             continue
         s, sd = u["scores"], u.get("std", {})
         several = len(u.get("per_seed", [])) > 1
-        pm = lambda k: _f(s[k]) + (f"±{_f(sd[k])}" if several and k in sd else "")  # noqa: E731
-        lines.append(f"    {name:<31}{pm('pixel_ap'):>14}{pm('pixel_auroc'):>14}{_f(s['pixel_f1max']):>11}"
-                     f"{_f(s['image_auroc']):>11}")
+        pm = lambda k: _f(s[k]) + (f"±{_f(sd[k])}" if several and k in sd else "")  # noqa: E731, B023 (used at once)
+        lines.append(
+            f"    {name:<31}{pm('pixel_ap'):>14}{pm('pixel_auroc'):>14}{_f(s['pixel_f1max']):>11}"
+            f"{_f(s['image_auroc']):>11}"
+        )
     n_seeds = len(r["config"]["seeds"])
-    lines.append(f"    ({n_seeds} seed(s), {r['config']['seg']['steps']} steps each"
-                 + ("; mean ± std)" if n_seeds > 1 else ")"))
+    lines.append(
+        f"    ({n_seeds} seed(s), {r['config']['seg']['steps']} steps each" + ("; mean ± std)" if n_seeds > 1 else ")")
+    )
     return "\n".join(lines)

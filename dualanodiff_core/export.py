@@ -30,8 +30,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -56,14 +57,18 @@ def check_name(value: str, what: str) -> str:
     """A category or defect name: one safe path component (letters, digits, ``._+-``), not a reserved word."""
     value = str(value)
     if not _NAME_RE.match(value) or value in (".", ".."):
-        raise DatasetError(f"{what} {value!r}: use letters, digits and . _ + - only (e.g. 'bottle', 'broken_large'); "
-                           "it becomes a folder name")
+        raise DatasetError(
+            f"{what} {value!r}: use letters, digits and . _ + - only (e.g. 'bottle', 'broken_large'); "
+            "it becomes a folder name"
+        )
     if what == "defect" and value == "good":
-        raise DatasetError("defect 'good' means *normal* in the MVTec layout; give the defect type instead "
-                           "(e.g. 'crack')")
+        raise DatasetError(
+            "defect 'good' means *normal* in the MVTec layout; give the defect type instead (e.g. 'crack')"
+        )
     if what == "category" and value in SIDE_DIRS + (MANIFEST,):
-        raise DatasetError(f"category {value!r} collides with the {value}/ folder this tool writes; "
-                           "choose another name")
+        raise DatasetError(
+            f"category {value!r} collides with the {value}/ folder this tool writes; choose another name"
+        )
     return value
 
 
@@ -169,8 +174,17 @@ class DatasetWriter:
     never mixes samples made differently.
     """
 
-    def __init__(self, out: str | os.PathLike, category: str, defect: str, *, digits: int = 3,
-                 research_layout: bool = False, keep_rejected: bool = True, settings: dict | None = None):
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        category: str,
+        defect: str,
+        *,
+        digits: int = 3,
+        research_layout: bool = False,
+        keep_rejected: bool = True,
+        settings: dict | None = None,
+    ):
         self.out = Path(out)
         self.category = check_name(category, "category")
         self.defect = check_name(defect, "defect")
@@ -213,18 +227,27 @@ class DatasetWriter:
         """Where sample ``index`` goes (keys: image, mask, fg, research_*, or rejected_*)."""
         n, c, d, o = self.name(index), self.category, self.defect, self.out
         if accepted:
-            p = {"image": self.test_dir / f"{n}.png", "mask": self.ground_truth_dir / f"{n}_mask.png",
-                 "fg": o / "fg" / c / d / f"{n}.png"}
+            p = {
+                "image": self.test_dir / f"{n}.png",
+                "mask": self.ground_truth_dir / f"{n}_mask.png",
+                "fg": o / "fg" / c / d / f"{n}.png",
+            }
             if self.research_layout:
                 r = o / "research" / c / d
-                p.update(research_image=r / "image" / f"{n}.png", research_mask=r / "mask" / f"{n}.png",
-                         research_fg=r / "fg" / f"{n}.png")
+                p.update(
+                    research_image=r / "image" / f"{n}.png",
+                    research_mask=r / "mask" / f"{n}.png",
+                    research_fg=r / "fg" / f"{n}.png",
+                )
             return p
         if not self.keep_rejected:
             return {}
         r = o / "rejected" / c / d
-        return {"rejected_image": r / f"{n}.png", "rejected_fg": r / f"{n}_fg.png",
-                "rejected_mask": r / f"{n}_mask.png"}
+        return {
+            "rejected_image": r / f"{n}.png",
+            "rejected_fg": r / f"{n}_fg.png",
+            "rejected_mask": r / f"{n}_mask.png",
+        }
 
     def _owned_dirs(self) -> list[Path]:
         c, d, o = self.category, self.defect, self.out
@@ -236,7 +259,7 @@ class DatasetWriter:
         return p.relative_to(self.out).as_posix()
 
     # ---- open / close ------------------------------------------------------------------------------------------
-    def __enter__(self) -> "DatasetWriter":
+    def __enter__(self) -> DatasetWriter:
         return self.open()
 
     def __exit__(self, *exc) -> None:
@@ -246,7 +269,7 @@ class DatasetWriter:
     def done(self) -> set[int]:
         return set(self.records)
 
-    def open(self) -> "DatasetWriter":
+    def open(self) -> DatasetWriter:
         if self.out.exists() and not self.out.is_dir():
             raise DatasetError(f"{self.out}: exists and is not a folder; give a folder for --out")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -317,8 +340,10 @@ class DatasetWriter:
                 continue
             idx = r.get("index")
             if not isinstance(idx, int) or idx in ours:
-                raise DatasetError(f"{self.manifest_path}: a record of {self.category}/{self.defect} has a missing or "
-                                   f"repeated index ({idx!r}); fix or delete that line")
+                raise DatasetError(
+                    f"{self.manifest_path}: a record of {self.category}/{self.defect} has a missing or "
+                    f"repeated index ({idx!r}); fix or delete that line"
+                )
             ours[idx] = r
         # 1. samples caught between "files renamed into place" and "manifest line written"
         if self.staging_dir.is_dir():
@@ -347,8 +372,11 @@ class DatasetWriter:
         for d in self._owned_dirs():
             if not d.is_dir():
                 continue
-            foreign = sorted(p for p in d.iterdir()
-                             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.resolve() not in known)
+            foreign = sorted(
+                p
+                for p in d.iterdir()
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.resolve() not in known
+            )
             if foreign:
                 raise DatasetError(
                     f"{d} holds {len(foreign)} image file(s) that {self.manifest_path.name} does not list "
@@ -362,7 +390,7 @@ class DatasetWriter:
             raise DatasetError(
                 f"{self.out}: {self.category}/{self.defect} already uses {have}-digit names (e.g. "
                 f"{'0' * have}.png) but this run needs {self.digits} digits; anomalib pairs images and masks by sorted "
-                f"name, so widths cannot be mixed. Keep the sample count at or under {10 ** have} or use a new folder."
+                f"name, so widths cannot be mixed. Keep the sample count at or under {10**have} or use a new folder."
             )
         # 5. one set of settings per dataset
         if self.settings is not None:
@@ -400,18 +428,29 @@ class DatasetWriter:
         image = sample.image.convert("RGB")
         anomaly = sample.anomaly.convert("RGB")
         if image.size != (m.shape[1], m.shape[0]) or anomaly.size != image.size:
-            raise DatasetError(f"sample {idx}: image {image.size}, anomaly part {anomaly.size} and mask "
-                               f"{(m.shape[1], m.shape[0])} must have the same size")
+            raise DatasetError(
+                f"sample {idx}: image {image.size}, anomaly part {anomaly.size} and mask "
+                f"{(m.shape[1], m.shape[0])} must have the same size"
+            )
         mask_img = mask_to_pil(m)
         paths = self.sample_paths(idx, accepted)
-        content = {"image": image, "mask": mask_img, "fg": anomaly, "research_image": image, "research_mask": mask_img,
-                   "research_fg": anomaly, "rejected_image": image, "rejected_fg": anomaly, "rejected_mask": mask_img}
+        content = {
+            "image": image,
+            "mask": mask_img,
+            "fg": anomaly,
+            "research_image": image,
+            "research_mask": mask_img,
+            "research_fg": anomaly,
+            "rejected_image": image,
+            "rejected_fg": anomaly,
+            "rejected_mask": mask_img,
+        }
         name = self.name(idx)
         stage = self.staging_dir / name
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir(parents=True, exist_ok=True)
         staged = {}
-        for key, dest in paths.items():
+        for key in paths:
             tmp = stage / f"{key}.png"
             with open(tmp, "wb") as fh:
                 content[key].save(fh, format="PNG")
@@ -425,11 +464,20 @@ class DatasetWriter:
             os.replace(staged[key], dest)
         record = dict(sample.info)
         record.update(
-            category=self.category, defect=self.defect, index=idx, name=name, accepted=accepted,
-            reason=sample.decision.reason, detail=sample.decision.detail,
-            mask_area=round(float(sample.mask.area_fraction), 6), mask=sample.mask.to_record(),
-            filter=sample.decision.to_record(), files={k: self._rel(p) for k, p in paths.items()},
-            height=image.size[1], width=image.size[0], created=_now(),
+            category=self.category,
+            defect=self.defect,
+            index=idx,
+            name=name,
+            accepted=accepted,
+            reason=sample.decision.reason,
+            detail=sample.decision.detail,
+            mask_area=round(float(sample.mask.area_fraction), 6),
+            mask=sample.mask.to_record(),
+            filter=sample.decision.to_record(),
+            files={k: self._rel(p) for k, p in paths.items()},
+            height=image.size[1],
+            width=image.size[0],
+            created=_now(),
         )
         if self.settings is not None:
             record["settings"] = self.settings
@@ -450,13 +498,14 @@ class DatasetWriter:
         if per_page < 1 or columns < 1 or thumb < 16:
             raise DatasetError("contact sheets: per_page and columns must be >= 1, thumb >= 16")
         items = []
-        for idx, rec in sorted(self.records.items()):
+        for _idx, rec in sorted(self.records.items()):
             files = rec.get("files") or {}
-            keys = ("image", "fg", "mask") if rec.get("accepted") else \
-                ("rejected_image", "rejected_fg", "rejected_mask")
+            keys = (
+                ("image", "fg", "mask") if rec.get("accepted") else ("rejected_image", "rejected_fg", "rejected_mask")
+            )
             if all(k in files for k in keys):
                 items.append((rec, [self.out / files[k] for k in keys]))
-        pages = [items[i:i + per_page] for i in range(0, len(items), per_page)]
+        pages = [items[i : i + per_page] for i in range(0, len(items), per_page)]
         written = []
         for p, page in enumerate(pages):
             path = self.contact_dir / f"sheet_{p:03d}.png"
@@ -481,8 +530,9 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 # ---- drawing -------------------------------------------------------------------------------------------------------
-def mask_overlay(image: Image.Image, mask: np.ndarray | Image.Image, color=(255, 32, 32),
-                 alpha: float = 0.45) -> Image.Image:
+def mask_overlay(
+    image: Image.Image, mask: np.ndarray | Image.Image, color=(255, 32, 32), alpha: float = 0.45
+) -> Image.Image:
     """The image with the mask tinted and outlined (for looking, not for training)."""
     img = np.asarray(image.convert("RGB"), dtype=np.float32)
     m = (np.asarray(mask.convert("L")) if isinstance(mask, Image.Image) else np.asarray(mask)) > 0

@@ -15,8 +15,9 @@ import os
 import sys
 import warnings
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -97,28 +98,40 @@ class BackgroundSet:
     The reference takes the first third of ``train/good`` in unsorted ``os.listdir`` order and switches every 50
     samples (10 for screw); here the order is sorted, hence reproducible, and you choose the images."""
 
-    def __init__(self, images: Sequence[str | os.PathLike],
-                 object_masks: Sequence[str | os.PathLike | None] | None = None,
-                 switch_every: int = DEFAULT_SWITCH_EVERY):
+    def __init__(
+        self,
+        images: Sequence[str | os.PathLike],
+        object_masks: Sequence[str | os.PathLike | None] | None = None,
+        switch_every: int = DEFAULT_SWITCH_EVERY,
+    ):
         self.images = [Path(p) for p in images]
         if not self.images:
             raise ValueError("BackgroundSet: no background images given")
         if object_masks is not None and len(object_masks) != len(self.images):
             raise ValueError("BackgroundSet: give one object mask per background image (or none)")
-        self.masks = [None if m is None else Path(m) for m in object_masks] if object_masks is not None \
+        self.masks = (
+            [None if m is None else Path(m) for m in object_masks]
+            if object_masks is not None
             else [None] * len(self.images)
+        )
         if int(switch_every) != switch_every or switch_every < 1:
             raise ValueError(f"switch_every={switch_every}: must be a whole number >= 1 (reference: 50, screw: 10)")
         self.switch_every = int(switch_every)
         self._cache: dict[tuple[int, tuple[int, int]], BackgroundItem] = {}
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, mask_folder: str | os.PathLike | None = None,
-                    switch_every: int = DEFAULT_SWITCH_EVERY) -> "BackgroundSet":
+    def from_folder(
+        cls,
+        folder: str | os.PathLike,
+        mask_folder: str | os.PathLike | None = None,
+        switch_every: int = DEFAULT_SWITCH_EVERY,
+    ) -> BackgroundSet:
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"backgrounds folder {folder} does not exist; give a folder of normal "
-                                    "(defect-free) images, e.g. <mvtec>/<category>/train/good")
+            raise FileNotFoundError(
+                f"backgrounds folder {folder} does not exist; give a folder of normal "
+                "(defect-free) images, e.g. <mvtec>/<category>/train/good"
+            )
         images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in BACKGROUND_SUFFIXES)
         if not images:
             raise FileNotFoundError(f"backgrounds folder {folder} holds no images ({', '.join(BACKGROUND_SUFFIXES)})")
@@ -164,8 +177,10 @@ class BackgroundSet:
                 what = path if mpath is None else f"{path} / {mpath}"
                 raise ValueError(f"cannot read background {what}: {e}") from None
             if obj is not None and obj.size != normal.size:
-                raise ValueError(f"object mask {mpath} is {obj.size[0]}x{obj.size[1]} but {path} is "
-                                 f"{normal.size[0]}x{normal.size[1]}; they must match")
+                raise ValueError(
+                    f"object mask {mpath} is {obj.size[0]}x{obj.size[1]} but {path} is "
+                    f"{normal.size[0]}x{normal.size[1]}; they must match"
+                )
             if normal.size != tuple(size):
                 normal = normal.resize(size, Image.BICUBIC)
                 if obj is not None:
@@ -194,8 +209,10 @@ class GenerateSummary:
 
     def text(self) -> str:
         c, d = self.category, self.defect
-        lines = [f"{c}/{d}: {self.generated} generated now, {self.already_done} already there; "
-                 f"{self.accepted} accepted, {self.rejected} rejected of {self.requested}"]
+        lines = [
+            f"{c}/{d}: {self.generated} generated now, {self.already_done} already there; "
+            f"{self.accepted} accepted, {self.rejected} rejected of {self.requested}"
+        ]
         if self.rejected:
             lines.append("  rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items()) if k != "ok"))
         lines.append(f"  images : {self.out / c / 'test' / d}")
@@ -273,8 +290,10 @@ def generate_dataset(
     mask_options = mask_options or MaskOptions()
     filter_options = filter_options or FilterOptions()
     if (filter_against_background or refine_mask) and backgrounds is None:
-        raise ValueError("filter_against_background / refine_mask compare with the BCM background's normal image: "
-                         "give backgrounds (--backgrounds)")
+        raise ValueError(
+            "filter_against_background / refine_mask compare with the BCM background's normal image: "
+            "give backgrounds (--backgrounds)"
+        )
     log = log or (lambda s: print(s, file=sys.stderr))
 
     loaded = None if callable(pipe) and not hasattr(pipe, "generate") else pipe
@@ -288,15 +307,28 @@ def generate_dataset(
         base_model = getattr(loaded, "base_model", None)
     base_model_id = None if base_model is None else os.path.abspath(str(base_model))
     settings = {
-        "seed": int(seed), "sampling": sampling.to_dict(), "weights_sha256": weights_sha256,
-        "base_model": base_model_id, "dtype": dtype,
+        "seed": int(seed),
+        "sampling": sampling.to_dict(),
+        "weights_sha256": weights_sha256,
+        "base_model": base_model_id,
+        "dtype": dtype,
         "backgrounds": None if backgrounds is None else backgrounds.describe(),
-        "filter_against_background": bool(filter_against_background), "refine_mask": bool(refine_mask),
-        "mask_options": mask_options.to_dict(), "filter_options": filter_options.to_dict(),
-        "research_layout": bool(research_layout), "keep_rejected": bool(keep_rejected),
+        "filter_against_background": bool(filter_against_background),
+        "refine_mask": bool(refine_mask),
+        "mask_options": mask_options.to_dict(),
+        "filter_options": filter_options.to_dict(),
+        "research_layout": bool(research_layout),
+        "keep_rejected": bool(keep_rejected),
     }
-    writer = DatasetWriter(out, category, defect, digits=digits_for(n), research_layout=research_layout,
-                           keep_rejected=keep_rejected, settings=settings)
+    writer = DatasetWriter(
+        out,
+        category,
+        defect,
+        digits=digits_for(n),
+        research_layout=research_layout,
+        keep_rejected=keep_rejected,
+        settings=settings,
+    )
     with writer:
         for line in writer.recovered:
             log(f"recovered: {line}")
@@ -307,32 +339,84 @@ def generate_dataset(
             if loaded is None:
                 loaded = pipe()
             pipe = loaded
-            generated = _run(pipe, writer, pending, n, len(already), seed, batch_size, sampling, backgrounds,
-                             filter_against_background, refine_mask, mask_options, filter_options,
-                             dict(weights=None if weights_path is None else str(weights_path),
-                                  weights_sha256=weights_sha256, base_model=base_model_id, dtype=dtype),
-                             progress, log, category, defect)
+            generated = _run(
+                pipe,
+                writer,
+                pending,
+                n,
+                len(already),
+                seed,
+                batch_size,
+                sampling,
+                backgrounds,
+                filter_against_background,
+                refine_mask,
+                mask_options,
+                filter_options,
+                dict(
+                    weights=None if weights_path is None else str(weights_path),
+                    weights_sha256=weights_sha256,
+                    base_model=base_model_id,
+                    dtype=dtype,
+                ),
+                progress,
+                log,
+                category,
+                defect,
+            )
         sheets = writer.write_contact_sheets() if contact_sheets else []
         recs = [r for i, r in writer.records.items() if i < n]
     reasons = Counter(r.get("reason", "?") for r in recs)
     acc = sum(1 for r in recs if r.get("accepted"))
-    return GenerateSummary(Path(out), category, defect, int(n), len(already), generated, acc, len(recs) - acc,
-                           dict(reasons), sheets, list(writer.recovered))
+    return GenerateSummary(
+        Path(out),
+        category,
+        defect,
+        int(n),
+        len(already),
+        generated,
+        acc,
+        len(recs) - acc,
+        dict(reasons),
+        sheets,
+        list(writer.recovered),
+    )
 
 
-def _run(pipe, writer: DatasetWriter, pending: list[int], n: int, n_done: int, seed: int, batch_size: int,
-         sampling: SamplingOptions, backgrounds: BackgroundSet | None, filter_against_background: bool,
-         refine_mask: bool, mask_options: MaskOptions, filter_options: FilterOptions, provenance: dict,
-         progress: bool, log, category: str, defect: str) -> int:
+def _run(
+    pipe,
+    writer: DatasetWriter,
+    pending: list[int],
+    n: int,
+    n_done: int,
+    seed: int,
+    batch_size: int,
+    sampling: SamplingOptions,
+    backgrounds: BackgroundSet | None,
+    filter_against_background: bool,
+    refine_mask: bool,
+    mask_options: MaskOptions,
+    filter_options: FilterOptions,
+    provenance: dict,
+    progress: bool,
+    log,
+    category: str,
+    defect: str,
+) -> int:
     from tqdm.auto import tqdm
 
     has_bcm = bool(getattr(pipe, "dual", None) is not None and pipe.dual.config.get("bcm"))
     if backgrounds is not None and not has_bcm:
-        raise ValueError("backgrounds were given, but these weights have no BCM layers (they were trained without "
-                         "background compensation): drop --backgrounds, or use weights trained with BCM")
+        raise ValueError(
+            "backgrounds were given, but these weights have no BCM layers (they were trained without "
+            "background compensation): drop --backgrounds, or use weights trained with BCM"
+        )
     if has_bcm and backgrounds is None:
-        warnings.warn("these weights have BCM layers but no backgrounds were given: generating without background "
-                      "compensation (give --backgrounds DIR of normal images to use it)", stacklevel=2)
+        warnings.warn(
+            "these weights have BCM layers but no backgrounds were given: generating without background "
+            "compensation (give --backgrounds DIR of normal images to use it)",
+            stacklevel=2,
+        )
     f = pipe.vae_scale_factor
     W, H = sampling.width, sampling.height
     if H % f or W % f:
@@ -349,12 +433,13 @@ def _run(pipe, writer: DatasetWriter, pending: list[int], n: int, n_done: int, s
         prompt_a = meta.get("prompt_anomaly") or DEFAULT_PROMPT_ANOMALY
     gray_seed = sample_seed(seed, -1)  # the unconditional (gray) BCM background: one encoding for the whole run
     counts = Counter()
-    bar = tqdm(total=n, initial=n_done, desc=f"{category}/{defect}", unit="img", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=n, initial=n_done, desc=f"{category}/{defect}", unit="img", disable=not progress, dynamic_ncols=True
+    )
     generated = 0
     try:
         for start in range(0, len(pending), batch_size):
-            batch = pending[start:start + batch_size]
+            batch = pending[start : start + batch_size]
             seeds = [sample_seed(seed, i) for i in batch]
             gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
             latents = torch.cat([torch.randn((2, channels, H // f, W // f), generator=g) for g in gens])
@@ -363,16 +448,30 @@ def _run(pipe, writer: DatasetWriter, pending: list[int], n: int, n_done: int, s
             if backgrounds is not None:
                 items = [backgrounds.get(i, (W, H)) for i in batch]
                 with torch.no_grad():
-                    bg_lat = torch.cat([pipe.encode_background(pil_to_tensor(it.background, signed=True), g)
-                                        for it, g in zip(items, gens)])
+                    bg_lat = torch.cat(
+                        [
+                            pipe.encode_background(pil_to_tensor(it.background, signed=True), g)
+                            for it, g in zip(items, gens)
+                        ]
+                    )
                 kwargs.update(background_latents=bg_lat, bcm_noise=_bg_noise(gens))
             result = pipe.generate(
-                len(batch), prompt_global=prompt_g, prompt_anomaly=prompt_a,
-                negative_prompt=sampling.negative_prompt, steps=sampling.steps, cfg=sampling.cfg,
-                sampler=sampling.sampler, generator=torch.Generator(device="cpu").manual_seed(gray_seed),
-                height=H, width=W, latents=latents, lora_strength=sampling.lora_strength,
-                saim_strength=sampling.saim_strength, bcm_strength=sampling.bcm_strength,
-                text_strength=sampling.text_strength, **kwargs,
+                len(batch),
+                prompt_global=prompt_g,
+                prompt_anomaly=prompt_a,
+                negative_prompt=sampling.negative_prompt,
+                steps=sampling.steps,
+                cfg=sampling.cfg,
+                sampler=sampling.sampler,
+                generator=torch.Generator(device="cpu").manual_seed(gray_seed),
+                height=H,
+                width=W,
+                latents=latents,
+                lora_strength=sampling.lora_strength,
+                saim_strength=sampling.saim_strength,
+                bcm_strength=sampling.bcm_strength,
+                text_strength=sampling.text_strength,
+                **kwargs,
             )
             images = tensor_to_pil(result.global_images)
             parts = tensor_to_pil(result.anomaly_images)
@@ -385,17 +484,27 @@ def _run(pipe, writer: DatasetWriter, pending: list[int], n: int, n_done: int, s
                         region = Image.eval(it.object_mask, lambda v: 255 if v < 128 else 0)
                     compare = dict(global_image=images[j], normal_image=it.normal, known_region=region)
                 mres = extract_mask(parts[j], mask_options, **(compare if refine_mask else {}))
-                decision = check_pair(mres, filter_options, mask_options=mask_options,
-                                      **(compare if filter_against_background else {}))
+                decision = check_pair(
+                    mres, filter_options, mask_options=mask_options, **(compare if filter_against_background else {})
+                )
                 info = dict(
-                    seed=seeds[j], base_seed=int(seed), sampler=sampling.sampler, steps=int(sampling.steps),
-                    cfg=float(sampling.cfg), prompt_global=prompt_g, prompt_anomaly=prompt_a,
-                    negative_prompt=sampling.negative_prompt, lora_strength=list(sampling.lora_strength),
-                    saim_strength=sampling.saim_strength, bcm_strength=sampling.bcm_strength,
-                    text_strength=sampling.text_strength, batch_size=len(batch),
+                    seed=seeds[j],
+                    base_seed=int(seed),
+                    sampler=sampling.sampler,
+                    steps=int(sampling.steps),
+                    cfg=float(sampling.cfg),
+                    prompt_global=prompt_g,
+                    prompt_anomaly=prompt_a,
+                    negative_prompt=sampling.negative_prompt,
+                    lora_strength=list(sampling.lora_strength),
+                    saim_strength=sampling.saim_strength,
+                    bcm_strength=sampling.bcm_strength,
+                    text_strength=sampling.text_strength,
+                    batch_size=len(batch),
                     background=None if it is None else str(it.path),
                     object_mask=None if it is None or it.mask_path is None else str(it.mask_path),
-                    version=__version__, **provenance,
+                    version=__version__,
+                    **provenance,
                 )
                 writer.write(ExportSample(i, images[j], parts[j], mres, decision, info))
                 counts[decision.reason] += 1

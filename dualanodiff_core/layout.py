@@ -13,7 +13,7 @@ straddles the CFG halves.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -93,9 +93,7 @@ def cfg_batch(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     validate_pairs(uncond.shape[0], "unconditional half")
     validate_pairs(cond.shape[0], "conditional half")
     if uncond.shape != cond.shape:
-        raise LayoutError(
-            f"CFG halves differ in shape: {tuple(uncond.shape)} vs {tuple(cond.shape)}."
-        )
+        raise LayoutError(f"CFG halves differ in shape: {tuple(uncond.shape)} vs {tuple(cond.shape)}.")
     return torch.cat([uncond, cond], dim=0)
 
 
@@ -103,7 +101,5 @@ def cfg_halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a CFG batch into ``(uncond, cond)``; each half must hold whole pairs."""
     n = x.shape[0]
     if n % (2 * BRANCHES):
-        raise LayoutError(
-            f"a CFG batch needs 4k rows ([uncond pairs..., cond pairs...]), got {n}."
-        )
+        raise LayoutError(f"a CFG batch needs 4k rows ([uncond pairs..., cond pairs...]), got {n}.")
     return x[: n // 2], x[n // 2 :]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -30,8 +30,9 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
-def draw_loss_curve(steps: Sequence[int], losses: Sequence[float], title: str = "training loss",
-                    size: tuple[int, int] = (800, 450)) -> Image.Image:
+def draw_loss_curve(
+    steps: Sequence[int], losses: Sequence[float], title: str = "training loss", size: tuple[int, int] = (800, 450)
+) -> Image.Image:
     """The loss over steps as an RGB image. Non-finite values are skipped; the y range ignores the top 1 % so one
     spike does not flatten the curve."""
     w, h = size

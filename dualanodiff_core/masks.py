@@ -80,8 +80,10 @@ class MaskOptions:
                 try:
                     g = float(g)
                 except ValueError:
-                    raise ValueError(f"mask option gray={g!r}: use 'median', 'border' or a level in [0, 1] "
-                                     "(0.5 is the anomaly branch's mid-gray)") from None
+                    raise ValueError(
+                        f"mask option gray={g!r}: use 'median', 'border' or a level in [0, 1] "
+                        "(0.5 is the anomaly branch's mid-gray)"
+                    ) from None
                 object.__setattr__(self, "gray", g)
         if not isinstance(self.gray, str) and not (0.0 <= float(self.gray) <= 1.0):
             raise ValueError(f"mask option gray={self.gray}: a fixed gray level must lie in [0, 1] (0.5 = mid-gray)")
@@ -111,7 +113,7 @@ class MaskOptions:
         if not (0.0 <= self.refine_min_overlap <= 1.0):
             raise ValueError(f"mask option refine_min_overlap={self.refine_min_overlap}: must lie in [0, 1]")
 
-    def replace(self, **changes) -> "MaskOptions":
+    def replace(self, **changes) -> MaskOptions:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,8 +261,14 @@ def estimate_gray(img: np.ndarray, mode: str | float = "median") -> np.ndarray:
         b = max(1, int(round(min(h, w) / 16)))
         if 2 * b >= min(h, w):
             return np.median(img.reshape(-1, c), axis=0).astype(np.float32)
-        ring = np.concatenate([img[:b].reshape(-1, c), img[-b:].reshape(-1, c),
-                               img[b:-b, :b].reshape(-1, c), img[b:-b, -b:].reshape(-1, c)])
+        ring = np.concatenate(
+            [
+                img[:b].reshape(-1, c),
+                img[-b:].reshape(-1, c),
+                img[b:-b, :b].reshape(-1, c),
+                img[b:-b, -b:].reshape(-1, c),
+            ]
+        )
         return np.median(ring, axis=0).astype(np.float32)
     raise ValueError(f"gray mode {mode!r}: use 'median', 'border' or a level in [0, 1]")
 
@@ -314,8 +322,10 @@ def _crop(mask: np.ndarray, margin: int) -> tuple[slice, slice] | None:
         return None
     cols = np.flatnonzero(mask.any(axis=0))
     h, w = mask.shape
-    return (slice(max(0, rows[0] - margin), min(h, rows[-1] + 1 + margin)),
-            slice(max(0, cols[0] - margin), min(w, cols[-1] + 1 + margin)))
+    return (
+        slice(max(0, rows[0] - margin), min(h, rows[-1] + 1 + margin)),
+        slice(max(0, cols[0] - margin), min(w, cols[-1] + 1 + margin)),
+    )
 
 
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -477,8 +487,15 @@ def _binarize(dist: np.ndarray, raw: np.ndarray | None, options: MaskOptions) ->
         mask = fill_holes(mask, options.connectivity)
     mask, kept = remove_small(mask, options.min_area, options.connectivity)
     if kept == 0:
-        return mask, high, low, (f"nothing left after opening (radius {options.open_radius}) and removing components "
-                                 f"under {options.min_area} px")
+        return (
+            mask,
+            high,
+            low,
+            (
+                f"nothing left after opening (radius {options.open_radius}) and removing components "
+                f"under {options.min_area} px"
+            ),
+        )
     mask = dilate(mask, options.dilate)
     return mask, high, low, ""
 
@@ -497,8 +514,15 @@ def distance_from_gray(image, options: MaskOptions | None = None):
     return dist.astype(np.float32), raw.astype(np.float32), gray, median
 
 
-def extract_mask(anomaly_image, options: MaskOptions | None = None, *, global_image=None, normal_image=None,
-                 known_region=None, **overrides) -> MaskResult:
+def extract_mask(
+    anomaly_image,
+    options: MaskOptions | None = None,
+    *,
+    global_image=None,
+    normal_image=None,
+    known_region=None,
+    **overrides,
+) -> MaskResult:
     """Binary mask (uint8 {0, 255}, same size) of the defect drawn on the anomaly branch's mid-gray background.
 
     ``options`` (or keyword overrides of :class:`MaskOptions`) set the steps. With ``global_image`` *and*
@@ -515,21 +539,34 @@ def extract_mask(anomaly_image, options: MaskOptions | None = None, *, global_im
     def result(mask: np.ndarray, thr: float, low: float, note: str, n: int) -> MaskResult:
         area = float(np.count_nonzero(mask)) / float(h * w)
         return MaskResult(
-            mask=np.where(mask, np.uint8(255), np.uint8(0)).astype(np.uint8), empty=n == 0, area_fraction=area,
-            threshold=thr, low_threshold=low, gray_level=tuple(float(v) for v in gray),
-            image_median=tuple(float(v) for v in median), max_contrast=peak, components=n, note=note,
+            mask=np.where(mask, np.uint8(255), np.uint8(0)).astype(np.uint8),
+            empty=n == 0,
+            area_fraction=area,
+            threshold=thr,
+            low_threshold=low,
+            gray_level=tuple(float(v) for v in gray),
+            image_median=tuple(float(v) for v in median),
+            max_contrast=peak,
+            components=n,
+            note=note,
         )
 
     if peak < floor:
         empty = np.zeros((h, w), dtype=bool)
-        return result(empty, floor, floor, f"flat anomaly image: strongest difference from gray {peak:.3f} is under "
-                                           f"min_contrast {floor:.3f}", 0)
+        return result(
+            empty,
+            floor,
+            floor,
+            f"flat anomaly image: strongest difference from gray {peak:.3f} is under min_contrast {floor:.3f}",
+            0,
+        )
     mask, thr, low, note = _binarize(dist, raw, options)
     if global_image is not None and normal_image is not None and mask.any():
         change = change_mask(global_image, normal_image, options, known_region=known_region)
         region = None if known_region is None else to_bool_mask(known_region, "known_region", (h, w))
-        mask, dropped = refine_with_change(mask, change, region, options.refine_tolerance,
-                                           options.refine_min_overlap, options.connectivity)
+        mask, dropped = refine_with_change(
+            mask, change, region, options.refine_tolerance, options.refine_min_overlap, options.connectivity
+        )
         if dropped:
             note = f"refinement dropped {dropped} component(s) the normal image does not support"
     elif (global_image is None) != (normal_image is None):
@@ -547,8 +584,10 @@ def change_mask(global_image, normal_image, options: MaskOptions | None = None, 
     g = to_float_image(global_image, "global image")
     nrm = to_float_image(normal_image, "normal image")
     if g.shape[:2] != nrm.shape[:2]:
-        raise ValueError(f"normal image is {nrm.shape[1]}x{nrm.shape[0]} but the generated image is "
-                         f"{g.shape[1]}x{g.shape[0]}; resize it to the generation size")
+        raise ValueError(
+            f"normal image is {nrm.shape[1]}x{nrm.shape[0]} but the generated image is "
+            f"{g.shape[1]}x{g.shape[0]}; resize it to the generation size"
+        )
     if g.shape[2] != nrm.shape[2]:
         g, nrm = g.mean(axis=2, keepdims=True), nrm.mean(axis=2, keepdims=True)
     diff = np.abs(gaussian_blur(g, options.blur_sigma) - gaussian_blur(nrm, options.blur_sigma))
@@ -564,8 +603,14 @@ def change_mask(global_image, normal_image, options: MaskOptions | None = None, 
     return mask if region is None else mask & region
 
 
-def refine_with_change(mask: np.ndarray, change: np.ndarray, known_region: np.ndarray | None = None,
-                       tolerance: int = 3, min_overlap: float = 0.5, connectivity: int = 8) -> tuple[np.ndarray, int]:
+def refine_with_change(
+    mask: np.ndarray,
+    change: np.ndarray,
+    known_region: np.ndarray | None = None,
+    tolerance: int = 3,
+    min_overlap: float = 0.5,
+    connectivity: int = 8,
+) -> tuple[np.ndarray, int]:
     """Drop mask components whose pixels inside ``known_region`` lie on a change (dilated by ``tolerance``) less
     than ``min_overlap`` of the time. Components entirely outside the known region are kept. Returns the refined
     mask and how many components were dropped."""

@@ -15,7 +15,7 @@ be printed; callers decide what to do with them.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -128,11 +128,11 @@ def pairwise_distances(x, y=None, metric: str = "l1", chunk: int = 64) -> np.nda
         raise ValueError(f"metric must be 'l1' or 'l2', got {metric!r}")
     out = np.empty((len(x), len(y)), dtype=np.float64)
     for i in range(0, len(x), chunk):
-        d = x[i:i + chunk, None, :] - y[None, :, :]
+        d = x[i : i + chunk, None, :] - y[None, :, :]
         if metric == "l1":
-            out[i:i + chunk] = np.abs(d).mean(-1)
+            out[i : i + chunk] = np.abs(d).mean(-1)
         else:
-            out[i:i + chunk] = np.sqrt((d * d).mean(-1))
+            out[i : i + chunk] = np.sqrt((d * d).mean(-1))
     return out
 
 
@@ -158,8 +158,9 @@ def mean_pairwise_iou_distance(masks: Sequence) -> float:
     return float((1.0 - ious[np.triu_indices(n, 1)]).mean())
 
 
-def clustered_pairwise_distance(items, centres, metric: str = "l1", per_cluster: int = 50,
-                                rng: np.random.Generator | None = None) -> float:
+def clustered_pairwise_distance(
+    items, centres, metric: str = "l1", per_cluster: int = 50, rng: np.random.Generator | None = None
+) -> float:
     """The IC-LPIPS protocol (DFMGAN / DualAnoDiff ``eval/compute-ic-lpipis.py``) with a pixel distance: assign each
     item to its nearest centre, keep at most ``per_cluster`` random members of each cluster, average the pairwise
     distance inside each cluster, then over clusters with at least two members."""

@@ -40,8 +40,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -97,7 +98,7 @@ def _fractal_noise(rng: np.random.Generator, size: int, base_cells: int = 3, oct
     out = np.zeros((size, size))
     amp, total = 1.0, 0.0
     for o in range(octaves):
-        out += amp * _smooth_noise(rng, size, base_cells * 2 ** o)
+        out += amp * _smooth_noise(rng, size, base_cells * 2**o)
         total += amp
         amp *= 0.5
     return out / total
@@ -150,7 +151,7 @@ def render_metal(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict]
     g_angle = rng.uniform(0, 2 * math.pi)
     img = img + rng.uniform(0.02, 0.08) * ((x - 0.5) * math.cos(g_angle) + (y - 0.5) * math.sin(g_angle))
     sheen_pos, sheen_w = rng.uniform(-0.4, 0.4), rng.uniform(0.12, 0.3)
-    img = img + rng.uniform(0.0, 0.08) * np.exp(-((u - sheen_pos) / sheen_w) ** 2)
+    img = img + rng.uniform(0.0, 0.08) * np.exp(-(((u - sheen_pos) / sheen_w) ** 2))
     img = img + 0.03 * _fractal_noise(rng, size, 2, 2)
     rgb = img[..., None] + tint[None, None, :] + rng.normal(0.0, 0.008, (size, size, 3))
     params = dict(angle_deg=round(math.degrees(angle), 2), level=round(level, 4))
@@ -173,7 +174,9 @@ def render_fabric(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict
     sat = rng.uniform(0.25, 0.65) if rng.random() < 0.85 else rng.uniform(0.0, 0.08)
     val = rng.uniform(0.45, 0.8)
     warp_col = _hsv_to_rgb(hue % 1.0, sat, val)
-    weft_col = _hsv_to_rgb((hue + rng.uniform(-0.04, 0.04)) % 1.0, sat * rng.uniform(0.7, 1.1), val * rng.uniform(0.8, 1.0))
+    weft_col = _hsv_to_rgb(
+        (hue + rng.uniform(-0.04, 0.04)) % 1.0, sat * rng.uniform(0.7, 1.1), val * rng.uniform(0.8, 1.0)
+    )
     gu, gv = u / period, v / period
     iu, iv = np.floor(gu).astype(np.int64), np.floor(gv).astype(np.int64)
     fu, fv = gu - iu, gv - iv
@@ -193,8 +196,12 @@ def render_fabric(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict
     col = np.where(warp_on_top[..., None], warp_col[None, None], weft_col[None, None])
     light = 1.0 + rng.uniform(0.03, 0.12) * _smooth_noise(rng, size, 2)
     rgb = col * (shade * light)[..., None] + rng.normal(0.0, 0.01, (size, size, 3))
-    params = dict(angle_deg=round(math.degrees(angle), 2), period_px64=round(period * 64, 3), hue=round(hue % 1.0, 4),
-                  saturation=round(sat, 4))
+    params = dict(
+        angle_deg=round(math.degrees(angle), 2),
+        period_px64=round(period * 64, 3),
+        hue=round(hue % 1.0, 4),
+        saturation=round(sat, 4),
+    )
     return np.clip(rgb, 0, 1), params
 
 
@@ -208,8 +215,13 @@ RENDERERS: dict[str, Callable[[np.random.Generator, int], tuple[np.ndarray, dict
 # defect shapes: a signed "inside-ness" field -> mask (> 0) and opacity (ramp inside, exactly 0 outside)
 
 
-def _blob_field(rng: np.random.Generator, size: int, radius: float, irregular: float = 0.25,
-                center: tuple[float, float] | None = None) -> tuple[np.ndarray, tuple[float, float]]:
+def _blob_field(
+    rng: np.random.Generator,
+    size: int,
+    radius: float,
+    irregular: float = 0.25,
+    center: tuple[float, float] | None = None,
+) -> tuple[np.ndarray, tuple[float, float]]:
     """Irregular blob: 1 - rho / r(phi), r(phi) = radius * (1 + sum of random harmonics), stretched and rotated.
     Positive inside. Units: image size."""
     x, y = _grid(size)
@@ -237,7 +249,7 @@ def _curve_distance(size: int, points: np.ndarray) -> tuple[np.ndarray, np.ndarr
     best = np.full(px.shape[0], np.inf)
     arg = np.zeros(px.shape[0], dtype=np.int64)
     for start in range(0, len(pts), 256):
-        chunk = pts[start:start + 256]
+        chunk = pts[start : start + 256]
         d = ((px[:, None, :] - chunk[None, :, :]) ** 2).sum(-1)
         j = d.argmin(1)
         dj = d[np.arange(len(px)), j]
@@ -249,10 +261,12 @@ def _curve_distance(size: int, points: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def _bezier(p0, p1, p2, n: int) -> np.ndarray:
     t = np.linspace(0.0, 1.0, n)[:, None]
-    return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2
+    return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
 
 
-def _random_curve(rng: np.random.Generator, length: float, bend: float, wiggle: float = 0.0, size: int = 64) -> np.ndarray:
+def _random_curve(
+    rng: np.random.Generator, length: float, bend: float, wiggle: float = 0.0, size: int = 64
+) -> np.ndarray:
     """A curved stroke of about ``length`` (image units), fully inside the image."""
     for _ in range(100):
         ang = rng.uniform(0, 2 * math.pi)
@@ -264,14 +278,18 @@ def _random_curve(rng: np.random.Generator, length: float, bend: float, wiggle: 
         pts = _bezier(p0, p1, p2, max(64, int(length * size * 6)))
         if wiggle:
             t = np.linspace(0, 1, len(pts))
-            pts = pts + normal[None, :] * (wiggle * np.sin(2 * np.pi * (rng.uniform(1.5, 3.5) * t + rng.uniform())))[:, None]
+            pts = (
+                pts
+                + normal[None, :] * (wiggle * np.sin(2 * np.pi * (rng.uniform(1.5, 3.5) * t + rng.uniform())))[:, None]
+            )
         if pts.min() > 0.04 and pts.max() < 0.96:
             return pts
     return pts
 
 
-def _stroke(rng: np.random.Generator, size: int, length: float, width_px: float, bend: float,
-            wiggle: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def _stroke(
+    rng: np.random.Generator, size: int, length: float, width_px: float, bend: float, wiggle: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """A stroke of ``width_px`` (at 64 px; scaled with the image) that tapers at its ends: (field, opacity)."""
     scale = size / 64.0
     pts = _random_curve(rng, length, bend, wiggle, size)
@@ -377,8 +395,14 @@ def fabric_stain(rng, img, size):
 
 
 def fabric_thread(rng, img, size):
-    field, alpha = _stroke(rng, size, rng.uniform(0.3, 0.75), rng.uniform(1.0, 1.8), bend=rng.uniform(0.05, 0.3),
-                           wiggle=rng.uniform(0.0, 0.02))
+    field, alpha = _stroke(
+        rng,
+        size,
+        rng.uniform(0.3, 0.75),
+        rng.uniform(1.0, 1.8),
+        bend=rng.uniform(0.05, 0.3),
+        wiggle=rng.uniform(0.0, 0.02),
+    )
     mask, a = _alpha(field, 0.5)
     hue = rng.uniform(0, 1)
     colour = _hsv_to_rgb(hue, rng.uniform(0.0, 0.8), rng.uniform(0.15, 0.95))
@@ -409,8 +433,9 @@ def _check_size(size: int) -> None:
         raise ValueError(f"size={size}: MiniDefect images are 32..512 px (64 by default)")
 
 
-def normal_image(product: str, seed: int = 0, split: str = "train", index: int = 0,
-                 size: int = DEFAULT_SIZE) -> tuple[np.ndarray, dict]:
+def normal_image(
+    product: str, seed: int = 0, split: str = "train", index: int = 0, size: int = DEFAULT_SIZE
+) -> tuple[np.ndarray, dict]:
     """A normal (defect-free) image: uint8 ``[size, size, 3]`` and its texture parameters."""
     _check_product(product)
     _check_size(size)
@@ -419,8 +444,9 @@ def normal_image(product: str, seed: int = 0, split: str = "train", index: int =
     return to_uint8(img), params
 
 
-def defect_image(product: str, defect: str, seed: int = 0, split: str = "test", index: int = 0,
-                 size: int = DEFAULT_SIZE) -> tuple[np.ndarray, np.ndarray, dict]:
+def defect_image(
+    product: str, defect: str, seed: int = 0, split: str = "test", index: int = 0, size: int = DEFAULT_SIZE
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """A defect image, its mask (uint8, values exactly 0 and 255) and parameters (texture + defect)."""
     _check_product(product)
     _check_size(size)
@@ -500,15 +526,22 @@ def iter_files(spec: MiniDefectSpec) -> Iterator[tuple[str, Callable[[], dict[st
     for product in spec.products:
         for split, label, n in (("train", "good", spec.train_good), ("test", "good", spec.test_good)):
             for i in range(n):
-                yield f"{product}/{split}/{label}/{_name(i, n)}.png", \
-                    (lambda p=product, s=split, i=i: dict(zip(("image", "params"),
-                                                              normal_image(p, spec.seed, s, i, spec.size))))
+                yield (
+                    f"{product}/{split}/{label}/{_name(i, n)}.png",
+                    (
+                        lambda p=product, s=split, i=i: dict(
+                            zip(("image", "params"), normal_image(p, spec.seed, s, i, spec.size))
+                        )
+                    ),
+                )
         for defect in PRODUCTS[product]:
             n = spec.test_defect
             for i in range(n):
+
                 def render(p=product, d=defect, i=i):
                     img, mask, params = defect_image(p, d, spec.seed, "test", i, spec.size)
                     return dict(image=img, mask=mask, params=params)
+
                 yield f"{product}/test/{defect}/{_name(i, n)}.png", render
 
 
@@ -516,8 +549,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_minidefect(out: str | os.PathLike, spec: MiniDefectSpec | None = None, *, overwrite: bool = False,
-                     progress: Callable[[int, int], None] | None = None) -> Path:
+def write_minidefect(
+    out: str | os.PathLike,
+    spec: MiniDefectSpec | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
     """Write the dataset to ``out`` (MVTec layout, see the module doc). Returns ``out``.
 
     ``out`` must not exist or be empty, unless it holds a MiniDefect dataset written with the same settings (then it
@@ -539,7 +577,8 @@ def write_minidefect(out: str | os.PathLike, spec: MiniDefectSpec | None = None,
         if old is None or old.get("spec") != spec.to_dict() or old.get("format_version") != FORMAT_VERSION:
             raise FileExistsError(
                 f"{out} is not empty and does not hold a MiniDefect dataset with these settings; choose an empty "
-                "folder, or pass overwrite=True (--overwrite) to rewrite it")
+                "folder, or pass overwrite=True (--overwrite) to rewrite it"
+            )
     files = list(iter_files(spec))
     records: dict[str, Any] = {}
     hashes: dict[str, str] = {}
@@ -559,9 +598,12 @@ def write_minidefect(out: str | os.PathLike, spec: MiniDefectSpec | None = None,
         if progress is not None:
             progress(k + 1, len(files))
     meta = {
-        "format": "minidefect", "format_version": FORMAT_VERSION, "spec": spec.to_dict(),
+        "format": "minidefect",
+        "format_version": FORMAT_VERSION,
+        "spec": spec.to_dict(),
         "products": {p: {"defects": list(PRODUCTS[p]), "prompt": PRODUCT_PROMPTS[p]} for p in spec.products},
-        "images": records, "sha256": hashes,
+        "images": records,
+        "sha256": hashes,
     }
     write_json_atomic(meta_path, meta)
     return out
@@ -602,17 +644,26 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="dataset seed; the same seed gives identical files")
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="image size in pixels (square)")
     p.add_argument("--products", nargs="+", default=list(PRODUCTS), choices=list(PRODUCTS), help="products to make")
-    p.add_argument("--train-good", type=int, default=DEFAULT_COUNTS["train_good"], help="normal training images per product")
+    p.add_argument(
+        "--train-good", type=int, default=DEFAULT_COUNTS["train_good"], help="normal training images per product"
+    )
     p.add_argument("--test-good", type=int, default=DEFAULT_COUNTS["test_good"], help="normal test images per product")
     p.add_argument("--test-defect", type=int, default=DEFAULT_COUNTS["test_defect"], help="images per defect type")
     p.add_argument("--overwrite", action="store_true", help="rewrite a non-empty folder")
 
 
 def run(args) -> int:
-    spec = MiniDefectSpec(seed=args.seed, size=args.size, products=tuple(args.products), train_good=args.train_good,
-                          test_good=args.test_good, test_defect=args.test_defect)
+    spec = MiniDefectSpec(
+        seed=args.seed,
+        size=args.size,
+        products=tuple(args.products),
+        train_good=args.train_good,
+        test_good=args.test_good,
+        test_defect=args.test_defect,
+    )
     try:
         from tqdm import tqdm
+
         bar = tqdm(total=None, unit="img", desc="MiniDefect", file=sys.stderr)
     except ImportError:  # pragma: no cover
         bar = None

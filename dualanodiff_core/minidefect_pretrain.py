@@ -28,18 +28,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from . import minidefect as md
@@ -47,21 +45,34 @@ from .fileio import write_json_atomic
 
 #: the architecture of the shipped model (SD1.x block types, narrow)
 VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
-    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-    layers_per_block=1, norm_num_groups=16, sample_size=64, mid_block_add_attention=False,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    layers_per_block=1,
+    norm_num_groups=16,
+    sample_size=64,
+    mid_block_add_attention=False,
 )
 UNET_CONFIG = dict(
-    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16,
+    cross_attention_dim=64,
+    attention_head_dim=4,
+    norm_num_groups=16,
 )
-TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                   max_position_embeddings=77)
+TEXT_CONFIG = dict(
+    hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77
+)
 
-FABRIC_COLOUR_WORDS = ((0.6, "blue"), (0.08, "beige"), (0.0, "red"), (0.33, "green"), (0.12, "ochre"),
-                       (0.75, "violet"))
+FABRIC_COLOUR_WORDS = ((0.6, "blue"), (0.08, "beige"), (0.0, "red"), (0.33, "green"), (0.12, "ochre"), (0.75, "violet"))
 
 
 @dataclasses.dataclass
@@ -193,8 +204,9 @@ def build_models(seed: int = 0):
     unet = UNet2DConditionModel(**UNET_CONFIG)
     torch.manual_seed(seed + 2)
     v = len(tokenizer)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=v, bos_token_id=v - 2, eos_token_id=v - 1, pad_token_id=v - 1,
-                                       **TEXT_CONFIG))
+    text = CLIPTextModel(
+        CLIPTextConfig(vocab_size=v, bos_token_id=v - 2, eos_token_id=v - 1, pad_token_id=v - 1, **TEXT_CONFIG)
+    )
     return vae, unet, text, tokenizer
 
 
@@ -222,8 +234,10 @@ class _Log:
         if (i + 1) % self.every == 0 or i + 1 == self.total:
             el = time.time() - self.t0
             eta = el / (i + 1) * (self.total - i - 1)
-            self.log(f"{self.what} {i + 1}/{self.total} loss {np.mean(self.acc):.4f}  {el / 60:.1f} min, "
-                     f"eta {eta / 60:.1f} min")
+            self.log(
+                f"{self.what} {i + 1}/{self.total} loss {np.mean(self.acc):.4f}  {el / 60:.1f} min, "
+                f"eta {eta / 60:.1f} min"
+            )
             self.acc = []
 
 
@@ -242,7 +256,9 @@ def train_vae(vae, data: torch.Tensor, config: PretrainConfig, log) -> list[floa
         idx = torch.randint(0, n, (config.vae_batch,), generator=g)
         ys = torch.randint(0, h - c + 1, (config.vae_batch,), generator=g)
         xs = torch.randint(0, w - c + 1, (config.vae_batch,), generator=g)
-        x = torch.stack([data[i, :, y:y + c, xx:xx + c] for i, y, xx in zip(idx.tolist(), ys.tolist(), xs.tolist())])
+        x = torch.stack(
+            [data[i, :, y : y + c, xx : xx + c] for i, y, xx in zip(idx.tolist(), ys.tolist(), xs.tolist())]
+        )
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev)
         rec = vae.decode(z).sample
@@ -262,7 +278,7 @@ def train_vae(vae, data: torch.Tensor, config: PretrainConfig, log) -> list[floa
 def encode_pool(vae, data: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
     for i in range(0, len(data), batch):
-        post = vae.encode(data[i:i + batch]).latent_dist
+        post = vae.encode(data[i : i + batch]).latent_dist
         means.append(post.mean)
         stds.append(post.std)
     return torch.cat(means), torch.cat(stds)
@@ -297,8 +313,9 @@ def train_unet(unet, text, tokenizer, means, stds, captions_fn, config: Pretrain
         z0 = (means[idx] + stds[idx] * noise0) * scaling
         caps = [captions_fn(int(i), rng) for i in idx]
         caps = ["" if rng.random() < config.uncond_prob else c for c in caps]
-        ids = tokenizer(caps, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(dev)
+        ids = tokenizer(
+            caps, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(dev)
         ctx = text(ids)[0]
         t = torch.randint(0, len(abar), (config.unet_batch,), generator=g).to(dev)
         eps = torch.randn(z0.shape, generator=g).to(dev)
@@ -330,8 +347,19 @@ def train_unet(unet, text, tokenizer, means, stds, captions_fn, config: Pretrain
 
 
 @torch.no_grad()
-def sample_base(unet, vae, text, tokenizer, prompts: Sequence[str], *, steps: int = 30, cfg: float = 3.0,
-                seed: int = 0, sampler: str = "ddim", size: int = 64) -> torch.Tensor:
+def sample_base(
+    unet,
+    vae,
+    text,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    steps: int = 30,
+    cfg: float = 3.0,
+    seed: int = 0,
+    sampler: str = "ddim",
+    size: int = 64,
+) -> torch.Tensor:
     """Plain classifier-free-guided text-to-image sampling; images ``[N, 3, H, W]`` in [0, 1]."""
     from .diffusers_backend import SD15_SCHEDULER_CONFIG, encode_prompts, make_scheduler
 
@@ -360,12 +388,20 @@ def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
     out = np.zeros((rows * h, columns * w, 3), dtype=np.uint8)
     for k in range(n):
         r, c = divmod(k, columns)
-        out[r * h:(r + 1) * h, c * w:(c + 1) * w] = arr[k]
+        out[r * h : (r + 1) * h, c * w : (c + 1) * w] = arr[k]
     return Image.fromarray(out)
 
 
-GRID_PROMPTS = ("brushed metal", "dark brushed metal", "light brushed metal", "woven fabric", "red woven fabric",
-                "blue woven fabric", "green woven fabric", "")
+GRID_PROMPTS = (
+    "brushed metal",
+    "dark brushed metal",
+    "light brushed metal",
+    "woven fabric",
+    "red woven fabric",
+    "blue woven fabric",
+    "green woven fabric",
+    "",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -390,11 +426,16 @@ def save_model(folder: Path, vae, unet, text, tokenizer, record: dict) -> None:
     write_tokenizer_files(tmp / "tokenizer")  # vocab.json + merges.txt too, for the slow CLIPTokenizer
     PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG).save_pretrained(tmp / "scheduler")
     index = {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": _version("diffusers"),
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False,
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": _version("diffusers"),
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
     }
     write_json_atomic(tmp / "model_index.json", index)
     files = {}
@@ -420,8 +461,13 @@ def _version(pkg: str) -> str:
 # the whole run
 
 
-def pretrain(out: str | os.PathLike, config: PretrainConfig | None = None, log: Callable[[str], None] | None = None,
-             grid: str | os.PathLike | None = None, device: str = "cpu") -> Path:
+def pretrain(
+    out: str | os.PathLike,
+    config: PretrainConfig | None = None,
+    log: Callable[[str], None] | None = None,
+    grid: str | os.PathLike | None = None,
+    device: str = "cpu",
+) -> Path:
     """Run both stages and write the model folder ``out``. Returns it."""
     config = config or PretrainConfig()
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -432,7 +478,7 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig | None = None, log: 
     clutter = clutter_pool(config, normals)
     vae, unet, text, tokenizer = build_models(config.seed)
     with torch.no_grad():  # start with a small posterior std (the decoder sees the code, not mostly noise)
-        vae.quant_conv.bias[vae.config.latent_channels:].fill_(config.vae_logvar_init)
+        vae.quant_conv.bias[vae.config.latent_channels :].fill_(config.vae_logvar_init)
     vae, unet, text = vae.to(device), unet.to(device), text.to(device)
     vae_data = to_tensor(np.concatenate([normals, clutter])).to(device)
     t0 = time.time()
@@ -440,7 +486,12 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig | None = None, log: 
     vae_time = time.time() - t0
     del vae_data
     means, stds = encode_pool(vae, to_tensor(normals).to(device))
-    std = float((means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(config.seed + 30)).to(device)).std())
+    std = float(
+        (
+            means
+            + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(config.seed + 30)).to(device)
+        ).std()
+    )
     scaling = round(1.0 / std, 5)
     vae.register_to_config(scaling_factor=scaling)
     log(f"vae done in {vae_time / 60:.1f} min; latent std {std:.4f} -> scaling_factor {scaling}")
@@ -457,20 +508,30 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig | None = None, log: 
         rec_l1 = float((vae.decode(vae.encode(sub).latent_dist.mean).sample - sub).abs().mean() / 2)
     record = {
         "what": "MiniDefect base model (SD1.x architecture), pre-trained on MiniDefect normal images",
-        "command": "OMP_NUM_THREADS=1 python scripts/pretrain_minidefect.py --out dualanodiff_core/assets/minidefect-sd",
-        "config": config.to_dict(), "vae_config": _jsonable(VAE_CONFIG), "unet_config": _jsonable(UNET_CONFIG),
-        "text_config": TEXT_CONFIG, "scaling_factor": scaling,
+        "command": "OMP_NUM_THREADS=1 python scripts/pretrain_minidefect.py "
+        "--out dualanodiff_core/assets/minidefect-sd",
+        "config": config.to_dict(),
+        "vae_config": _jsonable(VAE_CONFIG),
+        "unet_config": _jsonable(UNET_CONFIG),
+        "text_config": TEXT_CONFIG,
+        "scaling_factor": scaling,
         "seconds": {"vae": round(vae_time, 1), "unet": round(unet_time, 1), "total": round(time.time() - t_start, 1)},
-        "threads": torch.get_num_threads(), "device": str(device), "torch": torch.__version__, "diffusers": _version("diffusers"),
-        "transformers": _version("transformers"), "numpy": np.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "torch": torch.__version__,
+        "diffusers": _version("diffusers"),
+        "transformers": _version("transformers"),
+        "numpy": np.__version__,
         "final_loss": {"vae": float(np.mean(vae_hist[-100:])), "unet": float(np.mean(unet_hist[-200:]))},
         "vae_reconstruction_l1_normals": round(rec_l1, 5),
         "prompts": {p: md.PRODUCT_PROMPTS[p] for p in md.PRODUCTS},
     }
     vae, unet, text = vae.cpu(), unet.cpu(), text.cpu()
     save_model(out, vae, unet, text, tokenizer, record)
-    log(f"wrote {out} ({sum(p.stat().st_size for p in out.rglob('*') if p.is_file()) / 1e6:.1f} MB) in "
-        f"{(time.time() - t_start) / 60:.1f} min")
+    log(
+        f"wrote {out} ({sum(p.stat().st_size for p in out.rglob('*') if p.is_file()) / 1e6:.1f} MB) in "
+        f"{(time.time() - t_start) / 60:.1f} min"
+    )
     if grid is not None:
         imgs = sample_base(unet, vae, text, tokenizer, [p for p in GRID_PROMPTS for _ in range(6)], seed=config.seed)
         image_grid(imgs, 6).save(grid)

@@ -15,8 +15,9 @@ class ModelLoadError(ValueError):
     """A base model folder is missing or incomplete."""
 
 
-def load_diffusers_components(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                              device: str | torch.device = "cpu") -> dict:
+def load_diffusers_components(
+    model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> dict:
     """Load ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and the scheduler config from a local diffusers
     Stable Diffusion 1.x folder."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -32,8 +33,10 @@ def load_diffusers_components(model_dir: str | os.PathLike, dtype: torch.dtype =
         )
     missing = [s for s in REQUIRED_SUBFOLDERS if not (root / s).is_dir()]
     if missing:
-        raise ModelLoadError(f"{root}: missing subfolder(s) {', '.join(missing)}; this is not a complete diffusers "
-                             "Stable Diffusion folder.")
+        raise ModelLoadError(
+            f"{root}: missing subfolder(s) {', '.join(missing)}; this is not a complete diffusers "
+            "Stable Diffusion folder."
+        )
     kw = dict(local_files_only=True)
     unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype, **kw).to(device)
     vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype, **kw).to(device)

@@ -50,8 +50,9 @@ class FilterOptions:
         if self.min_area > self.max_area:
             raise ValueError(f"filter options: min_area {self.min_area} is above max_area {self.max_area}")
         if not (0.0 < self.max_gray_offset <= 1.0):
-            raise ValueError(f"filter option max_gray_offset={self.max_gray_offset}: must lie in (0, 1]; "
-                             "1 turns it off")
+            raise ValueError(
+                f"filter option max_gray_offset={self.max_gray_offset}: must lie in (0, 1]; 1 turns it off"
+            )
         if int(self.agreement_tolerance) != self.agreement_tolerance or self.agreement_tolerance < 0:
             raise ValueError(f"filter option agreement_tolerance={self.agreement_tolerance}: a whole number of pixels")
 
@@ -77,14 +78,19 @@ class FilterDecision:
     def to_record(self) -> dict[str, Any]:
         r = lambda x: None if x is None else round(float(x), 6)  # noqa: E731
         return {
-            "accepted": self.accepted, "reason": self.reason, "detail": self.detail,
-            "area_fraction": r(self.area_fraction), "gray_offset": r(self.gray_offset),
-            "agreement": r(self.agreement), "change_fraction": r(self.change_fraction),
+            "accepted": self.accepted,
+            "reason": self.reason,
+            "detail": self.detail,
+            "area_fraction": r(self.area_fraction),
+            "gray_offset": r(self.gray_offset),
+            "agreement": r(self.agreement),
+            "change_fraction": r(self.change_fraction),
         }
 
 
-def mask_change_agreement(mask: np.ndarray, change: np.ndarray, region: np.ndarray | None = None,
-                          tolerance: int = 3) -> float:
+def mask_change_agreement(
+    mask: np.ndarray, change: np.ndarray, region: np.ndarray | None = None, tolerance: int = 3
+) -> float:
     """Symmetric overlap with tolerance, in [0, 1]: ``(|M ∩ dil(C)| + |C ∩ dil(M)|) / (|M| + |C|)`` counted inside
     ``region``; 1.0 when neither has a pixel there (both agree that nothing changed)."""
     m = np.asarray(mask) > 0
@@ -99,8 +105,15 @@ def mask_change_agreement(mask: np.ndarray, change: np.ndarray, region: np.ndarr
     return hit / total
 
 
-def check_pair(mask: MaskResult, options: FilterOptions | None = None, *, global_image=None, normal_image=None,
-               known_region=None, mask_options: MaskOptions | None = None) -> FilterDecision:
+def check_pair(
+    mask: MaskResult,
+    options: FilterOptions | None = None,
+    *,
+    global_image=None,
+    normal_image=None,
+    known_region=None,
+    mask_options: MaskOptions | None = None,
+) -> FilterDecision:
     """Accept or reject one generated pair. ``normal_image`` (with ``global_image``) enables the agreement check,
     restricted to ``known_region`` (True = the normal image is valid there, e.g. outside the object) if given."""
     o = options or FilterOptions()
@@ -124,10 +137,12 @@ def check_pair(mask: MaskResult, options: FilterOptions | None = None, *, global
 
     if offset > o.max_gray_offset:
         med = ", ".join(f"{v:.2f}" for v in mask.image_median)
-        return decide("background_not_gray",
-                      f"anomaly image median ({med}) is {offset:.2f} from mid-gray 0.5 "
-                      f"(limit {o.max_gray_offset:.2f}): "
-                      "the anomaly branch did not draw the defect on gray")
+        return decide(
+            "background_not_gray",
+            f"anomaly image median ({med}) is {offset:.2f} from mid-gray 0.5 "
+            f"(limit {o.max_gray_offset:.2f}): "
+            "the anomaly branch did not draw the defect on gray",
+        )
     if mask.empty:
         return decide("empty_mask", f"empty mask: {mask.note or 'no defect found in the anomaly image'}")
     if area > o.max_area:
@@ -135,9 +150,11 @@ def check_pair(mask: MaskResult, options: FilterOptions | None = None, *, global
     if area < o.min_area:
         return decide("mask_too_small", f"mask covers {area:.3%} of the image (minimum {o.min_area:.3%})")
     if agreement is not None and agreement < o.min_agreement:
-        return decide("disagrees_with_normal",
-                      f"mask and the change from the normal image agree {agreement:.0%} "
-                      f"(minimum {o.min_agreement:.0%}; "
-                      f"{change_fraction:.1%} of the known region changed)")
+        return decide(
+            "disagrees_with_normal",
+            f"mask and the change from the normal image agree {agreement:.0%} "
+            f"(minimum {o.min_agreement:.0%}; "
+            f"{change_fraction:.1%} of the known region changed)",
+        )
     extra = "" if agreement is None else f", agreement with the normal image {agreement:.0%}"
     return decide("ok", f"mask covers {area:.2%} of the image in {mask.components} component(s){extra}")

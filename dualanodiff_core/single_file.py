@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -63,8 +63,10 @@ def _check_not_our_weights(path: Path) -> None:
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"{path}: not a readable .safetensors file ({e}).") from None
     if meta.get("format") == "dualanodiff" or any(".temporal_" in k or "_lora." in k for k in keys[:200]):
-        raise ModelLoadError(f"{path}: this is a DualAnoDiff/LoRA weights file, not a base model. Give the Stable "
-                             "Diffusion 1.5 model (a diffusers folder or a full checkpoint) as the base model.")
+        raise ModelLoadError(
+            f"{path}: this is a DualAnoDiff/LoRA weights file, not a base model. Give the Stable "
+            "Diffusion 1.5 model (a diffusers folder or a full checkpoint) as the base model."
+        )
 
 
 def conversion_hint(path: Path) -> str:
@@ -72,14 +74,15 @@ def conversion_hint(path: Path) -> str:
         "Either pass a local diffusers Stable Diffusion 1.5 folder as the model config (its configs and tokenizer "
         "are used, the weights come from the file), or convert the file once to a diffusers folder on a machine "
         "with internet access:\n"
-        f"  python -c \"from diffusers import StableDiffusionPipeline as P; "
+        f'  python -c "from diffusers import StableDiffusionPipeline as P; '
         f"P.from_single_file(r'{path}').save_pretrained(r'{path.with_suffix('')}_diffusers')\"\n"
         "and use that folder as the base model."
     )
 
 
-def load_single_file_components(path: str | os.PathLike, config_dir: str | os.PathLike | None = None,
-                                device: str | torch.device = "cpu") -> dict:
+def load_single_file_components(
+    path: str | os.PathLike, config_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu"
+) -> dict:
     """Load a single-file SD1.x checkpoint into the components dict of
     :func:`dualanodiff_core.models.load_diffusers_components`, offline only."""
     from diffusers import StableDiffusionPipeline
@@ -100,8 +103,12 @@ def load_single_file_components(path: str | os.PathLike, config_dir: str | os.Pa
     with hub_offline():
         try:
             pipe = StableDiffusionPipeline.from_single_file(
-                str(path), config=str(config_dir) if config_dir is not None else None, local_files_only=True,
-                torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False,
+                str(path),
+                config=str(config_dir) if config_dir is not None else None,
+                local_files_only=True,
+                torch_dtype=torch.float32,
+                safety_checker=None,
+                requires_safety_checker=False,
             )
         except Exception as e:  # noqa: BLE001 - diffusers raises many kinds; all mean "cannot load offline"
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -117,8 +124,13 @@ def load_single_file_components(path: str | os.PathLike, config_dir: str | os.Pa
             ) from None
     tokenizer = pipe.tokenizer
     check_tokenizer(tokenizer)
-    comps = dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=tokenizer,
-                 scheduler_config={k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")})
+    comps = dict(
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config={k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")},
+    )
     for k in ("unet", "vae", "text_encoder"):
         comps[k].to(device).requires_grad_(False)
         comps[k].eval()

@@ -18,7 +18,7 @@ mask uint8 with values exactly 0 and 255)``. Sizes are given relative to the ima
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -51,8 +51,9 @@ def colour_jitter(img: np.ndarray, rng: np.random.Generator, strength: float = 0
 # CutPaste
 
 
-def _paste(img: np.ndarray, rng: np.random.Generator, half_w: float, half_h: float, angle: float,
-           jitter: float) -> tuple[np.ndarray, np.ndarray]:
+def _paste(
+    img: np.ndarray, rng: np.random.Generator, half_w: float, half_h: float, angle: float, jitter: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Cut a (half_w x half_h) box around a random source centre and paste it, rotated by ``angle``, around a
     random target centre (both fully inside the image)."""
     h, w, _ = img.shape
@@ -76,7 +77,9 @@ def _paste(img: np.ndarray, rng: np.random.Generator, half_w: float, half_h: flo
     return out, inside
 
 
-def cutpaste(image, rng: np.random.Generator, variant: str = "normal", jitter: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+def cutpaste(
+    image, rng: np.random.Generator, variant: str = "normal", jitter: float = 0.1
+) -> tuple[np.ndarray, np.ndarray]:
     """CutPaste: ``variant`` "normal" (a rectangle of 2-15 % of the image area, aspect ratio 0.3-3.3) or "scar"
     (a strip 2-16 by 10-25 pixels at 256 px, scaled to the image, rotated by -45..45 degrees), or "mixed"
     (either, 50/50)."""
@@ -106,10 +109,12 @@ def cutpaste(image, rng: np.random.Generator, variant: str = "normal", jitter: f
 # Perlin noise and DRAEM-style anomalies
 
 
-def perlin_noise(shape: tuple[int, int], periods: tuple[float, float], rng: np.random.Generator,
-                 angle: float = 0.0) -> np.ndarray:
-    """2-D gradient (Perlin) noise, about [-1, 1] (scaled by sqrt(2) as DRAEM's), with ``periods`` = (rows, columns) lattice cells across the
-    image, evaluated on coordinates rotated by ``angle`` (radians). The lattice wraps, so any angle works."""
+def perlin_noise(
+    shape: tuple[int, int], periods: tuple[float, float], rng: np.random.Generator, angle: float = 0.0
+) -> np.ndarray:
+    """2-D gradient (Perlin) noise, about [-1, 1] (scaled by sqrt(2) as DRAEM's), with ``periods`` = (rows, columns)
+    lattice cells across the image, evaluated on coordinates rotated by ``angle`` (radians). The lattice wraps, so
+    any angle works."""
     h, w = shape
     py, px = max(1, int(math.ceil(periods[0]))), max(1, int(math.ceil(periods[1])))
     n = 2 * max(py, px) + 2  # lattice large enough for rotated coordinates (wraps around)
@@ -136,8 +141,9 @@ def perlin_noise(shape: tuple[int, int], periods: tuple[float, float], rng: np.r
     return math.sqrt(2.0) * ((n00 * (1 - u) + n01 * u) * (1 - v) + (n10 * (1 - u) + n11 * u) * v)
 
 
-def perlin_mask(shape: tuple[int, int], rng: np.random.Generator, threshold: float = 0.5,
-                min_fraction: float = 0.003) -> np.ndarray:
+def perlin_mask(
+    shape: tuple[int, int], rng: np.random.Generator, threshold: float = 0.5, min_fraction: float = 0.003
+) -> np.ndarray:
     """DRAEM's anomaly mask: Perlin noise with 2^a x 2^b cells (a, b in 0..max, max = log2(size) - 2, i.e. 0..5 at
     256 px as DRAEM), rotated by -90..90 degrees, thresholded at ``threshold``. Retries until at least
     ``min_fraction`` of the image is covered."""
@@ -190,8 +196,9 @@ def random_colour_field(shape: tuple[int, int], rng: np.random.Generator) -> np.
     return np.clip(np.stack(ch, -1) * rng.uniform(0.5, 1.5) + base[None, None, :], 0, 1)
 
 
-def perlin_anomaly(image, rng: np.random.Generator, sources: Sequence[np.ndarray] | None = None,
-                   beta_max: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
+def perlin_anomaly(
+    image, rng: np.random.Generator, sources: Sequence[np.ndarray] | None = None, beta_max: float = 0.8
+) -> tuple[np.ndarray, np.ndarray]:
     """A DRAEM-style anomaly: a Perlin mask filled with an augmented anomaly source, blended with opacity
     ``1 - beta`` (``beta`` uniform in [0, beta_max]). ``sources``: uint8 images to draw the source from (resized by
     nearest neighbour when their size differs); without them, random colour fields are used."""

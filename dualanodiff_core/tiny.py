@@ -58,17 +58,29 @@ def tiny_tokenizer(max_length: int = 77):
     return tok
 
 
-def tiny_unet(seed: int = 0, block_out_channels=(32, 64), cross_attention_dim: int = 32, heads: int = 4,
-              layers_per_block: int = 1, sample_size: int = 8):
+def tiny_unet(
+    seed: int = 0,
+    block_out_channels=(32, 64),
+    cross_attention_dim: int = 32,
+    heads: int = 4,
+    layers_per_block: int = 1,
+    sample_size: int = 8,
+):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     n = len(block_out_channels)
     return UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4,
-        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
-        cross_attention_dim=cross_attention_dim, attention_head_dim=heads, norm_num_groups=32,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * n,
+        up_block_types=("CrossAttnUpBlock2D",) * n,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=heads,
+        norm_num_groups=32,
     ).eval()
 
 
@@ -78,9 +90,14 @@ def tiny_vae(seed: int = 0, block_out_channels=(32, 32)):
     torch.manual_seed(seed)
     n = len(block_out_channels)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(block_out_channels),
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        norm_num_groups=32, sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        norm_num_groups=32,
+        sample_size=16,
     ).eval()
 
 
@@ -89,9 +106,15 @@ def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, layers: int = 2, hea
 
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
-        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
     )
     return CLIPTextModel(cfg).eval()
 
@@ -101,8 +124,11 @@ def tiny_components(seed: int = 0, **unet_kwargs) -> dict:
     from .diffusers_backend import SD15_SCHEDULER_CONFIG
 
     comps = dict(
-        unet=tiny_unet(seed, **unet_kwargs), vae=tiny_vae(seed + 1), text_encoder=tiny_text_encoder(seed + 2),
-        tokenizer=tiny_tokenizer(), scheduler_config=dict(SD15_SCHEDULER_CONFIG),
+        unet=tiny_unet(seed, **unet_kwargs),
+        vae=tiny_vae(seed + 1),
+        text_encoder=tiny_text_encoder(seed + 2),
+        tokenizer=tiny_tokenizer(),
+        scheduler_config=dict(SD15_SCHEDULER_CONFIG),
     )
     for k in ("unet", "vae", "text_encoder"):
         comps[k].requires_grad_(False)

@@ -37,8 +37,9 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -107,14 +108,17 @@ class TrainConfig:
     keep_checkpoints: int = 3  # the newest K are kept; 0 = keep all
     checkpoint_weights: bool = True  # also write checkpoint-<step>.safetensors (our weights format)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         def need(cond, msg):
             if not cond:
                 raise ValueError(msg)
 
         need(self.steps >= 1, f"steps must be at least 1, got {self.steps}")
         need(self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}")
-        need(self.learning_rate > 0 and math.isfinite(self.learning_rate), f"learning rate must be > 0, got {self.learning_rate}")
+        need(
+            self.learning_rate > 0 and math.isfinite(self.learning_rate),
+            f"learning rate must be > 0, got {self.learning_rate}",
+        )
         need(self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}")
         need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "Adam betas must be in [0, 1)")
         need(self.adam_epsilon > 0, "Adam epsilon must be > 0")
@@ -122,7 +126,10 @@ class TrainConfig:
         need(self.warmup_steps >= 0, "warm-up steps must be >= 0")
         need(self.rank >= 1, f"rank must be at least 1, got {self.rank}")
         need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        need(self.resolution >= 8 and self.resolution % 8 == 0, f"resolution must be a multiple of 8, got {self.resolution}")
+        need(
+            self.resolution >= 8 and self.resolution % 8 == 0,
+            f"resolution must be a multiple of 8, got {self.resolution}",
+        )
         need(self.checkpoint_every >= 0, "checkpoint interval must be >= 0 (0 = only at the end)")
         need(self.keep_checkpoints >= 0, "keep-checkpoints must be >= 0 (0 = keep all)")
         need(bool(self.prompt_global) and bool(self.prompt_anomaly), "prompts must not be empty")
@@ -132,7 +139,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -211,8 +218,13 @@ class TrainingBackbone(Protocol):
         (the reference's quirk, which trained weights depend on). Called under ``torch.no_grad()``."""
         ...
 
-    def denoise(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                background: BackgroundPass | None = None) -> torch.Tensor:
+    def denoise(
+        self,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        background: BackgroundPass | None = None,
+    ) -> torch.Tensor:
         """The model prediction for interleaved rows ``x_t`` ``[2B, C, h, w]`` at integer ``timesteps`` ``[2B]``
         with per-row text ``context`` ``[2B, tokens, dim]``, with both branch LoRAs, SAIM and (given a
         ``background``) BCM active at full strength. With a background: first a record pass of the UNet over
@@ -227,26 +239,41 @@ class TrainingBackbone(Protocol):
         ...
 
 
-BACKBONE_MEMBERS = ("device", "alphas_cumprod", "prediction_type", "trainable_parameters", "encode_prompts",
-                    "encode_images", "encode_backgrounds", "denoise", "to_weights")
+BACKBONE_MEMBERS = (
+    "device",
+    "alphas_cumprod",
+    "prediction_type",
+    "trainable_parameters",
+    "encode_prompts",
+    "encode_images",
+    "encode_backgrounds",
+    "denoise",
+    "to_weights",
+)
 
 
 def check_backbone(backbone) -> None:
     """Raise ``TypeError`` naming what a backbone lacks (``base_model`` is optional)."""
     missing = [m for m in BACKBONE_MEMBERS if not hasattr(backbone, m)]
     if missing:
-        raise TypeError(f"{type(backbone).__name__} is not a TrainingBackbone: it lacks {', '.join(missing)} "
-                        "(see dualanodiff_core.train.TrainingBackbone)")
+        raise TypeError(
+            f"{type(backbone).__name__} is not a TrainingBackbone: it lacks {', '.join(missing)} "
+            "(see dualanodiff_core.train.TrainingBackbone)"
+        )
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def add_noise(
+    x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
     """DDPM forward process ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (diffusers ``DDPMScheduler.add_noise``)."""
     abar = alphas_cumprod.to(device=x0.device, dtype=torch.float32)[timesteps.to(x0.device)]
     shape = (-1,) + (1,) * (x0.ndim - 1)
     return abar.sqrt().view(shape) * x0 + (1 - abar).sqrt().view(shape) * noise
 
 
-def velocity(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def velocity(
+    x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
     abar = alphas_cumprod.to(device=x0.device, dtype=torch.float32)[timesteps.to(x0.device)]
     shape = (-1,) + (1,) * (x0.ndim - 1)
     return abar.sqrt().view(shape) * noise - (1 - abar).sqrt().view(shape) * x0
@@ -288,8 +315,11 @@ class TrainResult:
 
 
 def _metadata_config(config: TrainConfig) -> dict:
-    return {k: v for k, v in config.to_dict().items()
-            if k not in ("checkpoint_every", "keep_checkpoints", "checkpoint_weights")}
+    return {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in ("checkpoint_every", "keep_checkpoints", "checkpoint_weights")
+    }
 
 
 def list_checkpoints(work_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -325,8 +355,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except Exception as e:  # noqa: BLE001 - any unpickling problem means "not our checkpoint"
         raise CheckpointError(f"{path}: not a readable training checkpoint ({e}).") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a DualAnoDiff training checkpoint (a weights .safetensors cannot be "
-                              "resumed; give the checkpoint-<step>.pt beside it).")
+        raise CheckpointError(
+            f"{path}: not a DualAnoDiff training checkpoint (a weights .safetensors cannot be "
+            "resumed; give the checkpoint-<step>.pt beside it)."
+        )
     if int(state.get("version", 0)) > CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: written by a newer DualAnoDiff (checkpoint version {state['version']}).")
     state["path"] = str(path)
@@ -342,11 +374,19 @@ class Trainer:
     ``data_fingerprint`` (see :meth:`DefectSet.fingerprint`) is stored in checkpoints and compared on resume.
     """
 
-    def __init__(self, backbone: TrainingBackbone, dataset: DefectDataset, config: TrainConfig,
-                 work_dir: str | os.PathLike, *, output: str | os.PathLike | None = None,
-                 progress: Callable[[TrainProgress], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None, metadata: dict | None = None,
-                 data_fingerprint: list | None = None):
+    def __init__(
+        self,
+        backbone: TrainingBackbone,
+        dataset: DefectDataset,
+        config: TrainConfig,
+        work_dir: str | os.PathLike,
+        *,
+        output: str | os.PathLike | None = None,
+        progress: Callable[[TrainProgress], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        metadata: dict | None = None,
+        data_fingerprint: list | None = None,
+    ):
         check_backbone(backbone)
         self.backbone = backbone
         self.dataset = dataset
@@ -358,12 +398,13 @@ class Trainer:
         self.progress = progress
         self.should_stop = should_stop or (lambda: False)
         self.metadata = dict(metadata or {})
-        self.data_fingerprint = data_fingerprint if data_fingerprint is not None else \
-            dataset.defect_set.fingerprint()
+        self.data_fingerprint = data_fingerprint if data_fingerprint is not None else dataset.defect_set.fingerprint()
         if config.bcm and not dataset.backgrounds:
             raise ValueError("BCM training needs a dataset built with backgrounds=True (object masks).")
         if dataset.resolution != config.resolution:
-            raise ValueError(f"the dataset was built at {dataset.resolution} px but the config says {config.resolution}")
+            raise ValueError(
+                f"the dataset was built at {dataset.resolution} px but the config says {config.resolution}"
+            )
         pt = getattr(backbone, "prediction_type", "epsilon")
         if pt not in ("epsilon", "v_prediction"):
             raise ValueError(f"unsupported prediction type {pt!r} (epsilon or v_prediction)")
@@ -380,12 +421,16 @@ class Trainer:
                 raise ValueError(f"trainable parameter {n} has requires_grad=False")
         c = self.config
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon,
+            self.params,
+            lr=c.learning_rate,
+            betas=(c.adam_beta1, c.adam_beta2),
+            eps=c.adam_epsilon,
             weight_decay=c.weight_decay,
         )
         warm = c.warmup_steps
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0
+        )
         dev_type = torch.device(backbone.device).type
         self.scaler = torch.amp.GradScaler(dev_type, enabled=(c.precision == "fp16"))
         self.sampler = PairSampler(len(dataset), c.batch_size, c.seed)
@@ -423,12 +468,12 @@ class Trainer:
         context = emb.repeat(n_pairs, 1, 1)  # [g, a, g, a, ...]
         background = None
         if c.bcm:
-            background = BackgroundPass(add_noise(bg0, bg_noise, t_pair, ac), t_pair,
-                                        emb[0:1].expand(n_pairs, -1, -1))
+            background = BackgroundPass(add_noise(bg0, bg_noise, t_pair, ac), t_pair, emb[0:1].expand(n_pairs, -1, -1))
         pred = bb.denoise(x_t, t, context, background)
         if pred.shape != x0.shape:
-            raise TrainingError(f"the backbone returned a prediction of shape {tuple(pred.shape)} for input "
-                                f"{tuple(x0.shape)}")
+            raise TrainingError(
+                f"the backbone returned a prediction of shape {tuple(pred.shape)} for input {tuple(x0.shape)}"
+            )
         target = noise if getattr(bb, "prediction_type", "epsilon") == "epsilon" else velocity(x0, noise, t, ac)
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
 
@@ -468,8 +513,9 @@ class Trainer:
         if self.config.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         else:
-            norm = torch.linalg.vector_norm(torch.stack([
-                torch.linalg.vector_norm(p.grad.float()) for p in self.params if p.grad is not None]))
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in self.params if p.grad is not None])
+            )
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_scheduler.step()
@@ -543,7 +589,7 @@ class Trainer:
         if k <= 0:
             return
         cps = list_checkpoints(self.work_dir)
-        for step, p in cps[:-k]:
+        for _step, p in cps[:-k]:
             for q in (p, p.with_suffix(".safetensors")):
                 with contextlib.suppress(FileNotFoundError):
                     q.unlink()
@@ -563,22 +609,30 @@ class Trainer:
         diff = [k for k in sorted(set(saved) | set(mine)) if k not in RESUMABLE_CHANGES and saved.get(k) != mine.get(k)]
         if diff:
             details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {mine.get(k)!r}" for k in diff[:6])
-            raise CheckpointError(f"{where}: the run was made with other settings ({details}). Resume with the same "
-                                  "settings (only steps and checkpoint options may change), or start a new run.")
+            raise CheckpointError(
+                f"{where}: the run was made with other settings ({details}). Resume with the same "
+                "settings (only steps and checkpoint options may change), or start a new run."
+            )
         data = json.loads(state["data"])
         if data != self.data_fingerprint:
             old = {tuple(x[:2]): x[2] for x in data}
             new = {tuple(x[:2]): x[2] for x in self.data_fingerprint}
             changed = sorted(set(old) ^ set(new)) + sorted(k for k in set(old) & set(new) if old[k] != new[k])
             shown = ", ".join(f"{r} {p}" for r, p in changed[:4]) or "the order of the files"
-            raise CheckpointError(f"{where}: the training data changed since this checkpoint ({shown}). Resume with "
-                                  "the same files, or start a new run.")
+            raise CheckpointError(
+                f"{where}: the training data changed since this checkpoint ({shown}). Resume with "
+                "the same files, or start a new run."
+            )
         if list(state["param_names"]) != self.param_names:
-            raise CheckpointError(f"{where}: the model's trainable tensors differ from the checkpoint's (another base "
-                                  "model or model settings); start a new run.")
+            raise CheckpointError(
+                f"{where}: the model's trainable tensors differ from the checkpoint's (another base "
+                "model or model settings); start a new run."
+            )
         if int(state["step"]) > self.config.steps:
-            raise CheckpointError(f"{where}: the checkpoint is at step {state['step']}, but only {self.config.steps} "
-                                  "step(s) were asked for; ask for more steps to train further.")
+            raise CheckpointError(
+                f"{where}: the checkpoint is at step {state['step']}, but only {self.config.steps} "
+                "step(s) were asked for; ask for more steps to train further."
+            )
         with torch.no_grad():
             for n, p in zip(self.param_names, self.params):
                 v = state["params"][n]
@@ -622,10 +676,15 @@ class Trainer:
         if resume is not None:
             self.load_state_dict(resume if isinstance(resume, dict) else load_checkpoint(resume))
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.work_dir / "train_config.json", {
-            "config": self.config.to_dict(), "data": self.data_fingerprint,
-            "base_model": getattr(self.backbone, "base_model", ""), "output": str(self.output or ""),
-        })
+        write_json_atomic(
+            self.work_dir / "train_config.json",
+            {
+                "config": self.config.to_dict(),
+                "data": self.data_fingerprint,
+                "base_model": getattr(self.backbone, "base_model", ""),
+                "output": str(self.output or ""),
+            },
+        )
         c = self.config
         stopped = False
         recent: list[float] = []
@@ -639,21 +698,25 @@ class Trainer:
             dt = time.perf_counter() - t0
             self.elapsed += dt
             lr = float(self.optimizer.param_groups[0]["lr"])
-            self.history.append({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
-                                 "seconds": round(self.elapsed, 3)})
+            self.history.append(
+                {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "seconds": round(self.elapsed, 3)}
+            )
             if not math.isfinite(loss):  # fp16: the scaler skipped the step; give up if it keeps happening
                 bad = sum(1 for h in self.history[-20:] if not math.isfinite(h["loss"]))
                 if bad >= 20:
-                    raise TrainingError(f"the loss has been non-finite for 20 steps (step {self.step}); train in "
-                                        f"fp32/bf16 or lower the learning rate. Last checkpoint: {self.last_checkpoint}")
+                    raise TrainingError(
+                        f"the loss has been non-finite for 20 steps (step {self.step}); train in "
+                        f"fp32/bf16 or lower the learning rate. Last checkpoint: {self.last_checkpoint}"
+                    )
             ckpt = None
             if (c.checkpoint_every and self.step % c.checkpoint_every == 0) or self.step == c.steps:
                 ckpt = self.save_checkpoint()
             recent = (recent + [dt])[-20:]
             rate = len(recent) / max(sum(recent), 1e-9)
             if self.progress is not None:
-                self.progress(TrainProgress(self.step, c.steps, loss, lr, rate, (c.steps - self.step) / rate,
-                                            self.elapsed, ckpt))
+                self.progress(
+                    TrainProgress(self.step, c.steps, loss, lr, rate, (c.steps - self.step) / rate, self.elapsed, ckpt)
+                )
         if self._last_checkpoint_step != self.step:
             self.save_checkpoint()
         else:
@@ -664,5 +727,14 @@ class Trainer:
             weights = self.backbone.to_weights(self.weights_metadata())
             if self.output is not None:
                 weights.save(self.output)
-        return TrainResult(self.step, c.steps, completed, stopped, self.last_checkpoint, weights,
-                           self.output if completed else None, list(self.history), self.work_dir)
+        return TrainResult(
+            self.step,
+            c.steps,
+            completed,
+            stopped,
+            self.last_checkpoint,
+            weights,
+            self.output if completed else None,
+            list(self.history),
+            self.work_dir,
+        )

@@ -4,8 +4,8 @@ and :func:`train_from_folder`, the one-call headless trainer behind ``dualanodif
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -50,8 +50,9 @@ def _to(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Modul
 class DiffusersTrainingBackbone:
     """DualAnoDiff on a diffusers SD1.x model, ready to train. Build it with :meth:`build`."""
 
-    def __init__(self, pipe, *, train_text_encoder: bool = True, gradient_checkpointing: bool = False,
-                 base_model: str = ""):
+    def __init__(
+        self, pipe, *, train_text_encoder: bool = True, gradient_checkpointing: bool = False, base_model: str = ""
+    ):
         from diffusers import DDPMScheduler
 
         self.pipe = pipe
@@ -76,8 +77,9 @@ class DiffusersTrainingBackbone:
 
     # ---- construction ---------------------------------------------------------------------------------------------
     @classmethod
-    def build(cls, components: dict, config: TrainConfig, *, device: str | torch.device = "cpu",
-              base_model: str = "") -> "DiffusersTrainingBackbone":
+    def build(
+        cls, components: dict, config: TrainConfig, *, device: str | torch.device = "cpu", base_model: str = ""
+    ) -> DiffusersTrainingBackbone:
         """Install fresh DualAnoDiff layers on ``components`` (``unet``, ``vae``, ``text_encoder``, ``tokenizer``,
         ``scheduler_config``, as :func:`dualanodiff_core.models.load_diffusers_components` returns them).
 
@@ -95,9 +97,17 @@ class DiffusersTrainingBackbone:
         for m in (unet, te, vae):
             m.requires_grad_(False)
         torch.manual_seed(config.seed)
-        pipe = DualAnoDiffPipeline(unet, vae, te, components["tokenizer"], components.get("scheduler_config"),
-                                   rank=config.rank, saim=config.saim, bcm=config.bcm,
-                                   text_lora=config.train_text_encoder)
+        pipe = DualAnoDiffPipeline(
+            unet,
+            vae,
+            te,
+            components["tokenizer"],
+            components.get("scheduler_config"),
+            rank=config.rank,
+            saim=config.saim,
+            bcm=config.bcm,
+            text_lora=config.train_text_encoder,
+        )
         if config.saim_zero_init and config.saim:
             with torch.no_grad():
                 for proc in pipe.dual.processors.values():
@@ -105,8 +115,12 @@ class DiffusersTrainingBackbone:
                     proc.temporal_o.bias.zero_()
         pipe.metadata = {"prompt_global": config.prompt_global, "prompt_anomaly": config.prompt_anomaly}
         pipe.base_model = base_model
-        return cls(pipe, train_text_encoder=config.train_text_encoder,
-                   gradient_checkpointing=config.gradient_checkpointing, base_model=base_model)
+        return cls(
+            pipe,
+            train_text_encoder=config.train_text_encoder,
+            gradient_checkpointing=config.gradient_checkpointing,
+            base_model=base_model,
+        )
 
     # ---- TrainingBackbone ------------------------------------------------------------------------------------------
     @property
@@ -130,23 +144,31 @@ class DiffusersTrainingBackbone:
     def encode_backgrounds(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self.pipe.encode_background(images, generator)
 
-    def denoise(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                background: BackgroundPass | None = None) -> torch.Tensor:
+    def denoise(
+        self,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        background: BackgroundPass | None = None,
+    ) -> torch.Tensor:
         dual, dtype = self.pipe.dual, self.pipe.dtype
         x, ctx = x_t.to(dtype), context.to(dtype)
-        with dual.control.using(mode=MODE_DUAL, lora_strength=(1.0, 1.0), saim_strength=1.0, bcm_strength=1.0,
-                                bcm_cache=None):
+        with dual.control.using(
+            mode=MODE_DUAL, lora_strength=(1.0, 1.0), saim_strength=1.0, bcm_strength=1.0, bcm_cache=None
+        ):
             if background is None:
                 return dual(x, timesteps, ctx)
-            return dual.forward_with_background(x, timesteps, ctx, background.latents.to(dtype),
-                                                background.timesteps, background.context.to(dtype))
+            return dual.forward_with_background(
+                x, timesteps, ctx, background.latents.to(dtype), background.timesteps, background.context.to(dtype)
+            )
 
     def to_weights(self, metadata: dict) -> DualAnoDiffWeights:
         return self.pipe.to_weights(metadata)
 
 
-def load_base_components(model: str | os.PathLike, *, model_config: str | os.PathLike | None = None,
-                         device: str | torch.device = "cpu") -> dict:
+def load_base_components(
+    model: str | os.PathLike, *, model_config: str | os.PathLike | None = None, device: str | torch.device = "cpu"
+) -> dict:
     """A local diffusers SD1.x folder, or a single-file checkpoint (see :mod:`dualanodiff_core.single_file`)."""
     from .models import load_diffusers_components
     from .single_file import is_single_file, load_single_file_components
@@ -201,6 +223,14 @@ def train_from_folder(
     else:
         components, base_model = load_base_components(model, model_config=model_config, device=device), str(model)
     backbone = DiffusersTrainingBackbone.build(components, config, device=device, base_model=base_model)
-    trainer = Trainer(backbone, dataset, config, work_dir, output=output, progress=progress, should_stop=should_stop,
-                      data_fingerprint=selected.fingerprint())
+    trainer = Trainer(
+        backbone,
+        dataset,
+        config,
+        work_dir,
+        output=output,
+        progress=progress,
+        should_stop=should_stop,
+        data_fingerprint=selected.fingerprint(),
+    )
     return trainer.run(resume=resume_from)

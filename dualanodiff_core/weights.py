@@ -23,8 +23,8 @@ import json
 import os
 import re
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 
@@ -117,7 +117,7 @@ class DualAnoDiffWeights:
         out: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         for k, v in self.tensors.items():
             if k.startswith(prefix):
-                layer, param = split_param_key(k[len(prefix):])
+                layer, param = split_param_key(k[len(prefix) :])
                 out[layer][param] = v
         return dict(out)
 
@@ -195,7 +195,7 @@ class DualAnoDiffWeights:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "DualAnoDiffWeights":
+    def load(cls, path: str | os.PathLike) -> DualAnoDiffWeights:
         """Read our format or an official reference checkpoint (``.bin``/``.safetensors``), detected by content."""
         path = Path(path)
         tensors, metadata = read_tensor_file(path)
@@ -237,14 +237,14 @@ class DualAnoDiffWeights:
             if not (k.startswith(UNET) or k.startswith(TEXT)) and ".processor." in k:
                 k = UNET + k  # the old diffusers layout without the "unet." prefix
             if k.startswith(UNET):
-                body = k[len(UNET):]
+                body = k[len(UNET) :]
                 m = re.match(r"^(?P<layer>.+?)\.processor\.(?:chained_proc\.)?(?P<param>.+)$", body)
                 if not m or not _PARAM_RE.match(f"x.{m.group('param')}"):
                     unknown.append(key)
                     continue
                 tensors[f"{UNET}{m.group('layer')}.{m.group('param')}"] = value
             elif k.startswith(TEXT):
-                body = k[len(TEXT):]
+                body = k[len(TEXT) :]
                 m = _PARAM_RE.match(body)
                 if not m or not re.fullmatch(r"to_(q|k|v|out)_lora\.(down|up)\.weight", m.group("param")):
                     unknown.append(key)
@@ -253,8 +253,12 @@ class DualAnoDiffWeights:
             else:
                 unknown.append(key)
         if unknown:
-            raise WeightsKeyError([], unknown, "reference checkpoint keys",
-                                  "Expected 'unet.<layer>.processor.<param>' and 'text_encoder.<...>.to_q_lora...'.")
+            raise WeightsKeyError(
+                [],
+                unknown,
+                "reference checkpoint keys",
+                "Expected 'unet.<layer>.processor.<param>' and 'text_encoder.<...>.to_q_lora...'.",
+            )
         meta = {"source": "reference", "prompt_global": DEFAULT_PROMPT_GLOBAL, "prompt_anomaly": DEFAULT_PROMPT_ANOMALY}
         meta.update(dict(metadata or {}))
         meta.pop("format", None)
@@ -269,7 +273,7 @@ class DualAnoDiffWeights:
         bcm = self.has_bcm
         for k, v in self.tensors.items():
             if k.startswith(UNET):
-                layer, param = split_param_key(k[len(UNET):])
+                layer, param = split_param_key(k[len(UNET) :])
                 proc = ".processor.chained_proc." if bcm and layer.endswith("attn1") else ".processor."
                 out[f"{UNET}{layer}{proc}{param}"] = v
             else:

@@ -60,17 +60,33 @@ class BackgroundCompensate(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="A MODEL from the DualAnoDiff LoRA Loader whose weights include BCM."),
                 io.Vae.Input("vae", tooltip="The VAE of the checkpoint; encodes the background."),
-                io.Image.Input("background",
-                               tooltip="Normal (defect-free) product image(s) at the generation size: 1 image for "
-                                       "every pair, or one per pair."),
-                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.01,
-                               tooltip="Scale of the learned background fusion: 1 = as trained, 0 = off."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="Seed of the fresh noise added to the background at every step (the reference "
-                                     "re-noises it each step); fixed for reproducible results."),
-                io.Mask.Input("object_mask", optional=True,
-                              tooltip="Optional object mask (white = object). The object region is blacked out, as "
-                                      "in the reference. Load Image's MASK works: transparent pixels = object."),
+                io.Image.Input(
+                    "background",
+                    tooltip="Normal (defect-free) product image(s) at the generation size: 1 image for "
+                    "every pair, or one per pair.",
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=0.0,
+                    max=2.0,
+                    step=0.01,
+                    tooltip="Scale of the learned background fusion: 1 = as trained, 0 = off.",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    tooltip="Seed of the fresh noise added to the background at every step (the reference "
+                    "re-noises it each step); fixed for reproducible results.",
+                ),
+                io.Mask.Input(
+                    "object_mask",
+                    optional=True,
+                    tooltip="Optional object mask (white = object). The object region is blacked out, as "
+                    "in the reference. Load Image's MASK works: transparent pixels = object.",
+                ),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with background compensation.")],
         )
@@ -88,8 +104,10 @@ class BackgroundCompensate(io.ComfyNode):
         gray = vae.encode(torch.full((1, pixels.shape[1], pixels.shape[2], 3), 0.5))
         ratio = vae.downscale_ratio if isinstance(vae.downscale_ratio, int) else 8
         bg = backend.Background(
-            latents=latents.detach().float().cpu(), gray=gray.detach().float().cpu(),
-            pixels=(latents.shape[-2] * ratio, latents.shape[-1] * ratio), seed=int(seed),
+            latents=latents.detach().float().cpu(),
+            gray=gray.detach().float().cpu(),
+            pixels=(latents.shape[-2] * ratio, latents.shape[-1] * ratio),
+            seed=int(seed),
         )
         m = model.clone()
         wrapper = backend.apply_model_wrapper(m) or backend.DualApplyModel(backend.attention_sites(m))

@@ -23,14 +23,13 @@ import re
 import struct
 import zlib
 
-import torch
-from torch import nn
-
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.lora
 import comfy.ops
 import comfy.patcher_extension
 import comfy.utils
+import torch
+from torch import nn
 
 from ..dualanodiff_core.attention import (
     MODE_DUAL,
@@ -114,7 +113,8 @@ def attention_sites(model) -> list[AttentionSite]:
     mapping = comfy.utils.unet_to_diffusers(config)
     diffusion_model = model.get_model_object("diffusion_model")
     live = {
-        name for name, mod in diffusion_model.named_modules()
+        name
+        for name, mod in diffusion_model.named_modules()
         if all(hasattr(mod, p) for p in _ATTENTION_PARTS) and hasattr(mod, "heads")
     }
     sites = []
@@ -130,8 +130,13 @@ def attention_sites(model) -> list[AttentionSite]:
         raise DualAnoDiffError("found no attention layers in this MODEL; DualAnoDiff works on SD1.x UNets.")
     unmapped = sorted(n for n in live - {s.ldm for s in sites} if n.endswith((".attn1", ".attn2")))
     if unmapped:
-        warn_once(("unmapped", tuple(unmapped)), "DualAnoDiff: %d attention layers of this MODEL have no diffusers "
-                  "name and run without DualAnoDiff (e.g. %s).", len(unmapped), unmapped[0])
+        warn_once(
+            ("unmapped", tuple(unmapped)),
+            "DualAnoDiff: %d attention layers of this MODEL have no diffusers "
+            "name and run without DualAnoDiff (e.g. %s).",
+            len(unmapped),
+            unmapped[0],
+        )
     return sorted(sites, key=lambda s: s.diffusers)
 
 
@@ -146,9 +151,11 @@ def _comfy_attention_fn(attn_precision, transformer_options):
     def attention(q, k, v, heads, mask=None):
         if mask is None:
             return comfy_attention.optimized_attention(
-                q, k, v, heads, attn_precision=attn_precision, transformer_options=transformer_options)
+                q, k, v, heads, attn_precision=attn_precision, transformer_options=transformer_options
+            )
         return comfy_attention.optimized_attention_masked(
-            q, k, v, heads, mask, attn_precision=attn_precision, transformer_options=transformer_options)
+            q, k, v, heads, mask, attn_precision=attn_precision, transformer_options=transformer_options
+        )
 
     return attention
 
@@ -182,18 +189,29 @@ class ComfyDualAttention(DualBranchAttention):
         self.attn_precision = getattr(attn, "attn_precision", None)
         self.site = site
 
-    def forward(self, x, context=None, value=None, mask=None, transformer_options={}):
-        if value is not None and value is not context and not (
-            context is not None and value.shape == context.shape and torch.equal(value, context)
+    def forward(self, x, context=None, value=None, mask=None, transformer_options={}):  # noqa: B006 (ComfyUI's signature)
+        if (
+            value is not None
+            and value is not context
+            and not (context is not None and value.shape == context.shape and torch.equal(value, context))
         ):
-            warn_once(("value", self.layer_name),
-                      "DualAnoDiff: another node's attention patch gives %s separate values; DualAnoDiff is "
-                      "bypassed on that layer.", self.layer_name)
+            warn_once(
+                ("value", self.layer_name),
+                "DualAnoDiff: another node's attention patch gives %s separate values; DualAnoDiff is "
+                "bypassed on that layer.",
+                self.layer_name,
+            )
             return self._plain(x, context, value, mask, transformer_options)
         return dual_branch_attention(
-            self, self.dual, x, context, control_from_options(transformer_options),
-            layer_name=self.layer_name, is_self_attention=self.is_self_attention,
-            attention_fn=_comfy_attention_fn(self.attn_precision, transformer_options), mask=mask,
+            self,
+            self.dual,
+            x,
+            context,
+            control_from_options(transformer_options),
+            layer_name=self.layer_name,
+            is_self_attention=self.is_self_attention,
+            attention_fn=_comfy_attention_fn(self.attn_precision, transformer_options),
+            mask=mask,
         )
 
     def _plain(self, x, context, value, mask, transformer_options):
@@ -213,8 +231,9 @@ def _to_comfy_ops(module: nn.Module) -> nn.Module:
             if isinstance(child, nn.Linear) and not hasattr(child, "comfy_cast_weights"):
                 new = ops.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
             elif isinstance(child, nn.LayerNorm) and not hasattr(child, "comfy_cast_weights"):
-                new = ops.LayerNorm(child.normalized_shape, eps=child.eps,
-                                    elementwise_affine=child.elementwise_affine, device="meta")
+                new = ops.LayerNorm(
+                    child.normalized_shape, eps=child.eps, elementwise_affine=child.elementwise_affine, device="meta"
+                )
             else:
                 continue
             new.weight = child.weight
@@ -223,8 +242,16 @@ def _to_comfy_ops(module: nn.Module) -> nn.Module:
     return module
 
 
-def build_layers(attn: nn.Module, *, rank: int, alpha: float | None, saim: bool, bcm: bool,
-                 state: dict[str, torch.Tensor] | None = None, where: str = "") -> DualBranchLayers:
+def build_layers(
+    attn: nn.Module,
+    *,
+    rank: int,
+    alpha: float | None,
+    saim: bool,
+    bcm: bool,
+    state: dict[str, torch.Tensor] | None = None,
+    where: str = "",
+) -> DualBranchLayers:
     """The :class:`DualBranchLayers` of one attention module.
 
     With ``state`` (``{param: tensor}`` of one layer) the layers take those tensors without copying them and without
@@ -243,8 +270,11 @@ def build_layers(attn: nn.Module, *, rank: int, alpha: float | None, saim: bool,
     unknown = sorted(set(state) - set(expected))
     if missing or unknown:
         raise WeightsKeyError(
-            [f"{where}.{k}" for k in missing], [f"{where}.{k}" for k in unknown], "DualAnoDiff weights",
-            "Every layer must hold the same parts (LoRA, and SAIM/BCM when present).")
+            [f"{where}.{k}" for k in missing],
+            [f"{where}.{k}" for k in unknown],
+            "DualAnoDiff weights",
+            "Every layer must hold the same parts (LoRA, and SAIM/BCM when present).",
+        )
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise WeightsError(
@@ -303,12 +333,17 @@ def _warn_replaced(patches_replace: dict, sites, where: str) -> None:
                 ("replace", site.kind, site.replace_key),
                 "DualAnoDiff: another node replaced the %s attention of block %s (%s); that replacement bypasses "
                 "DualAnoDiff's branch LoRAs, SAIM and BCM on this layer, so the result differs from the trained "
-                "model (%s).", site.kind, site.replace_key, site.diffusers, where,
+                "model (%s).",
+                site.kind,
+                site.replace_key,
+                site.diffusers,
+                where,
             )
 
 
-def install(model, weights: DualAnoDiffWeights, strength_global: float = 1.0, strength_anomaly: float = 1.0,
-            source: str = ""):
+def install(
+    model, weights: DualAnoDiffWeights, strength_global: float = 1.0, strength_anomaly: float = 1.0, source: str = ""
+):
     """A clone of ``model`` with DualAnoDiff on every attention layer, configured from ``weights``."""
     sites = attention_sites(model)
     file_layers = weights.unet_layers()
@@ -319,31 +354,47 @@ def install(model, weights: DualAnoDiffWeights, strength_global: float = 1.0, st
         missing = sorted(model_names - set(file_layers))
         unknown = sorted(set(file_layers) - model_names)
         raise WeightsKeyError(
-            missing, unknown, f"the layers of {source or 'these weights'}",
+            missing,
+            unknown,
+            f"the layers of {source or 'these weights'}",
             f"This MODEL has {len(model_names)} attention layers, the file {len(file_layers)}. DualAnoDiff weights "
             "belong to the base model they were trained on (SD1.x): check the checkpoint.",
         )
     layers = {
         site.diffusers: build_layers(
-            model.get_model_object(site.patch_name), rank=weights.rank, alpha=weights.alpha,
-            saim=weights.has_saim, bcm=weights.has_bcm, state=file_layers[site.diffusers],
-            where=f"unet.{site.diffusers}")
+            model.get_model_object(site.patch_name),
+            rank=weights.rank,
+            alpha=weights.alpha,
+            saim=weights.has_saim,
+            bcm=weights.has_bcm,
+            state=file_layers[site.diffusers],
+            where=f"unet.{site.diffusers}",
+        )
         for site in sites
     }
     return install_layers(model, layers, strength_global, strength_anomaly, source=source)
 
 
-def new_layers(model, rank: int = 32, alpha: float | None = None, saim: bool = True,
-               bcm: bool = False) -> dict[str, DualBranchLayers]:
+def new_layers(
+    model, rank: int = 32, alpha: float | None = None, saim: bool = True, bcm: bool = False
+) -> dict[str, DualBranchLayers]:
     """Freshly initialised layers for every attention module of ``model`` (``{diffusers name: layers}``), e.g. to
     train them: call inside ``torch.inference_mode(False)`` so the parameters are trainable."""
-    return {site.diffusers: build_layers(model.get_model_object(site.patch_name), rank=rank, alpha=alpha, saim=saim,
-                                         bcm=bcm)
-            for site in attention_sites(model)}
+    return {
+        site.diffusers: build_layers(
+            model.get_model_object(site.patch_name), rank=rank, alpha=alpha, saim=saim, bcm=bcm
+        )
+        for site in attention_sites(model)
+    }
 
 
-def install_layers(model, layers: dict[str, DualBranchLayers], strength_global: float = 1.0,
-                   strength_anomaly: float = 1.0, source: str = ""):
+def install_layers(
+    model,
+    layers: dict[str, DualBranchLayers],
+    strength_global: float = 1.0,
+    strength_anomaly: float = 1.0,
+    source: str = "",
+):
     """A clone of ``model`` whose attention modules run the given layers (``{diffusers name: layers}``, one per
     attention module; :func:`install` builds them from a weights file, :func:`new_layers` fresh)."""
     sites = attention_sites(model)
@@ -354,31 +405,45 @@ def install_layers(model, layers: dict[str, DualBranchLayers], strength_global: 
     before = options(model)
     upstream = apply_model_wrapper(model)
     if upstream is not None and upstream.background is not None:
-        log.warning("DualAnoDiff: new DualAnoDiff layers replace the ones loaded upstream, and with them the "
-                    "background compensation set up there; put Background Compensate after the last loader.")
+        log.warning(
+            "DualAnoDiff: new DualAnoDiff layers replace the ones loaded upstream, and with them the "
+            "background compensation set up there; put Background Compensate after the last loader."
+        )
     m = model.clone()
     extra = 0
     for site in sites:
         extra += layer_bytes(layers[site.diffusers])
-        m.add_object_patch(site.patch_name, ComfyDualAttention(m.get_model_object(site.patch_name),
-                                                               layers[site.diffusers], site))
+        m.add_object_patch(
+            site.patch_name, ComfyDualAttention(m.get_model_object(site.patch_name), layers[site.diffusers], site)
+        )
     # ModelPatcher sizes the model once; count our layers so memory planning includes them
     m.size = max(0, model.model_size() - int(before.get("extra_bytes", 0))) + extra
-    set_options(m, lora=[float(strength_global), float(strength_anomaly)], saim=1.0, bcm=1.0,
-                has_saim=first.has_saim, has_bcm=first.has_bcm, extra_bytes=extra, source=source)
+    set_options(
+        m,
+        lora=[float(strength_global), float(strength_anomaly)],
+        saim=1.0,
+        bcm=1.0,
+        has_saim=first.has_saim,
+        has_bcm=first.has_bcm,
+        extra_bytes=extra,
+        source=source,
+    )
     set_apply_model_wrapper(m, DualApplyModel(sites))
-    _warn_replaced(m.model_options.get("transformer_options", {}).get("patches_replace"), sites,
-                   "registered before the DualAnoDiff LoRA Loader")
+    _warn_replaced(
+        m.model_options.get("transformer_options", {}).get("patches_replace"),
+        sites,
+        "registered before the DualAnoDiff LoRA Loader",
+    )
     return m
 
 
-def set_apply_model_wrapper(model, wrapper: "DualApplyModel") -> None:
+def set_apply_model_wrapper(model, wrapper: DualApplyModel) -> None:
     """Replace this clone's DualAnoDiff APPLY_MODEL wrapper (exactly one per clone)."""
     model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, PATCH_KEY)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, PATCH_KEY, wrapper)
 
 
-def apply_model_wrapper(model) -> "DualApplyModel | None":
+def apply_model_wrapper(model) -> DualApplyModel | None:
     ws = model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, PATCH_KEY)
     return ws[-1] if ws else None
 
@@ -433,7 +498,7 @@ class DualApplyModel:
         last = max(attn1, key=lambda s: (order[s.replace_key[0]], *s.replace_key[1:]), default=None)
         self.record_stop_after = last.diffusers if last is not None else None
 
-    def with_background(self, background: Background | None) -> "DualApplyModel":
+    def with_background(self, background: Background | None) -> DualApplyModel:
         return DualApplyModel(self.sites, background)
 
     def __deepcopy__(self, memo):  # holds tensors; it is immutable, so copies may share it
@@ -458,9 +523,12 @@ class DualApplyModel:
         if isinstance(c_crossattn, torch.Tensor) and c_crossattn.shape[0] == rows and 0 in chunks:
             first = chunks.index(0) * chunk_rows  # the first pair of a positive chunk
             if torch.equal(c_crossattn[first], c_crossattn[first + 1]):
-                warn_once("same-prompt", "DualAnoDiff: both rows of a pair got the same prompt, so the anomaly branch "
-                          "is not prompted with its own text; give the sampler a 'DualAnoDiff Pair Conditioning' "
-                          "positive (or use the DualAnoDiff Sampler).")
+                warn_once(
+                    "same-prompt",
+                    "DualAnoDiff: both rows of a pair got the same prompt, so the anomaly branch "
+                    "is not prompted with its own text; give the sampler a 'DualAnoDiff Pair Conditioning' "
+                    "positive (or use the DualAnoDiff Sampler).",
+                )
 
         opts = transformer_options.get(OPTIONS_KEY) or {}
         bg = self.background
@@ -500,7 +568,12 @@ class DualApplyModel:
         every_other = slice(0, None, 2)
         try:
             executor(
-                x_bg, sigma, _rows(c_concat, every_other, rows), _rows(c_crossattn, every_other, rows), None, record,
+                x_bg,
+                sigma,
+                _rows(c_concat, every_other, rows),
+                _rows(c_crossattn, every_other, rows),
+                None,
+                record,
                 **{k: _rows(v, every_other, rows) for k, v in kwargs.items()},
             )
         except RecordComplete:  # raised after the last self-attention input is recorded (no grad): output unused
@@ -532,6 +605,8 @@ def patch_clip(clip, weights: DualAnoDiffWeights, strength: float, source: str =
     c = clip.clone()
     loaded = c.add_patches(patches, float(strength))
     if len(loaded) != len(patches):
-        raise WeightsError(f"{source or 'the weights'}: only {len(loaded)} of {len(patches)} text-encoder LoRA "
-                           "layers could be applied to this CLIP.")
+        raise WeightsError(
+            f"{source or 'the weights'}: only {len(loaded)} of {len(patches)} text-encoder LoRA "
+            "layers could be applied to this CLIP."
+        )
     return c

@@ -29,13 +29,12 @@ import hashlib
 import logging
 import math
 import re
-from typing import Sequence
-
-import torch
-from torch import nn
+from collections.abc import Sequence
 
 import comfy.model_base
 import comfy.model_management as mm
+import torch
+from torch import nn
 
 from ..dualanodiff_core.attention import MODE_DUAL, MODE_RECORD, LoRALinear
 from ..dualanodiff_core.train import BackgroundPass, TrainConfig
@@ -112,8 +111,9 @@ def prediction_type(model) -> str:
         return "epsilon"
     if kind == comfy.model_base.ModelType.V_PREDICTION:
         return "v_prediction"
-    raise TrainingSetupError(f"this MODEL predicts {getattr(kind, 'name', kind)}; DualAnoDiff trains SD1.x models "
-                             "(epsilon or v-prediction).")
+    raise TrainingSetupError(
+        f"this MODEL predicts {getattr(kind, 'name', kind)}; DualAnoDiff trains SD1.x models (epsilon or v-prediction)."
+    )
 
 
 class ComfyTrainingBackbone:
@@ -136,15 +136,17 @@ class ComfyTrainingBackbone:
             raise TrainingSetupError(f"internal: config precision {config.precision!r}, model needs {precision!r}")
         base = model.model
         sigmas = base.model_sampling.sigmas.detach().to("cpu", torch.float64)
-        self.alphas_cumprod = (1.0 / (sigmas ** 2 + 1.0)).float().clone()
+        self.alphas_cumprod = (1.0 / (sigmas**2 + 1.0)).float().clone()
         self.latent_in = base.process_latent_in
         self._latents: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
         self._text_cache: dict[tuple, torch.Tensor] = {}
 
         if backend.installed_layers(model):
-            log.warning("DualAnoDiff: the MODEL given to the trainer already carries DualAnoDiff layers (from a "
-                        "LoRA Loader); training starts fresh layers in their place. Connect the checkpoint's MODEL "
-                        "directly to train from the base model.")
+            log.warning(
+                "DualAnoDiff: the MODEL given to the trainer already carries DualAnoDiff layers (from a "
+                "LoRA Loader); training starts fresh layers in their place. Connect the checkpoint's MODEL "
+                "directly to train from the base model."
+            )
         # ---- UNet: fresh layers, reproducible from the seed, on the model's device
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -194,8 +196,11 @@ class ComfyTrainingBackbone:
                 "train_text_encoder off to train the UNet alone."
             )
         prefix, layers = next(iter(found.items()))
-        lora_keys = {f"{prefix}text_model.encoder.layers.{i}.self_attn.{proj}.weight"
-                     for i, _ in layers for proj in _TEXT_PROJ.values()}
+        lora_keys = {
+            f"{prefix}text_model.encoder.layers.{i}.self_attn.{proj}.weight"
+            for i, _ in layers
+            for proj in _TEXT_PROJ.values()
+        }
         # identity wrappers: normal-tensor copies of the inference-tensor weights autograd saves (norms, MLPs, biases)
         for name, module in self.clip.cond_stage_model.named_modules():
             if not hasattr(module, "weight_function") or isinstance(module, nn.Embedding):
@@ -291,26 +296,39 @@ class ComfyTrainingBackbone:
         to["sigmas"] = ((1 - abar) / abar).sqrt()
         return to
 
-    def denoise(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                background: BackgroundPass | None = None) -> torch.Tensor:
+    def denoise(
+        self,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        background: BackgroundPass | None = None,
+    ) -> torch.Tensor:
         self.load()
         unet = self.unet.model.diffusion_model
         dt = self.dtype
         run = {"mode": MODE_DUAL, "cache": None}
         if background is not None:
             cache: dict[str, torch.Tensor] = {}
-            record = self._options(background.latents.shape[0], background.timesteps,
-                                   {"mode": MODE_RECORD, "cache": cache})
-            unet(background.latents.to(dt), background.timesteps.float(), context=background.context.to(dt),
-                 transformer_options=record)
+            record = self._options(
+                background.latents.shape[0], background.timesteps, {"mode": MODE_RECORD, "cache": cache}
+            )
+            unet(
+                background.latents.to(dt),
+                background.timesteps.float(),
+                context=background.context.to(dt),
+                transformer_options=record,
+            )
             run = {"mode": MODE_DUAL, "cache": cache}
         to = self._options(x_t.shape[0], timesteps, run)
         return unet(x_t.to(dt), timesteps.float(), context=context.to(dt), transformer_options=to).float()
 
     def to_weights(self, metadata: dict) -> DualAnoDiffWeights:
         tensors = {name: p.detach().to("cpu", torch.float32).clone() for name, p in self._named}
-        meta = {"prompt_global": self.config.prompt_global, "prompt_anomaly": self.config.prompt_anomaly,
-                "trained_with": "ComfyUI"}
+        meta = {
+            "prompt_global": self.config.prompt_global,
+            "prompt_anomaly": self.config.prompt_anomaly,
+            "trained_with": "ComfyUI",
+        }
         meta.update(metadata)
         return DualAnoDiffWeights(tensors, meta)
 
@@ -328,7 +346,8 @@ class ComfyTrainingBackbone:
                 for attr in ("weight_function", "bias_function"):
                     fs = module.__dict__.get(attr)
                     if fs:
-                        module.__dict__[attr] = [f for f in fs
-                                                 if f is not _identity and not isinstance(f, _TextLoRAWrapper)]
+                        module.__dict__[attr] = [
+                            f for f in fs if f is not _identity and not isinstance(f, _TextLoRAWrapper)
+                        ]
         self._latents.clear()
         self._text_cache.clear()

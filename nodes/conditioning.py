@@ -74,8 +74,11 @@ def pair_conditioning(global_cond, anomaly_cond) -> list:
         )
     dropped = sorted(k for k in a_opts if k in _PER_PROMPT_KEYS)
     if dropped:
-        log.warning("DualAnoDiff: the anomaly prompt's %s options are ignored; the pair uses the global "
-                    "prompt's options for both rows.", ", ".join(dropped))
+        log.warning(
+            "DualAnoDiff: the anomaly prompt's %s options are ignored; the pair uses the global "
+            "prompt's options for both rows.",
+            ", ".join(dropped),
+        )
     pair = torch.cat([_repeat_tokens(g, length), _repeat_tokens(a.to(g.device, g.dtype), length)])
     return [[pair, g_opts]]
 

@@ -33,31 +33,60 @@ class SaveDataset(io.ComfyNode):
                 "anomalib's MVTec and Folder loaders read the result unchanged."
             ),
             inputs=[
-                io.Image.Input("images", tooltip="The decoded global-branch images (the whole product with the "
-                                                 "defect)."),
-                io.String.Input("dataset", default="DualAnoDiff_dataset",
-                                tooltip="Dataset folder inside ComfyUI's output folder (sub-folders with '/')."),
-                io.String.Input("category", default="my_object",
-                                tooltip="MVTec category name, e.g. 'bottle' (letters, digits, . _ + -)."),
-                io.String.Input("defect", default="my_defect",
-                                tooltip="Defect type name, e.g. 'broken_large' (letters, digits, . _ + -; not "
-                                        "'good')."),
-                io.Float.Input("max_area", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="Reject a pair whose mask covers more than this share of the image (usually "
-                                       "a failed anomaly branch)."),
-                io.Float.Input("max_gray_offset", default=0.2, min=0.01, max=1.0, step=0.01,
-                               tooltip="Reject a pair whose anomaly image's median is further than this from "
-                                       "mid-gray (the branch did not draw the defect on gray). 1 = off. Needs the "
-                                       "anomaly input."),
-                io.Boolean.Input("keep_rejected", default=True,
-                                 tooltip="Keep rejected pairs under rejected/ (outside the MVTec tree) for checking; "
-                                         "off = only their manifest line is written."),
-                io.Image.Input("anomaly", optional=True,
-                               tooltip="The decoded anomaly-branch images (defect on gray). Without a mask, the mask "
-                                       "is extracted from them with the default options."),
-                io.Mask.Input("mask", optional=True,
-                              tooltip="The defect masks, e.g. from DualAnoDiff Mask From Anomaly Branch (>= 0.5 = "
-                                      "defect)."),
+                io.Image.Input(
+                    "images", tooltip="The decoded global-branch images (the whole product with the defect)."
+                ),
+                io.String.Input(
+                    "dataset",
+                    default="DualAnoDiff_dataset",
+                    tooltip="Dataset folder inside ComfyUI's output folder (sub-folders with '/').",
+                ),
+                io.String.Input(
+                    "category",
+                    default="my_object",
+                    tooltip="MVTec category name, e.g. 'bottle' (letters, digits, . _ + -).",
+                ),
+                io.String.Input(
+                    "defect",
+                    default="my_defect",
+                    tooltip="Defect type name, e.g. 'broken_large' (letters, digits, . _ + -; not 'good').",
+                ),
+                io.Float.Input(
+                    "max_area",
+                    default=0.5,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Reject a pair whose mask covers more than this share of the image (usually "
+                    "a failed anomaly branch).",
+                ),
+                io.Float.Input(
+                    "max_gray_offset",
+                    default=0.2,
+                    min=0.01,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Reject a pair whose anomaly image's median is further than this from "
+                    "mid-gray (the branch did not draw the defect on gray). 1 = off. Needs the "
+                    "anomaly input.",
+                ),
+                io.Boolean.Input(
+                    "keep_rejected",
+                    default=True,
+                    tooltip="Keep rejected pairs under rejected/ (outside the MVTec tree) for checking; "
+                    "off = only their manifest line is written.",
+                ),
+                io.Image.Input(
+                    "anomaly",
+                    optional=True,
+                    tooltip="The decoded anomaly-branch images (defect on gray). Without a mask, the mask "
+                    "is extracted from them with the default options.",
+                ),
+                io.Mask.Input(
+                    "mask",
+                    optional=True,
+                    tooltip="The defect masks, e.g. from DualAnoDiff Mask From Anomaly Branch (>= 0.5 = defect).",
+                ),
             ],
             outputs=[],
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
@@ -78,15 +107,25 @@ class SaveDataset(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, images, dataset, category, defect, max_area, max_gray_offset, keep_rejected, anomaly=None,
-                mask=None) -> io.NodeOutput:
+    def execute(
+        cls, images, dataset, category, defect, max_area, max_gray_offset, keep_rejected, anomaly=None, mask=None
+    ) -> io.NodeOutput:
         root = Path(folder_paths.get_output_directory()).resolve()
         out = dataset_dir(root, dataset)
         fo = FilterOptions(max_area=float(max_area), max_gray_offset=float(max_gray_offset))
         hidden = cls.hidden
         workflow = upstream_settings(getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None))
-        records = save_pairs(out, category, defect, images, anomaly, mask, filter_options=fo,
-                             keep_rejected=bool(keep_rejected), workflow=workflow)
+        records = save_pairs(
+            out,
+            category,
+            defect,
+            images,
+            anomaly,
+            mask,
+            filter_options=fo,
+            keep_rejected=bool(keep_rejected),
+            workflow=workflow,
+        )
         results = []
         for rec in records:
             files = rec.get("files") or {}
@@ -96,9 +135,15 @@ class SaveDataset(io.ComfyNode):
                 results.append(ui.SavedResult(path.name, path.parent.as_posix(), io.FolderType.output))
         reasons = Counter(r["reason"] for r in records if not r["accepted"])
         accepted = sum(1 for r in records if r["accepted"])
-        log.info("DualAnoDiff: %d of %d pairs accepted into %s/%s/test/%s%s", accepted, len(records), out, category,
-                 defect, (" (rejected: " + ", ".join(f"{k} x{v}" for k, v in sorted(reasons.items())) + ")")
-                 if reasons else "")
+        log.info(
+            "DualAnoDiff: %d of %d pairs accepted into %s/%s/test/%s%s",
+            accepted,
+            len(records),
+            out,
+            category,
+            defect,
+            (" (rejected: " + ", ".join(f"{k} x{v}" for k, v in sorted(reasons.items())) + ")") if reasons else "",
+        )
         return io.NodeOutput(ui=ui.SavedImages(results))
 
 

@@ -32,8 +32,10 @@ def dataset_dir(root: str | os.PathLike, dataset: str) -> Path:
     text = str(dataset).strip().replace("\\", "/")
     parts = [p for p in text.split("/") if p]
     if not parts or text.startswith("/") or any(p in (".", "..") for p in parts) or ":" in text:
-        raise DatasetError(f"dataset folder {dataset!r}: give a folder name inside ComfyUI's output directory, e.g. "
-                           "'DualAnoDiff_dataset' or 'datasets/bottle_gen' (no '..', no absolute path).")
+        raise DatasetError(
+            f"dataset folder {dataset!r}: give a folder name inside ComfyUI's output directory, e.g. "
+            "'DualAnoDiff_dataset' or 'datasets/bottle_gen' (no '..', no absolute path)."
+        )
     for p in parts:
         check_name(p, "dataset folder part")
     root = Path(root).resolve()
@@ -54,9 +56,15 @@ def mask_from_input(mask: np.ndarray, anomaly: np.ndarray | None) -> MaskResult:
         gray_level, image_median, peak = (), (), 0.0
     n = count_components(mask) if mask.any() else 0
     return MaskResult(
-        mask=np.where(mask, np.uint8(255), np.uint8(0)).astype(np.uint8), empty=n == 0,
-        area_fraction=float(np.count_nonzero(mask)) / float(h * w), threshold=0.5, low_threshold=0.5,
-        gray_level=gray_level, image_median=image_median, max_contrast=peak, components=n,
+        mask=np.where(mask, np.uint8(255), np.uint8(0)).astype(np.uint8),
+        empty=n == 0,
+        area_fraction=float(np.count_nonzero(mask)) / float(h * w),
+        threshold=0.5,
+        low_threshold=0.5,
+        gray_level=gray_level,
+        image_median=image_median,
+        max_contrast=peak,
+        components=n,
         note="the MASK input is empty" if n == 0 else "from the MASK input (binarized at 0.5)",
     )
 
@@ -86,22 +94,37 @@ def upstream_settings(prompt, node_id) -> dict:
         node = prompt.get(nid)
         if not isinstance(node, dict):
             continue
-        widgets = {k: v for k, v in (node.get("inputs") or {}).items()
-                   if isinstance(v, (bool, int, float)) or (isinstance(v, str) and len(v) <= _MAX_VALUE_CHARS)}
+        widgets = {
+            k: v
+            for k, v in (node.get("inputs") or {}).items()
+            if isinstance(v, (bool, int, float)) or (isinstance(v, str) and len(v) <= _MAX_VALUE_CHARS)
+        }
         out[nid] = {"class_type": node.get("class_type"), "inputs": widgets}
     return out
 
 
 def _seed_of(workflow: dict):
-    seeds = [n["inputs"][k] for n in workflow.values() for k in ("seed", "noise_seed")
-             if k in n["inputs"] and ("Sampler" in str(n.get("class_type", "")) or k == "noise_seed")]
+    seeds = [
+        n["inputs"][k]
+        for n in workflow.values()
+        for k in ("seed", "noise_seed")
+        if k in n["inputs"] and ("Sampler" in str(n.get("class_type", "")) or k == "noise_seed")
+    ]
     return seeds[0] if len(seeds) == 1 else None
 
 
-def save_pairs(out: str | os.PathLike, category: str, defect: str, images: torch.Tensor,
-               anomaly: torch.Tensor | None = None, mask: torch.Tensor | None = None, *,
-               filter_options: FilterOptions | None = None, keep_rejected: bool = True,
-               workflow: dict | None = None) -> list[dict]:
+def save_pairs(
+    out: str | os.PathLike,
+    category: str,
+    defect: str,
+    images: torch.Tensor,
+    anomaly: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    filter_options: FilterOptions | None = None,
+    keep_rejected: bool = True,
+    workflow: dict | None = None,
+) -> list[dict]:
     """Append one batch of generated pairs to the dataset in ``out``; returns the manifest records written.
 
     ``images``: the global images; ``anomaly``: the anomaly-branch images; ``mask``: their masks. Give ``anomaly``,
@@ -116,13 +139,17 @@ def save_pairs(out: str | os.PathLike, category: str, defect: str, images: torch
     if anomaly is not None:
         anomaly = check_images(anomaly, "anomaly")
         if tuple(anomaly.shape[:3]) != (b, h, w):
-            raise ImageInputError(f"anomaly is {tuple(anomaly.shape[:3])} (batch, height, width) but images are "
-                                  f"{(b, h, w)}; connect the two decoded outputs of the same DualAnoDiff Sampler.")
+            raise ImageInputError(
+                f"anomaly is {tuple(anomaly.shape[:3])} (batch, height, width) but images are "
+                f"{(b, h, w)}; connect the two decoded outputs of the same DualAnoDiff Sampler."
+            )
     if mask is not None:
         mask = check_masks(mask, "mask")
         if tuple(mask.shape) != (b, h, w):
-            raise ImageInputError(f"mask is {tuple(mask.shape)} (batch, height, width) but images are {(b, h, w)}; "
-                                  "give one mask per image, at the image size.")
+            raise ImageInputError(
+                f"mask is {tuple(mask.shape)} (batch, height, width) but images are {(b, h, w)}; "
+                "give one mask per image, at the image size."
+            )
     fo = filter_options or FilterOptions()
     out = Path(out)
     check_name(category, "category")

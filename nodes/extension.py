@@ -9,9 +9,8 @@ from __future__ import annotations
 import importlib
 import logging
 
-from typing_extensions import override
-
 from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
 
 log = logging.getLogger("DualAnoDiff")
 
@@ -38,8 +37,11 @@ def check_comfyui_version() -> None:
     except ImportError:  # not every install ships the file
         return
     if _version_tuple(version) < MIN_COMFYUI:
-        log.warning("DualAnoDiff is tested with ComfyUI >= %s; this is %s. Update ComfyUI if nodes fail.",
-                    ".".join(map(str, MIN_COMFYUI)), version)
+        log.warning(
+            "DualAnoDiff is tested with ComfyUI >= %s; this is %s. Update ComfyUI if nodes fail.",
+            ".".join(map(str, MIN_COMFYUI)),
+            version,
+        )
 
 
 def node_list() -> list[type[io.ComfyNode]]:

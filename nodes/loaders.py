@@ -90,27 +90,49 @@ class DualLoRALoader(io.ComfyNode):
                 io.Model.Input("model", tooltip="The SD1.5 model the weights were trained on."),
                 io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint; receives the text-encoder LoRA."),
                 io.Combo.Input(
-                    "weights", options=weight_files(),
+                    "weights",
+                    options=weight_files(),
                     tooltip="DualAnoDiff weights from models/dualanodiff (listed first) or models/loras: this pack's "
-                            ".safetensors or the official reference .bin.",
+                    ".safetensors or the official reference .bin.",
                 ),
-                io.Float.Input("strength_global", default=1.0, min=-2.0, max=2.0, step=0.01,
-                               tooltip="Strength of the global-branch LoRA (the whole image). 1 = as trained."),
-                io.Float.Input("strength_anomaly", default=1.0, min=-2.0, max=2.0, step=0.01,
-                               tooltip="Strength of the anomaly-branch LoRA (the defect alone on gray). 1 = as "
-                                       "trained."),
-                io.Float.Input("strength_text", default=1.0, min=-2.0, max=2.0, step=0.01,
-                               tooltip="Strength of the shared text-encoder LoRA applied to the CLIP. 1 = as "
-                                       "trained; 0 leaves the CLIP unchanged."),
+                io.Float.Input(
+                    "strength_global",
+                    default=1.0,
+                    min=-2.0,
+                    max=2.0,
+                    step=0.01,
+                    tooltip="Strength of the global-branch LoRA (the whole image). 1 = as trained.",
+                ),
+                io.Float.Input(
+                    "strength_anomaly",
+                    default=1.0,
+                    min=-2.0,
+                    max=2.0,
+                    step=0.01,
+                    tooltip="Strength of the anomaly-branch LoRA (the defect alone on gray). 1 = as trained.",
+                ),
+                io.Float.Input(
+                    "strength_text",
+                    default=1.0,
+                    min=-2.0,
+                    max=2.0,
+                    step=0.01,
+                    tooltip="Strength of the shared text-encoder LoRA applied to the CLIP. 1 = as "
+                    "trained; 0 leaves the CLIP unchanged.",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with DualAnoDiff layers."),
                 io.Clip.Output(display_name="CLIP", tooltip="The CLIP with the text-encoder LoRA."),
-                io.String.Output(display_name="prompt_global",
-                                 tooltip="The global-branch prompt the weights were trained with (e.g. 'a vfx with "
-                                         "sks'); connect it to a CLIP Text Encode."),
-                io.String.Output(display_name="prompt_anomaly",
-                                 tooltip="The anomaly-branch prompt the weights were trained with (e.g. 'sks')."),
+                io.String.Output(
+                    display_name="prompt_global",
+                    tooltip="The global-branch prompt the weights were trained with (e.g. 'a vfx with "
+                    "sks'); connect it to a CLIP Text Encode.",
+                ),
+                io.String.Output(
+                    display_name="prompt_anomaly",
+                    tooltip="The anomaly-branch prompt the weights were trained with (e.g. 'sks').",
+                ),
             ],
         )
 

@@ -25,8 +25,14 @@ class DualAttentionPatch(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model", tooltip="A MODEL from the DualAnoDiff LoRA Loader."),
-                io.Float.Input("saim_strength", default=1.0, min=0.0, max=2.0, step=0.01,
-                               tooltip="Scale of SAIM's output in every attention layer: 1 = as trained, 0 = off."),
+                io.Float.Input(
+                    "saim_strength",
+                    default=1.0,
+                    min=0.0,
+                    max=2.0,
+                    step=0.01,
+                    tooltip="Scale of SAIM's output in every attention layer: 1 = as trained, 0 = off.",
+                ),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the new SAIM strength.")],
         )

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import comfy.model_management
 import comfy.samplers
-import nodes as comfy_nodes
 import torch
 from comfy_api.latest import io
+
+import nodes as comfy_nodes
 
 from ..dualanodiff_core.layout import split
 from . import comfy_backend as backend
@@ -30,38 +31,86 @@ class DualSampler(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model", tooltip="A MODEL from the DualAnoDiff LoRA Loader (optionally patched)."),
-                io.Conditioning.Input("positive_global",
-                                      tooltip="Prompt of the global branch (the whole image), e.g. 'a vfx with sks'."),
-                io.Conditioning.Input("positive_anomaly",
-                                      tooltip="Prompt of the anomaly branch (the defect alone on gray), e.g. 'sks'."),
-                io.Conditioning.Input("negative",
-                                      tooltip="Negative prompt for both branches (the reference uses an empty "
-                                              "prompt)."),
-                io.Int.Input("pairs", default=1, min=1, max=256,
-                             tooltip="Number of (image, defect) pairs to generate; the batch is twice this. Ignored "
-                                     "when a latent is connected."),
-                io.Int.Input("width", default=512, min=64, max=comfy_nodes.MAX_RESOLUTION, step=8,
-                             tooltip="Width in pixels (DualAnoDiff is trained at 512). Ignored when a latent is "
-                                     "connected."),
-                io.Int.Input("height", default=512, min=64, max=comfy_nodes.MAX_RESOLUTION, step=8,
-                             tooltip="Height in pixels. Ignored when a latent is connected."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="The random seed of the noise of both branches."),
+                io.Conditioning.Input(
+                    "positive_global", tooltip="Prompt of the global branch (the whole image), e.g. 'a vfx with sks'."
+                ),
+                io.Conditioning.Input(
+                    "positive_anomaly", tooltip="Prompt of the anomaly branch (the defect alone on gray), e.g. 'sks'."
+                ),
+                io.Conditioning.Input(
+                    "negative", tooltip="Negative prompt for both branches (the reference uses an empty prompt)."
+                ),
+                io.Int.Input(
+                    "pairs",
+                    default=1,
+                    min=1,
+                    max=256,
+                    tooltip="Number of (image, defect) pairs to generate; the batch is twice this. Ignored "
+                    "when a latent is connected.",
+                ),
+                io.Int.Input(
+                    "width",
+                    default=512,
+                    min=64,
+                    max=comfy_nodes.MAX_RESOLUTION,
+                    step=8,
+                    tooltip="Width in pixels (DualAnoDiff is trained at 512). Ignored when a latent is connected.",
+                ),
+                io.Int.Input(
+                    "height",
+                    default=512,
+                    min=64,
+                    max=comfy_nodes.MAX_RESOLUTION,
+                    step=8,
+                    tooltip="Height in pixels. Ignored when a latent is connected.",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="The random seed of the noise of both branches.",
+                ),
                 io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Number of denoising steps."),
-                io.Float.Input("cfg", default=2.5, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale; the reference samples with 2.5 (2.0 with "
-                                       "background compensation)."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="dpmpp_2m",
-                               tooltip="The sampling algorithm."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="karras",
-                               tooltip="How the noise level decreases over the steps."),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="1 = generate from noise; lower values keep the connected latent's structure "
-                                       "(image to image)."),
-                io.Latent.Input("latent", optional=True,
-                                tooltip="Optional starting latent: one pair per latent image, both rows of a pair "
-                                        "start from it; its size replaces width/height. A noise mask applies to the "
-                                        "global image only."),
+                io.Float.Input(
+                    "cfg",
+                    default=2.5,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    round=0.01,
+                    tooltip="Classifier-free guidance scale; the reference samples with 2.5 (2.0 with "
+                    "background compensation).",
+                ),
+                io.Combo.Input(
+                    "sampler_name",
+                    options=comfy.samplers.KSampler.SAMPLERS,
+                    default="dpmpp_2m",
+                    tooltip="The sampling algorithm.",
+                ),
+                io.Combo.Input(
+                    "scheduler",
+                    options=comfy.samplers.KSampler.SCHEDULERS,
+                    default="karras",
+                    tooltip="How the noise level decreases over the steps.",
+                ),
+                io.Float.Input(
+                    "denoise",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="1 = generate from noise; lower values keep the connected latent's structure "
+                    "(image to image).",
+                ),
+                io.Latent.Input(
+                    "latent",
+                    optional=True,
+                    tooltip="Optional starting latent: one pair per latent image, both rows of a pair "
+                    "start from it; its size replaces width/height. A noise mask applies to the "
+                    "global image only.",
+                ),
             ],
             outputs=[
                 io.Latent.Output(display_name="global", tooltip="The whole images (one per pair)."),
@@ -79,8 +128,23 @@ class DualSampler(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, positive_global, positive_anomaly, negative, pairs, width, height, seed, steps, cfg,
-                sampler_name, scheduler, denoise, latent=None) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        positive_global,
+        positive_anomaly,
+        negative,
+        pairs,
+        width,
+        height,
+        seed,
+        steps,
+        cfg,
+        sampler_name,
+        scheduler,
+        denoise,
+        latent=None,
+    ) -> io.NodeOutput:
         backend.require_dual(model, "DualAnoDiff Sampler")
         positive = pair_conditioning(positive_global, positive_anomaly)
         check_negative(negative)
@@ -89,10 +153,14 @@ class DualSampler(io.ComfyNode):
         else:
             if width % 8 or height % 8:
                 raise ValueError(f"width and height must be multiples of 8, got {width}x{height}.")
-            start = {"samples": torch.zeros([2 * pairs, 4, height // 8, width // 8],
-                                            device=comfy.model_management.intermediate_device())}
-        (out,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                             start, denoise=denoise)
+            start = {
+                "samples": torch.zeros(
+                    [2 * pairs, 4, height // 8, width // 8], device=comfy.model_management.intermediate_device()
+                )
+            }
+        (out,) = comfy_nodes.common_ksampler(
+            model, seed, steps, cfg, sampler_name, scheduler, positive, negative, start, denoise=denoise
+        )
         g, a = split(out["samples"], "the sampled batch")
         out_g = dict(latent) if latent is not None else {}
         out_g.pop("batch_index", None)
@@ -118,8 +186,9 @@ class PairConditioning(io.ComfyNode):
                 io.Conditioning.Input("global_prompt", tooltip="Prompt of the global branch, e.g. 'a vfx with sks'."),
                 io.Conditioning.Input("anomaly_prompt", tooltip="Prompt of the anomaly branch, e.g. 'sks'."),
             ],
-            outputs=[io.Conditioning.Output(display_name="CONDITIONING",
-                                            tooltip="The paired positive [global, anomaly].")],
+            outputs=[
+                io.Conditioning.Output(display_name="CONDITIONING", tooltip="The paired positive [global, anomaly].")
+            ],
         )
 
     @classmethod
@@ -135,7 +204,7 @@ class SplitLatentPairs(io.ComfyNode):
             display_name="DualAnoDiff Split Latent Pairs",
             category=CATEGORY,
             description="Splits an interleaved batch [global, anomaly, global, anomaly, ...] (a stock sampler's "
-                        "output on a DualAnoDiff MODEL) into the global latents and the anomaly latents.",
+            "output on a DualAnoDiff MODEL) into the global latents and the anomaly latents.",
             inputs=[io.Latent.Input("latent", tooltip="The interleaved latent batch (an even number of rows).")],
             outputs=[
                 io.Latent.Output(display_name="global", tooltip="Rows 0, 2, 4, ...: the whole images."),
@@ -156,7 +225,7 @@ class SplitImagePairs(io.ComfyNode):
             display_name="DualAnoDiff Split Image Pairs",
             category=CATEGORY,
             description="Splits an interleaved IMAGE batch [global, anomaly, global, anomaly, ...] (e.g. a decoded "
-                        "stock-sampler result) into the whole images and the defect-only images.",
+            "stock-sampler result) into the whole images and the defect-only images.",
             inputs=[io.Image.Input("images", tooltip="The interleaved image batch (an even number of images).")],
             outputs=[
                 io.Image.Output(display_name="global", tooltip="Images 0, 2, 4, ...: the whole images."),

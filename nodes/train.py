@@ -10,12 +10,11 @@ import time
 import warnings
 from pathlib import Path
 
+import comfy.model_management as mm
+import comfy.utils
 import folder_paths
 import torch
 from comfy_api.latest import io, ui
-
-import comfy.model_management as mm
-import comfy.utils
 
 from ..dualanodiff_core.data import SPLITS, DefectDataset, find_defect_set
 from ..dualanodiff_core.lossplot import draw_loss_curve
@@ -41,8 +40,10 @@ def output_stem(name: str) -> str:
     if stem.lower().endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]
     if not _NAME_RE.match(stem) or stem in (".", ".."):
-        raise TrainInputError(f"output_name {name!r}: use letters, digits and . _ + - only (e.g. 'bottle_broken'); "
-                              "it becomes the file name of the weights.")
+        raise TrainInputError(
+            f"output_name {name!r}: use letters, digits and . _ + - only (e.g. 'bottle_broken'); "
+            "it becomes the file name of the weights."
+        )
     return stem
 
 
@@ -52,11 +53,15 @@ def defect_folder(folder: str) -> Path:
     text = str(folder or "").strip().replace("\\", "/")
     path = (root / text).resolve() if text else root
     if not text or os.path.commonpath([root, path]) != str(root) or path == root:
-        raise TrainInputError(f"folder {folder!r}: choose a sub-folder of ComfyUI's input folder ({root}) that holds "
-                              "the defect images and masks.")
+        raise TrainInputError(
+            f"folder {folder!r}: choose a sub-folder of ComfyUI's input folder ({root}) that holds "
+            "the defect images and masks."
+        )
     if not path.is_dir():
-        raise TrainInputError(f"folder {folder!r}: {path} does not exist. Put the defect images and masks in "
-                              f"{root}/<name>/ and refresh the page (R) to list it.")
+        raise TrainInputError(
+            f"folder {folder!r}: {path} does not exist. Put the defect images and masks in "
+            f"{root}/<name>/ and refresh the page (R) to list it."
+        )
     return path
 
 
@@ -89,7 +94,9 @@ def source_of(prompt, node_id, input_name: str) -> str:
         seen.add(str(link[0]))
         node = prompt.get(str(link[0])) or {}
         inputs = node.get("inputs") or {}
-        names = {k: v for k, v in inputs.items() if k in ("ckpt_name", "unet_name", "model_name") and isinstance(v, str)}
+        names = {
+            k: v for k, v in inputs.items() if k in ("ckpt_name", "unet_name", "model_name") and isinstance(v, str)
+        }
         if names:
             return f"{node.get('class_type')} ({', '.join(f'{k}={v}' for k, v in sorted(names.items()))})"
         link = inputs.get(input_name) if input_name in inputs else inputs.get("model")
@@ -117,56 +124,113 @@ class DualAnoDiffTrainer(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.5 model to train on (from Load Checkpoint)."),
                 io.Clip.Input("clip", tooltip="Its CLIP; receives the trained text-encoder LoRA."),
-                io.Vae.Input("vae", tooltip="Its VAE; encodes the training images (ComfyUI's VAE gives the "
-                                            "posterior mean)."),
-                io.Combo.Input("folder", options=input_subfolders(),
-                               tooltip="Sub-folder of ComfyUI's input folder with the training data: an MVTec "
-                                       "category folder (test/<defect>/ + ground_truth/<defect>/), or a flat folder "
-                                       "(images/ + masks/, or x.png beside x_mask.png). Masks: white = defect."),
-                io.String.Input("defect", default="",
-                                tooltip="MVTec layout: the defect name (a folder under test/). Leave empty for a "
-                                        "flat folder."),
-                io.String.Input("output_name", default="my_defect",
-                                tooltip="Name of the weights file: models/dualanodiff/<output_name>.safetensors "
-                                        "(letters, digits, . _ + -)."),
-                io.Int.Input("steps", default=5000, min=1, max=1_000_000,
-                             tooltip="Training steps (the reference trains 5000 at batch 4). With resume on, raise "
-                                     "it to train a finished run further."),
-                io.Float.Input("learning_rate", default=2e-5, min=1e-7, max=1e-2, step=1e-7,
-                               tooltip="AdamW learning rate (the reference: 2e-5)."),
+                io.Vae.Input(
+                    "vae", tooltip="Its VAE; encodes the training images (ComfyUI's VAE gives the posterior mean)."
+                ),
+                io.Combo.Input(
+                    "folder",
+                    options=input_subfolders(),
+                    tooltip="Sub-folder of ComfyUI's input folder with the training data: an MVTec "
+                    "category folder (test/<defect>/ + ground_truth/<defect>/), or a flat folder "
+                    "(images/ + masks/, or x.png beside x_mask.png). Masks: white = defect.",
+                ),
+                io.String.Input(
+                    "defect",
+                    default="",
+                    tooltip="MVTec layout: the defect name (a folder under test/). Leave empty for a flat folder.",
+                ),
+                io.String.Input(
+                    "output_name",
+                    default="my_defect",
+                    tooltip="Name of the weights file: models/dualanodiff/<output_name>.safetensors "
+                    "(letters, digits, . _ + -).",
+                ),
+                io.Int.Input(
+                    "steps",
+                    default=5000,
+                    min=1,
+                    max=1_000_000,
+                    tooltip="Training steps (the reference trains 5000 at batch 4). With resume on, raise "
+                    "it to train a finished run further.",
+                ),
+                io.Float.Input(
+                    "learning_rate",
+                    default=2e-5,
+                    min=1e-7,
+                    max=1e-2,
+                    step=1e-7,
+                    tooltip="AdamW learning rate (the reference: 2e-5).",
+                ),
                 io.Int.Input("rank", default=32, min=1, max=256, tooltip="LoRA rank (the reference: 32)."),
-                io.Int.Input("batch_size", default=4, min=1, max=64,
-                             tooltip="Training images per step; the UNet sees twice as many rows (both branches). "
-                                     "Lower it if the GPU runs out of memory."),
-                io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
-                             tooltip="Training resolution (images are resized and center-cropped to a square)."),
-                io.Int.Input("seed", default=32, min=0, max=0xFFFFFFFFFFFF, control_after_generate=False,
-                             tooltip="Seed of the layer initialisation, data order and noise (the reference: 32). "
-                                     "Keep it fixed to resume a run."),
-                io.Boolean.Input("resume", default=True,
-                                 tooltip="On: continue from the newest checkpoint in <output_name>_train/ (starts "
-                                         "fresh if there is none). Off: start a new run; refused if the name is "
-                                         "taken."),
-                io.Boolean.Input("train_text_encoder", default=True,
-                                 tooltip="Train the shared text-encoder LoRA (the reference does). Off: UNet layers "
-                                         "only, faster."),
-                io.Boolean.Input("bcm", default=False,
-                                 tooltip="Also train background compensation (needs an object mask per image: "
-                                         "object_masks/ in a flat folder)."),
-                io.Combo.Input("split", options=list(SPLITS), default="all",
-                               tooltip="Which of the sorted images to train on: 'all', or the first third ('strict' "
-                                       "= the AnomalyDiffusion protocol; 'ceil' / 'reference' as the reference "
-                                       "scripts count)."),
-                io.Int.Input("checkpoint_every", default=500, min=0, max=1_000_000,
-                             tooltip="Write a resumable checkpoint every N steps (0 = only at the end or when "
-                                     "cancelled). The newest 3 are kept."),
+                io.Int.Input(
+                    "batch_size",
+                    default=4,
+                    min=1,
+                    max=64,
+                    tooltip="Training images per step; the UNet sees twice as many rows (both branches). "
+                    "Lower it if the GPU runs out of memory.",
+                ),
+                io.Int.Input(
+                    "resolution",
+                    default=512,
+                    min=64,
+                    max=2048,
+                    step=8,
+                    tooltip="Training resolution (images are resized and center-cropped to a square).",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=32,
+                    min=0,
+                    max=0xFFFFFFFFFFFF,
+                    control_after_generate=False,
+                    tooltip="Seed of the layer initialisation, data order and noise (the reference: 32). "
+                    "Keep it fixed to resume a run.",
+                ),
+                io.Boolean.Input(
+                    "resume",
+                    default=True,
+                    tooltip="On: continue from the newest checkpoint in <output_name>_train/ (starts "
+                    "fresh if there is none). Off: start a new run; refused if the name is "
+                    "taken.",
+                ),
+                io.Boolean.Input(
+                    "train_text_encoder",
+                    default=True,
+                    tooltip="Train the shared text-encoder LoRA (the reference does). Off: UNet layers only, faster.",
+                ),
+                io.Boolean.Input(
+                    "bcm",
+                    default=False,
+                    tooltip="Also train background compensation (needs an object mask per image: "
+                    "object_masks/ in a flat folder).",
+                ),
+                io.Combo.Input(
+                    "split",
+                    options=list(SPLITS),
+                    default="all",
+                    tooltip="Which of the sorted images to train on: 'all', or the first third ('strict' "
+                    "= the AnomalyDiffusion protocol; 'ceil' / 'reference' as the reference "
+                    "scripts count).",
+                ),
+                io.Int.Input(
+                    "checkpoint_every",
+                    default=500,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="Write a resumable checkpoint every N steps (0 = only at the end or when "
+                    "cancelled). The newest 3 are kept.",
+                ),
             ],
             outputs=[
-                io.Model.Output(display_name="MODEL", tooltip="The model with the trained DualAnoDiff layers (as the "
-                                                              "LoRA Loader at strength 1)."),
+                io.Model.Output(
+                    display_name="MODEL",
+                    tooltip="The model with the trained DualAnoDiff layers (as the LoRA Loader at strength 1).",
+                ),
                 io.Clip.Output(display_name="CLIP", tooltip="The CLIP with the trained text-encoder LoRA."),
-                io.String.Output(display_name="weights",
-                                 tooltip="The weights file name, as the DualAnoDiff LoRA Loader lists it."),
+                io.String.Output(
+                    display_name="weights", tooltip="The weights file name, as the DualAnoDiff LoRA Loader lists it."
+                ),
                 io.Image.Output(display_name="loss", tooltip="The training loss curve."),
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
@@ -187,17 +251,44 @@ class DualAnoDiffTrainer(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, clip, vae, folder, defect, output_name, steps, learning_rate, rank, batch_size,
-                resolution, seed, resume, train_text_encoder, bcm, split, checkpoint_every) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        clip,
+        vae,
+        folder,
+        defect,
+        output_name,
+        steps,
+        learning_rate,
+        rank,
+        batch_size,
+        resolution,
+        seed,
+        resume,
+        train_text_encoder,
+        bcm,
+        split,
+        checkpoint_every,
+    ) -> io.NodeOutput:
         stem = output_stem(output_name)
         data_dir = defect_folder(folder)
         weights_path, work_dir = run_paths(stem)
         backend.attention_sites(model)  # a clear error for a non-SD MODEL before any data is read
         _dtype, precision = plan_precision(model)
         config = TrainConfig(
-            steps=int(steps), batch_size=int(batch_size), learning_rate=float(learning_rate), seed=int(seed),
-            rank=int(rank), bcm=bool(bcm), train_text_encoder=bool(train_text_encoder), precision=precision,
-            resolution=int(resolution), split=split, checkpoint_every=int(checkpoint_every), keep_checkpoints=3,
+            steps=int(steps),
+            batch_size=int(batch_size),
+            learning_rate=float(learning_rate),
+            seed=int(seed),
+            rank=int(rank),
+            bcm=bool(bcm),
+            train_text_encoder=bool(train_text_encoder),
+            precision=precision,
+            resolution=int(resolution),
+            split=split,
+            checkpoint_every=int(checkpoint_every),
+            keep_checkpoints=3,
         ).validate()
 
         # the data first: every file is opened and checked before a model is touched
@@ -205,8 +296,9 @@ class DualAnoDiffTrainer(io.ComfyNode):
             warnings.simplefilter("always")
             defect_set = find_defect_set(data_dir, defect.strip() or None)
             selected = defect_set.select(config.split)
-            dataset = DefectDataset(selected, config.resolution, flips=config.flips, crop=config.crop,
-                                    backgrounds=config.bcm)
+            dataset = DefectDataset(
+                selected, config.resolution, flips=config.flips, crop=config.crop, backgrounds=config.bcm
+            )
         for w in caught:
             log.warning("DualAnoDiff training data: %s", w.message)
         log.info("DualAnoDiff: training %s on %s", stem, selected.describe())
@@ -224,7 +316,9 @@ class DualAnoDiffTrainer(io.ComfyNode):
 
         hidden = cls.hidden
         node_id = getattr(hidden, "unique_id", None)
-        base_model = source_of(getattr(hidden, "prompt", None), node_id, "model") or f"ComfyUI {type(model.model).__name__}"
+        base_model = (
+            source_of(getattr(hidden, "prompt", None), node_id, "model") or f"ComfyUI {type(model.model).__name__}"
+        )
         pbar = comfy.utils.ProgressBar(config.steps, node_id=node_id)
         last = {"preview": 0.0, "log": 0.0}
         log_every = max(1, config.steps // 20)
@@ -235,13 +329,21 @@ class DualAnoDiffTrainer(io.ComfyNode):
             if now - last["preview"] >= PREVIEW_EVERY_S or p.step == p.total_steps or p.checkpoint is not None:
                 last["preview"] = now
                 hist = trainer.history
-                img = draw_loss_curve([h["step"] for h in hist], [h["loss"] for h in hist],
-                                      f"{stem}: step {p.step}/{p.total_steps}")
+                img = draw_loss_curve(
+                    [h["step"] for h in hist], [h["loss"] for h in hist], f"{stem}: step {p.step}/{p.total_steps}"
+                )
                 preview = ("JPEG", img, 800)
             if p.step % log_every == 0 or p.step == p.total_steps:
                 eta = f"{p.eta_seconds / 60:.1f} min" if p.eta_seconds >= 60 else f"{p.eta_seconds:.0f} s"
-                log.info("DualAnoDiff training %s: step %d/%d, loss %.4f, %.2f steps/s, ETA %s", stem, p.step,
-                         p.total_steps, p.loss, p.rate, eta)
+                log.info(
+                    "DualAnoDiff training %s: step %d/%d, loss %.4f, %.2f steps/s, ETA %s",
+                    stem,
+                    p.step,
+                    p.total_steps,
+                    p.loss,
+                    p.rate,
+                    eta,
+                )
             try:
                 pbar.update_absolute(p.step, p.total_steps, preview)
             except mm.InterruptProcessingException:
@@ -253,10 +355,17 @@ class DualAnoDiffTrainer(io.ComfyNode):
             with torch.inference_mode(False):
                 backbone = ComfyTrainingBackbone(model, clip, vae, config, base_model=base_model)
                 backbone.load()
-                trainer = Trainer(backbone, dataset, config, work_dir, output=weights_path, progress=progress,
-                                  should_stop=mm.processing_interrupted,
-                                  metadata={"comfyui_node": "DualAnoDiffTrainer", "data_folder": folder},
-                                  data_fingerprint=selected.fingerprint())
+                trainer = Trainer(
+                    backbone,
+                    dataset,
+                    config,
+                    work_dir,
+                    output=weights_path,
+                    progress=progress,
+                    should_stop=mm.processing_interrupted,
+                    metadata={"comfyui_node": "DualAnoDiffTrainer", "data_folder": folder},
+                    data_fingerprint=selected.fingerprint(),
+                )
                 if resume_from is not None:
                     log.info("DualAnoDiff: resuming %s from %s", stem, resume_from)
                 pbar.update_absolute(0, config.steps)
@@ -265,16 +374,28 @@ class DualAnoDiffTrainer(io.ComfyNode):
             if backbone is not None:
                 backbone.release()
         if result.stopped or not result.completed:
-            log.info("DualAnoDiff: training %s stopped at step %d/%d; checkpoint %s. Queue again with resume on to "
-                     "continue.", stem, result.step, result.total_steps, result.checkpoint)
+            log.info(
+                "DualAnoDiff: training %s stopped at step %d/%d; checkpoint %s. Queue again with resume on to "
+                "continue.",
+                stem,
+                result.step,
+                result.total_steps,
+                result.checkpoint,
+            )
             mm.throw_exception_if_processing_interrupted()
             raise mm.InterruptProcessingException()
         log.info("DualAnoDiff: trained %s (%d steps) -> %s", stem, result.step, weights_path)
 
         weights = result.weights
-        loss_img = from_pil([draw_loss_curve([h["step"] for h in result.history],
-                                             [h["loss"] for h in result.history],
-                                             f"DualAnoDiff training loss: {stem} ({result.step} steps)")])
+        loss_img = from_pil(
+            [
+                draw_loss_curve(
+                    [h["step"] for h in result.history],
+                    [h["loss"] for h in result.history],
+                    f"DualAnoDiff training loss: {stem} ({result.step} steps)",
+                )
+            ]
+        )
         m = backend.install(model, weights, 1.0, 1.0, source=weights_path.name)
         c = backend.patch_clip(clip, weights, 1.0, source=weights_path.name)
         return io.NodeOutput(m, c, weights_path.name, loss_img, ui=ui.PreviewImage(loss_img, cls=cls))

@@ -19,9 +19,9 @@ def defect_pair(i: int, size: int = 16, seed: int = 0):
     obj[lo:hi, lo:hi] = 255
     d = max(2, size // 4)
     y, x = rng.integers(lo, hi - d + 1, 2)
-    img[y:y + d, x:x + d] = (220, 30, 30)
+    img[y : y + d, x : x + d] = (220, 30, 30)
     mask = np.zeros((size, size), np.uint8)
-    mask[y:y + d, x:x + d] = 255
+    mask[y : y + d, x : x + d] = 255
     return img, mask, obj
 
 
@@ -31,8 +31,9 @@ def save(arr: np.ndarray, path: Path) -> Path:
     return path
 
 
-def make_flat(root: Path, n: int = 4, size: int = 16, object_masks: bool = False, normals: int = 0,
-              mask_suffix: str = "") -> Path:
+def make_flat(
+    root: Path, n: int = 4, size: int = 16, object_masks: bool = False, normals: int = 0, mask_suffix: str = ""
+) -> Path:
     """``root/images``, ``root/masks`` (``<stem><mask_suffix>.png``), optional ``object_masks/`` and ``normals/``."""
     for i in range(n):
         img, mask, obj = defect_pair(i, size)
@@ -56,8 +57,14 @@ def make_side_by_side(root: Path, n: int = 3, size: int = 16, objects: bool = Fa
     return root
 
 
-def make_mvtec(root: Path, defect: str = "scratch", n: int = 6, size: int = 16, normals: int = 2,
-               other_defects: tuple[str, ...] = ("hole",)) -> Path:
+def make_mvtec(
+    root: Path,
+    defect: str = "scratch",
+    n: int = 6,
+    size: int = 16,
+    normals: int = 2,
+    other_defects: tuple[str, ...] = ("hole",),
+) -> Path:
     """``root`` is the category folder."""
     for name in (defect,) + tuple(other_defects):
         for i in range(n):

@@ -13,15 +13,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-          "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
 VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
 def _sub(key: str, table: dict[str, str]) -> str:
     for a, b in table.items():
         if key.startswith(a + "."):
-            return b + key[len(a):]
+            return b + key[len(a) :]
     return key
 
 
@@ -60,7 +66,9 @@ def unet_to_ldm(sd: dict, config: dict) -> dict:
             else:
                 n = (L + 1) * x + int(p[3])
                 rest = ".".join(p[4:])
-                nk = f"output_blocks.{n}.0." + _sub(rest, RESNET) if p[2] == "resnets" else f"output_blocks.{n}.1.{rest}"
+                nk = (
+                    f"output_blocks.{n}.0." + _sub(rest, RESNET) if p[2] == "resnets" else f"output_blocks.{n}.1.{rest}"
+                )
         else:
             raise KeyError(k)
         out["model.diffusion_model." + nk] = v
@@ -102,8 +110,10 @@ def vae_to_ldm(sd: dict, config: dict) -> dict:
 
 
 def text_to_ldm(sd: dict) -> dict:
-    return {"cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
-            for k, v in sd.items()}
+    return {
+        "cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
+        for k, v in sd.items()
+    }
 
 
 def write_ldm_checkpoint(model_dir: Path, path: Path) -> Path:
@@ -117,10 +127,17 @@ def write_ldm_checkpoint(model_dir: Path, path: Path) -> Path:
     sd.update(vae_to_ldm(load_file(model_dir / "vae" / "diffusion_pytorch_model.safetensors"), vae_cfg))
     sd.update(text_to_ldm(load_file(model_dir / "text_encoder" / "model.safetensors")))
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "PNDMScheduler"],
-             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
     (model_dir / "model_index.json").write_text(json.dumps(index))
     return path
 

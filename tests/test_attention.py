@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from helpers import randomize_, unet_inputs, zero_lora_
+from reference_impl import install_reference
 
 from dualanodiff_core.attention import DualBranchAttention, DualBranchLayers, DualControl, layers_for
 from dualanodiff_core.diffusers_backend import DualUNet
 from dualanodiff_core.layout import LayoutError
 from dualanodiff_core.tiny import tiny_unet
-from helpers import randomize_, unet_inputs, zero_lora_
-from reference_impl import install_reference
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,9 @@ def test_sd15_layer_count_and_parameter_counts():
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(
-            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+            block_out_channels=(320, 640, 1280, 1280),
+            cross_attention_dim=768,
+            attention_head_dim=8,
             layers_per_block=2,
         )
         dual = DualUNet(unet, rank=32, bcm=False)

@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 import torch
-
 from defect_data import make_flat, make_mvtec
+
 from dualanodiff_core.cli import build_parser, main
 from dualanodiff_core.weights import DualAnoDiffWeights
 
@@ -27,8 +27,21 @@ def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for word in ("--defect", "--split", "reference", "--resume", "--bcm", "--model-config", "--precision",
-                 "--checkpoint-every", "Ctrl-C", "ground_truth", "x_mask.png", "(default: 5000)", "(default: 2e-05)"):
+    for word in (
+        "--defect",
+        "--split",
+        "reference",
+        "--resume",
+        "--bcm",
+        "--model-config",
+        "--precision",
+        "--checkpoint-every",
+        "Ctrl-C",
+        "ground_truth",
+        "x_mask.png",
+        "(default: 5000)",
+        "(default: 2e-05)",
+    ):
         assert word in out, word
     assert "(default: None)" not in out and "(default: True)" not in out and "(default: False)" not in out
 
@@ -41,20 +54,56 @@ def tiny_model(tmp_path_factory):
 
 
 def _args(data, model, out, *extra):
-    return ["train", str(data), "--model", str(model), "-o", str(out), "--resolution", "16", "--rank", "4",
-            "--batch-size", "2", "--lr", "1e-3", "--no-progress", *extra]
+    return [
+        "train",
+        str(data),
+        "--model",
+        str(model),
+        "-o",
+        str(out),
+        "--resolution",
+        "16",
+        "--rank",
+        "4",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_train_resume_and_refusals(tiny_model, tmp_path, capsys):
     data = make_mvtec(tmp_path / "widget", n=6, size=16)
     out = tmp_path / "scratch.safetensors"
     work = tmp_path / "scratch_train"
-    assert main(_args(data, tiny_model, out, "--defect", "scratch", "--split", "reference", "--steps", "2",
-                      "--checkpoint-every", "1", "--keep-checkpoints", "1")) == 0
+    assert (
+        main(
+            _args(
+                data,
+                tiny_model,
+                out,
+                "--defect",
+                "scratch",
+                "--split",
+                "reference",
+                "--steps",
+                "2",
+                "--checkpoint-every",
+                "1",
+                "--keep-checkpoints",
+                "1",
+            )
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "split 'reference': 3 of 6" in err and f"weights: {out}" in err
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == [
-        "checkpoint-000002.pt", "checkpoint-000002.safetensors"]
+        "checkpoint-000002.pt",
+        "checkpoint-000002.safetensors",
+    ]
     for name in ("loss.csv", "loss.png", "train_config.json"):
         assert (work / name).is_file(), name
     w = DualAnoDiffWeights.load(out)
@@ -65,24 +114,62 @@ def test_train_resume_and_refusals(tiny_model, tmp_path, capsys):
     assert main(_args(data, tiny_model, out, "--defect", "scratch", "--split", "reference", "--steps", "2")) == 2
     assert "holds checkpoints of an earlier run (up to step 2). Add --resume" in capsys.readouterr().err
     # resume with more steps extends the run
-    assert main(_args(data, tiny_model, out, "--defect", "scratch", "--split", "reference", "--steps", "3",
-                      "--checkpoint-every", "1", "--keep-checkpoints", "1", "--resume")) == 0
+    assert (
+        main(
+            _args(
+                data,
+                tiny_model,
+                out,
+                "--defect",
+                "scratch",
+                "--split",
+                "reference",
+                "--steps",
+                "3",
+                "--checkpoint-every",
+                "1",
+                "--keep-checkpoints",
+                "1",
+                "--resume",
+            )
+        )
+        == 0
+    )
     assert DualAnoDiffWeights.load(out).metadata["trained_steps"] == "3"
     assert len((work / "loss.csv").read_text().splitlines()) == 4
     # resume with another setting is refused with the difference named
-    assert main(_args(data, tiny_model, out, "--defect", "scratch", "--split", "all", "--steps", "4",
-                      "--resume")) == 2
+    assert main(_args(data, tiny_model, out, "--defect", "scratch", "--split", "all", "--steps", "4", "--resume")) == 2
     assert "split: checkpoint 'reference', now 'all'" in capsys.readouterr().err
     # --overwrite starts over
-    assert main(_args(data, tiny_model, out, "--defect", "scratch", "--steps", "1", "--checkpoint-every", "0",
-                      "--overwrite")) == 0
+    assert (
+        main(
+            _args(
+                data, tiny_model, out, "--defect", "scratch", "--steps", "1", "--checkpoint-every", "0", "--overwrite"
+            )
+        )
+        == 0
+    )
     assert [p.name for p in (work / "checkpoints").glob("*.pt")] == ["checkpoint-000001.pt"]
 
 
 def test_dry_run_checks_data_without_a_model(tmp_path, capsys):
     data = make_flat(tmp_path / "d", n=3, size=16)
-    assert main(["train", str(data), "--model", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o.safetensors"),
-                 "--dry-run", "--resolution", "16"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(data),
+                "--model",
+                str(tmp_path / "nowhere"),
+                "-o",
+                str(tmp_path / "o.safetensors"),
+                "--dry-run",
+                "--resolution",
+                "16",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "checked 3 image(s): 000, 001, 002" in err
     (data / "masks" / "002.png").unlink()
@@ -96,9 +183,13 @@ def test_single_file_checkpoint_offline_gives_clear_instructions(tmp_path, capsy
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))  # nothing cached
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty_hf_home" / "hub"))
     ckpt = tmp_path / "my_sd15.safetensors"
-    save_file({"model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 768),
-               "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": torch.zeros(77, 768)},
-              str(ckpt))
+    save_file(
+        {
+            "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 768),
+            "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": torch.zeros(77, 768),
+        },
+        str(ckpt),
+    )
     data = make_flat(tmp_path / "d", n=2, size=16)
     assert main(_args(data, ckpt, tmp_path / "o.safetensors", "--steps", "1")) == 2
     err = capsys.readouterr().err
@@ -124,6 +215,7 @@ def test_single_file_checkpoint_loads_offline_with_a_local_config_folder(tiny_mo
     import shutil
 
     from ldm_checkpoint import same_weights, write_ldm_checkpoint
+
     from dualanodiff_core.models import ModelLoadError, load_diffusers_components
     from dualanodiff_core.single_file import load_single_file_components
 
@@ -147,8 +239,7 @@ def test_single_file_checkpoint_loads_offline_with_a_local_config_folder(tiny_mo
     assert "--model-config is only for single-file checkpoints" in capsys.readouterr().err
 
 
-def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resume_finishes(tiny_model, tmp_path, capsys,
-                                                                           monkeypatch):
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resume_finishes(tiny_model, tmp_path, capsys, monkeypatch):
     import os
     import signal
 

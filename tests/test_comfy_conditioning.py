@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _pack_module(name):
     pack = "dualanodiff_pack"
     if pack not in sys.modules:
-        spec = importlib.util.spec_from_file_location(pack, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
+        spec = importlib.util.spec_from_file_location(
+            pack, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[pack] = module
         spec.loader.exec_module(module)
@@ -62,13 +63,16 @@ def test_prompts_of_different_lengths_are_padded_by_repetition():
     assert pair[0].shape == (2, 154, 8) and bool((pair[0][1] == 3.0).all())
 
 
-@pytest.mark.parametrize("g, a, match", [
-    (_c(2), _c(1), "global-branch positive has a batch of 2"),
-    (_c(1), _c(3), "anomaly-branch positive has a batch of 3"),
-    (_c(1) + _c(1), _c(1), "Conditioning Combine"),
-    (_c(1, dim=8), _c(1, dim=16), "different widths"),
-    ([], _c(1), "empty"),
-])
+@pytest.mark.parametrize(
+    "g, a, match",
+    [
+        (_c(2), _c(1), "global-branch positive has a batch of 2"),
+        (_c(1), _c(3), "anomaly-branch positive has a batch of 3"),
+        (_c(1) + _c(1), _c(1), "Conditioning Combine"),
+        (_c(1, dim=8), _c(1, dim=16), "different widths"),
+        ([], _c(1), "empty"),
+    ],
+)
 def test_bad_pairs_are_refused_clearly(g, a, match):
     with pytest.raises(cond.ConditioningError, match=match):
         cond.pair_conditioning(g, a)

@@ -27,21 +27,34 @@ COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON")
 pytestmark = pytest.mark.skipif(
     not COMFYUI_PATH or not COMFYUI_PYTHON,
     reason="COMFYUI_PATH and COMFYUI_PYTHON are not set: the ComfyUI tests need a ComfyUI checkout and its "
-           "interpreter (see the ComfyUI section of README.md)",
+    "interpreter (see the ComfyUI section of README.md)",
 )
 
 #: the ComfyUI UNet config equal to the diffusers tiny UNet below (heads come from ComfyUI's SD15 class: 8)
 PARITY_UNET = dict(
-    image_size=32, use_spatial_transformer=True, legacy=False, use_checkpoint=False, in_channels=4, out_channels=4,
-    model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1],
-    transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, context_dim=32,
-    use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False, use_temporal_resblock=False,
+    image_size=32,
+    use_spatial_transformer=True,
+    legacy=False,
+    use_checkpoint=False,
+    in_channels=4,
+    out_channels=4,
+    model_channels=32,
+    num_res_blocks=[1, 1],
+    channel_mult=[1, 2],
+    transformer_depth=[1, 1],
+    transformer_depth_output=[1, 1, 1, 1],
+    transformer_depth_middle=1,
+    context_dim=32,
+    use_linear_in_transformer=False,
+    adm_in_channels=None,
+    use_temporal_attention=False,
+    use_temporal_resblock=False,
 )
 
 
 def sd15_sigma(t: int) -> float:
     """sigma of discrete timestep t on the SD1.5 schedule (as ComfyUI computes it: float64, then float32)."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     ac = torch.cumprod(1.0 - betas, dim=0)
     return float(((1 - ac[t]) / ac[t]).sqrt().float())
 
@@ -68,7 +81,8 @@ def build_reference(folder: Path) -> None:
             elif name.endswith("temporal_a"):
                 p.fill_(0.3)
     DualAnoDiffWeights(dual.state_dict(), {"prompt_global": "a vfx with sks", "prompt_anomaly": "sks"}).save(
-        folder / "weights.safetensors")
+        folder / "weights.safetensors"
+    )
     save_file(base_sd, str(folder / "unet_diffusers.safetensors"))
 
     t_int, pairs = 500, 2
@@ -84,7 +98,7 @@ def build_reference(folder: Path) -> None:
 
         # BCM through ComfyUI's apply_model: CFG chunks [uncond, cond] (cond_or_uncond [1, 0])
         sigma = sd15_sigma(t_int)
-        x_cfg = torch.randn(4 * pairs, 4, 8, 8, generator=g) * (sigma ** 2 + 1) ** 0.5
+        x_cfg = torch.randn(4 * pairs, 4, 8, 8, generator=g) * (sigma**2 + 1) ** 0.5
         ctx_cfg = torch.randn(4 * pairs, 7, 32, generator=g)
         bg = torch.randn(pairs, 4, 8, 8, generator=g)
         gray = torch.randn(1, 4, 8, 8, generator=g)
@@ -95,20 +109,35 @@ def build_reference(folder: Path) -> None:
         bg_sample = ddpm.add_noise(bg_x0, noise, torch.full((2 * pairs,), t_int, dtype=torch.long))
         with dual.control.using(lora_strength=(1.0, 1.0), saim_strength=1.0, bcm_strength=0.9):
             eps = dual.forward_with_background(
-                x_cfg / (sigma ** 2 + 1) ** 0.5, tt, ctx_cfg, bg_sample, tt[0::2], ctx_cfg[0::2])
-        out.update(x_cfg=x_cfg, ctx_cfg=ctx_cfg, bg=bg, gray=gray, noise=noise, bcm_eps=eps,
-                   sigma=torch.tensor([sigma]))
+                x_cfg / (sigma**2 + 1) ** 0.5, tt, ctx_cfg, bg_sample, tt[0::2], ctx_cfg[0::2]
+            )
+        out.update(
+            x_cfg=x_cfg, ctx_cfg=ctx_cfg, bg=bg, gray=gray, noise=noise, bcm_eps=eps, sigma=torch.tensor([sigma])
+        )
     save_file({k: v.contiguous() for k, v in out.items()}, str(folder / "tensors.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"unet_config": PARITY_UNET, "t": t_int, "pairs": pairs,
-                                                    "dual": {"lora": [1.0, 0.6], "saim": 0.8},
-                                                    "bcm": {"lora": [1.0, 1.0], "saim": 1.0, "bcm": 0.9}}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "unet_config": PARITY_UNET,
+                "t": t_int,
+                "pairs": pairs,
+                "dual": {"lora": [1.0, 0.6], "saim": 0.8},
+                "bcm": {"lora": [1.0, 1.0], "saim": 1.0, "bcm": 0.9},
+            }
+        )
+    )
 
 
 def test_comfyui_tests_pass_in_comfyui(tmp_path):
     reference = tmp_path / "reference"
     build_reference(reference)
-    env = dict(os.environ, DUALANODIFF_REFERENCE=str(reference), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+    env = dict(
+        os.environ,
+        DUALANODIFF_REFERENCE=str(reference),
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+        HF_HUB_OFFLINE="1",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
     cmd = [COMFYUI_PYTHON, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/comfyui"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     output = proc.stdout + proc.stderr

@@ -10,8 +10,19 @@ from PIL import Image
 from dualanodiff_core import cli
 from dualanodiff_core.cmd_demo import DemoConfig, run_demo
 
-TINY = ["--train-steps", "3", "--samples", "3", "--sampling-steps", "2", "--seg-steps", "2", "--no-progress",
-        "--threads", "1"]
+TINY = [
+    "--train-steps",
+    "3",
+    "--samples",
+    "3",
+    "--sampling-steps",
+    "2",
+    "--seg-steps",
+    "2",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 def _sha(path):
@@ -87,8 +98,11 @@ def test_same_settings_give_the_same_results(first_run, tmp_path):
 
     from dualanodiff_core.weights import DualAnoDiffWeights
 
-    run_demo(DemoConfig(out=str(tmp_path / "again"), train_steps=3, samples=3, sampling_steps=2, seg_steps=0,
-                        threads=1), progress=False, log=lambda s: None)
+    run_demo(
+        DemoConfig(out=str(tmp_path / "again"), train_steps=3, samples=3, sampling_steps=2, seg_steps=0, threads=1),
+        progress=False,
+        log=lambda s: None,
+    )
     a, b = first_run, tmp_path / "again"
     wa = DualAnoDiffWeights.load(a / "weights" / "fabric_hole.safetensors").tensors
     wb = DualAnoDiffWeights.load(b / "weights" / "fabric_hole.safetensors").tensors

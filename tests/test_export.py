@@ -7,9 +7,9 @@ import sys
 
 import numpy as np
 import pytest
+from anomalib_rules import MisMatchError, load_folder, load_mvtec
 from PIL import Image
 
-from anomalib_rules import MisMatchError, load_folder, load_mvtec
 from dualanodiff_core.export import (
     LOCK,
     MANIFEST,
@@ -34,7 +34,7 @@ def make_sample(index, kind="ok", size=(S, S)):
     fg = np.full((h, w, 3), 128, np.uint8)
     if kind == "ok":
         y, x = 3 + index % 5, 4 + index % 7
-        fg[y:y + 9, x:x + 10] = (30, 20, 10)
+        fg[y : y + 9, x : x + 10] = (30, 20, 10)
     img = (rng.random((h, w, 3)) * 255).astype(np.uint8)
     res = extract_mask(fg, min_area=4)
     dec = check_pair(res)
@@ -59,8 +59,12 @@ def test_mvtec_tree_reads_back_by_anomalib_rules(tmp_path):
     rows = load_mvtec(tmp_path, "bottle")  # every PNG under bottle/ is considered, as anomalib does
     assert [os.path.basename(r["image_path"]) for r in rows] == ["000.png", "002.png", "003.png", "005.png"]
     assert all(r["split"] == "test" and r["label"] == "crack" and r["label_index"] == 1 for r in rows)
-    assert [os.path.basename(r["mask_path"]) for r in rows] == ["000_mask.png", "002_mask.png", "003_mask.png",
-                                                               "005_mask.png"]
+    assert [os.path.basename(r["mask_path"]) for r in rows] == [
+        "000_mask.png",
+        "002_mask.png",
+        "003_mask.png",
+        "005_mask.png",
+    ]
     pairs = load_folder(tmp_path / "bottle/test/crack", tmp_path / "bottle/ground_truth/crack")
     assert len(pairs) == 4
     # mask content is the extracted mask, exactly
@@ -103,9 +107,28 @@ def test_manifest_is_complete(tmp_path):
     records, repaired = read_manifest(tmp_path / MANIFEST)
     assert not repaired and [r["index"] for r in records] == list(range(6))
     for r in records:
-        for key in ("index", "name", "seed", "sampler", "steps", "cfg", "weights_sha256", "base_model", "mask_area",
-                    "accepted", "reason", "detail", "files", "mask", "filter", "category", "defect", "created",
-                    "width", "height"):
+        for key in (
+            "index",
+            "name",
+            "seed",
+            "sampler",
+            "steps",
+            "cfg",
+            "weights_sha256",
+            "base_model",
+            "mask_area",
+            "accepted",
+            "reason",
+            "detail",
+            "files",
+            "mask",
+            "filter",
+            "category",
+            "defect",
+            "created",
+            "width",
+            "height",
+        ):
             assert key in r, key
         assert r["seed"] == 1000 + r["index"] and r["category"] == "bottle" and r["defect"] == "crack"
         for rel in r["files"].values():
@@ -117,7 +140,7 @@ def test_manifest_is_complete(tmp_path):
 
 
 def test_contact_sheets(tmp_path):
-    w = write_all(tmp_path, KINDS)
+    write_all(tmp_path, KINDS)
     with DatasetWriter(tmp_path, "bottle", "crack") as w:
         sheets = w.write_contact_sheets(per_page=4, columns=2, thumb=32)
     assert [p.name for p in sheets] == ["sheet_000.png", "sheet_001.png"]
@@ -148,8 +171,9 @@ def test_interrupted_sample_is_removed_and_redone(tmp_path):
     w = DatasetWriter(tmp_path, "bottle", "crack")
     paths = w.sample_paths(2, accepted=True)
     w.staging_dir.mkdir(parents=True)
-    (w.staging_dir / "002.commit.json").write_text(json.dumps(
-        {"index": 2, "files": [p.relative_to(tmp_path).as_posix() for p in paths.values()]}))
+    (w.staging_dir / "002.commit.json").write_text(
+        json.dumps({"index": 2, "files": [p.relative_to(tmp_path).as_posix() for p in paths.values()]})
+    )
     (w.staging_dir / "002").mkdir()
     (w.staging_dir / "002" / "mask.png").write_bytes(b"partial")
     make_sample(2).image.save(paths["image"])

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from anomalib_rules import load_folder, load_mvtec
 from PIL import Image
 
-from anomalib_rules import load_folder, load_mvtec
 from dualanodiff_core import cli
 from dualanodiff_core.diffusers_backend import DualAnoDiffPipeline
 from dualanodiff_core.export import MANIFEST, iter_records, read_manifest, sha256_file
@@ -23,8 +23,9 @@ def assets(tmp_path_factory):
     paths = {"model": root / "model"}
     for bcm in (False, True):
         c = tiny_components(0)
-        pipe = DualAnoDiffPipeline(c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"],
-                                   rank=4, bcm=bcm)
+        pipe = DualAnoDiffPipeline(
+            c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"], rank=4, bcm=bcm
+        )
         if bcm:  # make the fusion weight non-zero so the background actually matters
             with torch.no_grad():
                 for proc in pipe.dual.processors.values():
@@ -48,14 +49,46 @@ def assets(tmp_path_factory):
 
 
 # loose filter/mask settings: a random tiny model draws noise, not defects on gray
-LOOSE = ["--max-area", "1", "--max-gray-offset", "1", "--mask-min-contrast", "0.05", "--mask-min-area", "1",
-         "--mask-open", "0"]
+LOOSE = [
+    "--max-area",
+    "1",
+    "--max-gray-offset",
+    "1",
+    "--mask-min-contrast",
+    "0.05",
+    "--mask-min-area",
+    "1",
+    "--mask-open",
+    "0",
+]
 
 
 def gen(assets, out, *extra, weights="plain", n=3, batch=2):
-    argv = ["generate", "--weights", str(assets[weights]), "--base", str(assets["model"]), "--out", str(out),
-            "--n", str(n), "--size", "16", "--steps", "2", "--batch-size", str(batch), "--device", "cpu",
-            "--no-progress", "--category", "widget", "--defect", "dent", *extra]
+    argv = [
+        "generate",
+        "--weights",
+        str(assets[weights]),
+        "--base",
+        str(assets["model"]),
+        "--out",
+        str(out),
+        "--n",
+        str(n),
+        "--size",
+        "16",
+        "--steps",
+        "2",
+        "--batch-size",
+        str(batch),
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--category",
+        "widget",
+        "--defect",
+        "dent",
+        *extra,
+    ]
     return cli.main(argv)
 
 
@@ -68,10 +101,29 @@ def test_help_explains_everything(capsys):
         cli.main(["generate", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for word in ("--weights", "--base", "--n", "--out", "--batch-size", "--backgrounds", "--object-masks",
-                 "--switch-every", "--sampler", "--steps", "--cfg", "--size", "--mask-threshold",
-                 "--mask-min-contrast", "--max-area", "--research-layout", "--discard-rejected", "manifest.jsonl",
-                 "ground_truth", "BCM reference uses 50", "pndm"):
+    for word in (
+        "--weights",
+        "--base",
+        "--n",
+        "--out",
+        "--batch-size",
+        "--backgrounds",
+        "--object-masks",
+        "--switch-every",
+        "--sampler",
+        "--steps",
+        "--cfg",
+        "--size",
+        "--mask-threshold",
+        "--mask-min-contrast",
+        "--max-area",
+        "--research-layout",
+        "--discard-rejected",
+        "manifest.jsonl",
+        "ground_truth",
+        "BCM reference uses 50",
+        "pndm",
+    ):
         assert word in text, word
 
 
@@ -199,7 +251,7 @@ def test_interrupted_runs_leave_no_half_sample_and_resume(assets, tmp_path, monk
             note.parent.mkdir(parents=True, exist_ok=True)
             rels = [p.relative_to(self.out).as_posix() for p in paths.values()]
             note.write_text(json.dumps({"index": 2, "files": rels}))
-            for key, dest in paths.items():
+            for dest in paths.values():
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 sample.image.save(dest)
             with open(self.manifest_path, "a") as f:
@@ -239,8 +291,24 @@ def test_changed_settings_are_refused(assets, tmp_path, capsys):
 
 def test_bcm_backgrounds_switch_every_k(assets, tmp_path):
     out = tmp_path / "out"
-    assert gen(assets, out, *LOOSE, "--backgrounds", str(assets["good"]), "--object-masks", str(assets["good_masks"]),
-               "--switch-every", "2", "--filter-against-background", "--refine-mask", weights="bcm", n=5) == 0
+    assert (
+        gen(
+            assets,
+            out,
+            *LOOSE,
+            "--backgrounds",
+            str(assets["good"]),
+            "--object-masks",
+            str(assets["good_masks"]),
+            "--switch-every",
+            "2",
+            "--filter-against-background",
+            "--refine-mask",
+            weights="bcm",
+            n=5,
+        )
+        == 0
+    )
     recs = {r["index"]: r for r in iter_records(out)}
     used = [recs[i]["background"].rsplit("/", 1)[-1] for i in range(5)]
     assert used == ["a.png", "a.png", "b.png", "b.png", "a.png"]  # sorted, switched every 2, wrapping around
@@ -270,14 +338,17 @@ def test_background_set_rules(assets, tmp_path):
         BackgroundSet.from_folder(assets["good"], empty)
 
 
-@pytest.mark.parametrize("extra, kwargs, message", [
-    (["--backgrounds", "GOOD"], {}, "no BCM layers"),
-    (["--defect", "good"], {}, "means *normal*"),
-    (["--size", "20"], {}, "multiple of 8"),
-    (["--steps", "0"], {}, "steps=0"),
-    (["--mask-threshold", "2"], {}, "threshold"),
-    (["--weights", "nope.safetensors"], {}, "no such file"),
-])
+@pytest.mark.parametrize(
+    "extra, kwargs, message",
+    [
+        (["--backgrounds", "GOOD"], {}, "no BCM layers"),
+        (["--defect", "good"], {}, "means *normal*"),
+        (["--size", "20"], {}, "multiple of 8"),
+        (["--steps", "0"], {}, "steps=0"),
+        (["--mask-threshold", "2"], {}, "threshold"),
+        (["--weights", "nope.safetensors"], {}, "no such file"),
+    ],
+)
 def test_errors_are_one_clear_line(assets, tmp_path, capsys, extra, kwargs, message):
     extra = [str(assets["good"]) if x == "GOOD" else x for x in extra]
     rc = gen(assets, tmp_path / "out", *extra, n=1, **kwargs)

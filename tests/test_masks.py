@@ -23,7 +23,7 @@ from dualanodiff_core.quality import FilterOptions, check_pair, mask_change_agre
 
 H, W = 96, 128
 YY, XX = np.mgrid[:H, :W]
-DISK = (YY - 40) ** 2 + (XX - 50) ** 2 < 15 ** 2
+DISK = (YY - 40) ** 2 + (XX - 50) ** 2 < 15**2
 RECT = (YY > 60) & (YY < 80) & (XX > 80) & (XX < 120)
 LINE = (np.abs(YY - (0.5 * XX + 10)) < 2.5) & (XX > 10) & (XX < 110)  # ~4.5 px wide diagonal scratch
 TWO = DISK | RECT
@@ -91,13 +91,17 @@ def test_fixed_gray_level():
     assert iou(res.mask, DISK) >= 0.95
 
 
-@pytest.mark.parametrize("image", [
-    np.full((H, W, 3), 128, np.uint8),
-    np.full((H, W, 3), 127, np.uint8),
-    np.full((H, W), 0.5, np.float32),
-    torch.full((3, H, W), 0.5),
-    Image.new("RGB", (W, H), (128, 128, 128)),
-], ids=["u8-128", "u8-127", "float-gray", "tensor", "pil"])
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.full((H, W, 3), 128, np.uint8),
+        np.full((H, W, 3), 127, np.uint8),
+        np.full((H, W), 0.5, np.float32),
+        torch.full((3, H, W), 0.5),
+        Image.new("RGB", (W, H), (128, 128, 128)),
+    ],
+    ids=["u8-128", "u8-127", "float-gray", "tensor", "pil"],
+)
 def test_empty_anomaly_image_gives_empty_mask_and_flag(image):
     res = extract_mask(image)
     assert_valid(res, (H, W))
@@ -147,16 +151,16 @@ def test_hairline_needs_open_radius_zero():
 
 
 def test_holes_are_filled_by_default():
-    ring = ((YY - 48) ** 2 + (XX - 64) ** 2 < 25 ** 2) & ((YY - 48) ** 2 + (XX - 64) ** 2 >= 12 ** 2)
-    filled = (YY - 48) ** 2 + (XX - 64) ** 2 < 25 ** 2
+    ring = ((YY - 48) ** 2 + (XX - 64) ** 2 < 25**2) & ((YY - 48) ** 2 + (XX - 64) ** 2 >= 12**2)
+    filled = (YY - 48) ** 2 + (XX - 64) ** 2 < 25**2
     img = render(ring, COLORS["dark"])
     assert iou(extract_mask(img).mask, filled) >= 0.95
     assert iou(extract_mask(img, fill_holes=False).mask, ring) >= 0.95
 
 
 def test_hysteresis_keeps_a_faint_rim_of_a_strong_defect():
-    halo = (YY - 48) ** 2 + (XX - 64) ** 2 < 30 ** 2
-    core = (YY - 48) ** 2 + (XX - 64) ** 2 < 14 ** 2
+    halo = (YY - 48) ** 2 + (XX - 64) ** 2 < 30**2
+    core = (YY - 48) ** 2 + (XX - 64) ** 2 < 14**2
     im = np.full((H, W, 3), 0.5, np.float32)
     im[halo] = 0.63  # faint (0.13 from gray), above the floor
     im[core] = 0.05  # strong, *darker* than gray: smoothing averages the junction towards gray
@@ -176,8 +180,12 @@ def test_soft_edges():
 def test_input_types_agree():
     arr = render(TWO, COLORS["brown"], noise=0.02)
     ref = extract_mask(arr).mask
-    variants = [Image.fromarray(arr), arr.astype(np.float32) / 255,
-                torch.from_numpy(arr).permute(2, 0, 1).float() / 255, np.dstack([arr, np.full((H, W), 255, np.uint8)])]
+    variants = [
+        Image.fromarray(arr),
+        arr.astype(np.float32) / 255,
+        torch.from_numpy(arr).permute(2, 0, 1).float() / 255,
+        np.dstack([arr, np.full((H, W), 255, np.uint8)]),
+    ]
     for v in variants:
         assert np.array_equal(extract_mask(v).mask, ref)
 
@@ -191,12 +199,22 @@ def test_non_square_sizes_and_to_pil():
     assert iou(res.mask, m) >= 0.95
 
 
-@pytest.mark.parametrize("kw, word", [
-    (dict(gray="grey"), "gray"), (dict(gray=1.5), "gray"), (dict(reduce="sum"), "reduce"),
-    (dict(threshold="auto"), "threshold"), (dict(threshold=1.5), "threshold"), (dict(min_contrast=0), "min_contrast"),
-    (dict(hysteresis=0), "hysteresis"), (dict(open_radius=-1), "open_radius"), (dict(min_area=2.5), "min_area"),
-    (dict(connectivity=6), "connectivity"), (dict(blur_sigma=-1), "blur_sigma"),
-])
+@pytest.mark.parametrize(
+    "kw, word",
+    [
+        (dict(gray="grey"), "gray"),
+        (dict(gray=1.5), "gray"),
+        (dict(reduce="sum"), "reduce"),
+        (dict(threshold="auto"), "threshold"),
+        (dict(threshold=1.5), "threshold"),
+        (dict(min_contrast=0), "min_contrast"),
+        (dict(hysteresis=0), "hysteresis"),
+        (dict(open_radius=-1), "open_radius"),
+        (dict(min_area=2.5), "min_area"),
+        (dict(connectivity=6), "connectivity"),
+        (dict(blur_sigma=-1), "blur_sigma"),
+    ],
+)
 def test_bad_options_name_the_parameter(kw, word):
     with pytest.raises(ValueError, match=word):
         MaskOptions(**kw)

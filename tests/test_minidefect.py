@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from anomalib_rules import load_folder, load_mvtec
 from PIL import Image
 
-from anomalib_rules import load_folder, load_mvtec
 from dualanodiff_core import minidefect as md
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,8 +18,11 @@ SMALL = dict(train_good=3, test_good=2, test_defect=3)
 
 
 def digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +43,9 @@ def test_same_seed_same_bytes_other_seed_other_bytes(small, tmp_path):
 
 
 def test_image_does_not_depend_on_counts(small, tmp_path):
-    bigger = md.write_minidefect(tmp_path / "big", md.MiniDefectSpec(seed=3, train_good=4, test_good=2, test_defect=4,
-                                                                      products=("fabric",)))
+    bigger = md.write_minidefect(
+        tmp_path / "big", md.MiniDefectSpec(seed=3, train_good=4, test_good=2, test_defect=4, products=("fabric",))
+    )
     a, b = digests(small), digests(bigger)
     for k in ("fabric/train/good/002.png", "fabric/test/hole/002.png", "fabric/ground_truth/thread/001_mask.png"):
         assert a[k] == b[k]
@@ -118,11 +122,44 @@ def test_other_sizes(tmp_path):
 
 
 def test_cli_writes_dataset(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "dualanodiff_core", "minidefect", "--out", str(tmp_path / "d"),
-                        "--products", "fabric", "--train-good", "1", "--test-good", "1", "--test-defect", "1"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dualanodiff_core",
+            "minidefect",
+            "--out",
+            str(tmp_path / "d"),
+            "--products",
+            "fabric",
+            "--train-good",
+            "1",
+            "--test-good",
+            "1",
+            "--test-defect",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "d" / "fabric" / "ground_truth" / "stain" / "000_mask.png").is_file()
-    r = subprocess.run([sys.executable, "-m", "dualanodiff_core", "minidefect", "--out", str(tmp_path / "d"),
-                        "--seed", "9", "--products", "fabric"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dualanodiff_core",
+            "minidefect",
+            "--out",
+            str(tmp_path / "d"),
+            "--seed",
+            "9",
+            "--products",
+            "fabric",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr

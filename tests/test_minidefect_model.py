@@ -55,8 +55,14 @@ def test_base_model_draws_the_product_it_is_asked_for(pipe):
     prompts = ["brushed metal"] * 4 + ["woven fabric"] * 4
     imgs = mp.sample_base(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, prompts, steps=15, seed=1)
     metal, fabric = imgs[:4], imgs[4:]
-    real_metal = torch.from_numpy(np.stack([md.normal_image("metal", 0, "test", i)[0] for i in range(8)])).permute(0, 3, 1, 2) / 255
-    real_fabric = torch.from_numpy(np.stack([md.normal_image("fabric", 0, "test", i)[0] for i in range(8)])).permute(0, 3, 1, 2) / 255
+    real_metal = (
+        torch.from_numpy(np.stack([md.normal_image("metal", 0, "test", i)[0] for i in range(8)])).permute(0, 3, 1, 2)
+        / 255
+    )
+    real_fabric = (
+        torch.from_numpy(np.stack([md.normal_image("fabric", 0, "test", i)[0] for i in range(8)])).permute(0, 3, 1, 2)
+        / 255
+    )
     assert _chroma(real_metal) < 0.5 * _chroma(real_fabric)
     assert _chroma(metal) < 0.5 * _chroma(fabric)
     assert _chroma(metal) < 0.6 * _chroma(real_fabric) and _chroma(fabric) > 1.2 * _chroma(real_metal)
@@ -72,8 +78,12 @@ def test_pretraining_is_deterministic():
         mp.train_vae(vae, data, cfg, log=lambda s: None)
         means, stds = mp.encode_pool(vae, data)
         mp.train_unet(unet, text, tok, means, stds, lambda i, rng: "brushed metal", cfg, 0.33, log=lambda s: None)
-        states.append({**{f"v.{k}": v for k, v in vae.state_dict().items()},
-                       **{f"u.{k}": v for k, v in unet.state_dict().items()}})
+        states.append(
+            {
+                **{f"v.{k}": v for k, v in vae.state_dict().items()},
+                **{f"u.{k}": v for k, v in unet.state_dict().items()},
+            }
+        )
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     fresh = mp.build_models(0)[1].state_dict()

@@ -4,9 +4,9 @@ import importlib.util
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,14 +24,18 @@ def test_pack_imports_without_comfyui():
 
 
 def test_core_never_imports_comfyui():
-    pattern = re.compile(r"^\s*(import comfy|from comfy|import folder_paths|from folder_paths|from comfy_api|import nodes\b)", re.M)
+    pattern = re.compile(
+        r"^\s*(import comfy|from comfy|import folder_paths|from folder_paths|from comfy_api|import nodes\b)", re.M
+    )
     offenders = [p.name for p in (ROOT / "dualanodiff_core").rglob("*.py") if pattern.search(p.read_text())]
     assert offenders == []
 
 
 def test_requirements_match_pyproject():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    reqs = [l.strip() for l in (ROOT / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    reqs = [
+        l.strip() for l in (ROOT / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")
+    ]
     assert sorted(deps) == sorted(reqs)
     assert not any(re.match(r"^torch\s*==", d) for d in deps), "torch must stay unpinned for users"
 
@@ -48,9 +52,19 @@ def test_inspect_cli_converts_and_exports(tmp_path):
     dual = DualUNet(tiny_unet(0), rank=4)
     ref = {"unet." + k: v for k, v in dual.unet.state_dict().items() if ".processor." in k}
     torch.save(ref, tmp_path / "ref.bin")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "dualanodiff_core", *a], cwd=ROOT, capture_output=True, text=True)
-    r = run("inspect", str(tmp_path / "ref.bin"), "--convert", str(tmp_path / "ours.safetensors"),
-            "--export-branch-lora", "anomaly", str(tmp_path / "anomaly_lora.safetensors"))
+
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "dualanodiff_core", *a], cwd=ROOT, capture_output=True, text=True)
+
+    r = run(
+        "inspect",
+        str(tmp_path / "ref.bin"),
+        "--convert",
+        str(tmp_path / "ours.safetensors"),
+        "--export-branch-lora",
+        "anomaly",
+        str(tmp_path / "anomaly_lora.safetensors"),
+    )
     assert r.returncode == 0, r.stderr
     assert "unet_layers: 14" in r.stdout and "rank: 4" in r.stdout
     assert (tmp_path / "ours.safetensors").is_file() and (tmp_path / "anomaly_lora.safetensors").is_file()

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from helpers import randomize_
 
 from dualanodiff_core.diffusers_backend import DualAnoDiffPipeline, TextEncoderLoRA, encode_prompts
 from dualanodiff_core.models import ModelLoadError
 from dualanodiff_core.tiny import save_tiny_model, tiny_components, tiny_text_encoder, tiny_tokenizer
 from dualanodiff_core.weights import DualAnoDiffWeights
-from helpers import randomize_
 
 
 @pytest.fixture()
@@ -71,8 +71,9 @@ def test_branches_start_from_independent_noise(pipe):
 
 def test_bcm_sampling_runs_a_record_pass_per_step(tmp_path):
     c = tiny_components(seed=0)
-    pipe = DualAnoDiffPipeline(c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"],
-                               rank=4, bcm=True)
+    pipe = DualAnoDiffPipeline(
+        c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"], rank=4, bcm=True
+    )
     randomize_(pipe.dual, seed=4, bcm_alpha=0.3)
     bg = torch.rand(1, 3, 16, 16) * 2 - 1
     zeros = torch.zeros(4, 4, 8, 8)
@@ -103,9 +104,15 @@ def test_bcm_sampling_runs_a_record_pass_per_step(tmp_path):
     assert res.global_images.shape == (2, 3, 16, 16)
 
     # background noise from a seeded generator is reproducible; different noise gives different images
-    r1 = pipe.generate(1, steps=2, seed=0, height=16, width=16, background=bg, bcm_noise=torch.Generator().manual_seed(1))
-    r2 = pipe.generate(1, steps=2, seed=0, height=16, width=16, background=bg, bcm_noise=torch.Generator().manual_seed(1))
-    r3 = pipe.generate(1, steps=2, seed=0, height=16, width=16, background=bg, bcm_noise=torch.Generator().manual_seed(2))
+    r1 = pipe.generate(
+        1, steps=2, seed=0, height=16, width=16, background=bg, bcm_noise=torch.Generator().manual_seed(1)
+    )
+    r2 = pipe.generate(
+        1, steps=2, seed=0, height=16, width=16, background=bg, bcm_noise=torch.Generator().manual_seed(1)
+    )
+    r3 = pipe.generate(
+        1, steps=2, seed=0, height=16, width=16, background=bg, bcm_noise=torch.Generator().manual_seed(2)
+    )
     assert torch.equal(r1.global_images, r2.global_images)
     assert not torch.equal(r1.global_images, r3.global_images)
 

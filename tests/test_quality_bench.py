@@ -31,7 +31,7 @@ def square_defects(n, size=32, seed=1):
     for i in range(n):
         s = int(rng.integers(5, 10))
         y, x = rng.integers(0, size - s, 2)
-        masks[i, y:y + s, x:x + s] = True
+        masks[i, y : y + s, x : x + s] = True
         imgs[i][masks[i]] = 250 if rng.random() < 0.5 else 10
     return imgs, masks
 
@@ -54,7 +54,11 @@ def test_synthetic_pairs_are_valid(kind):
         assert np.any(img[inside] != normal[inside])
         # deterministic for a seeded generator
         rng2 = np.random.default_rng(seed)
-        again = synthetic.perlin_anomaly(normal, rng2, [other]) if kind == "perlin" else synthetic.cutpaste(normal, rng2, kind)
+        again = (
+            synthetic.perlin_anomaly(normal, rng2, [other])
+            if kind == "perlin"
+            else synthetic.cutpaste(normal, rng2, kind)
+        )
         assert (again[0] == img).all() and (again[1] == mask).all()
     if kind == "normal":  # a rectangle of 2-15 % of the area
         assert 0.015 <= inside.mean() <= 0.16
@@ -110,25 +114,33 @@ def write_fake_generated(out, real_root, category, defect, n=6):
             img, mask, _ = md.defect_image(category, defect, seed=99, index=i)
             fg = np.where(mask[..., None] > 0, img, 128).astype(np.uint8)
             mres = extract_mask(fg, min_area=2, open_radius=0, close_radius=0)
-            w.write(ExportSample(i, Image.fromarray(img), Image.fromarray(fg), mres, check_pair(mres),
-                                 {"seed": i}))
+            w.write(ExportSample(i, Image.fromarray(img), Image.fromarray(fg), mres, check_pair(mres), {"seed": i}))
 
 
 def test_benchmark_end_to_end_on_tiny_data(tmp_path):
     torch.set_num_threads(1)
-    data = md.write_minidefect(tmp_path / "data", md.MiniDefectSpec(seed=1, train_good=8, test_good=3, test_defect=6,
-                                                                     products=("metal", "fabric")))
+    data = md.write_minidefect(
+        tmp_path / "data",
+        md.MiniDefectSpec(seed=1, train_good=8, test_good=3, test_defect=6, products=("metal", "fabric")),
+    )
     gen = tmp_path / "gen"
     write_fake_generated(gen, data, "fabric", "hole")
-    cfg = ev.BenchConfig(seeds=(0,), seg=ev.SegConfig(steps=4, batch=4, width=4), n_synthetic=8,
-                         max_diversity_items=5)
+    cfg = ev.BenchConfig(seeds=(0,), seg=ev.SegConfig(steps=4, batch=4, width=4), n_synthetic=8, max_diversity_items=5)
     r = ev.benchmark(data, "fabric", "hole", gen, cfg, log=lambda s: None)
-    assert r["counts"] == {"normal_train": 8, "normal_test": 3, "few_shot": 2, "held_out": 4, "generated": 6,
-                           "generated_rejected": 0}
+    assert r["counts"] == {
+        "normal_train": 8,
+        "normal_test": 3,
+        "few_shot": 2,
+        "held_out": 4,
+        "generated": 6,
+        "generated_rejected": 0,
+    }
     a = r["alignment"]
     assert a["generated"]["n"] == 6 and 0 <= a["generated"]["iou_mean"] <= 1
-    assert a["generated"]["stored_vs_reextracted_mask_iou"] == pytest.approx(1.0, abs=0.05) or \
-        a["generated"]["stored_vs_reextracted_mask_iou"] <= 1.0
+    assert (
+        a["generated"]["stored_vs_reextracted_mask_iou"] == pytest.approx(1.0, abs=0.05)
+        or a["generated"]["stored_vs_reextracted_mask_iou"] <= 1.0
+    )
     assert r["diversity"]["generated"]["n"] == 5 and r["diversity"]["generated"]["pixel_l1"] > 0
     assert set(r["usefulness"]) == {"texture_detector (no training)", *ev.SOURCES}
     for src in ev.SOURCES:
@@ -139,8 +151,14 @@ def test_benchmark_end_to_end_on_tiny_data(tmp_path):
     assert "fabric/hole" in text and "cutpaste" in text and "generated" in text
     json.dumps(r)  # JSON-able
     # without a generated folder the generated rows are skipped, not faked
-    r2 = ev.benchmark(data, "metal", "scratch", None, ev.BenchConfig(seeds=(0,), seg=cfg.seg, n_synthetic=4,
-                                                                    sources=("generated", "real")), log=lambda s: None)
+    r2 = ev.benchmark(
+        data,
+        "metal",
+        "scratch",
+        None,
+        ev.BenchConfig(seeds=(0,), seg=cfg.seg, n_synthetic=4, sources=("generated", "real")),
+        log=lambda s: None,
+    )
     assert r2["usefulness"]["generated"] == {"skipped": "no generated folder given"}
     assert "generated" not in r2["alignment"]
     with pytest.raises(FileNotFoundError, match="dualanodiff generate"):
@@ -154,12 +172,36 @@ def test_bench_cli_writes_table_and_json(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    md.write_minidefect(tmp_path / "data", md.MiniDefectSpec(seed=2, train_good=6, test_good=2, test_defect=3,
-                                                              products=("metal",)))
-    r = subprocess.run([sys.executable, "bench/quality.py", "--data", str(tmp_path / "data"), "--target",
-                        "metal/hole", "--sources", "real", "cutpaste", "--seeds", "0", "--steps", "2", "--width", "4",
-                        "--n-synthetic", "4", "--json", str(tmp_path / "q.json")],
-                       cwd=root, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    md.write_minidefect(
+        tmp_path / "data", md.MiniDefectSpec(seed=2, train_good=6, test_good=2, test_defect=3, products=("metal",))
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "bench/quality.py",
+            "--data",
+            str(tmp_path / "data"),
+            "--target",
+            "metal/hole",
+            "--sources",
+            "real",
+            "cutpaste",
+            "--seeds",
+            "0",
+            "--steps",
+            "2",
+            "--width",
+            "4",
+            "--n-synthetic",
+            "4",
+            "--json",
+            str(tmp_path / "q.json"),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr
     assert "metal/hole" in r.stdout and "cutpaste" in r.stdout and "(a) mask alignment" in r.stdout
     out = json.loads((tmp_path / "q.json").read_text())

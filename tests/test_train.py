@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from defect_data import make_flat
 from PIL import Image
 
-from defect_data import make_flat
 from dualanodiff_core.attention import MODE_DUAL
 from dualanodiff_core.data import DefectDataset, find_defect_set
 from dualanodiff_core.tiny import tiny_components
@@ -28,8 +28,9 @@ RES = 16  # 16 px images -> 8x8 latents with the tiny VAE
 
 
 def small_config(**kw) -> TrainConfig:
-    base = dict(steps=6, batch_size=2, learning_rate=5e-3, rank=4, resolution=RES, checkpoint_every=3,
-                keep_checkpoints=0)
+    base = dict(
+        steps=6, batch_size=2, learning_rate=5e-3, rank=4, resolution=RES, checkpoint_every=3, keep_checkpoints=0
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -101,13 +102,18 @@ def test_resume_is_bit_identical_and_stop_leaves_a_checkpoint(data_root, tmp_pat
 def test_checkpoints_every_n_steps_keep_last_k(data_root, tmp_path):
     config = small_config(steps=3, checkpoint_every=1, keep_checkpoints=2)
     seen = []
-    tr = make_trainer(data_root, tmp_path / "w", config, output=tmp_path / "out.safetensors",
-                      progress=lambda p: seen.append(p))
+    tr = make_trainer(
+        data_root, tmp_path / "w", config, output=tmp_path / "out.safetensors", progress=lambda p: seen.append(p)
+    )
     res = tr.run()
     assert [s for s, _ in list_checkpoints(tmp_path / "w")] == [2, 3]
     names = sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir())
-    assert names == ["checkpoint-000002.pt", "checkpoint-000002.safetensors",
-                     "checkpoint-000003.pt", "checkpoint-000003.safetensors"]  # no temp files left
+    assert names == [
+        "checkpoint-000002.pt",
+        "checkpoint-000002.safetensors",
+        "checkpoint-000003.pt",
+        "checkpoint-000003.safetensors",
+    ]  # no temp files left
     assert [p.step for p in seen] == [1, 2, 3]
     assert all(p.checkpoint is not None for p in seen)
     assert all(p.rate > 0 and p.eta_seconds >= 0 and p.total_steps == 3 for p in seen)
@@ -175,8 +181,15 @@ def test_trainable_set_matches_the_reference(data_root):
     names = [n for n, _ in bb.trainable_parameters()]
     unet_layers = {n.split(".to_")[0].split(".temporal_")[0] for n in names if n.startswith("unet.")}
     assert len(unet_layers) == len(bb.pipe.dual.processors)  # every attention layer
-    for part in ("to_q_lora.0.down", "to_q_lora.1.up", "to_out_lora.1.down", "temporal_q.weight", "temporal_n.bias",
-                 "temporal_condition_mlp.1.weight", "temporal_a"):
+    for part in (
+        "to_q_lora.0.down",
+        "to_q_lora.1.up",
+        "to_out_lora.1.down",
+        "temporal_q.weight",
+        "temporal_n.bias",
+        "temporal_condition_mlp.1.weight",
+        "temporal_a",
+    ):
         assert any(part in n for n in names), part
     assert any(n.startswith("text_encoder.") and "to_v_lora.up" in n for n in names)
     assert all(p.requires_grad and p.dtype == torch.float32 for _, p in bb.trainable_parameters())
@@ -243,9 +256,12 @@ def test_an_incomplete_backbone_is_named(data_root, tmp_path):
             raise AssertionError
 
     ds = DefectDataset(find_defect_set(data_root), RES)
-    with pytest.raises(TypeError, match="Half is not a TrainingBackbone: it lacks alphas_cumprod, prediction_type, "
-                                        "trainable_parameters, encode_prompts, encode_images, encode_backgrounds, "
-                                        "to_weights"):
+    with pytest.raises(
+        TypeError,
+        match="Half is not a TrainingBackbone: it lacks alphas_cumprod, prediction_type, "
+        "trainable_parameters, encode_prompts, encode_images, encode_backgrounds, "
+        "to_weights",
+    ):
         Trainer(Half(), ds, small_config(), tmp_path)
 
 

@@ -7,9 +7,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from defect_data import defect_pair, make_flat, make_mvtec, make_side_by_side, save
 from PIL import Image
 
-from defect_data import defect_pair, make_flat, make_mvtec, make_side_by_side, save
 from dualanodiff_core.data import (
     DataError,
     DataWarning,
@@ -21,8 +21,8 @@ from dualanodiff_core.data import (
     split_count,
 )
 
-
 # ---- layouts --------------------------------------------------------------------------------------------------------
+
 
 def test_mvtec_layout_sorted_with_masks_and_normals(tmp_path):
     cat = make_mvtec(tmp_path / "widget", n=5, normals=3)
@@ -59,13 +59,24 @@ def test_side_by_side_layout(tmp_path):
     ds = find_defect_set(make_side_by_side(tmp_path / "d", n=3, objects=True))
     assert ds.layout == "side-by-side"
     assert [(s.image.name, s.mask.name, s.object_mask.name) for s in ds.samples] == [
-        (f"img{i}.png", f"img{i}_mask.png", f"img{i}_object.png") for i in range(3)]
+        (f"img{i}.png", f"img{i}_mask.png", f"img{i}_object.png") for i in range(3)
+    ]
 
 
-@pytest.mark.parametrize("n, strict, ceil, reference", [
-    (1, 0, 1, 0), (5, 1, 2, 2), (6, 2, 2, 3), (9, 3, 3, 3), (10, 3, 4, 3), (12, 4, 4, 5), (17, 5, 6, 6),
-    (19, 6, 7, 6), (30, 10, 10, 11),
-])
+@pytest.mark.parametrize(
+    "n, strict, ceil, reference",
+    [
+        (1, 0, 1, 0),
+        (5, 1, 2, 2),
+        (6, 2, 2, 3),
+        (9, 3, 3, 3),
+        (10, 3, 4, 3),
+        (12, 4, 4, 5),
+        (17, 5, 6, 6),
+        (19, 6, 7, 6),
+        (30, 10, 10, 11),
+    ],
+)
 def test_split_counts(n, strict, ceil, reference):
     # reference = the dual script's `n = len // 3; if n % 3: n += 1` (tests n % 3, not len % 3)
     assert split_count(n, "all") == n
@@ -83,6 +94,7 @@ def test_split_selects_the_first_sorted_images(tmp_path):
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------------
+
 
 def test_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
@@ -242,6 +254,7 @@ def test_defect_lost_by_center_crop(tmp_path):
 
 # ---- training views -------------------------------------------------------------------------------------------------
 
+
 def test_anomaly_target_is_the_defect_on_mid_gray(tmp_path):
     ds = DefectDataset(find_defect_set(make_flat(tmp_path / "f", n=2)), resolution=16, flips="none")
     b = ds.batch([Draw(0, False, False, 0.5), Draw(1, False, False, 0.5)])
@@ -297,8 +310,9 @@ def test_sampler_is_seeded_balanced_and_resumable():
     flat = [d.index for batch in seq_a for d in batch]
     assert sorted(flat) == sorted(list(range(5)) * 4)  # 20 draws = 4 full epochs
     assert {d.hflip for batch in seq_a for d in batch} == {True, False}
-    assert [d.index for d in PairSampler(5, 4, seed=8).next_batch()] != [d.index for d in seq_a[0]] or \
-        [d.hflip for d in PairSampler(5, 4, seed=8).next_batch()] != [d.hflip for d in seq_a[0]]
+    assert [d.index for d in PairSampler(5, 4, seed=8).next_batch()] != [d.index for d in seq_a[0]] or [
+        d.hflip for d in PairSampler(5, 4, seed=8).next_batch()
+    ] != [d.hflip for d in seq_a[0]]
     c = PairSampler(5, 4, seed=7)
     c.next_batch()
     state = c.state_dict()
@@ -311,8 +325,12 @@ def test_sampler_is_seeded_balanced_and_resumable():
 def test_fingerprint_changes_with_file_content(tmp_path):
     root = make_flat(tmp_path / "f", n=2)
     fp = find_defect_set(root).fingerprint()
-    assert [r[:2] for r in fp] == [["image", "images/000.png"], ["mask", "masks/000.png"],
-                                   ["image", "images/001.png"], ["mask", "masks/001.png"]]
+    assert [r[:2] for r in fp] == [
+        ["image", "images/000.png"],
+        ["mask", "masks/000.png"],
+        ["image", "images/001.png"],
+        ["mask", "masks/001.png"],
+    ]
     img, _, _ = defect_pair(5)
     save(img, root / "images" / "001.png")
     assert find_defect_set(root).fingerprint() != fp

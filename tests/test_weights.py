@@ -4,12 +4,12 @@ import re
 
 import pytest
 import torch
+from helpers import randomize_, unet_inputs
 from safetensors.torch import save_file
 
 from dualanodiff_core.diffusers_backend import DualUNet, TextEncoderLoRA
 from dualanodiff_core.tiny import tiny_text_encoder, tiny_unet
 from dualanodiff_core.weights import DualAnoDiffWeights, WeightsError, WeightsKeyError
-from helpers import randomize_, unet_inputs
 
 
 def reference_checkpoint(bcm: bool, seed: int = 0):
@@ -152,10 +152,12 @@ def test_branch_lora_export_uses_stock_kohya_keys(tmp_path):
         layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
         stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_"
         for proj, mod in (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out", "to_out_0")):
-            assert torch.equal(lora[f"{stem}{mod}.lora_down.weight"],
-                               w.tensors[f"unet.{layer}.{proj}_lora.{branch}.down.weight"])
-            assert torch.equal(lora[f"{stem}{mod}.lora_up.weight"],
-                               w.tensors[f"unet.{layer}.{proj}_lora.{branch}.up.weight"])
+            assert torch.equal(
+                lora[f"{stem}{mod}.lora_down.weight"], w.tensors[f"unet.{layer}.{proj}_lora.{branch}.down.weight"]
+            )
+            assert torch.equal(
+                lora[f"{stem}{mod}.lora_up.weight"], w.tensors[f"unet.{layer}.{proj}_lora.{branch}.up.weight"]
+            )
             assert lora[f"{stem}{mod}.alpha"].item() == 4.0
         assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in lora
         assert not any("temporal" in k for k in lora)

@@ -52,15 +52,29 @@ def test_only_ui_files_sit_directly_in_workflows():
 
 
 INFO = {
-    "Loader": {"input": {"required": {"name": [["a.ckpt", "b.ckpt"], {}]}}, "input_order": {"required": ["name"]},
-               "output": ["MODEL", "STRING"]},
-    "Sampler": {"input": {"required": {"model": ["MODEL", {}], "seed": ["INT", {"control_after_generate": True}],
-                                       "text": ["STRING", {"multiline": True}], "mode": ["COMBO", {"options": ["x"]}]},
-                          "optional": {"extra": ["MODEL", {}], "forced": ["INT", {"forceInput": True}]}},
-                "input_order": {"required": ["model", "seed", "text", "mode"], "optional": ["extra", "forced"]},
-                "output": ["LATENT"]},
-    "Image": {"input": {"required": {"image": [["bg.png"], {"image_upload": True}], "scale": ["FLOAT", {}]}},
-              "input_order": {"required": ["image", "scale"]}, "output": ["IMAGE"]},
+    "Loader": {
+        "input": {"required": {"name": [["a.ckpt", "b.ckpt"], {}]}},
+        "input_order": {"required": ["name"]},
+        "output": ["MODEL", "STRING"],
+    },
+    "Sampler": {
+        "input": {
+            "required": {
+                "model": ["MODEL", {}],
+                "seed": ["INT", {"control_after_generate": True}],
+                "text": ["STRING", {"multiline": True}],
+                "mode": ["COMBO", {"options": ["x"]}],
+            },
+            "optional": {"extra": ["MODEL", {}], "forced": ["INT", {"forceInput": True}]},
+        },
+        "input_order": {"required": ["model", "seed", "text", "mode"], "optional": ["extra", "forced"]},
+        "output": ["LATENT"],
+    },
+    "Image": {
+        "input": {"required": {"image": [["bg.png"], {"image_upload": True}], "scale": ["FLOAT", {}]}},
+        "input_order": {"required": ["image", "scale"]},
+        "output": ["IMAGE"],
+    },
 }
 
 
@@ -69,27 +83,50 @@ def _ui(nodes, links):
 
 
 def test_ui_to_api_maps_widgets_links_reroutes_bypass_primitives_and_mutes():
-    ui = _ui([
-        {"id": 1, "type": "Loader", "mode": 0, "widgets_values": ["b.ckpt"]},
-        {"id": 2, "type": "Reroute", "mode": 0, "inputs": [{"name": "", "type": "*", "link": 1}]},
-        {"id": 3, "type": "Sampler", "mode": 4, "inputs": [{"name": "model", "type": "MODEL", "link": 2}],
-         "widgets_values": [1, "fixed", "t", "x"]},  # bypassed: passes its MODEL input through
-        {"id": 4, "type": "Sampler", "mode": 0, "title": "main",
-         "inputs": [{"name": "model", "type": "MODEL", "link": 3},
+    ui = _ui(
+        [
+            {"id": 1, "type": "Loader", "mode": 0, "widgets_values": ["b.ckpt"]},
+            {"id": 2, "type": "Reroute", "mode": 0, "inputs": [{"name": "", "type": "*", "link": 1}]},
+            {
+                "id": 3,
+                "type": "Sampler",
+                "mode": 4,
+                "inputs": [{"name": "model", "type": "MODEL", "link": 2}],
+                "widgets_values": [1, "fixed", "t", "x"],
+            },  # bypassed: passes its MODEL input through
+            {
+                "id": 4,
+                "type": "Sampler",
+                "mode": 0,
+                "title": "main",
+                "inputs": [
+                    {"name": "model", "type": "MODEL", "link": 3},
                     {"name": "text", "type": "STRING", "widget": {"name": "text"}, "link": 4},
-                    {"name": "forced", "type": "INT", "link": 5}],
-         "widgets_values": [42, "randomize", "ignored because linked", "x"]},
-        {"id": 5, "type": "PrimitiveNode", "mode": 0, "widgets_values": [7, "fixed"]},
-        {"id": 6, "type": "Image", "mode": 2, "widgets_values": ["bg.png", "image", 1.0]},  # muted
-        {"id": 7, "type": "Image", "mode": 0, "widgets_values": ["bg.png", "image", 0.5]},
-        {"id": 8, "type": "Note", "mode": 0, "widgets_values": ["hello"]},
-    ], [[1, 1, 0, 2, 0, "MODEL"], [2, 2, 0, 3, 0, "MODEL"], [3, 3, 0, 4, 0, "MODEL"], [4, 1, 1, 4, 1, "STRING"],
-        [5, 5, 0, 4, 2, "INT"]])
+                    {"name": "forced", "type": "INT", "link": 5},
+                ],
+                "widgets_values": [42, "randomize", "ignored because linked", "x"],
+            },
+            {"id": 5, "type": "PrimitiveNode", "mode": 0, "widgets_values": [7, "fixed"]},
+            {"id": 6, "type": "Image", "mode": 2, "widgets_values": ["bg.png", "image", 1.0]},  # muted
+            {"id": 7, "type": "Image", "mode": 0, "widgets_values": ["bg.png", "image", 0.5]},
+            {"id": 8, "type": "Note", "mode": 0, "widgets_values": ["hello"]},
+        ],
+        [
+            [1, 1, 0, 2, 0, "MODEL"],
+            [2, 2, 0, 3, 0, "MODEL"],
+            [3, 3, 0, 4, 0, "MODEL"],
+            [4, 1, 1, 4, 1, "STRING"],
+            [5, 5, 0, 4, 2, "INT"],
+        ],
+    )
     api = qb.ui_to_api(ui, INFO)
     assert api == {
         "1": {"inputs": {"name": "b.ckpt"}, "class_type": "Loader"},
-        "4": {"inputs": {"model": ["1", 0], "seed": 42, "text": ["1", 1], "mode": "x", "forced": 7},
-              "class_type": "Sampler", "_meta": {"title": "main"}},
+        "4": {
+            "inputs": {"model": ["1", 0], "seed": 42, "text": ["1", 1], "mode": "x", "forced": 7},
+            "class_type": "Sampler",
+            "_meta": {"title": "main"},
+        },
         "7": {"inputs": {"image": "bg.png", "scale": 0.5}, "class_type": "Image"},
     }
 
@@ -100,8 +137,10 @@ def test_ui_to_api_names_missing_node_types():
 
 
 def test_overrides_select_by_id_title_or_type_and_refuse_linked_inputs():
-    wf = {"1": {"class_type": "Sampler", "inputs": {"seed": 1, "model": ["2", 0]}, "_meta": {"title": "main"}},
-          "3": {"class_type": "Sampler", "inputs": {"seed": 1}}}
+    wf = {
+        "1": {"class_type": "Sampler", "inputs": {"seed": 1, "model": ["2", 0]}, "_meta": {"title": "main"}},
+        "3": {"class_type": "Sampler", "inputs": {"seed": 1}},
+    }
     out = qb.apply_overrides(wf, ["main.seed=5", "3.cfg=2.5", "Sampler.text=a vfx with sks", "1.flag=true"])
     assert out["1"]["inputs"] == {"seed": 5, "model": ["2", 0], "text": "a vfx with sks", "flag": True}
     assert out["3"]["inputs"] == {"seed": 1, "cfg": 2.5, "text": "a vfx with sks"}
@@ -117,10 +156,20 @@ def test_overrides_select_by_id_title_or_type_and_refuse_linked_inputs():
 
 
 def test_rejections_are_readable():
-    payload = {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation"},
-               "node_errors": {"2": {"class_type": "DualAnoDiffLoRALoader",
-                                     "errors": [{"message": "Custom validation failed for node",
-                                                 "details": "weights - DualAnoDiff weights 'x' are not in ..."}]}}}
+    payload = {
+        "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation"},
+        "node_errors": {
+            "2": {
+                "class_type": "DualAnoDiffLoRALoader",
+                "errors": [
+                    {
+                        "message": "Custom validation failed for node",
+                        "details": "weights - DualAnoDiff weights 'x' are not in ...",
+                    }
+                ],
+            }
+        },
+    }
     text = qb.describe_rejection(payload)
     assert "Prompt outputs failed validation" in text and "node 2 (DualAnoDiffLoRALoader): weights - " in text
 
@@ -165,10 +214,15 @@ def test_websocket_client_reads_text_binary_fragmented_ping_and_close():
                 data += conn.recv(4096)
             headers = dict(line.split(": ", 1) for line in data.decode().split("\r\n")[1:] if ": " in line)
             received["path"] = data.decode().split(" ")[1]
-            accept = base64.b64encode(hashlib.sha1((headers["Sec-WebSocket-Key"] + qb.WebSocket.GUID).encode())
-                                      .digest()).decode()
-            conn.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                          f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode())
+            accept = base64.b64encode(
+                hashlib.sha1((headers["Sec-WebSocket-Key"] + qb.WebSocket.GUID).encode()).digest()
+            ).decode()
+            conn.sendall(
+                (
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    f"Sec-WebSocket-Accept: {accept}\r\n\r\n"
+                ).encode()
+            )
             conn.sendall(_frame(1, json.dumps({"type": "status"}).encode()))
             conn.sendall(_frame(2, b"\x00" * 8 + b"P" * 300))  # a preview image (binary, 16-bit length)
             conn.sendall(_frame(9, b"hi"))  # ping: the client must answer with a masked pong

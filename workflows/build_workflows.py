@@ -14,8 +14,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
-CKPT_URL = ("https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
-            "v1-5-pruned-emaonly-fp16.safetensors?download=true")
+CKPT_URL = (
+    "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+    "v1-5-pruned-emaonly-fp16.safetensors?download=true"
+)
 WEIGHTS = "my_defect.safetensors"
 
 # node type -> (link inputs [(name, type, optional)], widgets [name or (name, "control"/"upload")], outputs)
@@ -26,74 +28,164 @@ TYPES = {
     "SaveImage": ([("images", "IMAGE", False)], ["filename_prefix"], []),
     "LoadImage": ([], [("image", "upload")], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "EmptyLatentImage": ([], ["width", "height", "batch_size"], [("LATENT", "LATENT")]),
-    "KSampler": ([("model", "MODEL", False), ("positive", "CONDITIONING", False),
-                  ("negative", "CONDITIONING", False), ("latent_image", "LATENT", False)],
-                 [("seed", "control"), "steps", "cfg", "sampler_name", "scheduler", "denoise"], [("LATENT", "LATENT")]),
-    "DualAnoDiffLoRALoader": ([("model", "MODEL", False), ("clip", "CLIP", False)],
-                              ["weights", "strength_global", "strength_anomaly", "strength_text"],
-                              [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("prompt_global", "STRING"),
-                               ("prompt_anomaly", "STRING")]),
+    "KSampler": (
+        [
+            ("model", "MODEL", False),
+            ("positive", "CONDITIONING", False),
+            ("negative", "CONDITIONING", False),
+            ("latent_image", "LATENT", False),
+        ],
+        [("seed", "control"), "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+        [("LATENT", "LATENT")],
+    ),
+    "DualAnoDiffLoRALoader": (
+        [("model", "MODEL", False), ("clip", "CLIP", False)],
+        ["weights", "strength_global", "strength_anomaly", "strength_text"],
+        [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("prompt_global", "STRING"), ("prompt_anomaly", "STRING")],
+    ),
     "DualAnoDiffAttentionPatch": ([("model", "MODEL", False)], ["saim_strength"], [("MODEL", "MODEL")]),
-    "DualAnoDiffBackgroundCompensate": ([("model", "MODEL", False), ("vae", "VAE", False),
-                                         ("background", "IMAGE", False), ("object_mask", "MASK", True)],
-                                        ["strength", ("seed", "control")], [("MODEL", "MODEL")]),
-    "DualAnoDiffSampler": ([("model", "MODEL", False), ("positive_global", "CONDITIONING", False),
-                            ("positive_anomaly", "CONDITIONING", False), ("negative", "CONDITIONING", False),
-                            ("latent", "LATENT", True)],
-                           ["pairs", "width", "height", ("seed", "control"), "steps", "cfg", "sampler_name",
-                            "scheduler", "denoise"],
-                           [("global", "LATENT"), ("anomaly", "LATENT")]),
-    "DualAnoDiffPairConditioning": ([("global_prompt", "CONDITIONING", False),
-                                     ("anomaly_prompt", "CONDITIONING", False)],
-                                    [], [("CONDITIONING", "CONDITIONING")]),
+    "DualAnoDiffBackgroundCompensate": (
+        [
+            ("model", "MODEL", False),
+            ("vae", "VAE", False),
+            ("background", "IMAGE", False),
+            ("object_mask", "MASK", True),
+        ],
+        ["strength", ("seed", "control")],
+        [("MODEL", "MODEL")],
+    ),
+    "DualAnoDiffSampler": (
+        [
+            ("model", "MODEL", False),
+            ("positive_global", "CONDITIONING", False),
+            ("positive_anomaly", "CONDITIONING", False),
+            ("negative", "CONDITIONING", False),
+            ("latent", "LATENT", True),
+        ],
+        ["pairs", "width", "height", ("seed", "control"), "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+        [("global", "LATENT"), ("anomaly", "LATENT")],
+    ),
+    "DualAnoDiffPairConditioning": (
+        [("global_prompt", "CONDITIONING", False), ("anomaly_prompt", "CONDITIONING", False)],
+        [],
+        [("CONDITIONING", "CONDITIONING")],
+    ),
     "DualAnoDiffSplitLatentPairs": ([("latent", "LATENT", False)], [], [("global", "LATENT"), ("anomaly", "LATENT")]),
-    "DualAnoDiffMaskFromAnomalyBranch": ([("anomaly", "IMAGE", False), ("image", "IMAGE", True)],
-                                         ["gray", "threshold", "min_contrast", "hysteresis", "blur", "reduce",
-                                          "open_radius", "close_radius", "fill_holes", "min_area", "dilate"],
-                                         [("mask", "MASK"), ("overlay", "IMAGE"), ("report", "STRING")]),
-    "DualAnoDiffSaveDataset": ([("images", "IMAGE", False), ("anomaly", "IMAGE", True), ("mask", "MASK", True)],
-                               ["dataset", "category", "defect", "max_area", "max_gray_offset", "keep_rejected"], []),
-    "DualAnoDiffTrainer": ([("model", "MODEL", False), ("clip", "CLIP", False), ("vae", "VAE", False)],
-                           ["folder", "defect", "output_name", "steps", "learning_rate", "rank", "batch_size",
-                            "resolution", "seed", "resume", "train_text_encoder", "bcm", "split", "checkpoint_every"],
-                           [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("weights", "STRING"), ("loss", "IMAGE")]),
+    "DualAnoDiffMaskFromAnomalyBranch": (
+        [("anomaly", "IMAGE", False), ("image", "IMAGE", True)],
+        [
+            "gray",
+            "threshold",
+            "min_contrast",
+            "hysteresis",
+            "blur",
+            "reduce",
+            "open_radius",
+            "close_radius",
+            "fill_holes",
+            "min_area",
+            "dilate",
+        ],
+        [("mask", "MASK"), ("overlay", "IMAGE"), ("report", "STRING")],
+    ),
+    "DualAnoDiffSaveDataset": (
+        [("images", "IMAGE", False), ("anomaly", "IMAGE", True), ("mask", "MASK", True)],
+        ["dataset", "category", "defect", "max_area", "max_gray_offset", "keep_rejected"],
+        [],
+    ),
+    "DualAnoDiffTrainer": (
+        [("model", "MODEL", False), ("clip", "CLIP", False), ("vae", "VAE", False)],
+        [
+            "folder",
+            "defect",
+            "output_name",
+            "steps",
+            "learning_rate",
+            "rank",
+            "batch_size",
+            "resolution",
+            "seed",
+            "resume",
+            "train_text_encoder",
+            "bcm",
+            "split",
+            "checkpoint_every",
+        ],
+        [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("weights", "STRING"), ("loss", "IMAGE")],
+    ),
     "PreviewImage": ([("images", "IMAGE", False)], [], []),
 }
-MASK_DEFAULTS = {"gray": "median", "threshold": 0.0, "min_contrast": 0.1, "hysteresis": 0.5, "blur": 1.0,
-                 "reduce": "max", "open_radius": 1, "close_radius": 2, "fill_holes": True, "min_area": 20, "dilate": 0}
+MASK_DEFAULTS = {
+    "gray": "median",
+    "threshold": 0.0,
+    "min_contrast": 0.1,
+    "hysteresis": 0.5,
+    "blur": 1.0,
+    "reduce": "max",
+    "open_radius": 1,
+    "close_radius": 2,
+    "fill_holes": True,
+    "min_area": 20,
+    "dilate": 0,
+}
 WIDGET_TYPES = {"text": "STRING"}
 
 
 def node(nid, kind, pos, size, widgets, links=None, title=None, properties=None, controls=None):
     """``widgets``: {name: value} in any order; ``links``: {input name: (source id, output slot)}; ``controls``:
     {INT widget name: the frontend's "control after generate" value} (default "randomize")."""
-    return dict(id=nid, type=kind, pos=pos, size=size, widgets=widgets, links=links or {}, title=title,
-                properties=properties or {}, controls=controls or {})
+    return dict(
+        id=nid,
+        type=kind,
+        pos=pos,
+        size=size,
+        widgets=widgets,
+        links=links or {},
+        title=title,
+        properties=properties or {},
+        controls=controls or {},
+    )
 
 
 def _common():
     """Checkpoint -> DualAnoDiff LoRA Loader -> Attention Patch, and the three prompts."""
     nodes = [
         _checkpoint(),
-        node(2, "DualAnoDiffLoRALoader", [420, 200], [330, 180],
-             {"weights": WEIGHTS, "strength_global": 1.0, "strength_anomaly": 1.0, "strength_text": 1.0},
-             links={"model": (1, 0), "clip": (1, 1)}),
+        node(
+            2,
+            "DualAnoDiffLoRALoader",
+            [420, 200],
+            [330, 180],
+            {"weights": WEIGHTS, "strength_global": 1.0, "strength_anomaly": 1.0, "strength_text": 1.0},
+            links={"model": (1, 0), "clip": (1, 1)},
+        ),
         node(3, "DualAnoDiffAttentionPatch", [800, 40], [330, 70], {"saim_strength": 1.0}, links={"model": (2, 0)}),
     ] + _prompts(4, (2, 1), 800, texts=((2, 2), (2, 3)))
     return nodes
 
 
 def _checkpoint():
-    return node(1, "CheckpointLoaderSimple", [20, 200], [360, 100], {"ckpt_name": CKPT}, title="Load SD1.5 checkpoint",
-                properties={"models": [{"name": CKPT, "url": CKPT_URL, "directory": "checkpoints"}]})
+    return node(
+        1,
+        "CheckpointLoaderSimple",
+        [20, 200],
+        [360, 100],
+        {"ckpt_name": CKPT},
+        title="Load SD1.5 checkpoint",
+        properties={"models": [{"name": CKPT, "url": CKPT_URL, "directory": "checkpoints"}]},
+    )
 
 
 def _prompts(first_id, clip, x, texts=(None, None)):
     """The global, anomaly and negative prompts (texts: optional links for the first two)."""
     out = []
-    for i, (text, title, y) in enumerate((("a vfx with sks", "Prompt: global branch (whole image)", 160),
-                                          ("sks", "Prompt: anomaly branch (defect only)", 330),
-                                          ("", "Negative prompt", 500))):
+    for i, (text, title, y) in enumerate(
+        (
+            ("a vfx with sks", "Prompt: global branch (whole image)", 160),
+            ("sks", "Prompt: anomaly branch (defect only)", 330),
+            ("", "Negative prompt", 500),
+        )
+    ):
         links = {"clip": clip}
         if i < 2 and texts[i] is not None:
             links["text"] = texts[i]
@@ -103,14 +195,42 @@ def _prompts(first_id, clip, x, texts=(None, None)):
 
 def _decode_and_save(first_id, latent_global, latent_anomaly, x):
     return [
-        node(first_id, "VAEDecode", [x, 60], [260, 50], {}, links={"samples": latent_global, "vae": (1, 2)},
-             title="Decode whole images"),
-        node(first_id + 1, "VAEDecode", [x, 400], [260, 50], {}, links={"samples": latent_anomaly, "vae": (1, 2)},
-             title="Decode defect-only images"),
-        node(first_id + 2, "SaveImage", [x + 300, 60], [320, 300], {"filename_prefix": "DualAnoDiff/image"},
-             links={"images": (first_id, 0)}, title="Save whole images"),
-        node(first_id + 3, "SaveImage", [x + 300, 400], [320, 300], {"filename_prefix": "DualAnoDiff/anomaly"},
-             links={"images": (first_id + 1, 0)}, title="Save defect-only images"),
+        node(
+            first_id,
+            "VAEDecode",
+            [x, 60],
+            [260, 50],
+            {},
+            links={"samples": latent_global, "vae": (1, 2)},
+            title="Decode whole images",
+        ),
+        node(
+            first_id + 1,
+            "VAEDecode",
+            [x, 400],
+            [260, 50],
+            {},
+            links={"samples": latent_anomaly, "vae": (1, 2)},
+            title="Decode defect-only images",
+        ),
+        node(
+            first_id + 2,
+            "SaveImage",
+            [x + 300, 60],
+            [320, 300],
+            {"filename_prefix": "DualAnoDiff/image"},
+            links={"images": (first_id, 0)},
+            title="Save whole images",
+        ),
+        node(
+            first_id + 3,
+            "SaveImage",
+            [x + 300, 400],
+            [320, 300],
+            {"filename_prefix": "DualAnoDiff/anomaly"},
+            links={"images": (first_id + 1, 0)},
+            title="Save defect-only images",
+        ),
     ]
 
 
@@ -118,29 +238,89 @@ def _decode_mask_save(first_id, latent_global, latent_anomaly, x, vae=(1, 2), sa
     """2x VAE Decode -> Mask From Anomaly Branch -> Save Dataset (MVTec) and a preview of the mask overlay."""
     d_g, d_a, mask, out = first_id, first_id + 1, first_id + 2, first_id + 3
     nodes = [
-        node(d_g, "VAEDecode", [x, 60], [260, 50], {}, links={"samples": latent_global, "vae": vae},
-             title="Decode whole images"),
-        node(d_a, "VAEDecode", [x, 200], [260, 50], {}, links={"samples": latent_anomaly, "vae": vae},
-             title="Decode defect-only images"),
-        node(mask, "DualAnoDiffMaskFromAnomalyBranch", [x + 300, 200], [330, 350], dict(MASK_DEFAULTS),
-             links={"anomaly": (d_a, 0), "image": (d_g, 0)}),
+        node(
+            d_g,
+            "VAEDecode",
+            [x, 60],
+            [260, 50],
+            {},
+            links={"samples": latent_global, "vae": vae},
+            title="Decode whole images",
+        ),
+        node(
+            d_a,
+            "VAEDecode",
+            [x, 200],
+            [260, 50],
+            {},
+            links={"samples": latent_anomaly, "vae": vae},
+            title="Decode defect-only images",
+        ),
+        node(
+            mask,
+            "DualAnoDiffMaskFromAnomalyBranch",
+            [x + 300, 200],
+            [330, 350],
+            dict(MASK_DEFAULTS),
+            links={"anomaly": (d_a, 0), "image": (d_g, 0)},
+        ),
     ]
     if save:
-        nodes.append(node(out, "DualAnoDiffSaveDataset", [x + 680, 40], [350, 260],
-                          {"dataset": "DualAnoDiff_dataset", "category": "my_object", "defect": "my_defect",
-                           "max_area": 0.5, "max_gray_offset": 0.2, "keep_rejected": True},
-                          links={"images": (d_g, 0), "anomaly": (d_a, 0), "mask": (mask, 0)}))
-    nodes.append(node(out + 1, "PreviewImage", [x + 680, 340], [350, 330], {}, links={"images": (mask, 1)},
-                      title="Mask overlay (red = defect)"))
+        nodes.append(
+            node(
+                out,
+                "DualAnoDiffSaveDataset",
+                [x + 680, 40],
+                [350, 260],
+                {
+                    "dataset": "DualAnoDiff_dataset",
+                    "category": "my_object",
+                    "defect": "my_defect",
+                    "max_area": 0.5,
+                    "max_gray_offset": 0.2,
+                    "keep_rejected": True,
+                },
+                links={"images": (d_g, 0), "anomaly": (d_a, 0), "mask": (mask, 0)},
+            )
+        )
+    nodes.append(
+        node(
+            out + 1,
+            "PreviewImage",
+            [x + 680, 340],
+            [350, 330],
+            {},
+            links={"images": (mask, 1)},
+            title="Mask overlay (red = defect)",
+        )
+    )
     return nodes
 
 
 def _dual_sampler(model_link, cfg, nid=7, pos=(1180, 160), prompts=((4, 0), (5, 0), (6, 0)), pairs=4):
-    return node(nid, "DualAnoDiffSampler", list(pos), [340, 370],
-                {"pairs": pairs, "width": 512, "height": 512, "seed": 0, "steps": 30, "cfg": cfg,
-                 "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0},
-                links={"model": model_link, "positive_global": prompts[0], "positive_anomaly": prompts[1],
-                       "negative": prompts[2]})
+    return node(
+        nid,
+        "DualAnoDiffSampler",
+        list(pos),
+        [340, 370],
+        {
+            "pairs": pairs,
+            "width": 512,
+            "height": 512,
+            "seed": 0,
+            "steps": 30,
+            "cfg": cfg,
+            "sampler_name": "dpmpp_2m",
+            "scheduler": "karras",
+            "denoise": 1.0,
+        },
+        links={
+            "model": model_link,
+            "positive_global": prompts[0],
+            "positive_anomaly": prompts[1],
+            "negative": prompts[2],
+        },
+    )
 
 
 def graph_generate():
@@ -150,11 +330,23 @@ def graph_generate():
 def graph_generate_bcm():
     nodes = _common()
     nodes += [
-        node(14, "LoadImage", [420, 430], [330, 360], {"image": "background.png"},
-             title="Background: normal product image (transparent = object)"),
-        node(13, "DualAnoDiffBackgroundCompensate", [800, 670], [330, 170], {"strength": 1.0, "seed": 0},
-             controls={"seed": "fixed"},
-             links={"model": (3, 0), "vae": (1, 2), "background": (14, 0), "object_mask": (14, 1)}),
+        node(
+            14,
+            "LoadImage",
+            [420, 430],
+            [330, 360],
+            {"image": "background.png"},
+            title="Background: normal product image (transparent = object)",
+        ),
+        node(
+            13,
+            "DualAnoDiffBackgroundCompensate",
+            [800, 670],
+            [330, 170],
+            {"strength": 1.0, "seed": 0},
+            controls={"seed": "fixed"},
+            links={"model": (3, 0), "vae": (1, 2), "background": (14, 0), "object_mask": (14, 1)},
+        ),
     ]
     nodes.append(_dual_sampler((13, 0), 2.0))
     return nodes + _decode_mask_save(8, (7, 0), (7, 1), 1570)
@@ -163,13 +355,30 @@ def graph_generate_bcm():
 def graph_generate_ksampler():
     nodes = _common()
     nodes += [
-        node(7, "DualAnoDiffPairConditioning", [1180, 160], [300, 60], {},
-             links={"global_prompt": (4, 0), "anomaly_prompt": (5, 0)}),
-        node(8, "EmptyLatentImage", [1180, 300], [300, 120], {"width": 512, "height": 512, "batch_size": 8},
-             title="Empty latent: batch = 2 x pairs"),
-        node(9, "KSampler", [1530, 160], [330, 270],
-             {"seed": 0, "steps": 30, "cfg": 2.5, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0},
-             links={"model": (3, 0), "positive": (7, 0), "negative": (6, 0), "latent_image": (8, 0)}),
+        node(
+            7,
+            "DualAnoDiffPairConditioning",
+            [1180, 160],
+            [300, 60],
+            {},
+            links={"global_prompt": (4, 0), "anomaly_prompt": (5, 0)},
+        ),
+        node(
+            8,
+            "EmptyLatentImage",
+            [1180, 300],
+            [300, 120],
+            {"width": 512, "height": 512, "batch_size": 8},
+            title="Empty latent: batch = 2 x pairs",
+        ),
+        node(
+            9,
+            "KSampler",
+            [1530, 160],
+            [330, 270],
+            {"seed": 0, "steps": 30, "cfg": 2.5, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0},
+            links={"model": (3, 0), "positive": (7, 0), "negative": (6, 0), "latent_image": (8, 0)},
+        ),
         node(10, "DualAnoDiffSplitLatentPairs", [1910, 160], [280, 60], {}, links={"latent": (9, 0)}),
     ]
     return nodes + _decode_and_save(11, (10, 0), (10, 1), 2240)
@@ -178,16 +387,39 @@ def graph_generate_ksampler():
 def graph_train():
     """Checkpoint -> DualAnoDiff Trainer -> (trained MODEL/CLIP) -> prompts -> DualAnoDiff Sampler -> decode -> mask
     preview: train, then look at a few generated pairs in the same run."""
-    return [
-        _checkpoint(),
-        node(2, "DualAnoDiffTrainer", [420, 60], [350, 440],
-             {"folder": "my_defect", "defect": "", "output_name": "my_defect", "steps": 5000, "learning_rate": 2e-5,
-              "rank": 32, "batch_size": 4, "resolution": 512, "seed": 32, "resume": True,
-              "train_text_encoder": True, "bcm": False, "split": "all", "checkpoint_every": 500},
-             links={"model": (1, 0), "clip": (1, 1), "vae": (1, 2)}),
-    ] + _prompts(3, (2, 1), 820) + [
-        _dual_sampler((2, 0), 2.5, nid=6, pos=(1200, 160), prompts=((3, 0), (4, 0), (5, 0)), pairs=2),
-    ] + _decode_mask_save(7, (6, 0), (6, 1), 1590, save=False)
+    return (
+        [
+            _checkpoint(),
+            node(
+                2,
+                "DualAnoDiffTrainer",
+                [420, 60],
+                [350, 440],
+                {
+                    "folder": "my_defect",
+                    "defect": "",
+                    "output_name": "my_defect",
+                    "steps": 5000,
+                    "learning_rate": 2e-5,
+                    "rank": 32,
+                    "batch_size": 4,
+                    "resolution": 512,
+                    "seed": 32,
+                    "resume": True,
+                    "train_text_encoder": True,
+                    "bcm": False,
+                    "split": "all",
+                    "checkpoint_every": 500,
+                },
+                links={"model": (1, 0), "clip": (1, 1), "vae": (1, 2)},
+            ),
+        ]
+        + _prompts(3, (2, 1), 820)
+        + [
+            _dual_sampler((2, 0), 2.5, nid=6, pos=(1200, 160), prompts=((3, 0), (4, 0), (5, 0)), pairs=2),
+        ]
+        + _decode_mask_save(7, (6, 0), (6, 1), 1590, save=False)
+    )
 
 
 GRAPHS = {
@@ -223,8 +455,9 @@ def to_ui(nodes) -> dict:
         for w in widgets_def:
             name, extra = (w, None) if isinstance(w, str) else w
             if name in n["links"]:
-                inputs.append({"name": name, "type": WIDGET_TYPES.get(name, "STRING"), "widget": {"name": name},
-                               "link": None})
+                inputs.append(
+                    {"name": name, "type": WIDGET_TYPES.get(name, "STRING"), "widget": {"name": name}, "link": None}
+                )
             widget_values.append(n["widgets"][name])
             if extra == "control":
                 widget_values.append(n["controls"].get(name, "randomize"))
@@ -243,19 +476,37 @@ def to_ui(nodes) -> dict:
         ui_nodes.append((n, inputs, widget_values))
     result = []
     for n, inputs, widget_values in ui_nodes:
-        outputs = [{"name": name, "type": kind, "links": out_links.get((n["id"], slot), []), "slot_index": slot}
-                   for slot, (name, kind) in enumerate(TYPES[n["type"]][2])]
-        entry = {"id": n["id"], "type": n["type"], "pos": n["pos"], "size": n["size"], "flags": {},
-                 "order": order[n["id"]], "mode": 0, "inputs": inputs, "outputs": outputs,
-                 "properties": {"Node name for S&R": n["type"], **n["properties"]}}
+        outputs = [
+            {"name": name, "type": kind, "links": out_links.get((n["id"], slot), []), "slot_index": slot}
+            for slot, (name, kind) in enumerate(TYPES[n["type"]][2])
+        ]
+        entry = {
+            "id": n["id"],
+            "type": n["type"],
+            "pos": n["pos"],
+            "size": n["size"],
+            "flags": {},
+            "order": order[n["id"]],
+            "mode": 0,
+            "inputs": inputs,
+            "outputs": outputs,
+            "properties": {"Node name for S&R": n["type"], **n["properties"]},
+        }
         if widget_values:
             entry["widgets_values"] = widget_values
         if n["title"]:
             entry["title"] = n["title"]
         result.append(entry)
-    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": result,
-            "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [0, 0]}},
-            "version": 0.4}
+    return {
+        "last_node_id": max(n["id"] for n in nodes),
+        "last_link_id": len(links),
+        "nodes": result,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 0.75, "offset": [0, 0]}},
+        "version": 0.4,
+    }
 
 
 def to_api(nodes) -> dict:

@@ -67,8 +67,9 @@ class Server:
 
     def request(self, method: str, path: str, body=None):
         data = None if body is None else json.dumps(body).encode("utf-8")
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
+        req = urllib.request.Request(
+            self.base + path, data=data, method=method, headers={"Content-Type": "application/json"} if data else {}
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()
@@ -80,8 +81,10 @@ class Server:
                 payload = raw.decode("utf-8", "replace")
             raise HTTPError(e.code, payload) from None
         except (urllib.error.URLError, OSError) as e:
-            raise UsageError(f"cannot reach the ComfyUI server at {self.base} ({getattr(e, 'reason', e)}). Is it "
-                             "running? Start it with `python main.py --listen` or give --server HOST:PORT.") from None
+            raise UsageError(
+                f"cannot reach the ComfyUI server at {self.base} ({getattr(e, 'reason', e)}). Is it "
+                "running? Start it with `python main.py --listen` or give --server HOST:PORT."
+            ) from None
         return json.loads(raw) if raw else None
 
     def get(self, path: str):
@@ -104,7 +107,8 @@ class Server:
 
     def view_url(self, image: dict) -> str:
         return f"{self.base}/view?" + urllib.parse.urlencode(
-            {k: image.get(k, "") for k in ("filename", "subfolder", "type")})
+            {k: image.get(k, "") for k in ("filename", "subfolder", "type")}
+        )
 
 
 class HTTPError(Exception):
@@ -138,9 +142,12 @@ class WebSocket:
     def __init__(self, host: str, port: int, path: str, timeout: float = 10.0):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         key = base64.b64encode(os.urandom(16)).decode("ascii")
-        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
-                          .encode("ascii"))
+        self.sock.sendall(
+            (
+                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode("ascii")
+        )
         head = b""
         while b"\r\n\r\n" not in head:
             chunk = self.sock.recv(4096)
@@ -206,7 +213,7 @@ class WebSocket:
                 parts.append(payload)
                 if fin:
                     return opcode, b"".join(parts)
-        except socket.timeout:
+        except TimeoutError:
             if parts:
                 raise ConnectionError("a websocket message was cut off") from None
             return None
@@ -268,11 +275,18 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             links[link[0]] = (link[1], link[2], link[5] if len(link) > 5 else None)
     if workflow.get("definitions", {}).get("subgraphs"):
         raise UsageError("this workflow uses subgraphs; open it in ComfyUI and use 'Export (API)' instead.")
-    missing = sorted({n["type"] for n in nodes.values()
-                      if n.get("mode", 0) != 2 and n["type"] not in object_info and n["type"] not in FRONTEND_ONLY})
+    missing = sorted(
+        {
+            n["type"]
+            for n in nodes.values()
+            if n.get("mode", 0) != 2 and n["type"] not in object_info and n["type"] not in FRONTEND_ONLY
+        }
+    )
     if missing:
-        raise UsageError(f"the server does not know the node types {', '.join(missing)}; install the packs that "
-                         "provide them (ComfyUI-Manager: 'Install Missing Custom Nodes').")
+        raise UsageError(
+            f"the server does not know the node types {', '.join(missing)}; install the packs that "
+            "provide them (ComfyUI-Manager: 'Install Missing Custom Nodes')."
+        )
 
     def source(link_id, depth=0):
         """Follow a link back through reroutes and bypassed nodes: ("link", [id, slot]) or ("value", v) or None."""
@@ -365,9 +379,15 @@ def seed_targets(workflow: dict, explicit=None) -> list[tuple[str, str]]:
                 raise UsageError(f"--seed-input {text!r}: write SELECTOR.INPUT, e.g. 7.seed")
             targets += [(key, name) for key in _select(workflow, selector)]
         return targets
-    return [(key, name) for key, node in workflow.items() for name, value in (node.get("inputs") or {}).items()
-            if name in SEED_INPUTS and isinstance(value, int) and not isinstance(value, bool)
-            and node.get("class_type") not in FIXED_SEED_NODES]
+    return [
+        (key, name)
+        for key, node in workflow.items()
+        for name, value in (node.get("inputs") or {}).items()
+        if name in SEED_INPUTS
+        and isinstance(value, int)
+        and not isinstance(value, bool)
+        and node.get("class_type") not in FIXED_SEED_NODES
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -403,8 +423,10 @@ def _collect(server: Server, job: Job) -> bool:
         for event, data in status.get("messages", []):
             if event == "execution_error":
                 kind = str(data.get("exception_type", "")).rsplit(".", 1)[-1]
-                job.error = (f"node {data.get('node_id')} ({data.get('node_type')}): "
-                             f"{kind}: {str(data.get('exception_message', '')).strip()}")
+                job.error = (
+                    f"node {data.get('node_id')} ({data.get('node_type')}): "
+                    f"{kind}: {str(data.get('exception_message', '')).strip()}"
+                )
             elif event == "execution_interrupted":
                 job.status, job.error = "interrupted", "interrupted"
     else:
@@ -459,7 +481,8 @@ def follow(server: Server, jobs: list[Job], ws: WebSocket | None, timeout: float
                     elif data.get("value") == data.get("max"):
                         _log(quiet, text)
                 elif kind in ("execution_success", "execution_error", "execution_interrupted") or (
-                        kind == "executing" and data.get("node") is None):
+                    kind == "executing" and data.get("node") is None
+                ):
                     if _collect(server, job):
                         del pending[job.prompt_id]
                         _log(quiet, f"{label} {job.status}" + (f": {job.error}" if job.error else ""))
@@ -469,22 +492,35 @@ def follow(server: Server, jobs: list[Job], ws: WebSocket | None, timeout: float
             for prompt_id, job in list(pending.items()):
                 if _collect(server, job):
                     del pending[prompt_id]
-                    _log(quiet, f"[{job.index + 1}/{len(jobs)} seed {job.seed}] {job.status}"
-                                + (f": {job.error}" if job.error else ""))
+                    _log(
+                        quiet,
+                        f"[{job.index + 1}/{len(jobs)} seed {job.seed}] {job.status}"
+                        + (f": {job.error}" if job.error else ""),
+                    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("workflow", help="workflow JSON file (API or UI format)")
     p.add_argument("--server", default="127.0.0.1:8188", help="ComfyUI address HOST:PORT (default 127.0.0.1:8188)")
     p.add_argument("--count", type=int, default=1, help="number of prompts to queue (default 1)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the first prompt; the next ones count up "
-                                                          "(default: the workflow's own seed)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the first prompt; the next ones count up (default: the workflow's own seed)",
+    )
     p.add_argument("--seeds", default=None, help="comma-separated seeds, one prompt each (overrides --count/--seed)")
-    p.add_argument("--seed-input", action="append", metavar="SELECTOR.INPUT",
-                   help="the input(s) that receive the seed (default: every integer input named seed/noise_seed)")
+    p.add_argument(
+        "--seed-input",
+        action="append",
+        metavar="SELECTOR.INPUT",
+        help="the input(s) that receive the seed (default: every integer input named seed/noise_seed)",
+    )
     p.add_argument("--set", action="append", metavar="SELECTOR.INPUT=VALUE", help="change an input (repeatable)")
     p.add_argument("--poll", action="store_true", help="follow progress by polling /history instead of /ws")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds (default 3600)")
@@ -506,8 +542,11 @@ def run(argv=None) -> int:
         server = Server(args.server)
         if is_ui_format(workflow):
             workflow = ui_to_api(workflow, server.get("/object_info"))
-        elif not (isinstance(workflow, dict) and workflow and
-                  all(isinstance(v, dict) and "class_type" in v for v in workflow.values())):
+        elif not (
+            isinstance(workflow, dict)
+            and workflow
+            and all(isinstance(v, dict) and "class_type" in v for v in workflow.values())
+        ):
             raise UsageError(f"{args.workflow} is neither an API-format nor a UI-format ComfyUI workflow.")
         workflow = apply_overrides(workflow, args.set)
         targets = seed_targets(workflow, args.seed_input)
@@ -525,8 +564,10 @@ def run(argv=None) -> int:
                 raise UsageError("--count must be at least 1")
             seeds = [None] * args.count
         if any(s is not None for s in seeds) and not targets:
-            raise UsageError("the workflow has no seed input (an integer input named seed/noise_seed); name one "
-                             "with --seed-input SELECTOR.INPUT")
+            raise UsageError(
+                "the workflow has no seed input (an integer input named seed/noise_seed); name one "
+                "with --seed-input SELECTOR.INPUT"
+            )
         if any(s is not None and not 0 <= s <= 0xFFFFFFFFFFFFFFFF for s in seeds):
             raise UsageError("seeds must be between 0 and 2**64-1")
         client_id = uuid.uuid4().hex
@@ -576,8 +617,9 @@ def run(argv=None) -> int:
             if args.download:
                 entry["downloaded"] = server.download(item, args.download)
             files.append(entry)
-        report.append({"prompt_id": job.prompt_id, "seed": job.seed, "status": job.status, "error": job.error,
-                       "outputs": files})
+        report.append(
+            {"prompt_id": job.prompt_id, "seed": job.seed, "status": job.status, "error": job.error, "outputs": files}
+        )
     for r in report:
         print(f"seed {r['seed']}: {r['status']}" + (f" ({r['error']})" if r["error"] else ""))
         for f in r["outputs"]:

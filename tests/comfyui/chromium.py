@@ -19,9 +19,19 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--mute-audio",
+]
 
 
 def find() -> str | None:
@@ -48,8 +58,14 @@ class Chromium:
     def __init__(self, executable: str, width: int = 1600, height: int = 1000):
         self.profile = tempfile.mkdtemp(prefix="dualanodiff-chromium-")
         self.width, self.height = width, height
-        cmd = [executable, *FLAGS, f"--user-data-dir={self.profile}", "--remote-debugging-port=0",
-               f"--window-size={width},{height}", "about:blank"]
+        cmd = [
+            executable,
+            *FLAGS,
+            f"--user-data-dir={self.profile}",
+            "--remote-debugging-port=0",
+            f"--window-size={width},{height}",
+            "about:blank",
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         self._id = 0
         self.console: list[str] = []
@@ -67,8 +83,9 @@ class Chromium:
             self.ws = _websocket_class()("127.0.0.1", port, path, timeout=30)
             self.call("Runtime.enable")
             self.call("Page.enable")
-            self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
-                      mobile=False)
+            self.call(
+                "Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False
+            )
         except BaseException:
             self.close()
             raise
@@ -117,8 +134,7 @@ class Chromium:
 
     def evaluate(self, expression: str, timeout: float = 60.0):
         """The value of a JavaScript expression (promises are awaited; the value comes back as JSON)."""
-        r = self.call("Runtime.evaluate", timeout=timeout, expression=expression, awaitPromise=True,
-                      returnByValue=True)
+        r = self.call("Runtime.evaluate", timeout=timeout, expression=expression, awaitPromise=True, returnByValue=True)
         if "exceptionDetails" in r:
             d = r["exceptionDetails"]
             raise CDPError(f"JavaScript error: {d.get('exception', {}).get('description', d.get('text'))}")

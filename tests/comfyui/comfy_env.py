@@ -20,10 +20,23 @@ PACK = "dualanodiff_pack"
 
 #: a tiny SD1.x-shaped UNet (GroupNorm(32) needs channels that are multiples of 32)
 TINY_UNET = dict(
-    image_size=32, use_spatial_transformer=True, legacy=False, use_checkpoint=False, in_channels=4, out_channels=4,
-    model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1],
-    transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, context_dim=64,
-    use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False, use_temporal_resblock=False,
+    image_size=32,
+    use_spatial_transformer=True,
+    legacy=False,
+    use_checkpoint=False,
+    in_channels=4,
+    out_channels=4,
+    model_channels=32,
+    num_res_blocks=[1, 1],
+    channel_mult=[1, 2],
+    transformer_depth=[1, 1],
+    transformer_depth_output=[1, 1, 1, 1],
+    transformer_depth_middle=1,
+    context_dim=64,
+    use_linear_in_transformer=False,
+    adm_in_channels=None,
+    use_temporal_attention=False,
+    use_temporal_resblock=False,
 )
 TINY_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
 
@@ -54,16 +67,20 @@ def dirs(env, tmp_path):
 def skip_reason() -> str | None:
     path = os.environ.get("COMFYUI_PATH")
     if not path:
-        return ("COMFYUI_PATH is not set: the ComfyUI tests need a ComfyUI checkout and its interpreter "
-                "(COMFYUI_PYTHON); see the ComfyUI section of README.md")
+        return (
+            "COMFYUI_PATH is not set: the ComfyUI tests need a ComfyUI checkout and its interpreter "
+            "(COMFYUI_PYTHON); see the ComfyUI section of README.md"
+        )
     if not (Path(path) / "comfy" / "model_patcher.py").is_file():
         return f"COMFYUI_PATH={path} is not a ComfyUI checkout (no comfy/model_patcher.py)"
     py = os.environ.get("COMFYUI_PYTHON")
     if py:
         want = Path(py).absolute().parent.parent.resolve()
         if want != Path(sys.prefix).resolve():
-            return (f"these tests run in ComfyUI's interpreter COMFYUI_PYTHON={py}, not {sys.executable}; "
-                    "`python -m pytest` runs them there through tests/test_comfyui.py")
+            return (
+                f"these tests run in ComfyUI's interpreter COMFYUI_PYTHON={py}, not {sys.executable}; "
+                "`python -m pytest` runs them there through tests/test_comfyui.py"
+            )
     return None
 
 
@@ -82,20 +99,16 @@ def setup() -> types.SimpleNamespace:
 
     args.cpu = True
     import comfy.model_management  # noqa: F401  (reads args.cpu)
-    import comfy.model_patcher
-    import comfy.sample
-    import comfy.samplers
-    import comfy.sd
-    import comfy.sd1_clip
-    import comfy.supported_models
-    import comfy.supported_models_base
-    import comfy.utils
     import folder_paths
+
     import nodes
 
     pack = load_pack()
     ns = types.SimpleNamespace(
-        comfy=sys.modules["comfy"], nodes=nodes, folder_paths=folder_paths, pack=pack,
+        comfy=sys.modules["comfy"],
+        nodes=nodes,
+        folder_paths=folder_paths,
+        pack=pack,
         backend=importlib.import_module(f"{PACK}.nodes.comfy_backend"),
         conditioning=importlib.import_module(f"{PACK}.nodes.conditioning"),
         loaders=importlib.import_module(f"{PACK}.nodes.loaders"),
@@ -147,20 +160,23 @@ def init_module(module, seed: int, std: float = 0.02) -> None:
                 p.fill_(1.0)
             else:
                 fan_in = max(1, p[0].numel())
-                p.copy_(torch.randn(p.shape, generator=g) * min(std * 5, fan_in ** -0.5))
+                p.copy_(torch.randn(p.shape, generator=g) * min(std * 5, fan_in**-0.5))
 
 
 def tiny_model(seed: int = 0, unet_config: dict | None = None, heads: int | None = None, state_dict=None):
     """A ModelPatcher around a tiny SD15-class UNet (fp32, CPU)."""
-    import torch
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
+    import torch
 
     cls = comfy.supported_models.SD15
     if heads is not None:
-        cls = type("SD15Heads", (comfy.supported_models.SD15,),
-                   {"unet_extra_config": {"num_heads": heads, "num_head_channels": -1}})
+        cls = type(
+            "SD15Heads",
+            (comfy.supported_models.SD15,),
+            {"unet_extra_config": {"num_heads": heads, "num_head_channels": -1}},
+        )
     mc = cls(dict(unet_config or TINY_UNET))
     mc.set_inference_dtype(torch.float32, None)
     base = mc.get_model({}, "")
@@ -169,15 +185,16 @@ def tiny_model(seed: int = 0, unet_config: dict | None = None, heads: int | None
     else:
         base.diffusion_model.load_state_dict(state_dict, strict=True)
     base.eval()
-    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(
+        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
 
 
 def tiny_clip(seed: int = 0):
-    import torch
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models_base
+    import torch
 
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
     clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(TINY_CLIP), "dtype": torch.float32})
@@ -194,8 +211,20 @@ def tiny_vae(seed: int = 0):
     return comfy.sd.VAE(sd=taesd.state_dict())
 
 
-def random_weights(env, model, *, seed: int = 0, rank: int = 4, saim: bool = True, bcm: bool = False,
-                   clip=None, lora_scale: float = 0.05, branches=(0, 1), zero: bool = False, bcm_alpha: float = 0.3):
+def random_weights(
+    env,
+    model,
+    *,
+    seed: int = 0,
+    rank: int = 4,
+    saim: bool = True,
+    bcm: bool = False,
+    clip=None,
+    lora_scale: float = 0.05,
+    branches=(0, 1),
+    zero: bool = False,
+    bcm_alpha: float = 0.3,
+):
     """DualAnoDiffWeights for ``model`` (the pack's class) with non-zero LoRA ups on ``branches``; ``zero`` makes
     every contribution exactly zero (LoRA ups, SAIM out-projection, BCM alpha). With ``clip``: a text LoRA."""
     import torch
@@ -224,7 +253,7 @@ def random_weights(env, model, *, seed: int = 0, rank: int = 4, saim: bool = Tru
         prefix = "clip_l.transformer."
         for key, w in csd.items():
             if key.startswith(prefix) and ".self_attn." in key and key.endswith("q_proj.weight"):
-                layer = key[len(prefix):-len(".q_proj.weight")]
+                layer = key[len(prefix) : -len(".q_proj.weight")]
                 hidden = w.shape[1]
                 for proj in ("to_q", "to_k", "to_v", "to_out"):
                     down = torch.randn(rank, hidden, generator=g) / rank

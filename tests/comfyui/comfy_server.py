@@ -32,8 +32,9 @@ def get(url: str, timeout=10.0):
 
 
 def post(url: str, body, timeout=10.0):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return r.read()
 
@@ -48,7 +49,8 @@ def prepare_base(env, base: Path) -> None:
     (base / "custom_nodes" / PACK_DIR_NAME).symlink_to(ce.ROOT, target_is_directory=True)
     tiny_checkpoint.write(base / "models/checkpoints/tiny_sd15.ckpt")
     tiny_checkpoint.dualanodiff_weights(env.core_weights.DualAnoDiffWeights).save(
-        base / "models/dualanodiff/test_defect.safetensors")
+        base / "models/dualanodiff/test_defect.safetensors"
+    )
     image = Image.new("RGBA", (64, 64), (90, 120, 150, 255))
     image.paste((0, 0, 0, 0), (20, 20, 44, 44))  # transparent = the object, blacked out by BCM
     image.save(base / "input/background.png")
@@ -64,14 +66,28 @@ class Server:
         self.log = base / "server.log"
         self.proc = None
 
-    def start(self, timeout: float = 180.0) -> "Server":
+    def start(self, timeout: float = 180.0) -> Server:
         env_vars = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, str(Path(os.environ["COMFYUI_PATH"]) / "main.py"), "--cpu", "--listen", "127.0.0.1",
-               "--port", str(self.port), "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:",
-               "--disable-api-nodes", "--preview-method", "latent2rgb"]
+        cmd = [
+            sys.executable,
+            str(Path(os.environ["COMFYUI_PATH"]) / "main.py"),
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-directory",
+            str(self.base),
+            "--database-url",
+            "sqlite:///:memory:",
+            "--disable-api-nodes",
+            "--preview-method",
+            "latent2rgb",
+        ]
         self._log = open(self.log, "w")
-        self.proc = subprocess.Popen(cmd, cwd=str(self.base), stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env_vars, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=str(self.base), stdout=self._log, stderr=subprocess.STDOUT, env=env_vars, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -81,8 +97,9 @@ class Server:
                 return self
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s:\n"
-                                       f"{self.log.read_text()[-5000:]}") from None
+                    raise RuntimeError(
+                        f"ComfyUI did not answer within {timeout:.0f} s:\n{self.log.read_text()[-5000:]}"
+                    ) from None
                 time.sleep(0.5)
 
     def stop(self) -> None:
@@ -106,9 +123,11 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             entry = self.get(f"/history/{prompt_id}").get(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None and \
-                    entry["status"].get("status_str") in ("success", "error"):
+            if (
+                entry
+                and entry.get("status", {}).get("completed") is not None
+                and entry["status"].get("status_str") in ("success", "error")
+            ):
                 return entry
             time.sleep(0.3)
-        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n"
-                           f"{self.log.read_text()[-4000:]}")
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log.read_text()[-4000:]}")

@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from anomalib_rules import load_folder, load_mvtec
 
 S = 48
@@ -24,8 +23,19 @@ def _pairs():
     return images, anomaly.clamp(0, 1)
 
 
-MASK_ARGS = dict(gray="median", threshold=0.0, min_contrast=0.1, hysteresis=0.5, blur=1.0, reduce="max",
-                 open_radius=1, close_radius=2, fill_holes=True, min_area=20, dilate=0)
+MASK_ARGS = dict(
+    gray="median",
+    threshold=0.0,
+    min_contrast=0.1,
+    hysteresis=0.5,
+    blur=1.0,
+    reduce="max",
+    open_radius=1,
+    close_radius=2,
+    fill_holes=True,
+    min_area=20,
+    dilate=0,
+)
 
 
 def _mask(env, anomaly, image=None, **kw):
@@ -77,8 +87,7 @@ def test_mask_node_refuses_nan_images_clearly(env):
 
 
 def _save(env, images, anomaly=None, mask=None, hidden=None, **kw):
-    args = dict(dataset="gen", category="bottle", defect="crack", max_area=0.5, max_gray_offset=0.2,
-                keep_rejected=True)
+    args = dict(dataset="gen", category="bottle", defect="crack", max_area=0.5, max_gray_offset=0.2, keep_rejected=True)
     args.update(kw)
     node = env.dataset.SaveDataset.PREPARE_CLASS_CLONE(hidden or {})
     with torch.inference_mode():
@@ -88,9 +97,11 @@ def _save(env, images, anomaly=None, mask=None, hidden=None, **kw):
 def test_save_dataset_writes_an_anomalib_tree_and_appends(env, dirs):
     images, anomaly = _pairs()
     masks, _, _ = _mask(env, anomaly, images)
-    prompt = {"3": {"class_type": "DualAnoDiffSampler", "inputs": {"seed": 42, "steps": 30, "model": ["2", 0]}},
-              "2": {"class_type": "DualAnoDiffLoRALoader", "inputs": {"weights": "w.safetensors"}},
-              "9": {"class_type": "DualAnoDiffSaveDataset", "inputs": {"images": ["3", 0]}}}
+    prompt = {
+        "3": {"class_type": "DualAnoDiffSampler", "inputs": {"seed": 42, "steps": 30, "model": ["2", 0]}},
+        "2": {"class_type": "DualAnoDiffLoRALoader", "inputs": {"weights": "w.safetensors"}},
+        "9": {"class_type": "DualAnoDiffSaveDataset", "inputs": {"images": ["3", 0]}},
+    }
     out = _save(env, images, anomaly, masks, hidden={"PROMPT": prompt, "UNIQUE_ID": "9"})
     root = dirs.output / "gen"
     rows = load_mvtec(root, "bottle")
@@ -98,8 +109,11 @@ def test_save_dataset_writes_an_anomalib_tree_and_appends(env, dirs):
     pairs = load_folder(root / "bottle/test/crack", root / "bottle/ground_truth/crack")
     assert len(pairs) == 2
     records = [json.loads(x) for x in (root / "manifest.jsonl").read_text().splitlines()]
-    assert [(r["index"], r["accepted"], r["reason"]) for r in records] == \
-           [(0, True, "ok"), (1, False, "empty_mask"), (2, True, "ok")]
+    assert [(r["index"], r["accepted"], r["reason"]) for r in records] == [
+        (0, True, "ok"),
+        (1, False, "empty_mask"),
+        (2, True, "ok"),
+    ]
     assert records[0]["seed"] == 42 and records[0]["workflow"]["2"]["inputs"]["weights"] == "w.safetensors"
     assert records[0]["mask_source"] == "MASK input" and records[0]["batch_size"] == 3
     assert (root / "rejected/bottle/crack/0001.png").is_file()
@@ -111,8 +125,10 @@ def test_save_dataset_writes_an_anomalib_tree_and_appends(env, dirs):
     # the node shows the saved images (from ComfyUI's output folder)
     shown = out.ui.as_dict()["images"]
     assert [(s["subfolder"], s["filename"], s["type"]) for s in shown] == [
-        ("gen/bottle/test/crack", "0000.png", "output"), ("gen/rejected/bottle/crack", "0001.png", "output"),
-        ("gen/bottle/test/crack", "0002.png", "output")]
+        ("gen/bottle/test/crack", "0000.png", "output"),
+        ("gen/rejected/bottle/crack", "0001.png", "output"),
+        ("gen/bottle/test/crack", "0002.png", "output"),
+    ]
 
     # a second queue run appends after the existing samples; the anomaly image alone gives the mask
     _save(env, images[:1], anomaly[:1])

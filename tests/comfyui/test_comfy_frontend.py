@@ -11,31 +11,44 @@ import json
 import os
 import time
 
-import pytest
-
 import chromium
 import comfy_env as ce
+import pytest
 from comfy_server import DEFECT_FOLDER
 
 pytestmark = pytest.mark.skipif(
     chromium.find() is None,
     reason="Chromium is not installed (Debian: apt-get install chromium); the frontend test loads the workflows in "
-           "ComfyUI's web page in headless Chromium")
+    "ComfyUI's web page in headless Chromium",
+)
 
 WORKFLOWS = ce.ROOT / "workflows"
 GRAPHS = ["dualanodiff_generate", "dualanodiff_generate_bcm", "dualanodiff_generate_ksampler", "dualanodiff_train"]
-SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
-            "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1}
-SMALL = [("CheckpointLoaderSimple", "ckpt_name", "tiny_sd15.ckpt"),
-         ("DualAnoDiffLoRALoader", "weights", "test_defect.safetensors"),
-         ("DualAnoDiffSampler", "pairs", 1), ("DualAnoDiffSampler", "width", 64),
-         ("DualAnoDiffSampler", "height", 64), ("DualAnoDiffSampler", "steps", 2),
-         ("EmptyLatentImage", "width", 64), ("EmptyLatentImage", "height", 64),
-         ("EmptyLatentImage", "batch_size", 2), ("KSampler", "steps", 2),
-         ("DualAnoDiffTrainer", "folder", DEFECT_FOLDER), ("DualAnoDiffTrainer", "output_name", "frontend_trained"),
-         ("DualAnoDiffTrainer", "steps", 2), ("DualAnoDiffTrainer", "resolution", 64),
-         ("DualAnoDiffTrainer", "batch_size", 1), ("DualAnoDiffTrainer", "rank", 4),
-         ("DualAnoDiffTrainer", "train_text_encoder", False)]
+SETTINGS = {
+    "Comfy.TutorialCompleted": True,
+    "Comfy.Minimap.Visible": False,
+    "Comfy.Graph.CanvasInfo": False,
+    "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1,
+}
+SMALL = [
+    ("CheckpointLoaderSimple", "ckpt_name", "tiny_sd15.ckpt"),
+    ("DualAnoDiffLoRALoader", "weights", "test_defect.safetensors"),
+    ("DualAnoDiffSampler", "pairs", 1),
+    ("DualAnoDiffSampler", "width", 64),
+    ("DualAnoDiffSampler", "height", 64),
+    ("DualAnoDiffSampler", "steps", 2),
+    ("EmptyLatentImage", "width", 64),
+    ("EmptyLatentImage", "height", 64),
+    ("EmptyLatentImage", "batch_size", 2),
+    ("KSampler", "steps", 2),
+    ("DualAnoDiffTrainer", "folder", DEFECT_FOLDER),
+    ("DualAnoDiffTrainer", "output_name", "frontend_trained"),
+    ("DualAnoDiffTrainer", "steps", 2),
+    ("DualAnoDiffTrainer", "resolution", 64),
+    ("DualAnoDiffTrainer", "batch_size", 1),
+    ("DualAnoDiffTrainer", "rank", 4),
+    ("DualAnoDiffTrainer", "train_text_encoder", False),
+]
 THUMB_WIDTH = 1024
 THUMB_ASPECT = 4 / 3
 CANVAS_BG = (34, 34, 34)
@@ -48,8 +61,12 @@ def page(server):
     browser = chromium.Chromium(chromium.find(), width=2400, height=1300)
     try:
         browser.navigate(server.url + "/")
-        browser.wait_for("!!(window.app && window.app.graph && window.LiteGraph && "
-                         "LiteGraph.registered_node_types['DualAnoDiffTrainer'])", 120, "ComfyUI's page and our nodes")
+        browser.wait_for(
+            "!!(window.app && window.app.graph && window.LiteGraph && "
+            "LiteGraph.registered_node_types['DualAnoDiffTrainer'])",
+            120,
+            "ComfyUI's page and our nodes",
+        )
         yield browser
     finally:
         browser.close()
@@ -104,13 +121,15 @@ def test_workflow_loads_in_the_frontend_with_no_missing_nodes_and_runs(server, p
     workflow = json.loads((WORKFLOWS / f"{name}.json").read_text())
     r = _load(page, name)
     assert [n["type"] for n in r["nodes"] if not n["registered"] or n["errors"]] == []
-    assert not any("Nodes Are Missing" in d or "missing" in d.lower() and "node" in d.lower() for d in r["dialogs"]), \
-        r["dialogs"]
+    assert not any("Nodes Are Missing" in d or "missing" in d.lower() and "node" in d.lower() for d in r["dialogs"]), r[
+        "dialogs"
+    ]
     assert len(r["nodes"]) == len(workflow["nodes"]) and r["links"] == len(workflow["links"])
     # the frontend's own UI -> API conversion ("Export (API)") gives exactly our API file
     api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
-    assert {k: (v["class_type"], v["inputs"]) for k, v in r["api"].items()} == \
-           {k: (v["class_type"], v["inputs"]) for k, v in api.items()}
+    assert {k: (v["class_type"], v["inputs"]) for k, v in r["api"].items()} == {
+        k: (v["class_type"], v["inputs"]) for k, v in api.items()
+    }
 
     # screenshot of the graph (what the template browser shows)
     x0, y0, x1, y1 = r["box"]
@@ -148,8 +167,11 @@ def test_workflow_loads_in_the_frontend_with_no_missing_nodes_and_runs(server, p
     (prompt_id,) = new
     entry = server.wait_history(prompt_id, timeout=300)
     assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
-    files = [(i.get("type"), i.get("subfolder", ""), i["filename"]) for out in entry["outputs"].values()
-             for i in out.get("images", [])]
+    files = [
+        (i.get("type"), i.get("subfolder", ""), i["filename"])
+        for out in entry["outputs"].values()
+        for i in out.get("images", [])
+    ]
     assert files
     for kind, sub, filename in files:
         assert (server.base / kind / sub / filename).is_file(), (kind, sub, filename)

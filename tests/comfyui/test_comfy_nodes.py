@@ -3,10 +3,9 @@
 import asyncio
 import logging
 
+import comfy_env as ce
 import pytest
 import torch
-
-import comfy_env as ce
 
 
 @pytest.fixture()
@@ -38,8 +37,21 @@ def _prompts(tiny):
 
 
 def _dual_sample(env, model, pos_g, pos_a, neg, pairs=2, seed=3, latent=None, steps=3, cfg=2.5):
-    kwargs = dict(model=model, positive_global=pos_g, positive_anomaly=pos_a, negative=neg, pairs=pairs, width=32,
-                  height=32, seed=seed, steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal", denoise=1.0)
+    kwargs = dict(
+        model=model,
+        positive_global=pos_g,
+        positive_anomaly=pos_a,
+        negative=neg,
+        pairs=pairs,
+        width=32,
+        height=32,
+        seed=seed,
+        steps=steps,
+        cfg=cfg,
+        sampler_name="euler",
+        scheduler="normal",
+        denoise=1.0,
+    )
     if latent is not None:
         kwargs["latent"] = latent
     return _run(env.sampler.DualSampler, **kwargs)
@@ -48,10 +60,18 @@ def _dual_sample(env, model, pos_g, pos_a, neg, pairs=2, seed=3, latent=None, st
 def test_extension_registers_every_node_with_help(env):
     nodes = asyncio.run(env.extension.DualAnoDiffExtension().get_node_list())
     ids = [n.GET_SCHEMA().node_id for n in nodes]
-    assert ids == ["DualAnoDiffLoRALoader", "DualAnoDiffAttentionPatch", "DualAnoDiffBackgroundCompensate",
-                   "DualAnoDiffSampler", "DualAnoDiffPairConditioning", "DualAnoDiffSplitLatentPairs",
-                   "DualAnoDiffSplitImagePairs", "DualAnoDiffMaskFromAnomalyBranch", "DualAnoDiffSaveDataset",
-                   "DualAnoDiffTrainer"]
+    assert ids == [
+        "DualAnoDiffLoRALoader",
+        "DualAnoDiffAttentionPatch",
+        "DualAnoDiffBackgroundCompensate",
+        "DualAnoDiffSampler",
+        "DualAnoDiffPairConditioning",
+        "DualAnoDiffSplitLatentPairs",
+        "DualAnoDiffSplitImagePairs",
+        "DualAnoDiffMaskFromAnomalyBranch",
+        "DualAnoDiffSaveDataset",
+        "DualAnoDiffTrainer",
+    ]
     for node in nodes:
         schema = node.GET_SCHEMA()
         assert schema.category.startswith("DualAnoDiff/") and len(schema.description) > 40, schema.node_id
@@ -68,9 +88,15 @@ def test_loader_reads_our_format_and_the_reference_format(env, tiny, weights_dir
     model, clip, pg, pa = _loaded(env, tiny, weights_dir, w)
     assert (pg, pa) == ("a vfx with sks", "sks")
     torch.save(w.to_reference(), weights_dir / "pytorch_lora_weights.bin")
-    model_ref, clip_ref, pg_ref, _ = _run(env.loaders.DualLoRALoader, model=tiny.model, clip=tiny.clip,
-                                          weights="pytorch_lora_weights.bin", strength_global=1.0,
-                                          strength_anomaly=1.0, strength_text=1.0)
+    model_ref, clip_ref, pg_ref, _ = _run(
+        env.loaders.DualLoRALoader,
+        model=tiny.model,
+        clip=tiny.clip,
+        weights="pytorch_lora_weights.bin",
+        strength_global=1.0,
+        strength_anomaly=1.0,
+        strength_text=1.0,
+    )
     assert pg_ref == "a vfx with sks"
     g = torch.Generator().manual_seed(0)
     x, t, ctx = torch.randn(4, 4, 8, 8, generator=g), torch.full((4,), 300.0), torch.randn(4, 7, 64, generator=g)
@@ -86,14 +112,30 @@ def test_loader_reads_our_format_and_the_reference_format(env, tiny, weights_dir
 def test_loader_errors_name_the_file_and_the_fix(env, tiny, weights_dir):
     from safetensors.torch import save_file
 
-    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(4, 2)},
-              str(weights_dir / "plain_lora.safetensors"))
+    save_file(
+        {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(4, 2)},
+        str(weights_dir / "plain_lora.safetensors"),
+    )
     with pytest.raises(ValueError, match="LoraLoader"):
-        _run(env.loaders.DualLoRALoader, model=tiny.model, clip=tiny.clip, weights="plain_lora.safetensors",
-             strength_global=1.0, strength_anomaly=1.0, strength_text=1.0)
+        _run(
+            env.loaders.DualLoRALoader,
+            model=tiny.model,
+            clip=tiny.clip,
+            weights="plain_lora.safetensors",
+            strength_global=1.0,
+            strength_anomaly=1.0,
+            strength_text=1.0,
+        )
     with pytest.raises(FileNotFoundError, match="models/dualanodiff"):
-        _run(env.loaders.DualLoRALoader, model=tiny.model, clip=tiny.clip, weights="missing.safetensors",
-             strength_global=1.0, strength_anomaly=1.0, strength_text=1.0)
+        _run(
+            env.loaders.DualLoRALoader,
+            model=tiny.model,
+            clip=tiny.clip,
+            weights="missing.safetensors",
+            strength_global=1.0,
+            strength_anomaly=1.0,
+            strength_text=1.0,
+        )
     names = env.loaders.weight_files()
     assert "plain_lora.safetensors" in names
 
@@ -174,8 +216,15 @@ def test_background_compensation(env, tiny, weights_dir):
     bg2 = torch.rand(1, 32, 32, 3, generator=gen)
 
     def bcm(image, strength=1.0, **kw):
-        (m,) = _run(env.background.BackgroundCompensate, model=model, vae=tiny.vae, background=image,
-                    strength=strength, seed=0, **kw)
+        (m,) = _run(
+            env.background.BackgroundCompensate,
+            model=model,
+            vae=tiny.vae,
+            background=image,
+            strength=strength,
+            seed=0,
+            **kw,
+        )
         return _dual_sample(env, m, *prompts)
 
     off_g, off_a = bcm(bg1, strength=0.0)
@@ -201,20 +250,45 @@ def test_background_errors(env, tiny, weights_dir):
     prompts = _prompts(tiny)
     plain_model, _, _, _ = _loaded(env, tiny, weights_dir, ce.random_weights(env, tiny.model), name="nobcm.safetensors")
     with pytest.raises(ValueError, match="without background compensation"):
-        _run(env.background.BackgroundCompensate, model=plain_model, vae=tiny.vae,
-             background=torch.rand(1, 32, 32, 3), strength=1.0, seed=0)
+        _run(
+            env.background.BackgroundCompensate,
+            model=plain_model,
+            vae=tiny.vae,
+            background=torch.rand(1, 32, 32, 3),
+            strength=1.0,
+            seed=0,
+        )
     model, _, _, _ = _loaded(env, tiny, weights_dir, ce.random_weights(env, tiny.model, bcm=True))
-    (m,) = _run(env.background.BackgroundCompensate, model=model, vae=tiny.vae,
-                background=torch.rand(1, 64, 64, 3), strength=1.0, seed=0)
+    (m,) = _run(
+        env.background.BackgroundCompensate,
+        model=model,
+        vae=tiny.vae,
+        background=torch.rand(1, 64, 64, 3),
+        strength=1.0,
+        seed=0,
+    )
     with pytest.raises(ValueError, match="64x64 pixels but the images being generated are 32x32"):
         _dual_sample(env, m, *prompts)
-    (m3,) = _run(env.background.BackgroundCompensate, model=model, vae=tiny.vae,
-                 background=torch.rand(3, 32, 32, 3), strength=1.0, seed=0)
+    (m3,) = _run(
+        env.background.BackgroundCompensate,
+        model=model,
+        vae=tiny.vae,
+        background=torch.rand(3, 32, 32, 3),
+        strength=1.0,
+        seed=0,
+    )
     with pytest.raises(ValueError, match="3 background images but the batch holds 2 pairs"):
         _dual_sample(env, m3, *prompts, pairs=2)
     with pytest.raises(ValueError, match="same size"):
-        _run(env.background.BackgroundCompensate, model=model, vae=tiny.vae, background=torch.rand(1, 32, 32, 3),
-             strength=1.0, seed=0, object_mask=torch.ones(1, 16, 16))
+        _run(
+            env.background.BackgroundCompensate,
+            model=model,
+            vae=tiny.vae,
+            background=torch.rand(1, 32, 32, 3),
+            strength=1.0,
+            seed=0,
+            object_mask=torch.ones(1, 16, 16),
+        )
 
 
 def test_attention_patch_needs_a_dual_model_and_warns_without_saim(env, tiny, weights_dir, caplog):

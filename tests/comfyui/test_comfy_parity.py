@@ -8,16 +8,16 @@ import json
 import os
 from pathlib import Path
 
+import comfy_env as ce
 import pytest
 import torch
-
-import comfy_env as ce
 
 REFERENCE = os.environ.get("DUALANODIFF_REFERENCE")
 pytestmark = pytest.mark.skipif(
     not REFERENCE and ce.skip_reason() is None,
     reason="DUALANODIFF_REFERENCE is not set: the diffusers reference is built by tests/test_comfyui.py (run "
-           "`python -m pytest tests/test_comfyui.py` in the project's environment)")
+    "`python -m pytest tests/test_comfyui.py` in the project's environment)",
+)
 TOL = 1e-4
 
 
@@ -75,8 +75,11 @@ def test_background_compensation_through_apply_model_matches_diffusers(env, ref,
     x = t["x_cfg"]
     rows = x.shape[0]
     options = dict(m.model_options["transformer_options"])
-    options.update(cond_or_uncond=[1, 0], sigmas=sigma.expand(rows // 2),
-                   wrappers={pe.WrappersMP.APPLY_MODEL: {"dualanodiff": [wrapper]}})
+    options.update(
+        cond_or_uncond=[1, 0],
+        sigmas=sigma.expand(rows // 2),
+        wrappers={pe.WrappersMP.APPLY_MODEL: {"dualanodiff": [wrapper]}},
+    )
     import comfy.ldm.modules.attention as attention
 
     modes = []

@@ -2,10 +2,9 @@
 
 import logging
 
+import comfy_env as ce
 import pytest
 import torch
-
-import comfy_env as ce
 
 
 def _inputs(seed=0, pairs=2, ctx_dim=64):
@@ -127,8 +126,10 @@ def test_stock_lora_patch_still_applies_under_the_object_patch(env, tiny):
     key = f"diffusion_model.{site.ldm}.to_q.weight"
     w_q = tiny.model.model.state_dict()[key]
     g = torch.Generator().manual_seed(5)
-    lora = {f"diffusion_model.{site.ldm}.to_q.lora_up.weight": torch.randn(w_q.shape[0], 2, generator=g),
-            f"diffusion_model.{site.ldm}.to_q.lora_down.weight": torch.randn(2, w_q.shape[1], generator=g)}
+    lora = {
+        f"diffusion_model.{site.ldm}.to_q.lora_up.weight": torch.randn(w_q.shape[0], 2, generator=g),
+        f"diffusion_model.{site.ldm}.to_q.lora_down.weight": torch.randn(2, w_q.shape[1], generator=g),
+    }
     patches = comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(tiny.model.model, {}))
     with_lora = tiny.model.clone()
     assert with_lora.add_patches(patches, 1.0)

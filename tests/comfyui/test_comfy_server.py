@@ -17,22 +17,60 @@ from comfy_server import DEFECT_FOLDER, PACK_DIR_NAME
 
 ROOT = ce.ROOT
 WORKFLOWS = ROOT / "workflows"
-NODE_IDS = ["DualAnoDiffLoRALoader", "DualAnoDiffAttentionPatch", "DualAnoDiffBackgroundCompensate",
-            "DualAnoDiffSampler", "DualAnoDiffPairConditioning", "DualAnoDiffSplitLatentPairs",
-            "DualAnoDiffSplitImagePairs", "DualAnoDiffMaskFromAnomalyBranch", "DualAnoDiffSaveDataset",
-            "DualAnoDiffTrainer"]
+NODE_IDS = [
+    "DualAnoDiffLoRALoader",
+    "DualAnoDiffAttentionPatch",
+    "DualAnoDiffBackgroundCompensate",
+    "DualAnoDiffSampler",
+    "DualAnoDiffPairConditioning",
+    "DualAnoDiffSplitLatentPairs",
+    "DualAnoDiffSplitImagePairs",
+    "DualAnoDiffMaskFromAnomalyBranch",
+    "DualAnoDiffSaveDataset",
+    "DualAnoDiffTrainer",
+]
 GRAPHS = ["dualanodiff_generate", "dualanodiff_generate_bcm", "dualanodiff_generate_ksampler", "dualanodiff_train"]
-SMALL = ["--set", "CheckpointLoaderSimple.ckpt_name=tiny_sd15.ckpt",
-         "--set", "DualAnoDiffLoRALoader.weights=test_defect.safetensors"]
-SMALL_SAMPLER = ["--set", "DualAnoDiffSampler.pairs=2", "--set", "DualAnoDiffSampler.width=64",
-                 "--set", "DualAnoDiffSampler.height=64", "--set", "DualAnoDiffSampler.steps=3"]
+SMALL = [
+    "--set",
+    "CheckpointLoaderSimple.ckpt_name=tiny_sd15.ckpt",
+    "--set",
+    "DualAnoDiffLoRALoader.weights=test_defect.safetensors",
+]
+SMALL_SAMPLER = [
+    "--set",
+    "DualAnoDiffSampler.pairs=2",
+    "--set",
+    "DualAnoDiffSampler.width=64",
+    "--set",
+    "DualAnoDiffSampler.height=64",
+    "--set",
+    "DualAnoDiffSampler.steps=3",
+]
 SMALL_DUAL = SMALL + SMALL_SAMPLER
-SMALL_STOCK = SMALL + ["--set", "EmptyLatentImage.width=64", "--set", "EmptyLatentImage.height=64",
-                       "--set", "EmptyLatentImage.batch_size=4", "--set", "KSampler.steps=3"]
-SMALL_TRAIN = ["--set", "CheckpointLoaderSimple.ckpt_name=tiny_sd15.ckpt",
-               "--set", f"DualAnoDiffTrainer.folder={DEFECT_FOLDER}", "--set", "DualAnoDiffTrainer.resolution=64",
-               "--set", "DualAnoDiffTrainer.batch_size=1", "--set", "DualAnoDiffTrainer.rank=4",
-               "--set", "DualAnoDiffTrainer.learning_rate=0.001"] + SMALL_SAMPLER
+SMALL_STOCK = SMALL + [
+    "--set",
+    "EmptyLatentImage.width=64",
+    "--set",
+    "EmptyLatentImage.height=64",
+    "--set",
+    "EmptyLatentImage.batch_size=4",
+    "--set",
+    "KSampler.steps=3",
+]
+SMALL_TRAIN = [
+    "--set",
+    "CheckpointLoaderSimple.ckpt_name=tiny_sd15.ckpt",
+    "--set",
+    f"DualAnoDiffTrainer.folder={DEFECT_FOLDER}",
+    "--set",
+    "DualAnoDiffTrainer.resolution=64",
+    "--set",
+    "DualAnoDiffTrainer.batch_size=1",
+    "--set",
+    "DualAnoDiffTrainer.rank=4",
+    "--set",
+    "DualAnoDiffTrainer.learning_rate=0.001",
+] + SMALL_SAMPLER
 # the random tiny checkpoint does not draw defects on gray: accept every non-empty mask to exercise the MVTec tree
 ACCEPT_ALL = ["--set", "DualAnoDiffSaveDataset.max_area=1.0", "--set", "DualAnoDiffSaveDataset.max_gray_offset=1.0"]
 
@@ -46,11 +84,23 @@ def _queue_script():
 
 def _queue(server, workflow, *args, expect=0):
     summary = server.base / f"summary_{time.monotonic_ns()}.json"
-    cmd = [sys.executable, str(WORKFLOWS / "queue_batch.py"), str(workflow), "--server", server.address,
-           "--summary", str(summary), "--timeout", "600", *args]
+    cmd = [
+        sys.executable,
+        str(WORKFLOWS / "queue_batch.py"),
+        str(workflow),
+        "--server",
+        server.address,
+        "--summary",
+        str(summary),
+        "--timeout",
+        "600",
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=700)
-    assert proc.returncode == expect, (f"{' '.join(cmd)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}\n"
-                                       f"server log:\n{server.log.read_text()[-4000:]}")
+    assert proc.returncode == expect, (
+        f"{' '.join(cmd)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}\n"
+        f"server log:\n{server.log.read_text()[-4000:]}"
+    )
     return (json.loads(summary.read_text()) if summary.exists() else None), proc
 
 
@@ -84,7 +134,7 @@ def _dataset_saved(server, report, pairs, dataset):
         previews = [o["path"] for o in prompt["outputs"] if o["path"].startswith("temp/")]
         assert len(saved) == pairs and len(previews) == pairs, prompt["outputs"]
         for rel in saved:
-            record = by_image[rel[len(f"output/{dataset}/"):]]
+            record = by_image[rel[len(f"output/{dataset}/") :]]
             for f in record["files"].values():
                 assert (root / f).is_file(), f
             assert record["workflow"] and record["seed"] == prompt["seed"]
@@ -126,21 +176,32 @@ def test_ui_workflows_have_no_missing_nodes_and_match_the_api_files(server):
             specs = list(qb._input_specs(info[node["type"]]))
             widgets = sum(1 + qb._extra_widget_slots(s, n) for n, s in specs if qb._is_widget(s))
             assert len(node.get("widgets_values", [])) == widgets, (name, node["type"])
-            for slot, inp in enumerate(node.get("inputs", [])):
+            for inp in node.get("inputs", []):
                 names = [n for n, _ in specs]
                 assert inp["name"] in names, (name, node["type"], inp["name"])
-        for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
+        for link_id, src, src_slot, _dst, _dst_slot, kind in ui["links"]:
             src_type = next(n["type"] for n in ui["nodes"] if n["id"] == src)
             assert info[src_type]["output"][src_slot] == kind, (name, link_id)
         api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
         converted = qb.ui_to_api(ui, info)
-        assert {k: (v["class_type"], v["inputs"]) for k, v in converted.items()} == \
-               {k: (v["class_type"], v["inputs"]) for k, v in api.items()}, name
+        assert {k: (v["class_type"], v["inputs"]) for k, v in converted.items()} == {
+            k: (v["class_type"], v["inputs"]) for k, v in api.items()
+        }, name
 
 
 def test_generate_workflow_mask_and_dataset_over_the_api(server):
-    report, proc = _queue(server, WORKFLOWS / "api/dualanodiff_generate.json", "--count", "2", "--seed", "100",
-                          *SMALL_DUAL, *ACCEPT_ALL, "--set", "DualAnoDiffSaveDataset.dataset=api_generate")
+    report, proc = _queue(
+        server,
+        WORKFLOWS / "api/dualanodiff_generate.json",
+        "--count",
+        "2",
+        "--seed",
+        "100",
+        *SMALL_DUAL,
+        *ACCEPT_ALL,
+        "--set",
+        "DualAnoDiffSaveDataset.dataset=api_generate",
+    )
     assert [p["seed"] for p in report["prompts"]] == [100, 101]
     root, records = _dataset_saved(server, report, pairs=2, dataset="api_generate")
     assert [r["index"] for r in records] == [0, 1, 2, 3]  # the second prompt appended after the first
@@ -149,14 +210,29 @@ def test_generate_workflow_mask_and_dataset_over_the_api(server):
     assert len(load_mvtec(root, "my_object")) == len(accepted)  # what anomalib's MVTec loader would read
     assert "step 3/3" in proc.stderr  # progress followed over the websocket
     # the same dataset with another filter setting is refused with a clear error, and the server carries on
-    report, _ = _queue(server, WORKFLOWS / "api/dualanodiff_generate.json", "--seed", "102", *SMALL_DUAL,
-                       "--set", "DualAnoDiffSaveDataset.dataset=api_generate", expect=1)
+    report, _ = _queue(
+        server,
+        WORKFLOWS / "api/dualanodiff_generate.json",
+        "--seed",
+        "102",
+        *SMALL_DUAL,
+        "--set",
+        "DualAnoDiffSaveDataset.dataset=api_generate",
+        expect=1,
+    )
     assert "other settings" in report["prompts"][0]["error"]
 
 
 def test_generate_with_background_compensation_over_the_api(server):
-    report, _ = _queue(server, WORKFLOWS / "api/dualanodiff_generate_bcm.json", "--seed", "7", *SMALL_DUAL,
-                       "--set", "DualAnoDiffSaveDataset.dataset=api_bcm")
+    report, _ = _queue(
+        server,
+        WORKFLOWS / "api/dualanodiff_generate_bcm.json",
+        "--seed",
+        "7",
+        *SMALL_DUAL,
+        "--set",
+        "DualAnoDiffSaveDataset.dataset=api_bcm",
+    )
     _dataset_saved(server, report, pairs=2, dataset="api_bcm")
 
 
@@ -166,8 +242,18 @@ def test_stock_ksampler_workflow_over_the_api(server):
 
 
 def test_ui_workflow_is_queued_directly_by_polling(server, tmp_path):
-    report, _ = _queue(server, WORKFLOWS / "dualanodiff_generate.json", "--seeds", "55", "--poll",
-                       "--download", str(tmp_path), *SMALL_DUAL, "--set", "DualAnoDiffSaveDataset.dataset=api_ui")
+    report, _ = _queue(
+        server,
+        WORKFLOWS / "dualanodiff_generate.json",
+        "--seeds",
+        "55",
+        "--poll",
+        "--download",
+        str(tmp_path),
+        *SMALL_DUAL,
+        "--set",
+        "DualAnoDiffSaveDataset.dataset=api_ui",
+    )
     _dataset_saved(server, report, pairs=2, dataset="api_ui")
     for out in report["prompts"][0]["outputs"]:
         if out["path"].startswith("output/"):
@@ -175,9 +261,17 @@ def test_ui_workflow_is_queued_directly_by_polling(server, tmp_path):
 
 
 def test_train_workflow_over_the_api(server):
-    report, proc = _queue(server, WORKFLOWS / "api/dualanodiff_train.json", *SMALL_TRAIN,
-                          "--set", "DualAnoDiffTrainer.steps=2", "--set", "DualAnoDiffTrainer.output_name=api_trained",
-                          "--set", "DualAnoDiffTrainer.checkpoint_every=1")
+    report, proc = _queue(
+        server,
+        WORKFLOWS / "api/dualanodiff_train.json",
+        *SMALL_TRAIN,
+        "--set",
+        "DualAnoDiffTrainer.steps=2",
+        "--set",
+        "DualAnoDiffTrainer.output_name=api_trained",
+        "--set",
+        "DualAnoDiffTrainer.checkpoint_every=1",
+    )
     prompt = report["prompts"][0]
     assert prompt["status"] == "success", prompt
     models = server.base / "models" / "dualanodiff"
@@ -186,8 +280,12 @@ def test_train_workflow_over_the_api(server):
     assert w.has_text and w.has_saim and w.metadata["trained_steps"] == "2"
     assert "tiny_sd15.ckpt" in w.metadata["base_model"]
     ckpts = sorted(p.name for p in (models / "api_trained_train" / "checkpoints").iterdir())
-    assert ckpts == ["checkpoint-000001.pt", "checkpoint-000001.safetensors", "checkpoint-000002.pt",
-                     "checkpoint-000002.safetensors"]
+    assert ckpts == [
+        "checkpoint-000001.pt",
+        "checkpoint-000001.safetensors",
+        "checkpoint-000002.pt",
+        "checkpoint-000002.safetensors",
+    ]
     assert (models / "api_trained_train" / "loss.png").is_file()
     previews = [o for o in prompt["outputs"] if o["path"].startswith("temp/")]
     assert len(previews) == 1 + 2  # the loss curve on the trainer node and the mask overlays of the 2 pairs
@@ -200,9 +298,16 @@ def test_train_workflow_over_the_api(server):
 def test_cancel_stops_training_with_a_checkpoint_and_resume_finishes(server):
     qb = _queue_script()
     prompt = json.loads((WORKFLOWS / "api/dualanodiff_train.json").read_text())
-    prompt = qb.apply_overrides(prompt, [a for a in SMALL_TRAIN if a != "--set"] + [
-        "DualAnoDiffTrainer.steps=100000", "DualAnoDiffTrainer.output_name=api_cancel",
-        "DualAnoDiffTrainer.checkpoint_every=0", "DualAnoDiffTrainer.train_text_encoder=false"])
+    prompt = qb.apply_overrides(
+        prompt,
+        [a for a in SMALL_TRAIN if a != "--set"]
+        + [
+            "DualAnoDiffTrainer.steps=100000",
+            "DualAnoDiffTrainer.output_name=api_cancel",
+            "DualAnoDiffTrainer.checkpoint_every=0",
+            "DualAnoDiffTrainer.train_text_encoder=false",
+        ],
+    )
     work = server.base / "models" / "dualanodiff" / "api_cancel_train"
     answer = json.loads(server.post("/prompt", {"prompt": prompt}))
     deadline = time.monotonic() + 120
@@ -224,7 +329,8 @@ def test_cancel_stops_training_with_a_checkpoint_and_resume_finishes(server):
     entry = server.wait_history(answer["prompt_id"], timeout=300)
     assert entry["status"]["status_str"] == "success", entry["status"]
     w = importlib.import_module(f"{ce.PACK}.dualanodiff_core.weights").DualAnoDiffWeights.load(
-        server.base / "models" / "dualanodiff" / "api_cancel.safetensors")
+        server.base / "models" / "dualanodiff" / "api_cancel.safetensors"
+    )
     assert w.metadata["trained_steps"] == str(step + 1)
 
 
@@ -235,13 +341,31 @@ def test_a_bad_batch_fails_clearly_and_the_server_survives(server):
     error = report["prompts"][0]["error"]
     assert error.startswith("node 9 (KSampler): LayoutError:") and "whole (global, anomaly) pairs" in error, error
     assert "DualAnoDiff Sampler" in error and "batch_size = 2 x pairs" in error, error
-    _, proc = _queue(server, WORKFLOWS / "api/dualanodiff_generate.json", *SMALL_DUAL,
-                     "--set", "DualAnoDiffLoRALoader.weights=nope.safetensors", expect=2)
+    _, proc = _queue(
+        server,
+        WORKFLOWS / "api/dualanodiff_generate.json",
+        *SMALL_DUAL,
+        "--set",
+        "DualAnoDiffLoRALoader.weights=nope.safetensors",
+        expect=2,
+    )
     assert "nope.safetensors" in proc.stderr and "not in models/dualanodiff" in proc.stderr
-    _, proc = _queue(server, WORKFLOWS / "api/dualanodiff_generate.json", *SMALL_DUAL,
-                     "--set", "DualAnoDiffSampler.sampler_name=nope", expect=2)
+    _, proc = _queue(
+        server,
+        WORKFLOWS / "api/dualanodiff_generate.json",
+        *SMALL_DUAL,
+        "--set",
+        "DualAnoDiffSampler.sampler_name=nope",
+        expect=2,
+    )
     assert "unknown sampler 'nope'" in proc.stderr
-    _, proc = _queue(server, WORKFLOWS / "api/dualanodiff_train.json", *SMALL_TRAIN,
-                     "--set", "DualAnoDiffTrainer.folder=no_such_folder", expect=2)
+    _, proc = _queue(
+        server,
+        WORKFLOWS / "api/dualanodiff_train.json",
+        *SMALL_TRAIN,
+        "--set",
+        "DualAnoDiffTrainer.folder=no_such_folder",
+        expect=2,
+    )
     assert "no_such_folder" in proc.stderr and "does not exist" in proc.stderr
     assert server.get("/system_stats")["system"]

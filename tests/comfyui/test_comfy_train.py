@@ -1,10 +1,9 @@
 """Training inside ComfyUI on tiny in-process models: the backbone under inference mode, learning, the text-encoder
 LoRA's gradient, interrupt + resume through the node, and the written weights loading and generating."""
 
+import comfy_env as ce
 import pytest
 import torch
-
-import comfy_env as ce
 from defect_data import make_flat
 
 RES = 32  # 32 px images -> 4x4 latents with TAESD
@@ -20,8 +19,16 @@ def _inference_models():
 
 
 def _config(env, model, **kw):
-    base = dict(steps=4, batch_size=2, learning_rate=5e-3, rank=4, resolution=RES, checkpoint_every=0,
-                keep_checkpoints=0, precision=env.comfy_train.plan_precision(model)[1])
+    base = dict(
+        steps=4,
+        batch_size=2,
+        learning_rate=5e-3,
+        rank=4,
+        resolution=RES,
+        checkpoint_every=0,
+        keep_checkpoints=0,
+        precision=env.comfy_train.plan_precision(model)[1],
+    )
     base.update(kw)
     return env.core_train.TrainConfig(**base)
 
@@ -37,9 +44,22 @@ def data_root(tmp_path_factory):
 
 
 def _train_node(env, hidden_id="9", **kw):
-    args = dict(folder="toy", defect="", output_name="toy", steps=4, learning_rate=5e-3, rank=4, batch_size=2,
-                resolution=RES, seed=3, resume=True, train_text_encoder=True, bcm=False, split="all",
-                checkpoint_every=0)
+    args = dict(
+        folder="toy",
+        defect="",
+        output_name="toy",
+        steps=4,
+        learning_rate=5e-3,
+        rank=4,
+        batch_size=2,
+        resolution=RES,
+        seed=3,
+        resume=True,
+        train_text_encoder=True,
+        bcm=False,
+        split="all",
+        checkpoint_every=0,
+    )
     args.update(kw)
     node = env.train.DualAnoDiffTrainer.PREPARE_CLASS_CLONE({"UNIQUE_ID": hidden_id})
     with torch.inference_mode():
@@ -188,12 +208,14 @@ def test_trainer_node_interrupt_leaves_a_checkpoint_and_resume_continues(env, di
 def test_trained_weights_load_in_the_loader_and_generate(env, dirs):
     make_flat(dirs.input / "toy2", n=2, size=RES)
     m, c, v = _inference_models()
-    model_out, clip_out, name, _ = _train_node(env, model=m, clip=c, vae=v, folder="toy2", output_name="gen",
-                                               steps=2, train_text_encoder=True).result
+    model_out, clip_out, name, _ = _train_node(
+        env, model=m, clip=c, vae=v, folder="toy2", output_name="gen", steps=2, train_text_encoder=True
+    ).result
     assert name in env.loaders.weight_files()
     with torch.inference_mode():
         loaded, clip_l, pg, pa = env.loaders.DualLoRALoader.execute(
-            model=m, clip=c, weights=name, strength_global=1.0, strength_anomaly=1.0, strength_text=1.0).result
+            model=m, clip=c, weights=name, strength_global=1.0, strength_anomaly=1.0, strength_text=1.0
+        ).result
     assert (pg, pa) == ("a vfx with sks", "sks")
     x, t = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(1)), torch.full((4,), 500.0)
     ctx = torch.cat([ce.encode(clip_l, "a vfx with sks")[0][0], ce.encode(clip_l, "sks")[0][0]]).repeat(2, 1, 1)
@@ -202,8 +224,20 @@ def test_trained_weights_load_in_the_loader_and_generate(env, dirs):
     pos_g, pos_a, neg = ce.encode(clip_l, "a vfx with sks"), ce.encode(clip_l, "sks"), ce.encode(clip_l, "")
     with torch.inference_mode():
         g, a = env.sampler.DualSampler.execute(
-            model=loaded, positive_global=pos_g, positive_anomaly=pos_a, negative=neg, pairs=1, width=RES,
-            height=RES, seed=0, steps=2, cfg=2.5, sampler_name="euler", scheduler="normal", denoise=1.0).result
+            model=loaded,
+            positive_global=pos_g,
+            positive_anomaly=pos_a,
+            negative=neg,
+            pairs=1,
+            width=RES,
+            height=RES,
+            seed=0,
+            steps=2,
+            cfg=2.5,
+            sampler_name="euler",
+            scheduler="normal",
+            denoise=1.0,
+        ).result
         images = v.decode(torch.cat([g["samples"], a["samples"]]))
     assert images.shape == (2, RES, RES, 3) and torch.isfinite(images).all()
 

@@ -15,10 +15,25 @@ import torch
 
 #: model_channels 320, context 768 (SD1.5 detection), one level, one res block: a 25.8 M-parameter UNet
 UNET_CONFIG = dict(
-    image_size=32, use_spatial_transformer=True, legacy=False, use_checkpoint=False, in_channels=4, out_channels=4,
-    model_channels=320, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
-    transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False, adm_in_channels=None,
-    use_temporal_attention=False, use_temporal_resblock=False, num_heads=8, num_head_channels=-1,
+    image_size=32,
+    use_spatial_transformer=True,
+    legacy=False,
+    use_checkpoint=False,
+    in_channels=4,
+    out_channels=4,
+    model_channels=320,
+    num_res_blocks=[1],
+    channel_mult=[1],
+    transformer_depth=[1],
+    transformer_depth_output=[1, 1],
+    transformer_depth_middle=1,
+    context_dim=768,
+    use_linear_in_transformer=False,
+    adm_in_channels=None,
+    use_temporal_attention=False,
+    use_temporal_resblock=False,
+    num_heads=8,
+    num_head_channels=-1,
 )
 _ROW_STRIDE = 7
 
@@ -31,8 +46,9 @@ def _shapes() -> dict[str, tuple]:
     import comfy.taesd.taesd
 
     with torch.device("meta"):
-        unet = openaimodel.UNetModel(**UNET_CONFIG, dtype=torch.float16, device="meta",
-                                     operations=comfy.ops.disable_weight_init)
+        unet = openaimodel.UNetModel(
+            **UNET_CONFIG, dtype=torch.float16, device="meta", operations=comfy.ops.disable_weight_init
+        )
         clip = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float16)
         taesd = comfy.taesd.taesd.TAESD()
     shapes = {f"model.diffusion_model.{k}": tuple(v.shape) for k, v in unet.state_dict().items()}
@@ -64,7 +80,7 @@ def state_dict(seed: int = 0, dtype=torch.float16) -> dict[str, torch.Tensor]:
             plan[key] = ("const", 0.0)
         else:
             fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
-            std = 0.02 if "embedding" in key else round(min(0.1, fan_in ** -0.5), 4)
+            std = 0.02 if "embedding" in key else round(min(0.1, fan_in**-0.5), 4)
             rest = math.prod(shape[1:])
             size = _ROW_STRIDE * (shape[0] - 1) + rest
             need[std] = max(need.get(std, 0), size)
@@ -76,7 +92,7 @@ def state_dict(seed: int = 0, dtype=torch.float16) -> dict[str, torch.Tensor]:
         if kind == "const":
             sd[key] = (one if value == 1.0 else zero).expand(shape) if shape else (one if value == 1.0 else zero)[0]
         else:
-            inner = [math.prod(shape[i + 1:]) for i in range(1, len(shape))]
+            inner = [math.prod(shape[i + 1 :]) for i in range(1, len(shape))]
             sd[key] = pools[value].as_strided(shape, (_ROW_STRIDE, *inner))
     return sd
 
