@@ -27,10 +27,10 @@ from ..method.attention import (
     DualControl,
     LoRALinear,
     attention_dims,
-    clear_fast_cache,
     dual_branch_attention,
     run_with_background,
 )
+from ..method.fused import clear_fast_cache
 from ..method.weights import (
     DEFAULT_PROMPT_ANOMALY,
     DEFAULT_PROMPT_GLOBAL,
