@@ -31,6 +31,7 @@ import comfy.utils
 import torch
 from torch import nn
 
+from ..dualanodiff_core import errors
 from ..dualanodiff_core.method.attention import (
     MODE_DUAL,
     MODE_RECORD,
@@ -68,8 +69,9 @@ def warn_once(key, message: str, *args) -> None:
         log.warning(message, *args)
 
 
-class DualAnoDiffError(ValueError):
-    """A MODEL, CLIP or input that DualAnoDiff cannot work with (the message says what to do)."""
+class DualAnoDiffError(errors.DualAnoDiffError, ValueError):
+    """A MODEL, CLIP or input that DualAnoDiff cannot work with (the message says what to do); the nodes' subclass of
+    the core's root error."""
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..dualanodiff_core.dataset.acceptance import FilterOptions
-from ..dualanodiff_core.dataset.export import DatasetError, check_name
+from ..dualanodiff_core.dataset.export import check_name
+from ..dualanodiff_core.errors import DualAnoDiffError
 from .dataset_io import dataset_dir, save_pairs, upstream_settings
 
 log = logging.getLogger("DualAnoDiff")
@@ -102,7 +103,7 @@ class SaveDataset(io.ComfyNode):
                 check_name(category, "category")
             if isinstance(defect, str):
                 check_name(defect, "defect")
-        except DatasetError as e:
+        except DualAnoDiffError as e:
             return str(e)
         return True
 

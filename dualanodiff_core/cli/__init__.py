@@ -11,6 +11,8 @@ import importlib
 import importlib.util
 import sys
 
+from ..errors import DualAnoDiffError
+
 #: sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("dualanodiff_core.cli.inspect", "show what a weights file holds; convert or export it"),
@@ -62,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # user mistakes: one clear line, no traceback
+    except (DualAnoDiffError, ValueError, FileNotFoundError, FileExistsError) as e:
+        # user mistakes (and a training run that cannot go on): one clear line, no traceback
         print(f"dualanodiff {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
 
 
 if __name__ == "__main__":

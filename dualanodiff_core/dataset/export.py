@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..errors import DualAnoDiffError
 from ..fileio import save_image_atomic, write_text_atomic
 from .acceptance import FilterDecision
 from .masks import MaskResult, erode, mask_to_pil
@@ -49,7 +50,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
-class DatasetError(ValueError):
+class DatasetError(DualAnoDiffError, ValueError):
     """The output folder or a name cannot be used as asked."""
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import DualAnoDiffError
 from ..fileio import atomic_path
 
 FORMAT = "dualanodiff"
@@ -53,7 +54,7 @@ _PARAM_RE = re.compile(
 )
 
 
-class WeightsError(ValueError):
+class WeightsError(DualAnoDiffError, ValueError):
     """A weights file cannot be read or does not fit the model."""
 
 

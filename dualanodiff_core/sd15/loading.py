@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
+from ..errors import DualAnoDiffError
+
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(DualAnoDiffError, ValueError):
     """A base model folder is missing or incomplete."""
 
 

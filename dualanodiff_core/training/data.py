@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from ..errors import DualAnoDiffError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 #: operating-system clutter that is skipped silently (besides dot-files)
 IGNORED_FILES = frozenset({"thumbs.db", "desktop.ini"})
@@ -65,7 +67,7 @@ FLIPS = ("hv", "h", "v", "none")
 CROPS = ("center", "random", "stretch")
 
 
-class DataError(ValueError):
+class DataError(DualAnoDiffError, ValueError):
     """The training data cannot be used as it is; the message names the file and the fix."""
 
 

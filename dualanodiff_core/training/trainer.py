@@ -45,6 +45,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from ..errors import DualAnoDiffError
 from ..fileio import atomic_path, save_image_atomic, write_json_atomic, write_text_atomic
 from ..method import layout
 from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL, DualAnoDiffWeights
@@ -58,11 +59,11 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "checkpoint_weights")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(DualAnoDiffError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message says which checkpoint is the last good one."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DualAnoDiffError, ValueError):
     """A checkpoint cannot be used to resume this run (wrong file, different settings or data)."""
 
 
