@@ -27,7 +27,6 @@ Command (the shipped weights were made with it; see readme_parts/minidefect.md f
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import shutil
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..fileio import write_json_atomic
+from ..fileio import sha256_file, write_json_atomic
 from . import procedural as md
 
 #: the architecture of the shipped model (SD1.x block types, narrow)
@@ -441,7 +440,7 @@ def save_model(folder: Path, vae, unet, text, tokenizer, record: dict) -> None:
     files = {}
     for p in sorted(tmp.rglob("*")):
         if p.is_file() and p.name != "pretrain.json":
-            files[str(p.relative_to(tmp))] = hashlib.sha256(p.read_bytes()).hexdigest()
+            files[str(p.relative_to(tmp))] = sha256_file(p)
     write_json_atomic(tmp / "pretrain.json", dict(record, sha256=files))
     if folder.exists():
         shutil.rmtree(folder)

@@ -309,12 +309,9 @@ class DualResult:
     anomaly_latents: torch.Tensor
 
     def to_pil(self):
-        from ..imageutil import tensor_to_pil
+        from ..fileio import tensor_to_pil
 
         return tensor_to_pil(self.global_images), tensor_to_pil(self.anomaly_images)
-
-
-NoiseSource = "torch.Generator | torch.Tensor | Callable[[int, tuple], torch.Tensor] | None"
 
 
 def _noise_fn(source, shape, device, dtype, seed_fallback: int | None):
