@@ -1,4 +1,4 @@
-"""A small reader that follows anomalib's rules for the MVTec AD and Folder layouts (ECOSYSTEM.md §B), to check that
+"""A small reader that follows anomalib's rules for the MVTec AD and Folder layouts, to check that
 what we export is read unchanged. Written from the documented behaviour, independent of our export code:
 
 * MVTec: every ``.png``/``.PNG`` under ``root/<category>`` counts; ``(split, label, file)`` are the last three path

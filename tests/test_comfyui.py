@@ -1,6 +1,6 @@
 """Runs the ComfyUI tests (tests/comfyui/) in ComfyUI's own interpreter.
 
-ComfyUI has its own environment (COMFYUI_PYTHON, e.g. the venv ../shared/tools/comfyui-setup creates) and the
+ComfyUI has its own environment (COMFYUI_PYTHON, a venv with ComfyUI's requirements) and the
 project's environment has no ComfyUI, so this test starts ``$COMFYUI_PYTHON -m pytest tests/comfyui`` in a
 subprocess and asserts that every test there passed (none skipped). Before that it builds, here, where diffusers is
 installed, the reference the ComfyUI forward is compared with: a tiny diffusers UNet with DualAnoDiff weights and

@@ -29,7 +29,8 @@ from .acceptance import FilterOptions, check_pair
 from .export import DatasetWriter, ExportSample, check_name, digits_for
 from .masks import MaskOptions, extract_mask
 
-#: reference defaults (METHOD.md §3.1): dual model PNDM / 100 steps / CFG 2.5; the BCM reference uses 50 / 2.0
+#: reference defaults (docs/method.md, "Inference"): dual model PNDM / 100 steps / CFG 2.5; the BCM reference uses
+#: 50 / 2.0
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_CFG = "pndm", 100, 2.5
 BCM_REFERENCE_STEPS, BCM_REFERENCE_CFG = 50, 2.0
 DEFAULT_SWITCH_EVERY = 50  # the reference switches the BCM background every 50 samples (10 for screw)

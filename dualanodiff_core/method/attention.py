@@ -1,7 +1,8 @@
 """DualBranchAttention: the per-layer part of DualAnoDiff.
 
 One object per attention layer (self-attention ``attn1`` and cross-attention ``attn2`` of every transformer block)
-holds, exactly as the reference ``LoRAAttnProcessor2_0`` does (METHOD.md §1.2-1.4):
+holds, exactly as the reference ``LoRAAttnProcessor2_0`` does (docs/method.md: "Per-branch LoRA", "SAIM: cross-branch
+attention", "BCM: background compensation"):
 
 * a LoRA per branch on ``to_q``, ``to_k``, ``to_v`` and ``to_out[0]`` (``to_q_lora.{0,1}`` ...), rank r, scale
   alpha/r; index 0 is the global branch, 1 the anomaly branch;

@@ -19,7 +19,7 @@ Two stages, both on CPU, seeded, deterministic on the same machine and software 
    "woven fabric" with optional colour/brightness words ("red woven fabric", "dark brushed metal"), 10 % empty
    captions (for classifier-free guidance), AdamW with warm-up and cosine decay, an EMA of the weights (saved).
 
-Command (the shipped weights were made with it; see readme_parts/minidefect.md for the time it took)::
+Command (the shipped weights were made with it; the MiniDefect page in docs/ says how long it took)::
 
     OMP_NUM_THREADS=1 python scripts/pretrain_minidefect.py --out dualanodiff_core/assets/minidefect-sd
 """

@@ -474,7 +474,8 @@ class DualAnoDiffPipeline:
         """Sample ``n_pairs`` pairs.
 
         ``background``: images ``[1 or N, 3, H, W]`` in [-1, 1] (normal product images with the object blacked out,
-        METHOD.md §1.4) turn on BCM; the unconditional half uses a mid-gray background. ``bcm_noise``: a generator,
+        docs/method.md, "BCM: background compensation") turn on BCM; the unconditional half uses a mid-gray
+        background. ``bcm_noise``: a generator,
         a tensor reused every call, or ``callable(call_index, shape)``; defaults to a generator seeded from ``seed``.
         """
         if n_pairs < 1:

@@ -17,7 +17,8 @@ side-by-side folders may hold ``x_object.png`` beside ``x.png``.
 **Object masks** (white = the object, black = background) are only needed for BCM training: the background of every
 training image is that image with its object blacked out
 (:func:`dualanodiff_core.training.backgrounds.make_background`),
-exactly as the reference builds it from U2-Net masks (METHOD.md §1.4). For MVTec data pass a folder holding
+exactly as the reference builds it from U2-Net masks (docs/method.md, "BCM: background compensation"). For MVTec data
+pass a folder holding
 ``<stem>.png`` (or ``<stem>_mask.png``) per defect image.
 
 Everything is sorted by file name (plain string order, like Python's ``sorted``), so splits and training order are
@@ -28,7 +29,7 @@ Training views (:class:`DefectDataset`): the image is resized so its shorter sid
 then cropped to a square (``center``; ``random``, the reference's RandomCrop, restricted to windows that keep part of
 the defect; or ``stretch``: resized to a square ignoring the aspect ratio), then flipped at random (horizontal and
 vertical, p = 0.5 each, the same flip for the image, its mask and its background). The anomaly-branch target is
-``image * mask`` computed in [-1, 1], i.e. the defect on mid-gray (METHOD.md §2.1).
+``image * mask`` computed in [-1, 1], i.e. the defect on mid-gray (docs/method.md, "Training").
 """
 
 from __future__ import annotations
@@ -489,7 +490,8 @@ def check_defect_set(ds: DefectSet, backgrounds: bool = False) -> None:
 
 
 def anomaly_target(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """The anomaly-branch image: ``image * mask`` in [-1, 1], i.e. the defect on mid-gray (METHOD.md §2.1)."""
+    """The anomaly-branch image: ``image * mask`` in [-1, 1], i.e. the defect on mid-gray (docs/method.md,
+    "Training")."""
     return images * masks.to(images.dtype)
 
 

@@ -3,7 +3,7 @@
 ``skip_reason()`` says why these tests cannot run here (checked without importing ComfyUI); ``setup()`` imports
 ComfyUI from ``COMFYUI_PATH`` in CPU mode and loads this checkout as a ComfyUI pack package (the way ComfyUI's
 loader does: a package whose ``nodes``/``dualanodiff_core`` subpackages import each other relatively).
-Tiny models follow COMFYUI.md §6.2 recipe A: built in Python, no detection, no files.
+Tiny models are built in Python, no detection, no files.
 """
 
 from __future__ import annotations

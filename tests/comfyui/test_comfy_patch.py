@@ -1,4 +1,4 @@
-"""The object-patch mechanism on a tiny in-process ComfyUI model (COMFYUI.md §2-4)."""
+"""The object-patch mechanism on a tiny in-process ComfyUI model."""
 
 import logging
 
