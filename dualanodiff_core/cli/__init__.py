@@ -1,7 +1,8 @@
 """``dualanodiff`` command line: one sub-command per module.
 
-Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``; they are imported only when used,
-so ``dualanodiff --help`` stays fast.
+Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``. The command modules import the
+heavy parts (torch, the pipeline, the trainer) inside ``run`` and ``add_arguments``, so that ``dualanodiff --help``
+and a mistyped option answer at once.
 """
 
 from __future__ import annotations

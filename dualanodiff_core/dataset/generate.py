@@ -24,6 +24,8 @@ from PIL import Image
 
 from .. import __version__
 from ..fileio import IMAGE_SUFFIXES, pil_to_tensor, sha256_file, tensor_to_pil
+from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL
+from ..sd15.scheduler import SAMPLERS
 from ..training.backgrounds import make_background
 from .acceptance import FilterOptions, check_pair
 from .export import DatasetWriter, ExportSample, check_name, digits_for
@@ -60,7 +62,6 @@ class SamplingOptions:
     text_strength: float = 1.0
 
     def __post_init__(self):
-        from ..sd15.pipeline import SAMPLERS
 
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
@@ -423,7 +424,6 @@ def _run(
         raise ValueError(f"--size {W}x{H}: height and width must be multiples of {f} for this model")
     channels = pipe.unet.config.in_channels
     meta = getattr(pipe, "metadata", {}) or {}
-    from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL
 
     prompt_g = sampling.prompt_global
     if prompt_g is None:

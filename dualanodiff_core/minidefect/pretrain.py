@@ -40,7 +40,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..fileio import sha256_file, write_json_atomic
+from ..sd15.scheduler import SD15_SCHEDULER_CONFIG, make_scheduler
+from ..sd15.text import encode_prompts
 from . import procedural as md
+from .tiny import tiny_tokenizer, write_tokenizer_files
 
 #: the architecture of the shipped model (SD1.x block types, narrow)
 VAE_CONFIG = dict(
@@ -194,8 +197,6 @@ def build_models(seed: int = 0):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .tiny import tiny_tokenizer
-
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     vae = AutoencoderKL(**VAE_CONFIG)
@@ -287,8 +288,6 @@ def train_unet(unet, text, tokenizer, means, stds, captions_fn, config: Pretrain
     dev = means.device
     from diffusers import DDPMScheduler
 
-    from ..sd15.pipeline import SD15_SCHEDULER_CONFIG
-
     sched = DDPMScheduler.from_config({k: v for k, v in SD15_SCHEDULER_CONFIG.items() if k != "skip_prk_steps"})
     abar = sched.alphas_cumprod.float().to(dev)
     snr = abar / (1 - abar)
@@ -360,7 +359,6 @@ def sample_base(
     size: int = 64,
 ) -> torch.Tensor:
     """Plain classifier-free-guided text-to-image sampling; images ``[N, 3, H, W]`` in [0, 1]."""
-    from ..sd15.pipeline import SD15_SCHEDULER_CONFIG, encode_prompts, make_scheduler
 
     sched = make_scheduler(sampler, SD15_SCHEDULER_CONFIG)
     sched.set_timesteps(steps)
@@ -410,9 +408,6 @@ GRID_PROMPTS = (
 def save_model(folder: Path, vae, unet, text, tokenizer, record: dict) -> None:
     """A diffusers Stable Diffusion folder (fp32 safetensors) + ``pretrain.json`` (how it was made)."""
     from diffusers import PNDMScheduler
-
-    from ..sd15.pipeline import SD15_SCHEDULER_CONFIG
-    from .tiny import write_tokenizer_files
 
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():

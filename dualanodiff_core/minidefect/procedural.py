@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..dataset.masks import MaskOptions
 from ..fileio import save_image_atomic, sha256_file, write_json_atomic
 
 FORMAT_VERSION = 1
@@ -478,7 +479,6 @@ def mask_options(**changes):
     metal defect drawn on the anomaly branch's mid-gray differs from it only a little). On ideal anomaly-branch
     images (the real defect pasted on mid-gray) they recover the true masks with IoU 0.87-0.99 per defect type,
     the core defaults with 0.33-0.99."""
-    from ..dataset.masks import MaskOptions
 
     return MaskOptions(blur_sigma=0.5, open_radius=0, close_radius=1, min_area=3, min_contrast=0.05).replace(**changes)
 

@@ -47,6 +47,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import DualAnoDiffError
 from ..fileio import IMAGE_SUFFIXES, sha256_file
+from .backgrounds import make_background
 
 #: operating-system clutter that is skipped silently (besides dot-files)
 IGNORED_FILES = frozenset({"thumbs.db", "desktop.ini"})
@@ -566,7 +567,6 @@ class DefectDataset:
         return [it.name for it in self.items]
 
     def _load(self, s: DefectSample) -> _Item:
-        from .backgrounds import make_background
 
         R = self.resolution
         img = to_rgb8(read_image(s.image))

@@ -45,11 +45,13 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from .. import __version__
 from ..errors import DualAnoDiffError
 from ..fileio import atomic_path, save_image_atomic, write_json_atomic, write_text_atomic
 from ..method import layout
 from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL, DualAnoDiffWeights
 from .data import DefectDataset, Draw, PairSampler
+from .lossplot import draw_loss_curve
 
 CHECKPOINT_FORMAT = "dualanodiff-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -529,7 +531,6 @@ class Trainer:
         return self.work_dir / "checkpoints"
 
     def weights_metadata(self) -> dict:
-        from .. import __version__
 
         c = self.config
         ds = self.dataset.defect_set
@@ -656,7 +657,6 @@ class Trainer:
 
     # ---- history --------------------------------------------------------------------------------------------------
     def write_history(self) -> None:
-        from .lossplot import draw_loss_curve
 
         lines = ["step,loss,lr,grad_norm,seconds"]
         for h in self.history:
