@@ -357,24 +357,12 @@ class DualAnoDiffPipeline:
         f = self.vae_scale_factor
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
-        pg, pa = self.metadata.get("prompt_global"), self.metadata.get("prompt_anomaly")
-        prompt_global = prompt_global if prompt_global is not None else (pg or DEFAULT_PROMPT_GLOBAL)
-        prompt_anomaly = prompt_anomaly if prompt_anomaly is not None else (pa or DEFAULT_PROMPT_ANOMALY)
         device, dtype = self.device, self.dtype
         use_cfg = cfg > 1.0
         if generator is None:
             generator = torch.Generator(device="cpu")
             generator.manual_seed(seed) if seed is not None else generator.seed()
-
-        if self.text_lora is not None:
-            self.text_lora.strength = text_strength
-        emb = self.encode_prompts([prompt_global, prompt_anomaly]).to(dtype)  # [2, T, D]
-        cond = emb.repeat(n_pairs, 1, 1)  # [g, a, g, a, ...]
-        if use_cfg:
-            neg = self.encode_prompts([negative_prompt]).to(dtype)
-            context = torch.cat([neg.expand_as(cond), cond])
-        else:
-            context = cond
+        context = self._prompt_context(n_pairs, prompt_global, prompt_anomaly, negative_prompt, text_strength, use_cfg)
 
         shape = (2 * n_pairs, self.unet.config.in_channels, height // f, width // f)
         if latents is None:
@@ -387,58 +375,15 @@ class DualAnoDiffPipeline:
         scheduler.set_timesteps(steps, device=device)
         latents = latents * scheduler.init_noise_sigma
 
-        bg = None
+        noised_background = None
         if background is not None or background_latents is not None:
-            if not self.dual.config["bcm"]:
-                raise ValueError("a background was given, but these weights have no BCM layers (train with BCM)")
-            if background_latents is None:
-                background = background.to(device)
-                if background.shape[0] not in (1, n_pairs):
-                    raise ValueError(f"background must hold 1 or {n_pairs} images, got {background.shape[0]}")
-                background_latents = self.encode_background(background, generator)
-                gray = self.encode_background(torch.zeros_like(background[:1]), generator)
-            else:
-                gray = None
-            bg_cond = (
-                background_latents.to(device, dtype).expand(n_pairs, -1, -1, -1)
-                if background_latents.shape[0] == 1
-                else background_latents.to(device, dtype)
+            noised_background = self._noised_background(
+                n_pairs, background, background_latents, bcm_noise, seed, generator, height, width, use_cfg
             )
-            if use_cfg:
-                if gray is None:
-                    gray = self.encode_background(
-                        torch.zeros((1, 3, height, width), device=device, dtype=self.vae.dtype), generator
-                    )
-                bg = torch.cat([gray.to(dtype).expand(n_pairs, -1, -1, -1), bg_cond])
-            else:
-                bg = bg_cond
-            from diffusers import DDPMScheduler
-
-            ddpm = DDPMScheduler.from_config({k: v for k, v in self.scheduler_config.items() if not k.startswith("_")})
-            noise_fn = _noise_fn(bcm_noise, tuple(bg.shape), device, dtype, None if seed is None else seed + 1)
-            bg_context = context[0::2]
-
-        control = self.dual.control
-        call = 0
-        with control.using(
+        with self.dual.control.using(
             mode=MODE_DUAL, lora_strength=tuple(lora_strength), saim_strength=saim_strength, bcm_strength=bcm_strength
         ):
-            for i, t in enumerate(scheduler.timesteps):
-                x = torch.cat([latents, latents]) if use_cfg else latents
-                x = scheduler.scale_model_input(x, t)
-                if bg is None:
-                    eps = self.dual(x, t, context)
-                else:
-                    tt = t.reshape(-1).to(device)
-                    bg_t = ddpm.add_noise(bg, noise_fn(call), tt.expand(bg.shape[0]))
-                    eps = self.dual.forward_with_background(x, t, context, bg_t, t, bg_context)
-                call += 1
-                if use_cfg:
-                    eps_u, eps_c = eps.chunk(2)
-                    eps = eps_u + cfg * (eps_c - eps_u)
-                latents = scheduler.step(eps, t, latents, return_dict=False)[0]
-                if callback is not None:
-                    callback(i, len(scheduler.timesteps), latents)
+            latents = self._denoise(latents, context, scheduler, cfg if use_cfg else None, noised_background, callback)
 
         g_lat, a_lat = layout.split(latents)
         if decode:
@@ -447,3 +392,75 @@ class DualAnoDiffPipeline:
         else:
             g_img = a_img = torch.empty(0)
         return DualResult(g_img, a_img, g_lat, a_lat)
+
+    def _prompt_context(self, n_pairs, prompt_global, prompt_anomaly, negative_prompt, text_strength, use_cfg):
+        """The UNet's text context: ``[g, a, g, a, ...]`` (prompts default to the weights' own), with the negative
+        prompt's rows in front when CFG is on."""
+        pg, pa = self.metadata.get("prompt_global"), self.metadata.get("prompt_anomaly")
+        prompt_global = prompt_global if prompt_global is not None else (pg or DEFAULT_PROMPT_GLOBAL)
+        prompt_anomaly = prompt_anomaly if prompt_anomaly is not None else (pa or DEFAULT_PROMPT_ANOMALY)
+        if self.text_lora is not None:
+            self.text_lora.strength = text_strength
+        emb = self.encode_prompts([prompt_global, prompt_anomaly]).to(self.dtype)  # [2, T, D]
+        cond = emb.repeat(n_pairs, 1, 1)  # [g, a, g, a, ...]
+        if not use_cfg:
+            return cond
+        neg = self.encode_prompts([negative_prompt]).to(self.dtype)
+        return torch.cat([neg.expand_as(cond), cond])
+
+    def _noised_background(
+        self, n_pairs, background, background_latents, bcm_noise, seed, generator, height, width, use_cfg
+    ):
+        """BCM: the background latents (a mid-gray background for the unconditional half when CFG is on) and a
+        function ``(call, t) -> background latents noised to t`` for the record pass of each UNet call."""
+        device, dtype = self.device, self.dtype
+        if not self.dual.config["bcm"]:
+            raise ValueError("a background was given, but these weights have no BCM layers (train with BCM)")
+        if background_latents is None:
+            background = background.to(device)
+            if background.shape[0] not in (1, n_pairs):
+                raise ValueError(f"background must hold 1 or {n_pairs} images, got {background.shape[0]}")
+            background_latents = self.encode_background(background, generator)
+            gray = self.encode_background(torch.zeros_like(background[:1]), generator)
+        else:
+            gray = None
+        bg_cond = (
+            background_latents.to(device, dtype).expand(n_pairs, -1, -1, -1)
+            if background_latents.shape[0] == 1
+            else background_latents.to(device, dtype)
+        )
+        if use_cfg:
+            if gray is None:
+                gray = self.encode_background(
+                    torch.zeros((1, 3, height, width), device=device, dtype=self.vae.dtype), generator
+                )
+            bg = torch.cat([gray.to(dtype).expand(n_pairs, -1, -1, -1), bg_cond])
+        else:
+            bg = bg_cond
+        from diffusers import DDPMScheduler  # lazy: see sd15/__init__
+
+        ddpm = DDPMScheduler.from_config({k: v for k, v in self.scheduler_config.items() if not k.startswith("_")})
+        noise_fn = _noise_fn(bcm_noise, tuple(bg.shape), device, dtype, None if seed is None else seed + 1)
+
+        def noised(call: int, t: torch.Tensor) -> torch.Tensor:
+            return ddpm.add_noise(bg, noise_fn(call), t.reshape(-1).to(device).expand(bg.shape[0]))
+
+        return noised
+
+    def _denoise(self, latents, context, scheduler, cfg, noised_background, callback):
+        """The sampling loop: one UNet call per step (two, record + main, with BCM), then CFG (``cfg`` None: off)."""
+        bg_context = context[0::2]
+        for i, t in enumerate(scheduler.timesteps):
+            x = torch.cat([latents, latents]) if cfg is not None else latents
+            x = scheduler.scale_model_input(x, t)
+            if noised_background is None:
+                eps = self.dual(x, t, context)
+            else:
+                eps = self.dual.forward_with_background(x, t, context, noised_background(i, t), t, bg_context)
+            if cfg is not None:
+                eps_u, eps_c = eps.chunk(2)
+                eps = eps_u + cfg * (eps_c - eps_u)
+            latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+            if callback is not None:
+                callback(i, len(scheduler.timesteps), latents)
+        return latents
