@@ -240,6 +240,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     e.add_argument("--no-contact-sheet", action="store_true", help="skip the contact sheets")
 
+    pl = p.add_argument_group("placement: where defects may appear, onto your own normal photos (docs/placement.md)")
+    pl.add_argument(
+        "--placement",
+        metavar="MASK_OR_DIR",
+        default=None,
+        help="region mask (white = a defect may appear there), or a folder with one mask per --normal photo (same "
+        "stem or STEM_mask); the anomaly branch is held at gray outside it and pairs whose mask leaves it are "
+        "rejected (outside_region)",
+    )
+    pl.add_argument(
+        "--normal",
+        metavar="IMAGE_OR_DIR",
+        default=None,
+        help="normal photo(s), exactly --size, RGB or grayscale: sample i goes onto photo i %% count (sorted); the "
+        "image keeps the photo's pixels exactly outside a --feather band around the region (with BCM weights the "
+        "photo is also the BCM background)",
+    )
+    pl.add_argument(
+        "--feather",
+        type=int,
+        default=8,
+        metavar="PX",
+        help="with --normal: width of the band outside the region where the result fades into the photo",
+    )
+    pl.add_argument(
+        "--max-outside-region",
+        type=float,
+        default=0.05,
+        metavar="SHARE",
+        help="with --placement: reject pairs with more than this share of the mask outside the region (1 = off)",
+    )
+    pl.add_argument(
+        "--no-placement-guidance",
+        action="store_true",
+        help="with --placement: do not hold the anomaly branch at gray outside the region (filter only)",
+    )
+
 
 def _device(name: str):
     import torch
@@ -307,6 +344,13 @@ def run(args: argparse.Namespace) -> int:
     backgrounds = None
     if args.backgrounds:
         backgrounds = BackgroundSet.from_folder(args.backgrounds, args.object_masks, args.switch_every)
+    placement = None
+    if args.placement or args.normal:
+        from ..dataset.placement import PlacementSet
+
+        placement = PlacementSet.from_paths(
+            args.normal, args.placement, args.feather, args.max_outside_region, not args.no_placement_guidance
+        )
     device = _device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
 
@@ -338,6 +382,7 @@ def run(args: argparse.Namespace) -> int:
             base_model=str(base),
             dtype=args.dtype,
             progress=not args.no_progress,
+            placement=placement,
         )
     except KeyboardInterrupt:
         print("interrupted: finished samples are kept; run the same command again to resume", file=sys.stderr)
@@ -366,3 +411,7 @@ HINTS = {
     "disagrees_with_normal": "the images changed elsewhere than the masks; BCM may not keep the background "
     "(drop --filter-against-background or lower --min-agreement).",
 }
+HINTS["outside_region"] = (
+    "the masks left the --placement region; check that the region covers where this defect can be (or raise "
+    "--max-outside-region)."
+)

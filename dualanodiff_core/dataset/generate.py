@@ -30,6 +30,7 @@ from ..training.backgrounds import make_background
 from .acceptance import FilterOptions, check_pair
 from .export import DatasetWriter, ExportSample, check_name, digits_for
 from .masks import MaskOptions, extract_mask
+from .placement import PlacementSet, check_region
 
 #: reference defaults (docs/method.md, "Inference"): dual model PNDM / 100 steps / CFG 2.5; the BCM reference uses
 #: 50 / 2.0
@@ -273,6 +274,7 @@ def generate_dataset(
     dtype: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    placement: PlacementSet | None = None,
 ) -> GenerateSummary:
     """Generate samples ``0..n-1`` of ``category/defect`` into ``out`` (see
     :mod:`dualanodiff_core.dataset.export` for the layout); samples already there are kept and skipped.
@@ -280,7 +282,9 @@ def generate_dataset(
     ``pipe``: a :class:`DualAnoDiffPipeline`, or a function returning one (called only if something is left to
     generate). ``backgrounds`` turns on BCM (weights with BCM layers needed). ``filter_against_background`` /
     ``refine_mask`` compare the generated image with the background's normal image (outside the object when object
-    masks are given) to reject pairs / drop mask parts that the image does not show. Returns a summary.
+    masks are given) to reject pairs / drop mask parts that the image does not show. ``placement`` (a
+    :class:`~dualanodiff_core.dataset.placement.PlacementSet`) confines defects to a region and/or generates onto
+    normal photos (docs/placement.md); every file is checked before anything is written. Returns a summary.
     """
     if int(n) != n or n < 1:
         raise ValueError(f"n={n}: generate at least one sample")
@@ -296,6 +300,13 @@ def generate_dataset(
             "give backgrounds (--backgrounds)"
         )
     log = log or (lambda s: print(s, file=sys.stderr))
+    if placement is not None:
+        if backgrounds is not None and placement.normals is not None:
+            raise ValueError(
+                "--backgrounds and --normal: with --normal the BCM background is the normal photo itself; "
+                "drop --backgrounds"
+            )
+        placement.check((sampling.width, sampling.height))
 
     loaded = None if callable(pipe) and not hasattr(pipe, "generate") else pipe
     if weights_sha256 is None and weights_path is not None:
@@ -321,6 +332,8 @@ def generate_dataset(
         "research_layout": bool(research_layout),
         "keep_rejected": bool(keep_rejected),
     }
+    if placement is not None:
+        settings["placement"] = placement.describe()
     writer = DatasetWriter(
         out,
         category,
@@ -364,6 +377,7 @@ def generate_dataset(
                 log,
                 category,
                 defect,
+                placement,
             )
         sheets = writer.write_contact_sheets() if contact_sheets else []
         recs = [r for i, r in writer.records.items() if i < n]
@@ -403,6 +417,7 @@ def _run(
     log,
     category: str,
     defect: str,
+    placement: PlacementSet | None = None,
 ) -> int:
     from tqdm.auto import tqdm
 
@@ -412,7 +427,7 @@ def _run(
             "backgrounds were given, but these weights have no BCM layers (they were trained without "
             "background compensation): drop --backgrounds, or use weights trained with BCM"
         )
-    if has_bcm and backgrounds is None:
+    if has_bcm and backgrounds is None and (placement is None or placement.normals is None):
         warnings.warn(
             "these weights have BCM layers but no backgrounds were given: generating without background "
             "compensation (give --backgrounds DIR of normal images to use it)",
@@ -455,6 +470,9 @@ def _run(
                         ]
                     )
                 kwargs.update(background_latents=bg_lat, bcm_noise=_bg_noise(gens))
+            pitems = [None] * len(batch)
+            if placement is not None:
+                pitems = _placement_kwargs(pipe, placement, batch, gens, (W, H), has_bcm, kwargs)
             result = pipe.generate(
                 len(batch),
                 prompt_global=prompt_g,
@@ -487,6 +505,9 @@ def _run(
                 decision = check_pair(
                     mres, filter_options, mask_options=mask_options, **(compare if filter_against_background else {})
                 )
+                placed = {}
+                if pitems[j] is not None:
+                    decision, placed = _placement_record(pitems[j], decision, mres.mask, placement)
                 info = dict(
                     seed=seeds[j],
                     base_seed=int(seed),
@@ -505,6 +526,7 @@ def _run(
                     object_mask=None if it is None or it.mask_path is None else str(it.mask_path),
                     version=__version__,
                     **provenance,
+                    **placed,
                 )
                 writer.write(ExportSample(i, images[j], parts[j], mres, decision, info))
                 counts[decision.reason] += 1
@@ -514,3 +536,36 @@ def _run(
     finally:
         bar.close()
     return generated
+
+
+def _placement_kwargs(pipe, placement: PlacementSet, batch, gens, size, has_bcm: bool, kwargs: dict) -> list:
+    """The batch's photos / regions as :meth:`DualAnoDiffPipeline.generate` arguments (into ``kwargs``); with BCM
+    weights (and no ``--backgrounds``) each photo is also its sample's BCM background. Returns the items."""
+    items = [placement.get(i, size) for i in batch]
+    kwargs.update(guide_placement=placement.guide, feather=placement.feather)
+    if placement.regions is not None:
+        kwargs["placement"] = torch.stack([torch.from_numpy(it.region.astype("float32"))[None] for it in items])
+    if placement.normals is not None:
+        kwargs["normal"] = pil_to_tensor([it.normal for it in items], signed=True)
+        if has_bcm and "background_latents" not in kwargs:
+            with torch.no_grad():
+                bg_lat = torch.cat(
+                    [pipe.encode_background(pil_to_tensor(it.normal, signed=True), g) for it, g in zip(items, gens)]
+                )
+            kwargs.update(background_latents=bg_lat, bcm_noise=_bg_noise(gens))
+    return items
+
+
+def _placement_record(item, decision, mask, placement: PlacementSet):
+    """Region check of one pair and its manifest fields (which photo and region it used)."""
+    info: dict[str, Any] = dict(
+        normal=None if item.normal_path is None else str(item.normal_path),
+        placement=None if item.region_path is None else str(item.region_path),
+        placement_guidance=placement.guide,
+        feather=placement.feather if item.normal_path is not None else None,
+        outside_region=None,
+    )
+    if item.region is not None:
+        decision, outside = check_region(decision, mask, item.region, placement.max_outside)
+        info["outside_region"] = round(outside, 6)
+    return decision, info

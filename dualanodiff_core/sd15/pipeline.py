@@ -30,6 +30,8 @@ from ..method.attention import (
     run_with_background,
 )
 from ..method.fused import clear_fast_cache
+from ..method.placement import DEFAULT_FEATHER, PlacementError, as_region, composite, feather_alpha, keep_mask
+from ..method.placement import latent_region as _latent_region
 from ..method.weights import (
     DEFAULT_PROMPT_ANOMALY,
     DEFAULT_PROMPT_GLOBAL,
@@ -344,6 +346,10 @@ class DualAnoDiffPipeline:
         text_strength: float = 1.0,
         decode: bool = True,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        placement: torch.Tensor | None = None,
+        normal: torch.Tensor | None = None,
+        guide_placement: bool = True,
+        feather: int = DEFAULT_FEATHER,
     ) -> DualResult:
         """Sample ``n_pairs`` pairs.
 
@@ -351,6 +357,13 @@ class DualAnoDiffPipeline:
         docs/method.md, "BCM: background compensation") turn on BCM; the unconditional half uses a mid-gray
         background. ``bcm_noise``: a generator,
         a tensor reused every call, or ``callable(call_index, shape)``; defaults to a generator seeded from ``seed``.
+
+        Placement (docs/placement.md): ``placement`` ``[1 or N, 1, H, W]`` (or ``[.., H, W]``) in [0, 1], white =
+        a defect may appear there: the anomaly branch is held at the gray background outside it at every step
+        (``guide_placement=False`` turns that off). ``normal`` ``[1 or N, 3, H, W]`` in [-1, 1]: the global branch
+        is held at the normal photo (noised to the current step) outside the region, and the decoded image keeps the
+        photo's pixels exactly outside a ``feather``-pixel band around it; with BCM weights and no ``background``
+        the photo is also the BCM background.
         """
         if n_pairs < 1:
             raise ValueError("n_pairs must be at least 1")
@@ -373,7 +386,16 @@ class DualAnoDiffPipeline:
 
         scheduler = make_scheduler(sampler, self.scheduler_config)
         scheduler.set_timesteps(steps, device=device)
+        guide = alpha = None
+        if placement is not None or normal is not None:
+            guide, alpha = self._placement_guide(
+                n_pairs, placement, normal, guide_placement, latents, scheduler, height, width, feather
+            )
+            if self.dual.config["bcm"] and background is None and background_latents is None and normal is not None:
+                background = normal
         latents = latents * scheduler.init_noise_sigma
+        if guide is not None:
+            latents = guide(-1, latents)
 
         noised_background = None
         if background is not None or background_latents is not None:
@@ -383,12 +405,16 @@ class DualAnoDiffPipeline:
         with self.dual.control.using(
             mode=MODE_DUAL, lora_strength=tuple(lora_strength), saim_strength=saim_strength, bcm_strength=bcm_strength
         ):
-            latents = self._denoise(latents, context, scheduler, cfg if use_cfg else None, noised_background, callback)
+            latents = self._denoise(
+                latents, context, scheduler, cfg if use_cfg else None, noised_background, callback, after_step=guide
+            )
 
         g_lat, a_lat = layout.split(latents)
         if decode:
             images = self.decode(latents)
             g_img, a_img = layout.split(images)
+            if normal is not None:
+                g_img = composite(g_img, (normal.float().to(g_img.device) + 1) / 2, alpha)
         else:
             g_img = a_img = torch.empty(0)
         return DualResult(g_img, a_img, g_lat, a_lat)
@@ -447,7 +473,57 @@ class DualAnoDiffPipeline:
 
         return noised
 
-    def _denoise(self, latents, context, scheduler, cfg, noised_background, callback):
+    def _placement_guide(self, n_pairs, placement, normal, guide_anomaly, noise, scheduler, height, width, feather):
+        """Placement / normal photo: ``(after_step, alpha)``; ``after_step(i, latents)`` pins the latent to the known
+        one (gray on anomaly rows, the photo on global rows), noised to the level the latents have after step ``i``
+        (``i = -1``: the start), where :func:`keep_mask` says so; ``alpha``: the pixel composite weight."""
+        device, dtype = self.device, self.dtype
+        f = self.vae_scale_factor
+        if normal is not None:
+            if not isinstance(normal, torch.Tensor) or normal.ndim != 4 or normal.shape[1] != 3:
+                shape = tuple(normal.shape) if isinstance(normal, torch.Tensor) else type(normal).__name__
+                raise PlacementError(f"normal: expected images [1 or N, 3, H, W] in [-1, 1], got {shape}")
+            if normal.shape[0] not in (1, n_pairs) or tuple(normal.shape[2:]) != (height, width):
+                raise PlacementError(
+                    f"normal: {tuple(normal.shape)} does not fit {n_pairs} pair(s) of {width}x{height} "
+                    f"(give 1 or {n_pairs} images of exactly {width}x{height})"
+                )
+        if placement is None:
+            region = torch.ones((1, 1, height, width), device=device)
+        else:
+            region = as_region(placement.to(device))
+            if tuple(region.shape[2:]) != (height, width) or region.shape[0] not in (1, n_pairs):
+                raise PlacementError(
+                    f"placement: {tuple(placement.shape)} does not fit {n_pairs} pair(s) of {width}x{height} "
+                    f"(give 1 or {n_pairs} masks of exactly {width}x{height})"
+                )
+        keep = keep_mask(
+            _latent_region(region, (height // f, width // f)), n_pairs, normal is not None, guide_anomaly
+        ).to(device, dtype)
+        alpha = feather_alpha(region, feather=feather) if normal is not None else None
+
+        def encode_mean(images):
+            dist = self.vae.encode(images.to(device, self.vae.dtype)).latent_dist
+            return dist.mean.to(dtype) * self.scaling_factor
+
+        gray = encode_mean(torch.zeros((1, 3, height, width)))
+        known_g = encode_mean(normal.float()) if normal is not None else gray
+        known_g = known_g.expand(n_pairs, -1, -1, -1)
+        known = torch.stack([known_g, gray.expand(n_pairs, -1, -1, -1)], 1).reshape(2 * n_pairs, *gray.shape[1:])
+        noise = noise.to(device, dtype)
+        timesteps = scheduler.timesteps
+
+        def after_step(i: int, latents: torch.Tensor) -> torch.Tensor:
+            if i + 1 < len(timesteps):
+                t = timesteps[i + 1].reshape(1).expand(known.shape[0])
+                target = scheduler.add_noise(known, noise, t)
+            else:
+                target = known
+            return latents * (1 - keep) + target.to(latents.dtype) * keep
+
+        return after_step, alpha
+
+    def _denoise(self, latents, context, scheduler, cfg, noised_background, callback, after_step=None):
         """The sampling loop: one UNet call per step (two, record + main, with BCM), then CFG (``cfg`` None: off)."""
         bg_context = context[0::2]
         for i, t in enumerate(scheduler.timesteps):
@@ -461,6 +537,8 @@ class DualAnoDiffPipeline:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + cfg * (eps_c - eps_u)
             latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+            if after_step is not None:
+                latents = after_step(i, latents)
             if callback is not None:
                 callback(i, len(scheduler.timesteps), latents)
         return latents

@@ -1,0 +1,255 @@
+"""Placement control: region-guided sampling, generating onto a normal photo (exact pixels outside the feathered
+band), the outside_region filter, the CLI options, manifest fields and bad inputs (tiny model, 16x16 px)."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import randomize_
+from PIL import Image
+
+from dualanodiff_core import cli
+from dualanodiff_core.dataset.acceptance import FilterDecision
+from dualanodiff_core.dataset.export import iter_records
+from dualanodiff_core.dataset.placement import OUTSIDE_REGION, PlacementSet, check_region
+from dualanodiff_core.fileio import tensor_to_pil
+from dualanodiff_core.method.placement import (
+    PlacementError,
+    composite,
+    feather_alpha,
+    keep_mask,
+    latent_region,
+    outside_fraction,
+)
+from dualanodiff_core.minidefect.tiny import save_tiny_model, tiny_components
+from dualanodiff_core.sd15.pipeline import DualAnoDiffPipeline
+
+S = 16
+
+
+def make_pipe(bcm=False):
+    c = tiny_components(seed=0)
+    p = DualAnoDiffPipeline(
+        c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"], rank=4, bcm=bcm
+    )
+    randomize_(p.dual, seed=1)
+    return p
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return make_pipe()
+
+
+def box_region(y0, y1, x0, x1, size=S):
+    r = torch.zeros(1, 1, size, size)
+    r[..., y0:y1, x0:x1] = 1
+    return r
+
+
+def gray_latent(pipe, size=S):
+    with torch.no_grad():
+        return pipe.vae.encode(torch.zeros(1, 3, size, size)).latent_dist.mean * pipe.scaling_factor
+
+
+# ---- tensor helpers ------------------------------------------------------------------------------------------------
+def test_feather_alpha_ramps_over_the_band_and_is_zero_beyond():
+    r = box_region(6, 10, 6, 10)
+    a = feather_alpha(r, 2)[0, 0]
+    assert torch.all(a[6:10, 6:10] == 1)
+    assert a[5, 7] == pytest.approx(2 / 3) and a[4, 7] == pytest.approx(1 / 3)
+    assert a[3, 7] == 0 and a[0, 0] == 0
+    assert int((a > 0).sum()) == 8 * 8
+    assert torch.equal(feather_alpha(r, 0), r)
+
+
+def test_composite_keeps_normal_exactly_where_alpha_is_zero():
+    gen, normal = torch.rand(1, 3, S, S), torch.rand(1, 3, S, S)
+    alpha = feather_alpha(box_region(4, 8, 4, 8), 1)
+    out = composite(gen, normal, alpha)
+    outside = (alpha == 0).expand_as(out)
+    assert torch.equal(out[outside], normal[outside])
+    assert torch.equal(out[:, :, 5, 5], gen[:, :, 5, 5])
+
+
+def test_latent_region_and_keep_mask_rows():
+    r = box_region(4, 12, 0, 6)  # 6 px wide: latent cells 0..2 (cell 2 is 2/2 = full), rows 2..5
+    lat = latent_region(r, (8, 8))
+    assert lat[0, 0, 2:6, 0:3].all() and lat.sum() == 12
+    thin = latent_region(box_region(4, 5, 4, 5), (8, 8))  # one pixel: keeps the cell it touches
+    assert thin.sum() == 1 and thin[0, 0, 2, 2] == 1
+    keep = keep_mask(lat, 2, tie_global=False)
+    assert keep.shape == (4, 1, 8, 8)
+    assert keep[0].sum() == 0 and keep[2].sum() == 0, "global rows free without a normal photo"
+    assert torch.equal(keep[1], 1 - lat[0]) and torch.equal(keep[3], 1 - lat[0])
+    assert torch.equal(keep_mask(lat, 1, tie_global=True)[0], 1 - lat[0])
+
+
+def test_outside_fraction_and_region_rejection():
+    region = np.zeros((S, S), bool)
+    region[:8] = True
+    mask = np.zeros((S, S), np.uint8)
+    mask[6:10, 0:4] = 255  # half of it below the region
+    assert outside_fraction(mask, region) == 0.5
+    assert outside_fraction(np.zeros_like(mask), region) == 0.0
+    ok = FilterDecision(True, "ok", "fine", 0.06, 0.0)
+    dec, out = check_region(ok, mask, region, 0.05)
+    assert not dec.accepted and dec.reason == OUTSIDE_REGION and "50.0%" in dec.detail and out == 0.5
+    dec, _ = check_region(ok, mask, region, 0.6)
+    assert dec.accepted
+    rejected = FilterDecision(False, "empty_mask", "x", 0.0, 0.0)
+    assert check_region(rejected, mask, region, 0.0)[0].reason == "empty_mask", "the first failing reason stays"
+
+
+# ---- sampler ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampler", ["pndm", "dpmpp"])
+def test_generate_onto_normal_keeps_photo_outside_band_and_gray_outside_region(pipe, sampler):
+    region = box_region(4, 10, 6, 12)
+    normal = torch.randint(0, 256, (2, 3, S, S)).float() / 255 * 2 - 1
+    res = pipe.generate(
+        2, steps=3, seed=0, height=S, width=S, sampler=sampler, placement=region, normal=normal, feather=2
+    )
+    alpha = feather_alpha(region, 2)[0, 0]
+    photo = [np.asarray(im) for im in tensor_to_pil((normal + 1) / 2)]
+    for j, img in enumerate(tensor_to_pil(res.global_images)):
+        diff = (np.asarray(img) != photo[j]).any(-1)
+        assert not diff[alpha.numpy() == 0].any(), "every pixel outside the band is the photo's"
+        assert diff[alpha.numpy() > 0].any(), "something was generated inside"
+    keep = (1 - latent_region(region, (8, 8)))[0, 0].bool()
+    gray = gray_latent(pipe)[0]
+    with torch.no_grad():
+        photo_lat = pipe.vae.encode(normal).latent_dist.mean * pipe.scaling_factor
+    for j in range(2):
+        assert torch.allclose(res.anomaly_latents[j][:, keep], gray[:, keep], atol=1e-5)
+        assert torch.allclose(res.global_latents[j][:, keep], photo_lat[j][:, keep], atol=1e-5)
+        assert not torch.allclose(res.anomaly_latents[j][:, ~keep], gray[:, ~keep], atol=1e-3)
+
+
+def test_placement_without_guidance_or_normal(pipe):
+    region = box_region(0, 8, 0, 8)
+    keep = (1 - latent_region(region, (8, 8)))[0, 0].bool()
+    gray = gray_latent(pipe)[0]
+    guided = pipe.generate(1, steps=2, seed=1, height=S, width=S, placement=region)
+    free = pipe.generate(1, steps=2, seed=1, height=S, width=S, placement=region, guide_placement=False)
+    plain = pipe.generate(1, steps=2, seed=1, height=S, width=S)
+    assert torch.allclose(guided.anomaly_latents[0][:, keep], gray[:, keep], atol=1e-5)
+    assert torch.equal(free.anomaly_latents, plain.anomaly_latents), "no guidance: sampling unchanged"
+    assert torch.equal(free.global_images, plain.global_images)
+
+
+def test_generate_with_bcm_weights_uses_the_normal_photo_as_background():
+    p = make_pipe(bcm=True)
+    calls = []
+    h = p.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    normal = torch.rand(1, 3, S, S) * 2 - 1
+    kw = dict(steps=2, seed=0, height=S, width=S, cfg=1.0, sampler="ddim")
+    a = p.generate(1, normal=normal, **kw)
+    h.remove()
+    assert calls == [1, 2, 1, 2], "a BCM record pass (one background row) before each main pass"
+    b = p.generate(1, normal=normal, background=normal, **kw)
+    assert torch.equal(a.global_latents, b.global_latents), "the photo is the BCM background"
+
+
+def test_generate_rejects_bad_regions_and_photos(pipe):
+    kw = dict(steps=1, seed=0, height=S, width=S)
+    with pytest.raises(PlacementError, match="empty"):
+        pipe.generate(1, placement=torch.zeros(1, 1, S, S), **kw)
+    with pytest.raises(PlacementError, match="exactly 16x16"):
+        pipe.generate(1, placement=torch.ones(1, 1, 8, 8), **kw)
+    with pytest.raises(PlacementError, match="exactly 16x16"):
+        pipe.generate(1, normal=torch.zeros(1, 3, 8, 8), **kw)
+    with pytest.raises(PlacementError, match=r"\[1 or N, 3, H, W\]"):
+        pipe.generate(1, normal=torch.zeros(1, 4, S, S), **kw)
+
+
+# ---- dataset / CLI ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("placement_assets")
+    save_tiny_model(root / "model")
+    make_pipe().to_weights().save(root / "w.safetensors")
+    photos = root / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((S, S, 3)) * 255).astype(np.uint8)).save(photos / "p0.png")
+    Image.fromarray((rng.random((S, S)) * 255).astype(np.uint8), mode="L").save(photos / "p1.png")
+    m = np.zeros((S, S), np.uint8)
+    m[4:10, 4:10] = 255
+    Image.fromarray(m).save(root / "region.png")
+    corner = np.zeros((S, S), np.uint8)
+    corner[:2, :2] = 255
+    Image.fromarray(corner).save(root / "corner.png")
+    return root
+
+
+LOOSE = ["--max-area", "1", "--max-gray-offset", "1", "--mask-min-contrast", "0.01", "--mask-min-area", "1"]
+LOOSE += ["--mask-open", "0", "--mask-threshold", "0.01"]
+
+
+def gen(assets, out, *extra, n=3):
+    argv = ["generate", "--weights", str(assets / "w.safetensors"), "--base", str(assets / "model")]
+    argv += ["--out", str(out), "--n", str(n), "--size", str(S), "--steps", "2", "--batch-size", "2"]
+    argv += ["--device", "cpu", "--no-progress", "--category", "widget", "--defect", "dent", *LOOSE, *extra]
+    return cli.main(argv)
+
+
+def test_cli_generates_onto_photos_with_region_and_records_it(assets, tmp_path):
+    out = tmp_path / "out"
+    assert gen(assets, out, "--normal", str(assets / "photos"), "--placement", str(assets / "region.png"),
+               "--feather", "1") == 0  # fmt: skip
+    records = sorted(iter_records(out), key=lambda r: r["index"])
+    assert [r["normal"].endswith(n) for r, n in zip(records, ("p0.png", "p1.png", "p0.png"))] == [True] * 3
+    alpha = feather_alpha(box_region(4, 10, 4, 10), 1)[0, 0].numpy()
+    for r in records:
+        assert r["placement"].endswith("region.png") and r["feather"] == 1 and r["placement_guidance"] is True
+        assert 0.0 <= r["outside_region"] <= 1.0
+        image = np.asarray(Image.open(out / r["files"]["image" if r["accepted"] else "rejected_image"]))
+        photo = np.asarray(Image.open(r["normal"]).convert("RGB"))
+        assert np.array_equal(image[alpha == 0], photo[alpha == 0])
+
+
+def test_cli_rejects_masks_outside_the_region(assets, tmp_path):
+    out = tmp_path / "out"
+    code = gen(assets, out, "--placement", str(assets / "corner.png"), "--no-placement-guidance",
+               "--max-outside-region", "0", n=2)  # fmt: skip
+    assert code == 0
+    records = list(iter_records(out))
+    assert all(r["normal"] is None and r["placement_guidance"] is False for r in records)
+    outside = [r for r in records if r["reason"] == OUTSIDE_REGION]
+    assert outside and all(r["outside_region"] > 0 and not r["accepted"] for r in outside)
+
+
+def _bad(tmp_path, name, array, mode=None):
+    p = tmp_path / name
+    Image.fromarray(array, mode=mode).save(p)
+    return p
+
+
+@pytest.mark.parametrize(
+    "option, make, words",
+    [
+        ("--placement", lambda t: _bad(t, "big.png", np.full((20, 20), 255, np.uint8)), ["big.png", "20x20", "16x16"]),
+        ("--placement", lambda t: _bad(t, "black.png", np.zeros((S, S), np.uint8)), ["black.png", "empty"]),
+        ("--normal", lambda t: _bad(t, "n.png", np.zeros((8, 24, 3), np.uint8)), ["n.png", "24x8", "--size"]),
+        ("--normal", lambda t: _bad(t, "rgba.png", np.zeros((S, S, 4), np.uint8)), ["rgba.png", "RGBA", "RGB"]),
+        ("--normal", lambda t: t / "missing_dir", ["missing_dir", "no such file"]),
+    ],
+)
+def test_cli_bad_inputs_name_the_file_and_write_nothing(assets, tmp_path, capsys, option, make, words):
+    out = tmp_path / "out"
+    assert gen(assets, out, option, str(make(tmp_path))) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and all(w in err for w in words), err
+    assert not out.exists()
+
+
+def test_region_folder_needs_one_mask_per_photo(assets, tmp_path, capsys):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.open(assets / "region.png").save(masks / "p0_mask.png")
+    with pytest.raises(PlacementError, match="p1.png"):
+        PlacementSet.from_paths(assets / "photos", masks)
+    Image.open(assets / "region.png").save(masks / "p1.png")
+    ps = PlacementSet.from_paths(assets / "photos", masks)
+    assert [p.name for p in ps.regions] == ["p0_mask.png", "p1.png"]
+    assert gen(assets, tmp_path / "o", "--normal", str(assets / "photos"), "--backgrounds", str(assets / "photos")) == 2
+    assert "drop --backgrounds" in capsys.readouterr().err
