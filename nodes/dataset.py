@@ -88,6 +88,12 @@ class SaveDataset(io.ComfyNode):
                     optional=True,
                     tooltip="The defect masks, e.g. from DualAnoDiff Mask From Anomaly Branch (>= 0.5 = defect).",
                 ),
+                io.Mask.Input(
+                    "placement",
+                    optional=True,
+                    tooltip="The placement region given to the sampler (one mask or one per image): a pair with "
+                    "more than 5% of its mask outside it is rejected (reason outside_region).",
+                ),
             ],
             outputs=[],
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
@@ -109,7 +115,17 @@ class SaveDataset(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, images, dataset, category, defect, max_area, max_gray_offset, keep_rejected, anomaly=None, mask=None
+        cls,
+        images,
+        dataset,
+        category,
+        defect,
+        max_area,
+        max_gray_offset,
+        keep_rejected,
+        anomaly=None,
+        mask=None,
+        placement=None,
     ) -> io.NodeOutput:
         root = Path(folder_paths.get_output_directory()).resolve()
         out = dataset_dir(root, dataset)
@@ -126,6 +142,7 @@ class SaveDataset(io.ComfyNode):
             filter_options=fo,
             keep_rejected=bool(keep_rejected),
             workflow=workflow,
+            placement=placement,
         )
         results = []
         for rec in records:

@@ -20,6 +20,8 @@ from PIL import Image
 from ..dualanodiff_core.dataset.acceptance import FilterOptions, check_pair
 from ..dualanodiff_core.dataset.export import DatasetError, DatasetWriter, ExportSample, check_name, iter_records
 from ..dualanodiff_core.dataset.masks import MaskOptions, MaskResult, count_components, distance_from_gray, extract_mask
+from ..dualanodiff_core.dataset.placement import check_region
+from ..dualanodiff_core.method.placement import DEFAULT_MAX_OUTSIDE
 from .images import ImageInputError, check_images, check_masks, to_numpy, to_pil
 
 #: name width of a new dataset: 0000.png ... 9999.png (appending runs add up; an existing dataset keeps its width)
@@ -125,13 +127,16 @@ def save_pairs(
     filter_options: FilterOptions | None = None,
     keep_rejected: bool = True,
     workflow: dict | None = None,
+    placement: torch.Tensor | None = None,
+    max_outside: float = DEFAULT_MAX_OUTSIDE,
 ) -> list[dict]:
     """Append one batch of generated pairs to the dataset in ``out``; returns the manifest records written.
 
     ``images``: the global images; ``anomaly``: the anomaly-branch images; ``mask``: their masks. Give ``anomaly``,
     ``mask`` or both: without ``mask`` it is extracted from ``anomaly`` with the default options; without
     ``anomaly`` the stored anomaly part is the image's masked region on mid-gray and the gray-background check is
-    skipped.
+    skipped. ``placement``: region masks (1 or one per image): pairs with more than ``max_outside`` of the mask
+    outside the region are rejected (``outside_region``).
     """
     images = check_images(images, "images")
     b, h, w = images.shape[:3]
@@ -151,6 +156,15 @@ def save_pairs(
                 f"mask is {tuple(mask.shape)} (batch, height, width) but images are {(b, h, w)}; "
                 "give one mask per image, at the image size."
             )
+    regions = None
+    if placement is not None:
+        regions = check_masks(placement, "placement")
+        if tuple(regions.shape[1:]) != (h, w) or regions.shape[0] not in (1, b):
+            raise ImageInputError(
+                f"placement is {tuple(regions.shape)} (batch, height, width) but images are {(b, h, w)}; give one "
+                "region, or one per image, at the image size."
+            )
+        regions = regions.cpu().numpy() >= 0.5
     fo = filter_options or FilterOptions()
     out = Path(out)
     check_name(category, "category")
@@ -179,6 +193,11 @@ def save_pairs(
             fg = to_pil(anomaly[i]) if anomaly is not None else defect_on_gray(img, result.mask > 0)
             decision = check_pair(result, fo)
             info = {"source": "ComfyUI", "batch_index": i, "batch_size": b, "mask_source": mask_source}
+            if regions is not None:
+                decision, outside = check_region(
+                    decision, result.mask, regions[i if len(regions) > 1 else 0], max_outside
+                )
+                info.update(placement="MASK input", outside_region=round(outside, 6))
             if seed is not None:
                 info["seed"] = seed
             if workflow:

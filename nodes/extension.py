@@ -18,7 +18,7 @@ log = logging.getLogger("DualAnoDiff")
 MIN_COMFYUI = (0, 3, 64)
 
 #: node modules, in menu order
-NODE_MODULES = ("loaders", "patch", "background", "sampler", "mask", "dataset", "train")
+NODE_MODULES = ("loaders", "patch", "background", "sampler", "mask", "dataset", "train", "placement")
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:

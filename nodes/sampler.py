@@ -12,6 +12,7 @@ import nodes as comfy_nodes
 from ..dualanodiff_core.method.layout import split
 from . import comfy_backend as backend
 from .conditioning import check_negative, pair_conditioning, pair_latent, split_images, split_latent
+from .placement import PlacementError, placement_start
 
 CATEGORY = "DualAnoDiff/sampling"
 
@@ -111,6 +112,23 @@ class DualSampler(io.ComfyNode):
                     "start from it; its size replaces width/height. A noise mask applies to the "
                     "global image only.",
                 ),
+                io.Mask.Input(
+                    "placement",
+                    optional=True,
+                    tooltip="Optional placement region (white = a defect may appear there, the image size; one mask "
+                    "or one per pair): the anomaly branch is held at the gray background outside it at every step. "
+                    "Needs the vae input; not with a latent.",
+                ),
+                io.Image.Input(
+                    "normal",
+                    optional=True,
+                    tooltip="Optional normal photos to put the defects on (one pair per photo; their size replaces "
+                    "width/height): the whole image is held at the photo outside the placement region at every "
+                    "step. Paste the decoded result back with DualAnoDiff Composite Onto Normal. Needs the vae input.",
+                ),
+                io.Vae.Input(
+                    "vae", optional=True, tooltip="The VAE, to encode the normal photos and the gray background."
+                ),
             ],
             outputs=[
                 io.Latent.Output(display_name="global", tooltip="The whole images (one per pair)."),
@@ -144,11 +162,21 @@ class DualSampler(io.ComfyNode):
         scheduler,
         denoise,
         latent=None,
+        placement=None,
+        normal=None,
+        vae=None,
     ) -> io.NodeOutput:
         backend.require_dual(model, "DualAnoDiff Sampler")
         positive = pair_conditioning(positive_global, positive_anomaly)
         check_negative(negative)
-        if latent is not None:
+        if placement is not None or normal is not None:
+            if latent is not None:
+                raise PlacementError("connect either a latent or placement / normal, not both.")
+            if width % 8 or height % 8:
+                raise ValueError(f"width and height must be multiples of 8, got {width}x{height}.")
+            start, _ = placement_start(vae, pairs, width, height, placement, normal)
+            start = {k: v.to(comfy.model_management.intermediate_device()) for k, v in start.items()}
+        elif latent is not None:
             start = pair_latent(latent)
         else:
             if width % 8 or height % 8:

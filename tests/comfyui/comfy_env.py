@@ -115,6 +115,7 @@ def setup() -> types.SimpleNamespace:
         patch=importlib.import_module(f"{PACK}.nodes.patch"),
         background=importlib.import_module(f"{PACK}.nodes.background"),
         sampler=importlib.import_module(f"{PACK}.nodes.sampler"),
+        placement=importlib.import_module(f"{PACK}.nodes.placement"),
         extension=importlib.import_module(f"{PACK}.nodes.extension"),
         mask=importlib.import_module(f"{PACK}.nodes.mask"),
         dataset=importlib.import_module(f"{PACK}.nodes.dataset"),

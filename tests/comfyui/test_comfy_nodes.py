@@ -71,6 +71,7 @@ def test_extension_registers_every_node_with_help(env):
         "DualAnoDiffMaskFromAnomalyBranch",
         "DualAnoDiffSaveDataset",
         "DualAnoDiffTrainer",
+        "DualAnoDiffCompositeOnNormal",
     ]
     for node in nodes:
         schema = node.GET_SCHEMA()

@@ -1,0 +1,119 @@
+"""Placement control in ComfyUI (docs/placement.md): the DualAnoDiff Sampler's ``placement`` / ``normal`` inputs build
+an inpainting-style start latent, and DualAnoDiff Composite Onto Normal pastes the result into the photo."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..dualanodiff_core.method.layout import interleave
+from ..dualanodiff_core.method.placement import (
+    DEFAULT_FEATHER,
+    PlacementError,
+    as_region,
+    composite,
+    feather_alpha,
+    latent_region,
+)
+from .images import check_images, check_masks
+
+
+def _rows(t: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    if t.shape[0] == n:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(n, *t.shape[1:])
+    raise PlacementError(f"{what}: {t.shape[0]} in the batch for {n} pair(s); give 1 or {n}.")
+
+
+def placement_start(vae, pairs: int, width: int, height: int, placement=None, normal=None) -> tuple[dict, int]:
+    """The sampler's start LATENT for a placement region and/or normal photos: rows ``[g, a, g, a, ...]`` hold the
+    photo's latent (or zeros) and the mid-gray latent, and ``noise_mask`` (1 = generate) is the region on anomaly
+    rows and, with a photo, on global rows (everything elsewhere). Returns (latent, pairs)."""
+    if vae is None:
+        raise PlacementError("placement / normal need the vae input (to encode the photo and the gray background).")
+    if normal is not None:
+        normal = check_images(normal, "normal")[..., :3]
+        pairs, height, width = normal.shape[0], normal.shape[1], normal.shape[2]
+        if width % 8 or height % 8:
+            raise PlacementError(f"normal: the photos are {width}x{height}; width and height must be multiples of 8.")
+    if placement is not None:
+        m = check_masks(placement, "placement")
+        if tuple(m.shape[1:]) != (height, width):
+            raise PlacementError(
+                f"placement: the mask is {m.shape[2]}x{m.shape[1]} but the images are {width}x{height}; give a "
+                "mask of the image size."
+            )
+        region = _rows(as_region(m.float().cpu()), pairs, "placement")
+    else:
+        region = torch.ones((pairs, 1, height, width))
+    lat_region = latent_region(region, (height // 8, width // 8))
+    gray = vae.encode(torch.full((1, height, width, 3), 0.5))
+    if normal is not None:
+        photo = vae.encode(normal)
+        g_mask = lat_region.to(photo.device)
+    else:
+        photo = torch.zeros_like(gray).expand(pairs, -1, -1, -1)
+        g_mask = torch.ones_like(lat_region).to(photo.device)
+    samples = interleave(photo.float(), gray.float().expand(pairs, -1, -1, -1).to(photo.device))
+    mask = interleave(g_mask[:, 0], lat_region[:, 0].to(photo.device))
+    return {"samples": samples.contiguous(), "noise_mask": mask.contiguous()}, pairs
+
+
+class CompositeOnNormal(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DualAnoDiffCompositeOnNormal",
+            display_name="DualAnoDiff Composite Onto Normal",
+            category="DualAnoDiff/sampling",
+            description=(
+                "Pastes decoded images generated onto normal photos (DualAnoDiff Sampler with a normal input) back "
+                "into those photos: inside the placement region the generated pixels, fading out over a feathered "
+                "band, and outside the band the photo's pixels exactly (the VAE would otherwise change them a "
+                "little)."
+            ),
+            inputs=[
+                io.Image.Input("images", tooltip="The decoded global-branch images."),
+                io.Image.Input("normal", tooltip="The normal photos the images were generated onto (same order)."),
+                io.Int.Input(
+                    "feather",
+                    default=DEFAULT_FEATHER,
+                    min=0,
+                    max=256,
+                    tooltip="Width in pixels of the band outside the region where the result fades into the photo.",
+                ),
+                io.Mask.Input(
+                    "placement",
+                    optional=True,
+                    tooltip="The placement region given to the sampler (white = defects allowed); without it the "
+                    "whole image is generated and nothing is pasted.",
+                ),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE", tooltip="The photos with the generated region.")],
+        )
+
+    @classmethod
+    def execute(cls, images, normal, feather, placement=None) -> io.NodeOutput:
+        images = check_images(images, "images")
+        normal = check_images(normal, "normal")[..., :3]
+        b, h, w = images.shape[:3]
+        if tuple(normal.shape[1:3]) != (h, w):
+            raise PlacementError(
+                f"normal: the photos are {normal.shape[2]}x{normal.shape[1]} but the images are {w}x{h}; connect the "
+                "photos given to the sampler."
+            )
+        normal = _rows(normal, b, "normal")
+        if placement is None:
+            return io.NodeOutput(images)
+        m = check_masks(placement, "placement")
+        if tuple(m.shape[1:]) != (h, w):
+            raise PlacementError(f"placement: the mask is {m.shape[2]}x{m.shape[1]} but the images are {w}x{h}.")
+        alpha = feather_alpha(_rows(as_region(m.float().cpu()), b, "placement"), int(feather))
+        out = composite(
+            images[..., :3].movedim(-1, 1).float().cpu(), normal.movedim(-1, 1).float().cpu(), alpha
+        ).movedim(1, -1)
+        return io.NodeOutput(out.contiguous())
+
+
+NODES = [CompositeOnNormal]
