@@ -114,6 +114,19 @@ TYPES = {
         [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("weights", "STRING"), ("loss", "IMAGE")],
     ),
     "PreviewImage": ([("images", "IMAGE", False)], [], []),
+    "LoadImageSetFromFolderNode": ([], ["folder", "resize_method"], [("IMAGE", "IMAGE")]),
+    "ImageToMask": ([("image", "IMAGE", False)], ["channel"], [("MASK", "MASK")]),
+    "DualAnoDiffCompositeOnNormal": (
+        [("images", "IMAGE", False), ("normal", "IMAGE", False), ("placement", "MASK", True)],
+        ["feather"],
+        [("IMAGE", "IMAGE")],
+    ),
+}
+#: optional inputs added to a node type later: listed only on the nodes that use them, so the older workflows stay
+#: exactly as they were saved (and keep proving that they load)
+LATER_INPUTS = {
+    "DualAnoDiffSampler": [("placement", "MASK", True), ("normal", "IMAGE", True), ("vae", "VAE", True)],
+    "DualAnoDiffSaveDataset": [("placement", "MASK", True)],
 }
 MASK_DEFAULTS = {
     "gray": "median",
@@ -422,11 +435,61 @@ def graph_train():
     )
 
 
+def graph_generate_placement():
+    """A folder of normal photos + a region mask -> one pair per photo, defects only inside the region, pasted back
+    into the photos (exact pixels outside a feathered band) -> mask -> Save Dataset (rejects masks outside)."""
+    nodes = _common()
+    nodes += [
+        node(
+            20,
+            "LoadImageSetFromFolderNode",
+            [20, 420],
+            [360, 100],
+            {"folder": "normal_photos", "resize_method": "None"},
+            title="Normal photos: a folder in ComfyUI's input folder (all the same size)",
+        ),
+        node(
+            21,
+            "LoadImage",
+            [20, 580],
+            [360, 360],
+            {"image": "region.png"},
+            title="Placement region (white = defects allowed), the photos' size",
+        ),
+        node(22, "ImageToMask", [420, 700], [300, 60], {"channel": "red"}, links={"image": (21, 0)}),
+    ]
+    sampler = _dual_sampler((3, 0), 2.5)
+    sampler["links"].update(placement=(22, 0), normal=(20, 0), vae=(1, 2))
+    nodes.append(sampler)
+    tail = _decode_mask_save(8, (7, 0), (7, 1), 1570)
+    composite = node(
+        23,
+        "DualAnoDiffCompositeOnNormal",
+        [1570, 320],
+        [300, 100],
+        {"feather": 8},
+        links={"images": (8, 0), "normal": (20, 0), "placement": (22, 0)},
+        title="Paste into the photos",
+    )
+    for n in tail:
+        if n["type"] == "DualAnoDiffMaskFromAnomalyBranch":
+            n["links"]["image"] = (23, 0)
+            n["pos"] = [1920, 200]
+        elif n["type"] == "DualAnoDiffSaveDataset":
+            n["links"].update(images=(23, 0), placement=(22, 0))
+            n["widgets"]["dataset"] = "DualAnoDiff_placement"
+            n["pos"] = [2300, 40]
+        elif n["type"] == "PreviewImage":
+            n["pos"] = [2300, 340]
+    return nodes + tail + [composite]
+
+
 GRAPHS = {
     "dualanodiff_generate": graph_generate,
     "dualanodiff_generate_bcm": graph_generate_bcm,
     "dualanodiff_generate_ksampler": graph_generate_ksampler,
     "dualanodiff_train": graph_train,
+    "dualanodiff_generate_placement": graph_generate_placement,
 }
 
 
@@ -448,6 +511,9 @@ def to_ui(nodes) -> dict:
     ui_nodes = []
     for n in sorted(nodes, key=lambda n: n["id"]):
         inputs_def, widgets_def, _ = TYPES[n["type"]]
+        later = LATER_INPUTS.get(n["type"], [])
+        if any(name in n["links"] for name, _, _ in later):
+            inputs_def = inputs_def + later
         inputs = []
         for name, kind, _optional in inputs_def:
             inputs.append({"name": name, "type": kind, "link": None})

@@ -18,6 +18,8 @@ import comfy_env as ce
 
 PACK_DIR_NAME = "ComfyUI-DualAnoDiff"
 DEFECT_FOLDER = "toy_defect"
+PHOTO_FOLDER = "normal_photos"
+REGION_BOX = (8, 24, 40, 56)  # x0, y0, x1, y1
 
 
 def free_port() -> int:
@@ -55,6 +57,14 @@ def prepare_base(env, base: Path) -> None:
     image.paste((0, 0, 0, 0), (20, 20, 44, 44))  # transparent = the object, blacked out by BCM
     image.save(base / "input/background.png")
     make_flat(base / "input" / DEFECT_FOLDER, n=2, size=64)
+    # placement workflow: a folder of normal photos and a region mask (white = defects allowed)
+    (base / "input" / PHOTO_FOLDER).mkdir()
+    for k, color in enumerate(((200, 60, 40), (40, 160, 90))):
+        photo = Image.effect_noise((64, 64), 40).convert("RGB")
+        Image.blend(photo, Image.new("RGB", (64, 64), color), 0.6).save(base / "input" / PHOTO_FOLDER / f"p{k}.png")
+    region = Image.new("RGB", (64, 64), (0, 0, 0))
+    region.paste((255, 255, 255), REGION_BOX)
+    region.save(base / "input/region.png")
 
 
 class Server:

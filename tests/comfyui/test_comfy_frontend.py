@@ -23,7 +23,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 WORKFLOWS = ce.ROOT / "workflows"
-GRAPHS = ["dualanodiff_generate", "dualanodiff_generate_bcm", "dualanodiff_generate_ksampler", "dualanodiff_train"]
+GRAPHS = [
+    "dualanodiff_generate",
+    "dualanodiff_generate_bcm",
+    "dualanodiff_generate_ksampler",
+    "dualanodiff_generate_placement",
+    "dualanodiff_train",
+]
 SETTINGS = {
     "Comfy.TutorialCompleted": True,
     "Comfy.Minimap.Visible": False,
@@ -175,7 +181,7 @@ def test_workflow_loads_in_the_frontend_with_no_missing_nodes_and_runs(server, p
     assert files
     for kind, sub, filename in files:
         assert (server.base / kind / sub / filename).is_file(), (kind, sub, filename)
-    if name in ("dualanodiff_generate", "dualanodiff_generate_bcm"):
+    if name in ("dualanodiff_generate", "dualanodiff_generate_bcm", "dualanodiff_generate_placement"):
         assert any(sub.startswith(dataset) for _, sub, _ in files)
     if name == "dualanodiff_train":
         assert (server.base / "models" / "dualanodiff" / "frontend_trained.safetensors").is_file()

@@ -7,7 +7,12 @@ import json
 import comfy_env as ce
 import pytest
 import torch
-from test_comfy_nodes import _dual_sample, _loaded, _prompts, _run, weights_dir  # noqa: F401  (fixture)
+from test_comfy_nodes import _dual_sample, _loaded, _prompts, _run
+
+
+@pytest.fixture()
+def wdir(env, dirs):
+    return dirs.models
 
 
 def _region(y0, y1, x0, x1, size=32):
@@ -26,8 +31,8 @@ def test_new_nodes_and_inputs_are_registered(env):
     assert env.dataset.SaveDataset.INPUT_TYPES()["optional"]["placement"][0] == "MASK"
 
 
-def test_sampler_holds_rows_outside_the_region(env, tiny, weights_dir):
-    model, _, _, _ = _loaded(env, tiny, weights_dir, ce.random_weights(env, tiny.model, seed=2))
+def test_sampler_holds_rows_outside_the_region(env, tiny, wdir):
+    model, _, _, _ = _loaded(env, tiny, wdir, ce.random_weights(env, tiny.model, seed=2))
     prompts = _prompts(tiny)
     photos = torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(0))
     region = _region(0, 16, 0, 16)  # latent cells [0:2, 0:2] of 4x4
@@ -74,8 +79,8 @@ def _kwargs(model, prompts, pairs):
     )
 
 
-def test_sampler_placement_errors(env, tiny, weights_dir):
-    model, _, _, _ = _loaded(env, tiny, weights_dir, ce.random_weights(env, tiny.model))
+def test_sampler_placement_errors(env, tiny, wdir):
+    model, _, _, _ = _loaded(env, tiny, wdir, ce.random_weights(env, tiny.model))
     kw = _kwargs(model, _prompts(tiny), pairs=1)
     with pytest.raises(ValueError, match="vae input"):
         _run(env.sampler.DualSampler, **kw, placement=_region(0, 8, 0, 8))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import comfy_env as ce
 from anomalib_rules import load_mvtec
-from comfy_server import DEFECT_FOLDER, PACK_DIR_NAME
+from comfy_server import DEFECT_FOLDER, PACK_DIR_NAME, PHOTO_FOLDER, REGION_BOX
 
 ROOT = ce.ROOT
 WORKFLOWS = ROOT / "workflows"
@@ -28,8 +28,15 @@ NODE_IDS = [
     "DualAnoDiffMaskFromAnomalyBranch",
     "DualAnoDiffSaveDataset",
     "DualAnoDiffTrainer",
+    "DualAnoDiffCompositeOnNormal",
 ]
-GRAPHS = ["dualanodiff_generate", "dualanodiff_generate_bcm", "dualanodiff_generate_ksampler", "dualanodiff_train"]
+GRAPHS = [
+    "dualanodiff_generate",
+    "dualanodiff_generate_bcm",
+    "dualanodiff_generate_ksampler",
+    "dualanodiff_generate_placement",
+    "dualanodiff_train",
+]
 SMALL = [
     "--set",
     "CheckpointLoaderSimple.ckpt_name=tiny_sd15.ckpt",
@@ -234,6 +241,34 @@ def test_generate_with_background_compensation_over_the_api(server):
         "DualAnoDiffSaveDataset.dataset=api_bcm",
     )
     _dataset_saved(server, report, pairs=2, dataset="api_bcm")
+
+
+def test_placement_workflow_fills_a_dataset_from_a_photo_folder(server):
+    import numpy as np
+    from PIL import Image
+
+    report, _ = _queue(
+        server,
+        WORKFLOWS / "api/dualanodiff_generate_placement.json",
+        "--seed",
+        "5",
+        *SMALL_DUAL,
+        *ACCEPT_ALL,
+        "--set",
+        "DualAnoDiffSaveDataset.dataset=api_placement",
+    )
+    root, records = _dataset_saved(server, report, pairs=2, dataset="api_placement")  # one pair per photo
+    photos = [
+        np.asarray(Image.open(p).convert("RGB")) for p in sorted((server.base / "input" / PHOTO_FOLDER).iterdir())
+    ]
+    x0, y0, x1, y1 = REGION_BOX
+    outside = np.ones((64, 64), bool)
+    outside[y0 - 8 : y1 + 8, x0 - 8 : x1 + 8] = False  # the region and its 8 px feathered band
+    for r in records:
+        assert r["placement"] == "MASK input" and 0.0 <= r["outside_region"] <= 1.0
+        assert r["accepted"] == (r["reason"] == "ok") and r["reason"] in ("ok", "outside_region", "empty_mask")
+        image = np.asarray(Image.open(root / (r["files"].get("image") or r["files"]["rejected_image"])))
+        assert any(np.array_equal(image[outside], p[outside]) for p in photos), "the photo outside the band"
 
 
 def test_stock_ksampler_workflow_over_the_api(server):
