@@ -247,3 +247,140 @@ def test_websocket_client_reads_text_binary_fragmented_ping_and_close():
     server.close()
     assert received["path"] == "/ws?clientId=abc"
     assert received["pong"] == (0xA, 0x80, b"hi")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("127.0.0.1", ("http", "127.0.0.1", 8188)),
+        ("localhost:8190", ("http", "localhost", 8190)),
+        ("http://192.168.1.20:8188/", ("http", "192.168.1.20", 8188)),
+        ("https://comfy.example:9443", ("https", "comfy.example", 9443)),
+        ("HTTP://host", ("http", "host", 8188)),
+        ("https://host", ("https", "host", 443)),
+        ("[::1]:8189", ("http", "::1", 8189)),
+        ("::1", ("http", "::1", 8188)),
+    ],
+)
+def test_server_addresses_parse_like_comfyui(text, expected):
+    assert qb.parse_server(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("localhost:notaport", "port must be a number"),
+        ("127.0.0.1:99999", "from 1 to 65535"),
+        ("127.0.0.1:0", "from 1 to 65535"),
+        ("http://", "not a host name"),
+        ("", "not a host name"),
+        ("ftp://host:21", "http:// or https://"),
+        ("host:8188/comfy", "without a path"),
+        ("my host", "not a host name"),
+    ],
+)
+def test_bad_server_addresses_exit_2_with_one_line(tmp_path, capsys, text, words):
+    with pytest.raises(qb.UsageError, match=words):
+        qb.parse_server(text)
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps({"1": {"class_type": "X", "inputs": {}}}))
+    assert qb.run([str(wf), "--server", text]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --server") and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_a_stopped_server_is_one_error_line_without_a_websocket_message(tmp_path, capsys):
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps({"1": {"class_type": "X", "inputs": {"seed": 1}}}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert qb.run([str(wf), "--server", f"127.0.0.1:{port}", "--count", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cannot reach the ComfyUI server"), err
+    assert "websocket" not in err
+
+
+SERVER_INFO = {
+    "Sampler": {
+        "input": {
+            "required": {
+                "model": ["MODEL", {}],
+                "pairs": ["INT", {"default": 4, "min": 1, "max": 64}],
+                "cfg": ["FLOAT", {"min": 0.0, "max": 30.0}],
+                "sampler_name": ["COMBO", {"options": ["euler", "dpmpp_2m"]}],
+                "flag": ["BOOLEAN", {}],
+                "text": ["STRING", {}],
+            },
+            "optional": {"old_combo": [["a", "b"], {}]},
+            "hidden": {"prompt": "PROMPT"},
+        }
+    }
+}
+
+
+def test_set_refuses_unknown_inputs_naming_the_real_ones_and_bad_values():
+    wf = {"7": {"class_type": "Sampler", "inputs": {"pairs": 4, "model": ["1", 0]}}}
+    out = qb.apply_overrides(
+        wf, ["Sampler.pairs=2", "7.cfg=3", "7.sampler_name=euler", "7.text=123", "7.old_combo=b"], SERVER_INFO
+    )
+    assert out["7"]["inputs"] == {
+        "pairs": 2,
+        "model": ["1", 0],
+        "cfg": 3.0,
+        "sampler_name": "euler",
+        "text": "123",
+        "old_combo": "b",
+    }
+    with pytest.raises(qb.UsageError) as e:
+        qb.apply_overrides(wf, ["Sampler.pair=1"], SERVER_INFO)
+    message = str(e.value)
+    assert "Sampler has no input 'pair'" in message and "Did you mean 'pairs'?" in message
+    assert "model, pairs, cfg, sampler_name, flag, text, old_combo" in message and "prompt" not in message
+    for text, words in [
+        ("7.pairs=0", "outside the allowed range 1 to 64"),
+        ("7.pairs=2.5", "not a whole number"),
+        ("7.pairs=true", "not a whole number"),
+        ("7.cfg=high", "not a number"),
+        ("7.sampler_name=nope", "'nope' is not one of the choices: 'euler', 'dpmpp_2m'"),
+        ("7.old_combo=c", "not one of the choices"),
+        ("7.flag=1", "not true or false"),
+        ("7.model=3", "is connected to another node"),
+    ]:
+        with pytest.raises(qb.UsageError, match=words):
+            qb.apply_overrides(wf, [text], SERVER_INFO)
+    with pytest.raises(qb.UsageError, match=r"takes a connection \(MODEL\) from another node"):
+        qb.apply_overrides({"7": {"class_type": "Sampler", "inputs": {}}}, ["7.model=3"], SERVER_INFO)
+    with pytest.raises(qb.UsageError, match="has no input 'sed'"):
+        qb.seed_targets(wf, ["7.sed"], SERVER_INFO)
+
+
+def test_count_makes_the_seeds_count_up_or_refuses_identical_prompts():
+    wf = {
+        "1": {"class_type": "Sampler", "inputs": {"seed": 10}},
+        "2": {"class_type": "KSampler", "inputs": {"noise_seed": 50}},
+        "3": {"class_type": "DualAnoDiffTrainer", "inputs": {"seed": 32}},
+    }
+    targets = qb.seed_targets(wf)
+    assert sorted(targets) == [("1", "seed"), ("2", "noise_seed")]
+    plans = qb.plan_seeds(wf, targets, 3)  # no --seed: the workflow's own seeds count up
+    assert [(p[("1", "seed")], p[("2", "noise_seed")]) for p in plans] == [(10, 50), (11, 51), (12, 52)]
+    plans = qb.plan_seeds(wf, targets, 2, seed=7)
+    assert [p[("1", "seed")] for p in plans] == [7, 8] and [p[("2", "noise_seed")] for p in plans] == [7, 8]
+    assert [p[("1", "seed")] for p in qb.plan_seeds(wf, targets, 1, seeds_text="5,9")] == [5, 9]
+    assert qb.plan_seeds(wf, targets, 1) == [{("1", "seed"): 10, ("2", "noise_seed"): 50}]
+    assert qb.plan_seeds({"1": {"class_type": "X", "inputs": {}}}, [], 1) == [{}]
+    with pytest.raises(qb.UsageError, match="3 prompts would be identical"):
+        qb.plan_seeds({"1": {"class_type": "X", "inputs": {}}}, [], 3)
+    with pytest.raises(qb.UsageError, match="no seed input"):
+        qb.plan_seeds({"1": {"class_type": "X", "inputs": {}}}, [], 1, seed=4)
+    with pytest.raises(qb.UsageError, match="--count 0"):
+        qb.plan_seeds(wf, targets, 0)
+    with pytest.raises(qb.UsageError, match="between 0 and 2"):
+        qb.plan_seeds(wf, targets, 1, seed=-1)
+
+
+def test_node_text_messages_are_decoded():
+    payload = struct.pack(">I", 3) + struct.pack(">I", 2) + b"12" + "warning: ü".encode()
+    assert qb.node_text(payload) == ("12", "warning: ü")
+    assert qb.node_text(struct.pack(">I", 1) + b"\x00" * 8) is None  # a preview image
