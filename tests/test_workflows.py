@@ -29,7 +29,7 @@ qb = _load("queue_batch")
 @pytest.mark.parametrize("name", sorted(build.GRAPHS))
 def test_committed_workflows_are_the_generated_ones(name):
     nodes = build.GRAPHS[name]()
-    assert json.loads((WORKFLOWS / f"{name}.json").read_text()) == json.loads(json.dumps(build.to_ui(nodes)))
+    assert json.loads(build.ui_path(name).read_text()) == json.loads(json.dumps(build.to_ui(nodes)))
     assert json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()) == json.loads(json.dumps(build.to_api(nodes)))
 
 
@@ -39,10 +39,30 @@ def test_every_ui_workflow_has_a_thumbnail(name):
     # ComfyUI's frontend (tests/comfyui/test_comfy_frontend.py with DUALANODIFF_WRITE_THUMBNAILS=1)
     from PIL import Image
 
-    path = WORKFLOWS / f"{name}.jpg"
+    path = build.ui_path(name).with_suffix(".jpg")
     with Image.open(path) as im:
         assert im.format == "JPEG" and im.size == (1024, 768), (path, im.format, im.size)
         assert len(set(im.convert("L").resize((64, 48)).getdata())) > 8  # a picture, not a blank canvas
+
+
+def test_templates_are_titled_and_numbered_with_the_basic_generate_workflow_first():
+    # ComfyUI's template browser titles a pack's templates by file name and lists them in directory order
+    names = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+    assert names == sorted(build.TEMPLATES.values())
+    assert [build.TEMPLATES[g][: len("DualAnoDiff 1")] for g in build.GRAPHS] == [
+        f"DualAnoDiff {i}" for i in range(1, 5)
+    ]
+    assert build.TEMPLATES["dualanodiff_generate"] == "DualAnoDiff 1 - generate defects and masks"
+    assert sorted(p.stem for p in WORKFLOWS.glob("*.jpg")) == names  # a thumbnail beside each
+
+
+def test_linked_prompt_boxes_say_their_text_is_unused():
+    for name in build.GRAPHS:
+        ui = json.loads(build.ui_path(name).read_text())
+        for n in ui["nodes"]:
+            if n["type"] == "CLIPTextEncode" and any(i["name"] == "text" and i["link"] for i in n["inputs"]):
+                assert n["widgets_values"][0].startswith("(not used: the text comes from"), (name, n["title"])
+                assert "from the weights" in n["title"]
 
 
 def test_only_ui_files_sit_directly_in_workflows():

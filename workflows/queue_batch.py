@@ -4,7 +4,8 @@
 Standard library only: copy it anywhere and run it with any Python >= 3.9.
 
     python workflows/queue_batch.py workflows/api/dualanodiff_generate.json --count 8 --seed 1000
-    python workflows/queue_batch.py workflows/dualanodiff_generate_bcm.json --server 192.168.1.20:8188 \\
+    python workflows/queue_batch.py "workflows/DualAnoDiff 2 - generate on your background (BCM).json" \\
+        --server 192.168.1.20:8188 \\
         --seeds 1,2,3 --set DualAnoDiffLoRALoader.weights=bottle_broken.safetensors --set DualAnoDiffSampler.pairs=8
 
 * WORKFLOW is API format ("Export (API)" in ComfyUI) or UI format (a saved workflow / template); UI format is
