@@ -520,7 +520,7 @@ def test_warnings_reach_the_user_not_only_the_log(server):
     said = report["prompts"][0]["messages"]
     assert any(m.startswith("node 9 (KSampler): DualAnoDiff: both images of a pair got the same prompt") for m in said)
     # weights trained on another checkpoint: the loader says so on its node
-    weights_mod = importlib.import_module(f"{ce.PACK}.dualanodiff_core.weights")
+    weights_mod = importlib.import_module(f"{ce.PACK}.dualanodiff_core.method.weights")
     w = weights_mod.DualAnoDiffWeights.load(server.base / "models" / "dualanodiff" / "test_defect.safetensors")
     meta = dict(w.metadata, base_model="CheckpointLoaderSimple (ckpt_name=sd15/other_model.safetensors)")
     weights_mod.DualAnoDiffWeights(w.tensors, meta).save(
