@@ -1,4 +1,4 @@
-"""Pre-train the MiniDefect base model (see dualanodiff_core/minidefect_pretrain.py and readme_parts/minidefect.md).
+"""Pre-train the MiniDefect base model (see dualanodiff_core/minidefect/pretrain.py and docs/minidefect.md).
 
     OMP_NUM_THREADS=1 python scripts/pretrain_minidefect.py --out dualanodiff_core/assets/minidefect-sd \
         --grid docs/images/minidefect_base_samples.png
