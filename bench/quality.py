@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dualanodiff_core import evaluation as ev  # noqa: E402
-from dualanodiff_core import minidefect as md  # noqa: E402
+from dualanodiff_core.evaluation import benchmark as ev  # noqa: E402
 from dualanodiff_core.fileio import write_json_atomic  # noqa: E402
+from dualanodiff_core.minidefect import procedural as md  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -72,7 +72,7 @@ class DemoConfig:
     threads: int = 0  # 0 = torch's default
 
     def validate(self) -> DemoConfig:
-        from . import minidefect as md
+        from ..minidefect import procedural as md
 
         if self.product not in md.PRODUCTS:
             raise ValueError(f"--product {self.product!r}: choose one of {', '.join(md.PRODUCTS)}")
@@ -170,7 +170,7 @@ class _Stages:
     """Keeps OUT/demo.json: the settings each finished stage was made with, so a rerun reuses what still fits."""
 
     def __init__(self, out: Path, config: DemoConfig, overwrite: bool, log: Callable[[str], None]):
-        from .fileio import write_json_atomic
+        from ..fileio import write_json_atomic
 
         self._write = write_json_atomic
         self.out, self.config, self.log = out, config, log
@@ -240,13 +240,13 @@ def run_demo(
     """Run the demo; returns the report dict (also written to ``OUT/report.json``)."""
     import torch
 
-    from . import evaluation as ev
-    from . import minidefect as md
-    from .data import find_defect_set
-    from .fileio import write_json_atomic, write_text_atomic
-    from .generate import SamplingOptions, generate_dataset
-    from .train import TrainConfig
-    from .train_diffusers import train_from_folder
+    from ..dataset.generate import SamplingOptions, generate_dataset
+    from ..evaluation import benchmark as ev
+    from ..fileio import write_json_atomic, write_text_atomic
+    from ..minidefect import procedural as md
+    from ..sd15.training import train_from_folder
+    from ..training.data import find_defect_set
+    from ..training.trainer import TrainConfig
 
     config.validate()
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -343,7 +343,7 @@ def run_demo(
             f"[3/{n_stages}] generate: {config.samples} pairs, {config.sampler} {config.sampling_steps} steps, "
             f"cfg {config.cfg}"
         )
-        from .diffusers_backend import DualAnoDiffPipeline
+        from ..sd15.pipeline import DualAnoDiffPipeline
 
         def load():
             return DualAnoDiffPipeline.from_pretrained(model, weights, device=device)
@@ -385,7 +385,7 @@ def run_demo(
     bench_cfg = ev.BenchConfig(
         sources=sources, seeds=(0,), seg=ev.SegConfig(steps=max(1, config.seg_steps)), n_synthetic=200
     )
-    from .export import iter_records
+    from ..dataset.export import iter_records
 
     accepted = sum(1 for r in iter_records(generated, config.product, config.defect) if r.get("accepted"))
     if not accepted:
@@ -475,9 +475,9 @@ def demo_contact_sheet(
     images, each above its anomaly-branch image and its mask overlaid. Written atomically."""
     from PIL import Image, ImageDraw
 
-    from .export import _font, iter_records, mask_overlay
-    from .fileio import save_image_atomic
-    from .minidefect import few_shot_split
+    from ..dataset.export import _font, iter_records, mask_overlay
+    from ..fileio import save_image_atomic
+    from ..minidefect.procedural import few_shot_split
 
     font = _font()
     label_h = 14

@@ -28,9 +28,9 @@ Defaults are the reference's (rank 32, AdamW 2e-5, weight decay 1e-2, clip 1.0, 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .data import CROPS, FLIPS, SPLIT_HELP, SPLITS
-    from .train import PRECISIONS, TrainConfig
-    from .weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL
+    from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL
+    from ..training.data import CROPS, FLIPS, SPLIT_HELP, SPLITS
+    from ..training.trainer import PRECISIONS, TrainConfig
 
     d = TrainConfig()
     p.description = DESCRIPTION
@@ -216,7 +216,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def config_from_args(args: argparse.Namespace):
-    from .train import TrainConfig
+    from ..training.trainer import TrainConfig
 
     return TrainConfig(
         steps=args.steps,
@@ -294,7 +294,7 @@ def _fmt_time(s: float) -> str:
 
 def _clear_previous_run(work_dir: Path) -> None:
     """--overwrite: remove only what an earlier run wrote (checkpoints, loss log)."""
-    from .train import CHECKPOINT_RE
+    from ..training.trainer import CHECKPOINT_RE
 
     ck = work_dir / "checkpoints"
     if ck.is_dir():
@@ -309,8 +309,8 @@ def _clear_previous_run(work_dir: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from .data import DataWarning, DefectDataset, find_defect_set
-    from .train import TrainingError, list_checkpoints
+    from ..training.data import DataWarning, DefectDataset, find_defect_set
+    from ..training.trainer import TrainingError, list_checkpoints
 
     config = config_from_args(args)
     output = Path(args.output)
@@ -390,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
         def say(msg):
             (bar.write(msg, file=sys.stderr) if bar is not None else echo(msg))
 
-        from .train_diffusers import train_from_folder
+        from ..sd15.training import train_from_folder
 
         try:
             with _graceful_interrupt(flag, say):

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .generate import (
+from ..dataset.generate import (
     BCM_REFERENCE_CFG,
     BCM_REFERENCE_STEPS,
     DEFAULT_CFG,
@@ -258,9 +258,9 @@ def _device(name: str):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .generate import BackgroundSet, SamplingOptions, generate_dataset
-    from .masks import MaskOptions
-    from .quality import FilterOptions
+    from ..dataset.acceptance import FilterOptions
+    from ..dataset.generate import BackgroundSet, SamplingOptions, generate_dataset
+    from ..dataset.masks import MaskOptions
 
     weights = Path(args.weights)
     if not weights.is_file():
@@ -311,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
 
     def load():
-        from .diffusers_backend import DualAnoDiffPipeline
+        from ..sd15.pipeline import DualAnoDiffPipeline
 
         print(f"loading {base} + {weights} on {device} ({args.dtype}) ...", file=sys.stderr)
         return DualAnoDiffPipeline.from_pretrained(base, weights, dtype=dtype, device=device)
