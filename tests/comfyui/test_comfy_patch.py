@@ -1,4 +1,5 @@
-"""The object-patch mechanism on a tiny in-process ComfyUI model (COMFYUI.md §2-4)."""
+"""The object-patch mechanism on a tiny in-process ComfyUI model (docs/comfyui.md, "How the pack hooks into
+ComfyUI")."""
 
 import logging
 
