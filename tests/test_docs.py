@@ -164,6 +164,8 @@ def test_mentioned_paths_exist():
     for path in DOC_FILES:
         text = path.read_text()
         for token in re.findall(r"`([^`\n]+)`", text):
+            if (ROOT / token).exists() and "/" in token:  # a whole path with spaces (the UI workflow files)
+                continue
             for part in re.split(r"[\s,]+", token):
                 part = part.rstrip(".:;)")
                 if re.search(r"[<>{}*…]", part):
