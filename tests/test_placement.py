@@ -253,3 +253,28 @@ def test_region_folder_needs_one_mask_per_photo(assets, tmp_path, capsys):
     assert [p.name for p in ps.regions] == ["p0_mask.png", "p1.png"]
     assert gen(assets, tmp_path / "o", "--normal", str(assets / "photos"), "--backgrounds", str(assets / "photos")) == 2
     assert "drop --backgrounds" in capsys.readouterr().err
+
+
+def test_dataset_with_bcm_weights_uses_each_photo_as_its_background(assets, tmp_path):
+    from dualanodiff_core.dataset.generate import SamplingOptions, generate_dataset, sample_seed
+    from dualanodiff_core.fileio import pil_to_tensor
+
+    pipe = make_pipe(bcm=True)
+    seen = []
+    real = pipe.generate
+    pipe.generate = lambda *a, **kw: seen.append(kw) or real(*a, **kw)
+    ps = PlacementSet.from_paths(assets / "photos", assets / "region.png")
+    generate_dataset(
+        pipe, tmp_path / "o", 2, batch_size=2, sampling=SamplingOptions(steps=1, height=S, width=S), placement=ps,
+        progress=False, contact_sheets=False,
+    )  # fmt: skip
+    (kw,) = seen
+    photos = pil_to_tensor([ps.get(0, (S, S)).normal, ps.get(1, (S, S)).normal], signed=True)
+    assert torch.equal(kw["normal"], photos) and kw["placement"].shape == (2, 1, S, S)
+    assert kw["background_latents"].shape == (2, 4, 8, 8), "one BCM background per sample: its photo"
+    gens = [torch.Generator().manual_seed(sample_seed(0, i)) for i in (0, 1)]
+    for g in gens:  # the sample's own generator: first its starting noise, then its background encoding
+        torch.randn((2, 4, 8, 8), generator=g)
+    with torch.no_grad():
+        want = torch.cat([pipe.encode_background(photos[i : i + 1], g) for i, g in enumerate(gens)])
+    assert torch.equal(kw["background_latents"], want), "encoded from the photos"
