@@ -143,18 +143,22 @@ def measure(out: Path, product: str, defect: str, region: np.ndarray, feather: i
 
 
 def contact_sheet(work: Path, products, region: np.ndarray, path: Path, per: int = 4, scale: int = 2) -> None:
-    """Rows: samples of the ``normal`` runs; columns: normal photo | region | result | mask."""
+    """Rows: the first samples of the ``normal`` runs (accepted ones first); columns: normal photo | region | result
+    | mask (a rejected sample's mask tile names the reason)."""
     s = SIZE * scale
     rows = []
     for product, defect in products:
         out = work / product / "gen" / "normal"
-        recs = sorted((r for r in iter_records(out, product, defect) if r["accepted"]), key=lambda r: r["index"])
+        recs = sorted(iter_records(out, product, defect), key=lambda r: (not r["accepted"], r["index"]))
         for r in recs[:per]:
             photo = Image.open(r["normal"]).convert("RGB")
             reg = Image.fromarray((region * 255).astype(np.uint8)).convert("RGB")
-            result = Image.open(out / r["files"]["image"]).convert("RGB")
-            mask = Image.open(out / r["files"]["mask"]).convert("RGB")
-            rows.append([im.resize((s, s), Image.NEAREST) for im in (photo, reg, result, mask)])
+            result = Image.open(out / r["files"]["image" if r["accepted"] else "rejected_image"]).convert("RGB")
+            mask = Image.open(out / r["files"]["mask" if r["accepted"] else "rejected_mask"]).convert("RGB")
+            tiles = [im.resize((s, s), Image.NEAREST) for im in (photo, reg, result, mask)]
+            label = f"{product} ok" if r["accepted"] else f"{product} {r['reason']}"
+            ImageDraw.Draw(tiles[3]).text((2, s - 12), label, fill=(255, 80, 80))
+            rows.append(tiles)
     head = 16
     sheet = Image.new("RGB", (4 * s + 5 * 4, head + len(rows) * (s + 4) + 4), "white")
     draw = ImageDraw.Draw(sheet)

@@ -462,20 +462,20 @@ def graph_generate_placement():
         node(
             20,
             "LoadImageSetFromFolderNode",
-            [20, 420],
-            [360, 100],
+            [420, 460],
+            [400, 100],
             {"folder": "normal_photos", "resize_method": "None"},
-            title="Normal photos: a folder in ComfyUI's input folder (all the same size)",
+            title="Normal photos (input folder, one size)",
         ),
         node(
             21,
             "LoadImage",
-            [20, 580],
-            [360, 360],
+            [420, 620],
+            [400, 360],
             {"image": "region.png"},
-            title="Placement region (white = defects allowed), the photos' size",
+            title="Placement region (white = allowed)",
         ),
-        node(22, "ImageToMask", [420, 700], [300, 60], {"channel": "red"}, links={"image": (21, 0)}),
+        node(22, "ImageToMask", [800, 690], [360, 60], {"channel": "red"}, links={"image": (21, 0)}),
     ]
     sampler = _dual_sampler((3, 0), 2.5)
     sampler["links"].update(placement=(22, 0), normal=(20, 0), vae=(1, 2))
@@ -500,7 +500,8 @@ def graph_generate_placement():
             n["pos"] = [2300, 40]
         elif n["type"] == "PreviewImage":
             n["pos"] = [2300, 340]
-    return nodes + tail + [composite]
+    # the frontend draws Load Image at least 395 px wide: the columns right of it move over
+    return _shift(nodes + tail + [composite], 800, 70)
 
 
 GRAPHS = {
