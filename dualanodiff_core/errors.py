@@ -1,0 +1,28 @@
+"""The one error type of DualAnoDiff: every failure a user can act on is a :class:`DualAnoDiffError`.
+
+Its message names what went wrong, which file or option, and what to do. ``exit_code`` is what the ``dualanodiff``
+command exits with: 2 for bad input (:class:`DualAnoDiffError` itself and most subclasses), 1 for a failure during a
+run that the input did not cause (:class:`RunError`, e.g. the disk filled up). The command prints the message in one
+or two lines, never a traceback (``--debug`` shows one).
+
+The older error classes (``DatasetError``, ``WeightsError``, ``DataError``, ...) derive from it and still derive from
+``ValueError`` as before, so existing ``except ValueError`` code keeps working.
+"""
+
+from __future__ import annotations
+
+
+class DualAnoDiffError(Exception):
+    """A failure the user can fix: bad input (a file, a folder, an option)."""
+
+    exit_code = 2
+
+
+class RunError(DualAnoDiffError):
+    """A failure during a run (disk full, out of memory, a file vanished); finished work is kept."""
+
+    exit_code = 1
+
+
+class InputError(DualAnoDiffError, ValueError):
+    """A bad option value or input file (a ``ValueError`` too)."""
