@@ -43,7 +43,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .. import _testhook
 from ..errors import DualAnoDiffError
-from ..fileio import _pid_alive, save_image_atomic, sweep_temp_files, write_text_atomic
+from ..fileio import _pid_alive  # noqa: F401  (its old home)
+from ..fileio import save_image_atomic, sweep_temp_files, write_text_atomic
 from .acceptance import FilterDecision
 from .masks import MaskResult, erode, mask_to_pil
 
@@ -350,7 +351,8 @@ class DatasetWriter:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as e:
                 raise DatasetError(
-                    f"{self.out}: cannot create the lock file {path.name} ({e.strerror}); give a folder you can write to."
+                    f"{self.out}: cannot create the lock file {path.name} ({e.strerror}); "
+                    "give a folder you can write to."
                 ) from None
             if _try_lock(fd):
                 # the lock file may have been removed and re-created by a writer that just finished: the lock
