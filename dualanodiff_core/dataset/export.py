@@ -43,7 +43,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .. import _testhook
 from ..errors import DualAnoDiffError
-from ..fileio import _pid_alive  # noqa: F401  (its old home)
 from ..fileio import save_image_atomic, sweep_temp_files, write_text_atomic
 from .acceptance import FilterDecision
 from .masks import MaskResult, erode, mask_to_pil
