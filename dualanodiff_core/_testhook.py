@@ -8,7 +8,8 @@ outside the tests) it costs one environment lookup.
 
 Points: ``lock`` (the dataset lock is held, its owner record not yet written), ``sample_commit`` (a sample's files are
 partly renamed into place), ``manifest_line`` (a sample's files are in place, its manifest line not yet written),
-``atomic_write`` (a temp file is written, not yet renamed onto its target).
+``atomic_write`` (a temp file is written, not yet renamed onto its target), ``checkpoint_write`` (a training
+checkpoint is in its temp file).
 """
 
 from __future__ import annotations

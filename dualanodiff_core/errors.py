@@ -26,3 +26,7 @@ class RunError(DualAnoDiffError):
 
 class InputError(DualAnoDiffError, ValueError):
     """A bad option value or input file (a ``ValueError`` too)."""
+
+
+class MissingInputError(DualAnoDiffError, FileNotFoundError):
+    """A file or folder given as input does not exist (a ``FileNotFoundError`` too)."""

@@ -250,7 +250,9 @@ def pick_device(name: str) -> str:
 
     if name != "auto":
         if name.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu.")
+            from ..errors import InputError
+
+            raise InputError(f"--device {name}: CUDA is not available here; use --device cpu.")
         return name
     if torch.cuda.is_available():
         return "cuda"
@@ -356,6 +358,15 @@ def run(args: argparse.Namespace) -> int:
                 _clear_previous_run(work_dir)
 
         device = pick_device(args.device)
+        # cheap checks of the base model and the output locations before the heavy load
+        from ..fileio import check_output_dir, check_output_file
+        from ..sd15.loading import check_base_model
+
+        if Path(args.model).is_dir():
+            check_base_model(args.model)
+        created = [d for d in (output.parent, work_dir) if not d.exists()]
+        check_output_file(output, "--output")
+        check_output_dir(work_dir, "--work-dir")
         echo(f"model: {args.model} on {device} ({config.precision})")
         flag: dict = {}
         bar = None
@@ -410,9 +421,20 @@ def run(args: argparse.Namespace) -> int:
         except TrainingError as e:
             echo(f"dualanodiff train: error: {e}")
             return 1
+        except OSError as e:
+            from ..errors import RunError
+            from ..fileio import os_error_message
+
+            raise RunError(
+                f"{os_error_message(e)} (checkpoints written so far are kept; continue with the same command plus "
+                "--resume)"
+            ) from e
         finally:
             if bar is not None:
                 bar.close()
+            for d in reversed(created):  # a run that failed before writing anything leaves no empty folder
+                with contextlib.suppress(OSError):
+                    d.rmdir()
 
     echo(f"loss log: {work_dir / 'loss.csv'}, curve: {work_dir / 'loss.png'}")
     if result.completed:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import sys
 import warnings
@@ -23,7 +24,8 @@ import torch
 from PIL import Image
 
 from .. import __version__
-from ..imageutil import pil_to_tensor, tensor_to_pil
+from ..errors import InputError, MissingInputError
+from ..imageutil import open_image, pil_to_tensor, tensor_to_pil
 from ..training.backgrounds import make_background
 from .acceptance import FilterOptions, check_pair
 from .export import DatasetWriter, ExportSample, check_name, digits_for, sha256_file
@@ -34,6 +36,19 @@ DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_CFG = "pndm", 100, 2.5
 BCM_REFERENCE_STEPS, BCM_REFERENCE_CFG = 50, 2.0
 DEFAULT_SWITCH_EVERY = 50  # the reference switches the BCM background every 50 samples (10 for screw)
 BACKGROUND_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+#: largest image side generated unless raised (``max_side``, ``--max-size``): SD1.5 is made for 512 px, and memory
+#: grows with the square of the side (a 100000 px request would try to allocate tens of GB at once)
+MAX_SIDE = 2048
+
+
+def check_size(width: int, height: int, max_side: int = MAX_SIDE, option: str = "--size") -> None:
+    """Refuse sizes beyond ``max_side`` before anything is allocated."""
+    if max(width, height) > max_side:
+        raise InputError(
+            f"{option} {width}x{height}: larger than the maximum side of {max_side} px (SD1.5 is made for 512; "
+            f"memory grows with the square of the side); use a smaller size, or raise the maximum "
+            f"(--max-size / max_side) if your device has the memory."
+        )
 
 
 def sample_seed(base_seed: int, index: int) -> int:
@@ -63,18 +78,29 @@ class SamplingOptions:
         from ..sd15.pipeline import SAMPLERS
 
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+            raise InputError(f"sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
         if int(self.steps) != self.steps or self.steps < 1:
-            raise ValueError(f"steps={self.steps}: must be a whole number >= 1 (reference: 100, BCM reference: 50)")
+            raise InputError(f"steps={self.steps}: must be a whole number >= 1 (reference: 100, BCM reference: 50)")
         if not (0.0 <= self.cfg <= 30.0):
-            raise ValueError(f"cfg={self.cfg}: must lie in [0, 30] (reference: 2.5; <= 1 turns guidance off)")
+            raise InputError(f"cfg={self.cfg}: must lie in [0, 30] (reference: 2.5; <= 1 turns guidance off)")
         for k in ("height", "width"):
             v = getattr(self, k)
             if int(v) != v or v < 8 or v % 8:
-                raise ValueError(f"{k}={v}: must be a positive multiple of 8 (512 for SD1.5)")
+                raise InputError(f"{k}={v}: must be a positive multiple of 8 (512 for SD1.5)")
         object.__setattr__(self, "lora_strength", tuple(float(x) for x in self.lora_strength))
         if len(self.lora_strength) != 2:
-            raise ValueError("lora_strength: give two values (global branch, anomaly branch)")
+            raise InputError("lora_strength: give two values (global branch, anomaly branch)")
+        for k in ("lora_strength", "saim_strength", "bcm_strength", "text_strength", "cfg"):
+            v = getattr(self, k)
+            if not all(math.isfinite(float(x)) for x in (v if isinstance(v, tuple) else (v,))):
+                raise InputError(f"{k}={v}: must be a finite number (1.0 is the trained strength)")
+        for k in ("prompt_global", "prompt_anomaly"):
+            v = getattr(self, k)
+            if v is not None and not str(v).strip():
+                raise InputError(
+                    f"{k} is empty: give the prompt the weights were trained with, or leave it unset to use the one "
+                    "stored in the weights"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -106,16 +132,16 @@ class BackgroundSet:
     ):
         self.images = [Path(p) for p in images]
         if not self.images:
-            raise ValueError("BackgroundSet: no background images given")
+            raise InputError("BackgroundSet: no background images given")
         if object_masks is not None and len(object_masks) != len(self.images):
-            raise ValueError("BackgroundSet: give one object mask per background image (or none)")
+            raise InputError("BackgroundSet: give one object mask per background image (or none)")
         self.masks = (
             [None if m is None else Path(m) for m in object_masks]
             if object_masks is not None
             else [None] * len(self.images)
         )
         if int(switch_every) != switch_every or switch_every < 1:
-            raise ValueError(f"switch_every={switch_every}: must be a whole number >= 1 (reference: 50, screw: 10)")
+            raise InputError(f"switch_every={switch_every}: must be a whole number >= 1 (reference: 50, screw: 10)")
         self.switch_every = int(switch_every)
         self._cache: dict[tuple[int, tuple[int, int]], BackgroundItem] = {}
 
@@ -128,18 +154,18 @@ class BackgroundSet:
     ) -> BackgroundSet:
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"backgrounds folder {folder} does not exist; give a folder of normal "
                 "(defect-free) images, e.g. <mvtec>/<category>/train/good"
             )
         images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in BACKGROUND_SUFFIXES)
         if not images:
-            raise FileNotFoundError(f"backgrounds folder {folder} holds no images ({', '.join(BACKGROUND_SUFFIXES)})")
+            raise MissingInputError(f"backgrounds folder {folder} holds no images ({', '.join(BACKGROUND_SUFFIXES)})")
         masks = None
         if mask_folder is not None:
             mask_folder = Path(mask_folder)
             if not mask_folder.is_dir():
-                raise FileNotFoundError(f"object-mask folder {mask_folder} does not exist")
+                raise MissingInputError(f"object-mask folder {mask_folder} does not exist")
             by_stem: dict[str, Path] = {}
             for p in sorted(mask_folder.iterdir()):
                 if p.is_file() and p.suffix.lower() in BACKGROUND_SUFFIXES:
@@ -148,7 +174,7 @@ class BackgroundSet:
             for img in images:
                 m = by_stem.get(img.stem) or by_stem.get(f"{img.stem}_mask")
                 if m is None:
-                    raise FileNotFoundError(
+                    raise MissingInputError(
                         f"no object mask for background {img.name} in {mask_folder} (looked for {img.stem}.* and "
                         f"{img.stem}_mask.*); give one mask per background image, white = object"
                     )
@@ -167,17 +193,17 @@ class BackgroundSet:
                 self._cache.clear()
             path, mpath = self.images[k], self.masks[k]
             try:
-                with Image.open(path) as im:
+                with open_image(path, "background") as im:
                     normal = im.convert("RGB")
                 obj = None
                 if mpath is not None:
-                    with Image.open(mpath) as mm:
+                    with open_image(mpath, "object mask") as mm:
                         obj = mm.convert("L")
             except OSError as e:
                 what = path if mpath is None else f"{path} / {mpath}"
-                raise ValueError(f"cannot read background {what}: {e}") from None
+                raise InputError(f"cannot read background {what}: {e}") from None
             if obj is not None and obj.size != normal.size:
-                raise ValueError(
+                raise InputError(
                     f"object mask {mpath} is {obj.size[0]}x{obj.size[1]} but {path} is "
                     f"{normal.size[0]}x{normal.size[1]}; they must match"
                 )
@@ -272,6 +298,7 @@ def generate_dataset(
     dtype: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    max_side: int = MAX_SIDE,
 ) -> GenerateSummary:
     """Generate samples ``0..n-1`` of ``category/defect`` into ``out`` (see
     :mod:`dualanodiff_core.dataset.export` for the layout); samples already there are kept and skipped.
@@ -282,15 +309,16 @@ def generate_dataset(
     masks are given) to reject pairs / drop mask parts that the image does not show. Returns a summary.
     """
     if int(n) != n or n < 1:
-        raise ValueError(f"n={n}: generate at least one sample")
+        raise InputError(f"n={n}: generate at least one sample")
     if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be a whole number >= 1")
+        raise InputError(f"batch_size={batch_size}: must be a whole number >= 1")
     category, defect = check_name(category, "category"), check_name(defect, "defect")
     sampling = sampling or SamplingOptions()
+    check_size(sampling.width, sampling.height, max_side)
     mask_options = mask_options or MaskOptions()
     filter_options = filter_options or FilterOptions()
     if (filter_against_background or refine_mask) and backgrounds is None:
-        raise ValueError(
+        raise InputError(
             "filter_against_background / refine_mask compare with the BCM background's normal image: "
             "give backgrounds (--backgrounds)"
         )
@@ -407,7 +435,7 @@ def _run(
 
     has_bcm = bool(getattr(pipe, "dual", None) is not None and pipe.dual.config.get("bcm"))
     if backgrounds is not None and not has_bcm:
-        raise ValueError(
+        raise InputError(
             "backgrounds were given, but these weights have no BCM layers (they were trained without "
             "background compensation): drop --backgrounds, or use weights trained with BCM"
         )
@@ -420,7 +448,7 @@ def _run(
     f = pipe.vae_scale_factor
     W, H = sampling.width, sampling.height
     if H % f or W % f:
-        raise ValueError(f"--size {W}x{H}: height and width must be multiples of {f} for this model")
+        raise InputError(f"--size {W}x{H}: height and width must be multiples of {f} for this model")
     channels = pipe.unet.config.in_channels
     meta = getattr(pipe, "metadata", {}) or {}
     from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL

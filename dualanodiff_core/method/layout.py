@@ -17,13 +17,15 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import DualAnoDiffError
+
 BRANCHES = 2
 GLOBAL = 0
 ANOMALY = 1
 BRANCH_NAMES = ("global", "anomaly")
 
 
-class LayoutError(ValueError):
+class LayoutError(DualAnoDiffError, ValueError):
     """A batch does not hold whole interleaved (global, anomaly) pairs."""
 
 

@@ -45,7 +45,9 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from ..fileio import atomic_path, save_image_atomic, write_json_atomic, write_text_atomic
+from .. import _testhook
+from ..errors import DualAnoDiffError, RunError
+from ..fileio import atomic_path, save_image_atomic, sweep_temp_files, write_json_atomic, write_text_atomic
 from ..method import layout
 from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL, DualAnoDiffWeights
 from .data import DefectDataset, Draw, PairSampler
@@ -58,11 +60,11 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "checkpoint_weights")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RunError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message says which checkpoint is the last good one."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DualAnoDiffError, ValueError):
     """A checkpoint cannot be used to resume this run (wrong file, different settings or data)."""
 
 
@@ -579,6 +581,7 @@ class Trainer:
         path = self.checkpoint_dir / f"{stem}.pt"
         with atomic_path(path) as tmp:
             torch.save(self.state_dict(), tmp)
+            _testhook.pause("checkpoint_write")
         self.last_checkpoint = path
         self._last_checkpoint_step = self.step
         self._prune()
@@ -677,6 +680,9 @@ class Trainer:
         if resume is not None:
             self.load_state_dict(resume if isinstance(resume, dict) else load_checkpoint(resume))
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        # temp files left by a run that was killed (kill -9, power cut) in these folders
+        for d in (self.work_dir, self.checkpoint_dir) + ((Path(self.output).parent,) if self.output else ()):
+            sweep_temp_files(d)
         write_json_atomic(
             self.work_dir / "train_config.json",
             {
