@@ -333,6 +333,8 @@ class DatasetWriter:
         for d in (self.staging_dir, self.staging_dir.parent, self.staging_dir.parent.parent):
             try:
                 d.rmdir()
+            except FileNotFoundError:
+                continue
             except OSError:
                 break
         self._release_lock()

@@ -181,7 +181,7 @@ def check_weights_fit(weights, unet_cfg: dict, text_cfg: dict | None, weights_pa
             "to_out": a.to_out[0].in_features,
         }
     problem = None
-    have = weights.unet_layers
+    have = weights.unet_layers()
     missing = sorted(set(expected) - set(have))
     unknown = sorted(set(have) - set(expected))
     if missing or unknown:
@@ -204,7 +204,7 @@ def check_weights_fit(weights, unet_cfg: dict, text_cfg: dict | None, weights_pa
                 break
     if problem is None and text_cfg is not None and weights.has_text:
         width = text_cfg.get("hidden_size")
-        for params in weights.text_layers.values():
+        for params in weights.text_layers().values():
             t = params.get("to_q_lora.down.weight")
             if t is not None and width is not None and t.shape[1] != width:
                 problem = f"the text-encoder LoRA is {t.shape[1]} wide, the base model's text encoder {width}"
