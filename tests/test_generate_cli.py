@@ -2,6 +2,7 @@
 BCM backgrounds, errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,9 +220,9 @@ def test_interrupted_runs_leave_no_half_sample_and_resume(assets, tmp_path, monk
 
     real_replace = os.replace
 
-    # 1. killed between the renames of sample 2 (its image is in place, its mask is not)
+    # 1. killed between the renames of sample 2 (its mask is in place, its image, published last, is not)
     def dying_replace(src, dst):
-        if ".staging" in str(src) and os.path.basename(str(dst)).startswith("002") and "mask" in str(dst):
+        if ".staging" in str(src) and Path(dst).as_posix().endswith("test/dent/002.png"):
             raise KeyboardInterrupt
         return real_replace(src, dst)
 
@@ -231,7 +232,7 @@ def test_interrupted_runs_leave_no_half_sample_and_resume(assets, tmp_path, monk
     monkeypatch.setattr(os, "replace", real_replace)
     assert "run the same command again to resume" in capsys.readouterr().err
     assert [r["index"] for r in iter_records(out)] == [0, 1]
-    assert (out / "widget/test/dent/002.png").is_file() and not (out / "widget/ground_truth/dent/002_mask.png").exists()
+    assert (out / "widget/ground_truth/dent/002_mask.png").is_file() and not (out / "widget/test/dent/002.png").exists()
 
     # 2. killed while appending sample 2's manifest line (the line is torn)
     real_dump = export._dump

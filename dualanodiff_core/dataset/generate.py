@@ -179,7 +179,18 @@ class BackgroundSet:
                         f"{img.stem}_mask.*); give one mask per background image, white = object"
                     )
                 masks.append(m)
-        return cls(images, masks, switch_every)
+        out = cls(images, masks, switch_every)
+        out.check_sizes()
+        return out
+
+    def check_sizes(self) -> None:
+        """Read every image's header (not its pixels): unreadable or oversized files fail here, before any model
+        is loaded."""
+        for p in [*self.images, *(m for m in self.masks if m is not None)]:
+            try:
+                open_image(p, "background" if p in self.images else "object mask").close()
+            except OSError as e:
+                raise InputError(f"cannot read {p}: {e}; re-export it as PNG or remove it") from None
 
     def position(self, index: int) -> int:
         return (index // self.switch_every) % len(self.images)
