@@ -30,3 +30,18 @@ class InputError(DualAnoDiffError, ValueError):
 
 class MissingInputError(DualAnoDiffError, FileNotFoundError):
     """A file or folder given as input does not exist (a ``FileNotFoundError`` too)."""
+
+
+def require_finite(**values) -> None:
+    """Raise :class:`InputError` naming the first value that is not a finite number (nan, inf), e.g.
+    ``require_finite(strength_global=x, strength_anomaly=y)``."""
+    import math
+
+    for name, v in values.items():
+        items = v if isinstance(v, (tuple, list)) else (v,)
+        try:
+            ok = all(math.isfinite(float(x)) for x in items)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise InputError(f"{name}={v!r}: give a finite number (1.0 = as trained)")

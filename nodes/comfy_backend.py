@@ -31,6 +31,7 @@ import comfy.utils
 import torch
 from torch import nn
 
+from ..dualanodiff_core.errors import DualAnoDiffError as _CoreError
 from ..dualanodiff_core.method.attention import (
     MODE_DUAL,
     MODE_RECORD,
@@ -68,7 +69,7 @@ def warn_once(key, message: str, *args) -> None:
         log.warning(message, *args)
 
 
-class DualAnoDiffError(ValueError):
+class DualAnoDiffError(_CoreError, ValueError):
     """A MODEL, CLIP or input that DualAnoDiff cannot work with (the message says what to do)."""
 
 

@@ -37,6 +37,7 @@ import comfy.model_management as mm
 import torch
 from torch import nn
 
+from ..dualanodiff_core.errors import DualAnoDiffError
 from ..dualanodiff_core.method.attention import MODE_DUAL, MODE_RECORD, LoRALinear
 from ..dualanodiff_core.method.weights import DualAnoDiffWeights
 from ..dualanodiff_core.training.trainer import BackgroundPass, TrainConfig
@@ -50,7 +51,7 @@ _CLIP_ATTN = re.compile(r"^(?P<prefix>.*)text_model\.encoder\.layers\.(?P<layer>
 LATENT_CACHE_SIZE = 4096
 
 
-class TrainingSetupError(ValueError):
+class TrainingSetupError(DualAnoDiffError, ValueError):
     """The MODEL/CLIP/VAE cannot be trained as asked (the message says what to do)."""
 
 

@@ -10,8 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..dualanodiff_core.errors import DualAnoDiffError
 
-class ImageInputError(ValueError):
+
+class ImageInputError(DualAnoDiffError, ValueError):
     """An IMAGE or MASK input that cannot be used (the message names the input and what to do)."""
 
 

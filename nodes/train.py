@@ -16,6 +16,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
+from ..dualanodiff_core.errors import DualAnoDiffError
 from ..dualanodiff_core.training.data import SPLITS, DefectDataset, find_defect_set
 from ..dualanodiff_core.training.lossplot import draw_loss_curve
 from ..dualanodiff_core.training.trainer import TrainConfig, Trainer, TrainProgress, latest_checkpoint
@@ -30,7 +31,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 PREVIEW_EVERY_S = 2.0
 
 
-class TrainInputError(ValueError):
+class TrainInputError(DualAnoDiffError, ValueError):
     """A trainer input that cannot be used (the message says what to do)."""
 
 

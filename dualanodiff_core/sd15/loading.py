@@ -41,40 +41,36 @@ def read_config(path: Path, what: str) -> dict:
 def check_sd1_shape(unet_cfg: dict, text_cfg: dict | None, where: str) -> None:
     """Raise :class:`ModelLoadError` unless the UNet (and text encoder) have the shape of Stable Diffusion 1.x:
     4 latent channels in and out, cross-attention as wide as the text encoder (768 at full size), no SDXL extras."""
-    found, expected = [], []
+    found: list[str] = []
     cin, cout = unet_cfg.get("in_channels"), unet_cfg.get("out_channels")
     if cin != 4:
         kind = " (an inpainting UNet)" if cin == 9 else (" (a depth or instruct-pix2pix UNet)" if cin in (5, 8) else "")
-        found.append(f"in_channels={cin}{kind}")
-        expected.append("in_channels=4")
+        found.append(f"in_channels={cin}{kind} (expected 4)")
     if cout != 4:
-        found.append(f"out_channels={cout}")
-        expected.append("out_channels=4")
+        found.append(f"out_channels={cout} (expected 4)")
     cross = unet_cfg.get("cross_attention_dim")
     extra = unet_cfg.get("addition_embed_type")
     if extra is not None:
         kind = " (Stable Diffusion XL)" if extra == "text_time" else ""
-        found.append(f"addition_embed_type={extra!r}{kind}")
-        expected.append("none")
+        found.append(f"addition_embed_type={extra!r}{kind} (expected none)")
     width = None if text_cfg is None else text_cfg.get("hidden_size")
     blocks = tuple(unet_cfg.get("block_out_channels") or ())
     if not isinstance(cross, int):
-        found.append(f"cross_attention_dim={cross!r}")
-        expected.append(f"one cross-attention width ({SD1_CROSS_ATTENTION})")
+        found.append(f"cross_attention_dim={cross!r} (expected one width, {SD1_CROSS_ATTENTION} for SD1.5)")
     elif width is not None and cross != width:
-        found.append(f"cross_attention_dim={cross} but a text encoder of width {width}")
-        expected.append("the two equal")
+        found.append(
+            f"cross_attention_dim={cross} with a text encoder of width {width} (expected equal widths, "
+            f"{SD1_CROSS_ATTENTION} for SD1.5)"
+        )
     elif blocks == SD1_BLOCKS and cross != SD1_CROSS_ATTENTION:
         kind = " (Stable Diffusion 2.x)" if cross == 1024 else (" (Stable Diffusion XL)" if cross == 2048 else "")
-        found.append(f"cross_attention_dim={cross}{kind}")
-        expected.append(f"cross_attention_dim={SD1_CROSS_ATTENTION}")
+        found.append(f"cross_attention_dim={cross}{kind} (expected {SD1_CROSS_ATTENTION})")
     types = list(unet_cfg.get("down_block_types") or []) + list(unet_cfg.get("up_block_types") or [])
     if not any("CrossAttn" in str(t) for t in types):
-        found.append("no cross-attention blocks")
-        expected.append("CrossAttnDownBlock2D/CrossAttnUpBlock2D blocks")
+        found.append("no cross-attention blocks (expected CrossAttnDownBlock2D/CrossAttnUpBlock2D)")
     if found:
         raise ModelLoadError(
-            f"{where}: not a Stable Diffusion 1.x model: found {', '.join(found)}; expected {', '.join(expected)}. "
+            f"{where}: not a Stable Diffusion 1.x model: found {', '.join(found)}. "
             "DualAnoDiff runs on SD1.x text-to-image models (e.g. Stable Diffusion 1.5); give such a model."
         )
 
@@ -109,10 +105,12 @@ def _load_component(load, folder: Path, what: str):
     except Exception as e:  # noqa: BLE001 - diffusers/transformers/safetensors raise many kinds
         text = str(e).strip()
         first = text.splitlines()[0][:200] if text else type(e).__name__
-        if "weights_only" in text or "pickle" in text.lower() or "torch.load" in text:
+        pickled = any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors"))
+        if pickled or "weights_only" in text or "pickle" in text.lower() or "torch.load" in text:
             raise ModelLoadError(
-                f"{folder}: the {what} weights are a pickled .bin file, which is not loaded (it could run code); "
-                "use a copy of the model with .safetensors weights."
+                f"{folder}: the {what} weights are a pickled .bin file that could not be read safely (only plain "
+                "tensors are read from pickles: it holds more, or it is damaged); use a copy of the model with "
+                ".safetensors weights."
             ) from None
         raise ModelLoadError(
             f"{folder}: cannot load the {what} ({first}); its files are incomplete or damaged: copy the model "
@@ -213,9 +211,9 @@ def check_weights_fit(weights, unet_cfg: dict, text_cfg: dict | None, weights_pa
         return
     recorded = (getattr(weights, "metadata", None) or {}).get("base_model")
     said = (
-        f"they record the base model {recorded!r}; use that one"
+        f"They record the base model {recorded!r}; use that one"
         if recorded
-        else "they do not record their base model; use the one they were trained on"
+        else "They do not record their base model; use the one they were trained on"
     )
     raise ModelLoadError(
         f"weights {weights_path} do not fit the base model {base_path}: {problem}. {said}, or train weights on "
