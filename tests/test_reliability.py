@@ -243,3 +243,54 @@ def test_kill_during_an_atomic_write_then_the_next_write_there_sweeps_it(tmp_pat
     fileio._swept.discard(os.path.abspath(tmp_path))
     fileio.write_text_atomic(tmp_path / "loss.csv", "y")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flag", "loss.csv"]
+
+
+@posix_only
+def test_kill_during_a_checkpoint_write_then_rerun_leaves_no_temp_file(tmp_path):
+    from defect_data import make_flat
+
+    from dualanodiff_core import cli
+    from dualanodiff_core.minidefect.tiny import save_tiny_model
+    from dualanodiff_core.training.trainer import list_checkpoints
+
+    model = save_tiny_model(tmp_path / "model")
+    data = make_flat(tmp_path / "data", n=2, size=16)
+    out = tmp_path / "w.safetensors"
+    work = tmp_path / "w_train"
+    argv = [
+        "train",
+        str(data),
+        "--model",
+        str(model),
+        "-o",
+        str(out),
+        "--resolution",
+        "16",
+        "--rank",
+        "4",
+        "--batch-size",
+        "1",
+        "--steps",
+        "2",
+        "--checkpoint-every",
+        "1",
+        "--no-progress",
+    ]
+    flag = tmp_path / "flag"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dualanodiff_core", *argv],
+        env=_env("checkpoint_write", flag=flag),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert _wait_for(flag, proc, timeout=300) == "checkpoint_write"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    temps = [p for p in work.rglob("*") if fileio.is_temp_name(p.name)]
+    assert [p.name.split(".dualanodiff-tmp")[1] for p in temps] == [".pt"]  # the half-written checkpoint
+    assert list_checkpoints(work) == [] and not out.exists()
+    # the same command again: starts over (no checkpoint was finished), sweeps the leftover, finishes
+    assert cli.main(argv) == 0
+    assert out.is_file() and [s for s, _ in list_checkpoints(work)] == [1, 2]
+    assert [p for p in tmp_path.rglob("*") if fileio.is_temp_name(p.name)] == []
