@@ -304,3 +304,11 @@ def test_train_output_problems_are_found_before_loading(tmp_path, capsys, assets
     argv = ["train", data, "--model", assets["model"], "-o", tmp_path / "w.safetensors", "--work-dir", a_file]
     code, err = _run(capsys, argv + ["--resolution", "16"])
     assert code == 2 and "--work-dir" in err and "file.txt" in err
+
+
+def test_train_refuses_a_resolution_beyond_the_maximum(tmp_path, capsys):
+    data = make_flat(tmp_path / "d", n=2, size=16)
+    code, err = _run(
+        capsys, ["train", data, "--model", "m", "-o", tmp_path / "o.safetensors", "--resolution", "100000"]
+    )
+    assert code == 2 and "--resolution 100000" in err and "--max-size" in err

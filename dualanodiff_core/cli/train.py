@@ -77,6 +77,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PX",
         help="training resolution (square, multiple of 8); SD1.5 is trained at 512",
     )
+    g.add_argument(
+        "--max-size",
+        type=int,
+        default=2048,
+        metavar="PX",
+        help="refuse a --resolution above this (memory grows with its square); raise it if your device has the memory",
+    )
 
     g = p.add_argument_group("model")
     g.add_argument(
@@ -315,6 +322,14 @@ def run(args: argparse.Namespace) -> int:
     from ..training.trainer import TrainingError, list_checkpoints
 
     config = config_from_args(args)
+    if config.resolution > args.max_size:
+        from ..errors import DualAnoDiffError
+
+        raise DualAnoDiffError(
+            f"--resolution {config.resolution}: above the maximum of {args.max_size} px (SD1.5 is trained at 512; "
+            "memory grows with the square of the size); use a smaller one, or raise --max-size if your device has "
+            "the memory."
+        )
     output = Path(args.output)
     if output.suffix != ".safetensors":
         raise ValueError(
