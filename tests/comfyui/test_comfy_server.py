@@ -375,7 +375,7 @@ def test_bad_weights_files_and_a_busy_dataset_give_the_cli_messages_and_the_serv
     """The same input reaching the nodes gives the same message as the command line; the server carries on."""
     import numpy as np
 
-    from dualanodiff_core.dataset.export import DatasetWriter
+    DatasetWriter = importlib.import_module(f"{ce.PACK}.dualanodiff_core.dataset.export").DatasetWriter
 
     folder = server.base / "models" / "dualanodiff"
     (folder / "junk.bin").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
