@@ -294,3 +294,24 @@ def test_kill_during_a_checkpoint_write_then_rerun_leaves_no_temp_file(tmp_path)
     assert cli.main(argv) == 0
     assert out.is_file() and [s for s, _ in list_checkpoints(work)] == [1, 2]
     assert [p for p in tmp_path.rglob("*") if fileio.is_temp_name(p.name)] == []
+
+
+def test_a_failure_while_staging_leaves_nothing_behind(tmp_path, monkeypatch):
+    """E.g. the disk fills up while the PNGs are written: the sample is not there, no staged file stays."""
+    import errno
+
+    with DatasetWriter(tmp_path, "bottle", "crack") as w:
+        w.write(make_sample(0))
+        real_save = Image.Image.save
+
+        def full(self, fp, *a, **k):
+            if ".staging" in str(getattr(fp, "name", fp)):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_save(self, fp, *a, **k)
+
+        monkeypatch.setattr(Image.Image, "save", full)
+        with pytest.raises(OSError):
+            w.write(make_sample(1))
+        monkeypatch.undo()
+        assert w.done == {0}
+    assert _leftovers(tmp_path) == [] and sorted(r["index"] for r in iter_records(tmp_path)) == [0]

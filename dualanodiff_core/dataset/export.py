@@ -534,15 +534,19 @@ class DatasetWriter:
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir(parents=True, exist_ok=True)
         staged = {}
-        for key in paths:
-            tmp = stage / f"{key}.png"
-            with open(tmp, "wb") as fh:
-                content[key].save(fh, format="PNG")
-                fh.flush()
-                os.fsync(fh.fileno())  # on disk before its manifest line can be
-            staged[key] = tmp
         note = self.staging_dir / f"{name}.commit.json"
-        write_text_atomic(note, json.dumps({"index": idx, "files": [self._rel(p) for p in paths.values()]}))
+        try:
+            for key in paths:
+                tmp = stage / f"{key}.png"
+                with open(tmp, "wb") as fh:
+                    content[key].save(fh, format="PNG")
+                    fh.flush()
+                    os.fsync(fh.fileno())  # on disk before its manifest line can be
+                staged[key] = tmp
+            write_text_atomic(note, json.dumps({"index": idx, "files": [self._rel(p) for p in paths.values()]}))
+        except BaseException:  # nothing is in place yet: drop the staged files (e.g. the disk filled up)
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
         for key, dest in paths.items():  # images last: a reader never finds an image without its mask
             dest.parent.mkdir(parents=True, exist_ok=True)
             if key in _PUBLISH_LAST:
