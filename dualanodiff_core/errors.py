@@ -1,20 +1,22 @@
-"""The one error type of DualAnoDiff: every failure a user can act on is a :class:`DualAnoDiffError`.
+"""The root of the errors this package raises on purpose.
 
-Its message names what went wrong, which file or option, and what to do. ``exit_code`` is what the ``dualanodiff``
-command exits with: 2 for bad input (:class:`DualAnoDiffError` itself and most subclasses), 1 for a failure during a
-run that the input did not cause (:class:`RunError`, e.g. the disk filled up). The command prints the message in one
-or two lines, never a traceback (``--debug`` shows one).
+Every specific error (a bad weights file, a batch that is not whole pairs, an unusable dataset folder, ...) derives
+from :class:`DualAnoDiffError`, so a caller can catch them all in one place: the ``dualanodiff`` command line prints
+the message and exits with :attr:`DualAnoDiffError.exit_code`; the ComfyUI nodes show the message. Each specific
+error also keeps its older base (``ValueError`` for bad input, ``RuntimeError`` for a training run that cannot go
+on), so ``except ValueError`` keeps working.
 
-The older error classes (``DatasetError``, ``WeightsError``, ``DataError``, ...) derive from it and still derive from
-``ValueError`` as before, so existing ``except ValueError`` code keeps working.
+Exit statuses: 2 for bad input (:class:`DualAnoDiffError` itself and most subclasses), 1 for a failure during a run
+that the input did not cause (:class:`RunError`, e.g. the disk filled up).
 """
 
 from __future__ import annotations
 
 
 class DualAnoDiffError(Exception):
-    """A failure the user can fix: bad input (a file, a folder, an option)."""
+    """Something DualAnoDiff cannot work with; the message names the file or option and what to do."""
 
+    #: exit status of the ``dualanodiff`` command line when this error ends it (2: a usage or input error)
     exit_code = 2
 
 

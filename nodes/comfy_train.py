@@ -1,6 +1,6 @@
 """Training DualAnoDiff inside ComfyUI:
 a :class:`~dualanodiff_core.training.trainer.TrainingBackbone` on a ComfyUI MODEL, CLIP
-and VAE, for the core's :class:`~dualanodiff_core.training.trainer.Trainer` (COMFYUI.md §5).
+and VAE, for the core's :class:`~dualanodiff_core.training.trainer.Trainer` (see docs/comfyui.md).
 
 Everything here must be built and run inside ``torch.inference_mode(False)`` (ComfyUI runs nodes in inference mode,
 so the loaded checkpoint's weights are inference tensors, which autograd cannot save for backward):

@@ -31,7 +31,6 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterable
@@ -43,7 +42,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .. import _testhook
 from ..errors import DualAnoDiffError
-from ..fileio import save_image_atomic, sweep_temp_files, write_text_atomic
+from ..fileio import (
+    IMAGE_SUFFIXES,
+    SAFE_NAME_RE,
+    save_image_atomic,
+    sha256_file,  # noqa: F401  (re-exported: it used to live here)
+    sweep_temp_files,
+    write_text_atomic,
+)
 from .acceptance import FilterDecision
 from .masks import MaskResult, erode, mask_to_pil
 
@@ -51,8 +57,6 @@ MANIFEST = "manifest.jsonl"
 LOCK = ".dualanodiff.lock"
 STAGING = ".staging"
 SIDE_DIRS = ("fg", "rejected", "research", "contact_sheets")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 class DatasetError(DualAnoDiffError, ValueError):
@@ -76,7 +80,7 @@ def _publish_order(keys) -> list:
 def check_name(value: str, what: str) -> str:
     """A category or defect name: one safe path component (letters, digits, ``._+-``), not a reserved word."""
     value = str(value)
-    if not _NAME_RE.match(value) or value in (".", ".."):
+    if not SAFE_NAME_RE.match(value) or value in (".", ".."):
         raise DatasetError(
             f"{what} {value!r}: use letters, digits and . _ + - only (e.g. 'bottle', 'broken_large'); "
             "it becomes a folder name"
@@ -95,19 +99,6 @@ def check_name(value: str, what: str) -> str:
 def digits_for(n: int) -> int:
     """Zero-padding: 3 digits like MVTec (000.png) up to 1000 samples, more beyond (sorted order must match)."""
     return max(3, len(str(max(0, n - 1))))
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def _now() -> str:
