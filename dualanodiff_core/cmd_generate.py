@@ -14,6 +14,8 @@ from .generate import (
     DEFAULT_STEPS,
     DEFAULT_SWITCH_EVERY,
 )
+from .quality import DEFAULT_MIN_ALIGNMENT
+from .recipes import DEFAULT_RECIPE, RECIPES
 
 DESCRIPTION = """\
 Generate N defect image + mask pairs with trained DualAnoDiff weights and write them as an MVTec-style dataset that
@@ -128,6 +130,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--negative-prompt", default="", help="negative prompt for both branches")
     s.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        default=DEFAULT_RECIPE,
+        help="ours: zero-mean starting noise on the anomaly branch (a gray, untinted background; docs/quality.md); "
+        "reference: the paper's sampling exactly",
+    )
+    s.add_argument(
+        "--zero-mean-anomaly-noise",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="remove the mean of the anomaly branch's starting noise (default: on with --recipe ours, off with "
+        "reference)",
+    )
+    s.add_argument(
         "--lora-strength",
         type=float,
         nargs=2,
@@ -221,6 +237,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="reject when the anomaly image's median is further than this from mid-gray (1 = off)",
     )
     f.add_argument(
+        "--min-alignment",
+        type=float,
+        default=DEFAULT_MIN_ALIGNMENT,
+        help="reject when the generated image does not differ inside the mask from a 3 px ring around it: "
+        "alignment contrast below this (the defect the mask marks is not in the image); 0 = off",
+    )
+    f.add_argument(
         "--min-agreement",
         type=float,
         default=0.5,
@@ -261,6 +284,7 @@ def run(args: argparse.Namespace) -> int:
     from .generate import BackgroundSet, SamplingOptions, generate_dataset
     from .masks import MaskOptions
     from .quality import FilterOptions
+    from .recipes import get_recipe
 
     weights = Path(args.weights)
     if not weights.is_file():
@@ -271,7 +295,11 @@ def run(args: argparse.Namespace) -> int:
     if args.object_masks and not args.backgrounds:
         raise ValueError("--object-masks needs --backgrounds")
     width, height = args.size
+    zero_mean = args.zero_mean_anomaly_noise
+    if zero_mean is None:
+        zero_mean = get_recipe(args.recipe).zero_mean_anomaly_noise
     sampling = SamplingOptions(
+        zero_mean_anomaly_noise=zero_mean,
         sampler=args.sampler,
         steps=args.steps,
         cfg=args.cfg,
@@ -303,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
         min_area=args.min_area,
         max_gray_offset=args.max_gray_offset,
         min_agreement=args.min_agreement,
+        min_alignment=args.min_alignment,
     )
     backgrounds = None
     if args.backgrounds:
@@ -363,6 +392,8 @@ HINTS = {
     "empty_mask": "nothing stood out from gray; for faint defects lower --mask-min-contrast.",
     "mask_too_large": "masks covered too much of the image; if your defects are that large, raise --max-area.",
     "mask_too_small": "masks were smaller than --min-area.",
+    "misaligned": "the generated images did not show the defect that the masks mark (train longer, or try "
+    "--recipe ours); lower --min-alignment (0 = off) to keep them anyway.",
     "disagrees_with_normal": "the images changed elsewhere than the masks; BCM may not keep the background "
     "(drop --filter-against-background or lower --min-agreement).",
 }
