@@ -179,6 +179,7 @@ def test_bench_cli_writes_table_and_json(tmp_path):
         [
             sys.executable,
             "bench/quality.py",
+            "--reference-only",
             "--data",
             str(tmp_path / "data"),
             "--target",
