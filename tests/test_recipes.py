@@ -5,6 +5,7 @@ mask-weighted global loss), --recipe on the CLIs, and the benchmark's cache and 
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -322,3 +323,60 @@ def test_summary_row_and_table():
     table = ev.format_summary(rows)
     assert "| fabric/hole | 0.600 ± 0.010 | 0.500 ± 0.010 | 0.700 ± 0.010 |" in table
     assert "| 0.50 | 2.00 | 40/48 |" in table and "**mean** | 0.600" in table
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# end to end on MiniDefect (the shipped base model, a few steps) and the demo's --recipe
+
+
+def test_train_and_generate_under_each_recipe(tmp_path):
+    from dualanodiff_core.minidefect_bench import RunSettings, train_and_generate
+    from dualanodiff_core.weights import DualAnoDiffWeights
+
+    torch.set_num_threads(1)
+    data = md.write_minidefect(
+        tmp_path / "data", md.MiniDefectSpec(seed=1, train_good=4, test_good=2, test_defect=6, products=("fabric",))
+    )
+    logs = []
+    for recipe in ("ours", "reference"):
+        s = RunSettings(recipe=recipe, train_steps=2, samples=2, sampling_steps=2)
+        info = train_and_generate(data, "fabric", "stain", tmp_path / recipe, s, log=logs.append)
+        meta = DualAnoDiffWeights.load(info["weights"]).metadata
+        training = json.loads(meta["training"])
+        recs = [
+            json.loads(x)
+            for x in (tmp_path / recipe / "generated" / "fabric_stain" / "manifest.jsonl").read_text().splitlines()
+        ]
+        assert len(recs) == 2 and info["accepted"] + info["rejected"] == 2
+        if recipe == "ours":
+            assert meta["prompt_global"] == "woven fabric with sks"
+            assert (training["anomaly_offset_noise"], training["mask_loss_weight"]) == (0.1, 20.0)
+            assert all(r["cfg"] == 1.0 and r["zero_mean_anomaly_noise"] for r in recs)
+        else:
+            assert meta["prompt_global"] == "a vfx with sks"
+            assert (training["anomaly_offset_noise"], training["mask_loss_weight"]) == (0.0, 1.0)
+            assert all(r["cfg"] == 2.5 and not r["zero_mean_anomaly_noise"] for r in recs)
+        assert all(r["filter"]["alignment"] is not None or r["reason"] == "empty_mask" for r in recs)
+    # a second call reuses what is there
+    again = train_and_generate(
+        data,
+        "fabric",
+        "stain",
+        tmp_path / "ours",
+        RunSettings(train_steps=2, samples=2, sampling_steps=2),
+        log=logs.append,
+    )
+    assert again["accepted"] + again["rejected"] == 2 and any("reusing" in x for x in logs)
+
+
+def test_demo_recipe_option():
+    from dualanodiff_core import cmd_demo
+
+    p = argparse.ArgumentParser()
+    cmd_demo.add_arguments(p)
+    ours = cmd_demo.config_from_args(p.parse_args([]))
+    assert ours.recipe == "ours" and ours.cfg == 1.0
+    ref = cmd_demo.config_from_args(p.parse_args(["--recipe", "reference"]))
+    assert ref.recipe == "reference" and ref.cfg == 2.5
+    assert cmd_demo.config_from_args(p.parse_args(["--recipe", "reference", "--cfg", "3"])).cfg == 3.0
+    assert ours.stage_settings("train")["recipe"] == "ours"
