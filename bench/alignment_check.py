@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from dualanodiff_core import evaluation as ev  # noqa: E402
-from dualanodiff_core import metrics  # noqa: E402
-from dualanodiff_core import minidefect as md  # noqa: E402
-from dualanodiff_core.quality import FilterOptions, alignment_contrast  # noqa: E402
+from dualanodiff_core.dataset.acceptance import FilterOptions, alignment_contrast  # noqa: E402
+from dualanodiff_core.evaluation import benchmark as ev  # noqa: E402
+from dualanodiff_core.evaluation import metrics  # noqa: E402
+from dualanodiff_core.minidefect import procedural as md  # noqa: E402
 
 
 def main(argv=None) -> int:

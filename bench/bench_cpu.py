@@ -43,7 +43,7 @@ SIZES = {
 
 
 def build(size: str, seed: int = 0):
-    from dualanodiff_core.tiny import tiny_unet
+    from dualanodiff_core.minidefect.tiny import tiny_unet
 
     s = SIZES[size]
     unet = tiny_unet(
@@ -92,7 +92,7 @@ def interleaved(cases: dict, repeats: int) -> dict:
 def forward_cases(size: str, repeats: int) -> dict:
     from reference_impl import install_reference
 
-    from dualanodiff_core.diffusers_backend import DualUNet
+    from dualanodiff_core.sd15.pipeline import DualUNet
 
     unet, x, ctx, s = build(size)
     t = torch.tensor(500)
@@ -217,7 +217,7 @@ def forward_cases(size: str, repeats: int) -> dict:
 
 def sampling_case(size: str, mode: str, steps: int) -> float:
     """Time one sampling run (CFG 2.5): 'plain' = 2N images with the plain UNet, 'dual' = N pairs."""
-    from dualanodiff_core.diffusers_backend import SD15_SCHEDULER_CONFIG, DualUNet, make_scheduler
+    from dualanodiff_core.sd15.pipeline import SD15_SCHEDULER_CONFIG, DualUNet, make_scheduler
 
     unet, x, ctx, s = build(size)
     cond = torch.cat([ctx, ctx])

@@ -70,7 +70,7 @@ def randomize_dual(dual, std=0.02):
 
 
 def sample_loop(model, lat, ctx, steps, cfg=2.5, bg=None):
-    from dualanodiff_core.diffusers_backend import SD15_SCHEDULER_CONFIG, make_scheduler
+    from dualanodiff_core.sd15.pipeline import SD15_SCHEDULER_CONFIG, make_scheduler
 
     sched = make_scheduler("pndm", SD15_SCHEDULER_CONFIG)
     sched.set_timesteps(steps, device=DEVICE)
@@ -97,7 +97,7 @@ def measure(fn, repeats=2):
 
 
 def run_dtype(dtype, steps, pairs, train_steps):
-    from dualanodiff_core.diffusers_backend import DualUNet
+    from dualanodiff_core.sd15.pipeline import DualUNet
 
     res = {}
     unet = build_unet(dtype)

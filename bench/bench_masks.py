@@ -15,7 +15,7 @@ import numpy as np
 
 
 def main() -> None:
-    from dualanodiff_core.masks import extract_mask
+    from dualanodiff_core.dataset.masks import extract_mask
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=512)

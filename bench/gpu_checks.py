@@ -11,8 +11,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 from helpers import randomize_, unet_inputs  # noqa: E402
 
-from dualanodiff_core.diffusers_backend import DualUNet  # noqa: E402
-from dualanodiff_core.tiny import tiny_unet  # noqa: E402
+from dualanodiff_core.minidefect.tiny import tiny_unet  # noqa: E402
+from dualanodiff_core.sd15.pipeline import DualUNet  # noqa: E402
 
 
 def main():

@@ -23,9 +23,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dualanodiff_core.data import DefectDataset, find_defect_set  # noqa: E402
-from dualanodiff_core.train import TrainConfig, Trainer, load_checkpoint  # noqa: E402
-from dualanodiff_core.train_diffusers import DiffusersTrainingBackbone  # noqa: E402
+from dualanodiff_core.sd15.training import DiffusersTrainingBackbone  # noqa: E402
+from dualanodiff_core.training.data import DefectDataset, find_defect_set  # noqa: E402
+from dualanodiff_core.training.trainer import TrainConfig, Trainer, load_checkpoint  # noqa: E402
 
 RES = 512
 OUT = Path(os.environ.get("OUT", "/tmp/gpu_train_check"))
@@ -35,8 +35,8 @@ def sd15_components(device: str) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dualanodiff_core.diffusers_backend import SD15_SCHEDULER_CONFIG
-    from dualanodiff_core.tiny import tiny_tokenizer
+    from dualanodiff_core.minidefect.tiny import tiny_tokenizer
+    from dualanodiff_core.sd15.pipeline import SD15_SCHEDULER_CONFIG
 
     torch.manual_seed(0)
     with torch.device(device):

@@ -9,7 +9,7 @@ End to end, every defect type, one command (train on the few-shot third, generat
   ``--dataset-seed``; if the folder does not exist, MiniDefect is written there (that seed, 64 px) first.
 * For each target, unless ``--generated`` or ``--reference-only`` is given: DualAnoDiff weights are trained on the
   few-shot split (the first third of ``<category>/test/<defect>``, rounded down) from the shipped MiniDefect base
-  model with the demo's settings under ``--recipe`` (:mod:`dualanodiff_core.recipes`), pairs are generated, and
+  model with the demo's settings under ``--recipe`` (:mod:`dualanodiff_core.method.recipes`), pairs are generated, and
   everything is measured. Weights and generated sets stay in ``<work>/<recipe>-seed<N>/`` and are reused by a rerun.
 * ``--generated``: instead, the ``--out`` folder of ``dualanodiff generate`` for the same category/defect.
   ``--reference-only``: only the real and synthetic reference rows.
@@ -33,14 +33,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dualanodiff_core import evaluation as ev  # noqa: E402
-from dualanodiff_core import minidefect as md  # noqa: E402
+from dualanodiff_core.evaluation import benchmark as ev  # noqa: E402
 from dualanodiff_core.fileio import write_json_atomic, write_text_atomic  # noqa: E402
+from dualanodiff_core.minidefect import procedural as md  # noqa: E402
 
 
 def main(argv=None) -> int:
-    from dualanodiff_core.minidefect_bench import RunSettings, train_and_generate
-    from dualanodiff_core.recipes import DEFAULT_RECIPE, RECIPES
+    from dualanodiff_core.method.recipes import DEFAULT_RECIPE, RECIPES
+    from dualanodiff_core.minidefect.bench import RunSettings, train_and_generate
 
     d = RunSettings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

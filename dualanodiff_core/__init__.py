@@ -6,24 +6,28 @@ Import what you need from the submodules; the common entry points are re-exporte
 
 from __future__ import annotations
 
+from . import _compat
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "DualAnoDiffWeights": "weights",
-    "WeightsError": "weights",
-    "WeightsKeyError": "weights",
-    "DualControl": "attention",
-    "DualBranchAttention": "attention",
-    "DualBranchLayers": "attention",
-    "LoRALinear": "attention",
-    "LayoutError": "layout",
-    "DualUNet": "diffusers_backend",
-    "TextEncoderLoRA": "diffusers_backend",
-    "DualAnoDiffPipeline": "diffusers_backend",
-    "DualResult": "diffusers_backend",
+    "DualAnoDiffWeights": "method.weights",
+    "WeightsError": "method.weights",
+    "WeightsKeyError": "method.weights",
+    "DualControl": "method.attention",
+    "DualBranchAttention": "method.attention",
+    "DualBranchLayers": "method.attention",
+    "LoRALinear": "method.attention",
+    "LayoutError": "method.layout",
+    "DualUNet": "sd15.pipeline",
+    "TextEncoderLoRA": "sd15.pipeline",
+    "DualAnoDiffPipeline": "sd15.pipeline",
+    "DualResult": "sd15.pipeline",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
+
+_compat.install(__name__)
 
 
 def __getattr__(name: str):

@@ -3,9 +3,9 @@
 * **One object patch per attention module** (``attn1`` and ``attn2`` of every transformer block): a
   :class:`ComfyDualAttention` that keeps the module's ``to_q``/``to_k``/``to_v``/``to_out`` as its own children under
   the same names (state-dict keys, stock LoRA patches, lowvram casting and device moves keep working), owns the
-  layer's :class:`~dualanodiff_core.attention.DualBranchLayers` as ``dual`` (built from ``comfy.ops.manual_cast``
+  layer's :class:`~dualanodiff_core.method.attention.DualBranchLayers` as ``dual`` (built from ``comfy.ops.manual_cast``
   layers so ModelPatcher casts and moves them like its own) and delegates to the core's
-  :func:`~dualanodiff_core.attention.dual_branch_attention` with ComfyUI's ``optimized_attention``.
+  :func:`~dualanodiff_core.method.attention.dual_branch_attention` with ComfyUI's ``optimized_attention``.
 * **Layer names** are derived from the live model: ``comfy.utils.unet_to_diffusers`` maps the model's ldm paths to
   the diffusers paths our weights use; nothing is hard-coded.
 * **Settings per clone** live in ``model_options["transformer_options"]["dualanodiff"]`` (small values only: ComfyUI
@@ -31,7 +31,7 @@ import comfy.utils
 import torch
 from torch import nn
 
-from ..dualanodiff_core.attention import (
+from ..dualanodiff_core.method.attention import (
     MODE_DUAL,
     MODE_RECORD,
     DualBranchAttention,
@@ -41,8 +41,8 @@ from ..dualanodiff_core.attention import (
     attention_dims,
     dual_branch_attention,
 )
-from ..dualanodiff_core.layout import LayoutError, validate_chunks
-from ..dualanodiff_core.weights import DualAnoDiffWeights, WeightsError, WeightsKeyError
+from ..dualanodiff_core.method.layout import LayoutError, validate_chunks
+from ..dualanodiff_core.method.weights import DualAnoDiffWeights, WeightsError, WeightsKeyError
 
 log = logging.getLogger("DualAnoDiff")
 

@@ -1,5 +1,6 @@
-"""Training DualAnoDiff inside ComfyUI: a :class:`~dualanodiff_core.train.TrainingBackbone` on a ComfyUI MODEL, CLIP
-and VAE, for the core's :class:`~dualanodiff_core.train.Trainer` (COMFYUI.md §5).
+"""Training DualAnoDiff inside ComfyUI:
+a :class:`~dualanodiff_core.training.trainer.TrainingBackbone` on a ComfyUI MODEL, CLIP
+and VAE, for the core's :class:`~dualanodiff_core.training.trainer.Trainer` (COMFYUI.md §5).
 
 Everything here must be built and run inside ``torch.inference_mode(False)`` (ComfyUI runs nodes in inference mode,
 so the loaded checkpoint's weights are inference tensors, which autograd cannot save for backward):
@@ -36,9 +37,9 @@ import comfy.model_management as mm
 import torch
 from torch import nn
 
-from ..dualanodiff_core.attention import MODE_DUAL, MODE_RECORD, LoRALinear
-from ..dualanodiff_core.train import BackgroundPass, TrainConfig
-from ..dualanodiff_core.weights import DualAnoDiffWeights
+from ..dualanodiff_core.method.attention import MODE_DUAL, MODE_RECORD, LoRALinear
+from ..dualanodiff_core.method.weights import DualAnoDiffWeights
+from ..dualanodiff_core.training.trainer import BackgroundPass, TrainConfig
 from . import comfy_backend as backend
 
 log = logging.getLogger("DualAnoDiff")
@@ -117,7 +118,7 @@ def prediction_type(model) -> str:
 
 
 class ComfyTrainingBackbone:
-    """DualAnoDiff on a ComfyUI MODEL + CLIP + VAE, ready for :class:`~dualanodiff_core.train.Trainer`.
+    """DualAnoDiff on a ComfyUI MODEL + CLIP + VAE, ready for :class:`~dualanodiff_core.training.trainer.Trainer`.
 
     Build it inside ``torch.inference_mode(False)``; call :meth:`release` when done (restores the base model).
     """

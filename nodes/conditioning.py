@@ -4,7 +4,8 @@
   tensor holds the two prompts ``[global, anomaly]`` (batch 2): ComfyUI tiles it over the latent batch to
   ``[g, a, g, a, ...]`` (``comfy.utils.repeat_to_batch_size``), so every row gets its branch's prompt.
 * A LATENT is ``{"samples": [rows, C, h, w], "noise_mask"?: ..., "batch_index"?: [...]}``; an IMAGE is
-  ``[rows, H, W, C]``. Sampled pairs are interleaved rows ``[g0, a0, g1, a1, ...]`` (see ``dualanodiff_core.layout``).
+  ``[rows, H, W, C]``. Sampled pairs are interleaved rows ``[g0, a0, g1, a1, ...]``
+  (see ``dualanodiff_core.method.layout``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 
 import torch
 
-from ..dualanodiff_core.layout import LayoutError, interleave, split, validate_pairs
+from ..dualanodiff_core.method.layout import LayoutError, interleave, split, validate_pairs
 
 log = logging.getLogger("DualAnoDiff")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..dualanodiff_core.export import DatasetError, check_name
-from ..dualanodiff_core.quality import FilterOptions
+from ..dualanodiff_core.dataset.acceptance import FilterOptions
+from ..dualanodiff_core.dataset.export import DatasetError, check_name
 from .dataset_io import dataset_dir, save_pairs, upstream_settings
 
 log = logging.getLogger("DualAnoDiff")

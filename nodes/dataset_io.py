@@ -2,7 +2,8 @@
 ``dataset.py``).
 
 Each call appends after the samples already in the dataset (indices continue from the highest one), through the
-core's :class:`~dualanodiff_core.export.DatasetWriter`: files are staged and renamed into place, then the sample's
+core's :class:`~dualanodiff_core.dataset.export.DatasetWriter`:
+files are staged and renamed into place, then the sample's
 manifest line is written, so an interrupted or failed run never leaves a half-written sample, and files the writer
 did not make are never overwritten.
 """
@@ -16,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..dualanodiff_core.export import DatasetError, DatasetWriter, ExportSample, check_name, iter_records
-from ..dualanodiff_core.masks import MaskOptions, MaskResult, count_components, distance_from_gray, extract_mask
-from ..dualanodiff_core.quality import FilterOptions, check_pair
+from ..dualanodiff_core.dataset.acceptance import FilterOptions, check_pair
+from ..dualanodiff_core.dataset.export import DatasetError, DatasetWriter, ExportSample, check_name, iter_records
+from ..dualanodiff_core.dataset.masks import MaskOptions, MaskResult, count_components, distance_from_gray, extract_mask
 from .images import ImageInputError, check_images, check_masks, to_numpy, to_pil
 
 #: name width of a new dataset: 0000.png ... 9999.png (appending runs add up; an existing dataset keeps its width)

@@ -10,7 +10,7 @@ import threading
 import folder_paths
 from comfy_api.latest import io
 
-from ..dualanodiff_core.weights import WEIGHT_SUFFIXES, DualAnoDiffWeights
+from ..dualanodiff_core.method.weights import WEIGHT_SUFFIXES, DualAnoDiffWeights
 from . import comfy_backend as backend
 
 log = logging.getLogger("DualAnoDiff")

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..dualanodiff_core.export import mask_overlay
-from ..dualanodiff_core.masks import MaskOptions, extract_mask
+from ..dualanodiff_core.dataset.export import mask_overlay
+from ..dualanodiff_core.dataset.masks import MaskOptions, extract_mask
 from .images import ImageInputError, check_images, from_pil, to_numpy, to_pil
 
 log = logging.getLogger("DualAnoDiff")

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 import nodes as comfy_nodes
 
-from ..dualanodiff_core.layout import split
+from ..dualanodiff_core.method.layout import split
 from . import comfy_backend as backend
 from .conditioning import check_negative, pair_conditioning, pair_latent, split_images, split_latent
 

@@ -16,9 +16,9 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..dualanodiff_core.data import SPLITS, DefectDataset, find_defect_set
-from ..dualanodiff_core.lossplot import draw_loss_curve
-from ..dualanodiff_core.train import TrainConfig, Trainer, TrainProgress, latest_checkpoint
+from ..dualanodiff_core.training.data import SPLITS, DefectDataset, find_defect_set
+from ..dualanodiff_core.training.lossplot import draw_loss_curve
+from ..dualanodiff_core.training.trainer import TrainConfig, Trainer, TrainProgress, latest_checkpoint
 from . import comfy_backend as backend
 from .comfy_train import ComfyTrainingBackbone, plan_precision
 from .images import from_pil

@@ -5,10 +5,10 @@ import torch
 from helpers import randomize_, unet_inputs, zero_lora_
 from reference_impl import install_reference
 
-from dualanodiff_core.attention import DualBranchAttention, DualBranchLayers, DualControl, layers_for
-from dualanodiff_core.diffusers_backend import DualUNet
-from dualanodiff_core.layout import LayoutError
-from dualanodiff_core.tiny import tiny_unet
+from dualanodiff_core.method.attention import DualBranchAttention, DualBranchLayers, DualControl, layers_for
+from dualanodiff_core.method.layout import LayoutError
+from dualanodiff_core.minidefect.tiny import tiny_unet
+from dualanodiff_core.sd15.pipeline import DualUNet
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +275,7 @@ def test_fast_path_cache_follows_parameter_changes(unet):
 def test_saim_folded_forms_match_the_unfolded_one_including_gradients():
     """SAIM's five linear maps folded into two (inference cache in float64, training in fp32 with autograd through
     the products) give the unfolded numbers and the same parameter gradients."""
-    from dualanodiff_core.attention import _saim_apply, _saim_fold, _saim_unfolded
+    from dualanodiff_core.method.attention import _saim_apply, _saim_fold, _saim_unfolded
 
     layers = DualBranchLayers(48, 48, 48, 48, rank=4)
     randomize_(layers, seed=11)

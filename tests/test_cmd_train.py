@@ -9,7 +9,7 @@ import torch
 from defect_data import make_flat, make_mvtec
 
 from dualanodiff_core.cli import build_parser, main
-from dualanodiff_core.weights import DualAnoDiffWeights
+from dualanodiff_core.method.weights import DualAnoDiffWeights
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def test_help_explains_every_option(capsys):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from dualanodiff_core.tiny import save_tiny_model
+    from dualanodiff_core.minidefect.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("model"))
 
@@ -216,8 +216,8 @@ def test_single_file_checkpoint_loads_offline_with_a_local_config_folder(tiny_mo
 
     from ldm_checkpoint import same_weights, write_ldm_checkpoint
 
-    from dualanodiff_core.models import ModelLoadError, load_diffusers_components
-    from dualanodiff_core.single_file import load_single_file_components
+    from dualanodiff_core.sd15.loading import ModelLoadError, load_diffusers_components
+    from dualanodiff_core.sd15.single_file import load_single_file_components
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty_hf_home" / "hub"))
@@ -243,7 +243,7 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resume_finishes(tiny_
     import os
     import signal
 
-    from dualanodiff_core.train import Trainer
+    from dualanodiff_core.training.trainer import Trainer
 
     data = make_flat(tmp_path / "d", n=2, size=16)
     out = tmp_path / "o.safetensors"

@@ -28,7 +28,7 @@ def _pack_module(name):
 
 
 cond = _pack_module("nodes.conditioning")
-LayoutError = _pack_module("dualanodiff_core.layout").LayoutError
+LayoutError = _pack_module("dualanodiff_core.method.layout").LayoutError
 
 
 def _c(batch, tokens=77, dim=8, value=None, **opts):

@@ -65,9 +65,9 @@ def build_reference(folder: Path) -> None:
     from diffusers import DDPMScheduler
     from safetensors.torch import save_file
 
-    from dualanodiff_core.diffusers_backend import SD15_SCHEDULER_CONFIG, DualUNet
-    from dualanodiff_core.tiny import tiny_unet
-    from dualanodiff_core.weights import DualAnoDiffWeights
+    from dualanodiff_core.method.weights import DualAnoDiffWeights
+    from dualanodiff_core.minidefect.tiny import tiny_unet
+    from dualanodiff_core.sd15.pipeline import SD15_SCHEDULER_CONFIG, DualUNet
 
     folder.mkdir(parents=True, exist_ok=True)
     unet = tiny_unet(seed=0, block_out_channels=(32, 64), cross_attention_dim=32, heads=8)

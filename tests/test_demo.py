@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from dualanodiff_core import cli
-from dualanodiff_core.cmd_demo import DemoConfig, run_demo
+from dualanodiff_core.cli.demo import DemoConfig, run_demo
 
 TINY = [
     "--train-steps",
@@ -40,12 +40,12 @@ def first_run(tmp_path_factory):
 def test_demo_writes_every_result(first_run, capsys):
     out = first_run
     # 1. the dataset, intact
-    from dualanodiff_core.minidefect import verify_minidefect
+    from dualanodiff_core.minidefect.procedural import verify_minidefect
 
     assert verify_minidefect(out / "minidefect") == []
     # 2. trained weights that the pipeline reads
     w = out / "weights" / "fabric_hole.safetensors"
-    from dualanodiff_core.weights import DualAnoDiffWeights
+    from dualanodiff_core.method.weights import DualAnoDiffWeights
 
     meta = DualAnoDiffWeights.load(w).metadata
     assert int(meta["trained_steps"]) == 3 and int(meta["train_images"]) == 10 and meta["defect"] == "hole"
@@ -96,7 +96,7 @@ def test_same_settings_give_the_same_results(first_run, tmp_path):
     images and masks (the weights file differs only in its creation time)."""
     import torch
 
-    from dualanodiff_core.weights import DualAnoDiffWeights
+    from dualanodiff_core.method.weights import DualAnoDiffWeights
 
     run_demo(
         DemoConfig(out=str(tmp_path / "again"), train_steps=3, samples=3, sampling_steps=2, seg_steps=0, threads=1),

@@ -10,7 +10,8 @@ import pytest
 from anomalib_rules import MisMatchError, load_folder, load_mvtec
 from PIL import Image
 
-from dualanodiff_core.export import (
+from dualanodiff_core.dataset.acceptance import check_pair
+from dualanodiff_core.dataset.export import (
     LOCK,
     MANIFEST,
     DatasetError,
@@ -21,8 +22,7 @@ from dualanodiff_core.export import (
     iter_records,
     read_manifest,
 )
-from dualanodiff_core.masks import extract_mask
-from dualanodiff_core.quality import check_pair
+from dualanodiff_core.dataset.masks import extract_mask
 
 S = 24
 

@@ -10,10 +10,10 @@ from anomalib_rules import load_folder, load_mvtec
 from PIL import Image
 
 from dualanodiff_core import cli
-from dualanodiff_core.diffusers_backend import DualAnoDiffPipeline
-from dualanodiff_core.export import MANIFEST, iter_records, read_manifest, sha256_file
-from dualanodiff_core.generate import BackgroundSet, sample_seed
-from dualanodiff_core.tiny import save_tiny_model, tiny_components
+from dualanodiff_core.dataset.export import MANIFEST, iter_records, read_manifest, sha256_file
+from dualanodiff_core.dataset.generate import BackgroundSet, sample_seed
+from dualanodiff_core.minidefect.tiny import save_tiny_model, tiny_components
+from dualanodiff_core.sd15.pipeline import DualAnoDiffPipeline
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ def test_interrupted_runs_leave_no_half_sample_and_resume(assets, tmp_path, monk
     ref_recs = {r["index"]: r for r in iter_records(ref)}
     import os
 
-    from dualanodiff_core import export
+    from dualanodiff_core.dataset import export
 
     real_replace = os.replace
 

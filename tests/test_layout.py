@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from dualanodiff_core import layout
-from dualanodiff_core.layout import LayoutError
+from dualanodiff_core.method import layout
+from dualanodiff_core.method.layout import LayoutError
 
 
 def test_interleave_and_split_round_trip():

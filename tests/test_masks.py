@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dualanodiff_core.masks import (
+from dualanodiff_core.dataset.acceptance import FilterOptions, check_pair, mask_change_agreement
+from dualanodiff_core.dataset.masks import (
     MaskOptions,
     change_mask,
     dilate,
@@ -19,7 +20,6 @@ from dualanodiff_core.masks import (
     otsu_threshold,
     refine_with_change,
 )
-from dualanodiff_core.quality import FilterOptions, check_pair, mask_change_agreement
 
 H, W = 96, 128
 YY, XX = np.mgrid[:H, :W]
@@ -170,7 +170,7 @@ def test_hysteresis_keeps_a_faint_rim_of_a_strong_defect():
 
 
 def test_soft_edges():
-    from dualanodiff_core.masks import gaussian_blur
+    from dualanodiff_core.dataset.masks import gaussian_blur
 
     im = render(DISK, COLORS["dark"]).astype(np.float32) / 255
     soft = (np.clip(gaussian_blur(im, 1.0), 0, 1) * 255).round().astype(np.uint8)

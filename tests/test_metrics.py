@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from dualanodiff_core import metrics
+from dualanodiff_core.evaluation import metrics
 
 
 def brute_auroc(s, y):

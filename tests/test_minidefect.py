@@ -11,7 +11,7 @@ import pytest
 from anomalib_rules import load_folder, load_mvtec
 from PIL import Image
 
-from dualanodiff_core import minidefect as md
+from dualanodiff_core.minidefect import procedural as md
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(train_good=3, test_good=2, test_defect=3)

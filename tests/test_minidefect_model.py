@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from dualanodiff_core import minidefect as md
-from dualanodiff_core import minidefect_pretrain as mp
-from dualanodiff_core.diffusers_backend import DualAnoDiffPipeline
+from dualanodiff_core.minidefect import pretrain as mp
+from dualanodiff_core.minidefect import procedural as md
+from dualanodiff_core.sd15.pipeline import DualAnoDiffPipeline
 
 MODEL = md.base_model_dir()
 

@@ -46,8 +46,8 @@ def test_comfy_registry_metadata():
 
 
 def test_inspect_cli_converts_and_exports(tmp_path):
-    from dualanodiff_core.diffusers_backend import DualUNet
-    from dualanodiff_core.tiny import tiny_unet
+    from dualanodiff_core.minidefect.tiny import tiny_unet
+    from dualanodiff_core.sd15.pipeline import DualUNet
 
     dual = DualUNet(tiny_unet(0), rank=4)
     ref = {"unet." + k: v for k, v in dual.unet.state_dict().items() if ".processor." in k}

@@ -4,10 +4,10 @@ import pytest
 import torch
 from helpers import randomize_
 
-from dualanodiff_core.diffusers_backend import DualAnoDiffPipeline, TextEncoderLoRA, encode_prompts
-from dualanodiff_core.models import ModelLoadError
-from dualanodiff_core.tiny import save_tiny_model, tiny_components, tiny_text_encoder, tiny_tokenizer
-from dualanodiff_core.weights import DualAnoDiffWeights
+from dualanodiff_core.method.weights import DualAnoDiffWeights
+from dualanodiff_core.minidefect.tiny import save_tiny_model, tiny_components, tiny_text_encoder, tiny_tokenizer
+from dualanodiff_core.sd15.loading import ModelLoadError
+from dualanodiff_core.sd15.pipeline import DualAnoDiffPipeline, TextEncoderLoRA, encode_prompts
 
 
 @pytest.fixture()
@@ -80,7 +80,7 @@ def test_bcm_sampling_runs_a_record_pass_per_step(tmp_path):
     spy = Spy(pipe.unet)
     res = pipe.generate(2, steps=2, cfg=2.0, seed=0, height=16, width=16, background=bg, bcm_noise=zeros)
     spy.handle.remove()
-    from dualanodiff_core.diffusers_backend import make_scheduler
+    from dualanodiff_core.sd15.pipeline import make_scheduler
 
     sched = make_scheduler("pndm", pipe.scheduler_config)
     sched.set_timesteps(2)
@@ -170,7 +170,7 @@ def test_from_pretrained_errors_name_the_folder(tmp_path):
 
 
 def test_missing_tokenizer_vocabulary_is_detected():
-    from dualanodiff_core.diffusers_backend import check_tokenizer
+    from dualanodiff_core.sd15.pipeline import check_tokenizer
 
     class Empty:
         def __len__(self):

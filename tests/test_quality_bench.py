@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dualanodiff_core import evaluation as ev
-from dualanodiff_core import minidefect as md
-from dualanodiff_core import synthetic
-from dualanodiff_core.export import DatasetWriter, ExportSample
-from dualanodiff_core.masks import extract_mask
-from dualanodiff_core.quality import check_pair
+from dualanodiff_core.dataset.acceptance import check_pair
+from dualanodiff_core.dataset.export import DatasetWriter, ExportSample
+from dualanodiff_core.dataset.masks import extract_mask
+from dualanodiff_core.evaluation import benchmark as ev
+from dualanodiff_core.evaluation import synthetic
+from dualanodiff_core.minidefect import procedural as md
 
 
 def noise_textures(n, size=32, seed=0):

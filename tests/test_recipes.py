@@ -12,16 +12,16 @@ import pytest
 import torch
 from defect_data import make_flat
 
-from dualanodiff_core import evaluation as ev
-from dualanodiff_core import minidefect as md
-from dualanodiff_core.data import DefectDataset, Draw, find_defect_set
-from dualanodiff_core.generate import SamplingOptions, zero_mean_anomaly_rows
-from dualanodiff_core.masks import extract_mask
-from dualanodiff_core.quality import REASONS, FilterOptions, alignment_contrast, check_pair
-from dualanodiff_core.recipes import get_recipe, minidefect_prompts
-from dualanodiff_core.tiny import tiny_components
-from dualanodiff_core.train import TrainConfig, Trainer, mask_loss_weights
-from dualanodiff_core.train_diffusers import DiffusersTrainingBackbone
+from dualanodiff_core.dataset.acceptance import REASONS, FilterOptions, alignment_contrast, check_pair
+from dualanodiff_core.dataset.generate import SamplingOptions, zero_mean_anomaly_rows
+from dualanodiff_core.dataset.masks import extract_mask
+from dualanodiff_core.evaluation import benchmark as ev
+from dualanodiff_core.method.recipes import get_recipe, minidefect_prompts
+from dualanodiff_core.minidefect import procedural as md
+from dualanodiff_core.minidefect.tiny import tiny_components
+from dualanodiff_core.sd15.training import DiffusersTrainingBackbone
+from dualanodiff_core.training.data import DefectDataset, Draw, find_defect_set
+from dualanodiff_core.training.trainer import TrainConfig, Trainer, mask_loss_weights
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the alignment check
@@ -97,7 +97,7 @@ def test_real_minidefect_defects_pass_the_alignment_check(tmp_path):
 
 
 def test_generate_cli_exposes_the_alignment_threshold():
-    from dualanodiff_core import cmd_generate
+    from dualanodiff_core.cli import generate as cmd_generate
 
     p = argparse.ArgumentParser()
     cmd_generate.add_arguments(p)
@@ -145,7 +145,7 @@ def test_zero_mean_anomaly_rows_touch_only_the_anomaly_rows():
 
 
 def test_generate_cli_recipe_sets_the_starting_noise():
-    from dualanodiff_core import cmd_generate
+    from dualanodiff_core.cli import generate as cmd_generate
 
     p = argparse.ArgumentParser()
     cmd_generate.add_arguments(p)
@@ -243,7 +243,7 @@ def test_mask_loss_weights():
 
 
 def test_train_cli_recipe_and_overrides():
-    from dualanodiff_core import cmd_train
+    from dualanodiff_core.cli import train as cmd_train
 
     p = argparse.ArgumentParser()
     cmd_train.add_arguments(p)
@@ -330,8 +330,8 @@ def test_summary_row_and_table():
 
 
 def test_train_and_generate_under_each_recipe(tmp_path):
-    from dualanodiff_core.minidefect_bench import RunSettings, train_and_generate
-    from dualanodiff_core.weights import DualAnoDiffWeights
+    from dualanodiff_core.method.weights import DualAnoDiffWeights
+    from dualanodiff_core.minidefect.bench import RunSettings, train_and_generate
 
     torch.set_num_threads(1)
     data = md.write_minidefect(
@@ -370,7 +370,7 @@ def test_train_and_generate_under_each_recipe(tmp_path):
 
 
 def test_demo_recipe_option():
-    from dualanodiff_core import cmd_demo
+    from dualanodiff_core.cli import demo as cmd_demo
 
     p = argparse.ArgumentParser()
     cmd_demo.add_arguments(p)

@@ -10,10 +10,12 @@ import torch
 from defect_data import make_flat
 from PIL import Image
 
-from dualanodiff_core.attention import MODE_DUAL
-from dualanodiff_core.data import DefectDataset, find_defect_set
-from dualanodiff_core.tiny import tiny_components
-from dualanodiff_core.train import (
+from dualanodiff_core.method.attention import MODE_DUAL
+from dualanodiff_core.method.weights import DualAnoDiffWeights
+from dualanodiff_core.minidefect.tiny import tiny_components
+from dualanodiff_core.sd15.training import DiffusersTrainingBackbone, train_from_folder
+from dualanodiff_core.training.data import DefectDataset, find_defect_set
+from dualanodiff_core.training.trainer import (
     CheckpointError,
     TrainConfig,
     Trainer,
@@ -21,8 +23,6 @@ from dualanodiff_core.train import (
     list_checkpoints,
     load_checkpoint,
 )
-from dualanodiff_core.train_diffusers import DiffusersTrainingBackbone, train_from_folder
-from dualanodiff_core.weights import DualAnoDiffWeights
 
 RES = 16  # 16 px images -> 8x8 latents with the tiny VAE
 
@@ -267,8 +267,8 @@ def test_an_incomplete_backbone_is_named(data_root, tmp_path):
 
 def test_trained_weights_load_into_the_pipeline_and_generate(tmp_path):
     """Train from a diffusers folder on disk (BCM on), then generate with DualAnoDiffPipeline from the file."""
-    from dualanodiff_core.diffusers_backend import DualAnoDiffPipeline
-    from dualanodiff_core.tiny import save_tiny_model
+    from dualanodiff_core.minidefect.tiny import save_tiny_model
+    from dualanodiff_core.sd15.pipeline import DualAnoDiffPipeline
 
     model = save_tiny_model(tmp_path / "model")
     data = make_flat(tmp_path / "data", n=3, size=RES, object_masks=True)

@@ -10,7 +10,7 @@ import torch
 from defect_data import defect_pair, make_flat, make_mvtec, make_side_by_side, save
 from PIL import Image
 
-from dualanodiff_core.data import (
+from dualanodiff_core.training.data import (
     DataError,
     DataWarning,
     DefectDataset,

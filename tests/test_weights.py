@@ -7,9 +7,9 @@ import torch
 from helpers import randomize_, unet_inputs
 from safetensors.torch import save_file
 
-from dualanodiff_core.diffusers_backend import DualUNet, TextEncoderLoRA
-from dualanodiff_core.tiny import tiny_text_encoder, tiny_unet
-from dualanodiff_core.weights import DualAnoDiffWeights, WeightsError, WeightsKeyError
+from dualanodiff_core.method.weights import DualAnoDiffWeights, WeightsError, WeightsKeyError
+from dualanodiff_core.minidefect.tiny import tiny_text_encoder, tiny_unet
+from dualanodiff_core.sd15.pipeline import DualUNet, TextEncoderLoRA
 
 
 def reference_checkpoint(bcm: bool, seed: int = 0):

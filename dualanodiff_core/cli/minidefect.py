@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-from .minidefect import add_arguments, run  # noqa: F401
+from ..minidefect.procedural import add_arguments, run  # noqa: F401

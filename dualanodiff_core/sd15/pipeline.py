@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from . import layout
-from .attention import (
+from ..method import layout
+from ..method.attention import (
     MODE_DUAL,
     DualBranchLayers,
     DualControl,
@@ -31,7 +31,7 @@ from .attention import (
     dual_branch_attention,
     run_with_background,
 )
-from .weights import (
+from ..method.weights import (
     DEFAULT_PROMPT_ANOMALY,
     DEFAULT_PROMPT_GLOBAL,
     TEXT,
@@ -309,7 +309,7 @@ class DualResult:
     anomaly_latents: torch.Tensor
 
     def to_pil(self):
-        from .imageutil import tensor_to_pil
+        from ..imageutil import tensor_to_pil
 
         return tensor_to_pil(self.global_images), tensor_to_pil(self.anomaly_images)
 
@@ -392,7 +392,7 @@ class DualAnoDiffPipeline:
     ):
         """Load a local diffusers SD1.x folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
         ``scheduler/``). Nothing is downloaded."""
-        from .models import load_diffusers_components
+        from .loading import load_diffusers_components
 
         comps = load_diffusers_components(model_dir, dtype=dtype, device=device)
         if weights is not None and not isinstance(weights, DualAnoDiffWeights):

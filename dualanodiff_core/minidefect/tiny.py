@@ -121,7 +121,7 @@ def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, layers: int = 2, hea
 
 def tiny_components(seed: int = 0, **unet_kwargs) -> dict:
     """``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and an SD1.5 scheduler config, all tiny and frozen."""
-    from .diffusers_backend import SD15_SCHEDULER_CONFIG
+    from ..sd15.pipeline import SD15_SCHEDULER_CONFIG
 
     comps = dict(
         unet=tiny_unet(seed, **unet_kwargs),

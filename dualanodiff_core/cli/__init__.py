@@ -13,7 +13,7 @@ import sys
 
 #: sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "inspect": ("dualanodiff_core.cmd_inspect", "show what a weights file holds; convert or export it"),
+    "inspect": ("dualanodiff_core.cli.inspect", "show what a weights file holds; convert or export it"),
 }
 
 
@@ -24,10 +24,10 @@ def register(name: str, module: str, help_text: str) -> None:
 def _known_commands() -> dict[str, tuple[str, str]]:
     # optional commands, present when their modules exist
     optional = {
-        "train": ("dualanodiff_core.cmd_train", "fine-tune DualAnoDiff weights on a few defect images"),
-        "generate": ("dualanodiff_core.cmd_generate", "generate image/mask pairs and export a defect dataset"),
-        "demo": ("dualanodiff_core.cmd_demo", "offline end-to-end demo on the procedural MiniDefect data"),
-        "minidefect": ("dualanodiff_core.cmd_minidefect", "write the procedural MiniDefect dataset (MVTec layout)"),
+        "train": ("dualanodiff_core.cli.train", "fine-tune DualAnoDiff weights on a few defect images"),
+        "generate": ("dualanodiff_core.cli.generate", "generate image/mask pairs and export a defect dataset"),
+        "demo": ("dualanodiff_core.cli.demo", "offline end-to-end demo on the procedural MiniDefect data"),
+        "minidefect": ("dualanodiff_core.cli.minidefect", "write the procedural MiniDefect dataset (MVTec layout)"),
     }
     out = dict(COMMANDS)
     for name, (mod, help_text) in optional.items():

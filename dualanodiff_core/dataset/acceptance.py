@@ -6,7 +6,7 @@ Checks, in this order (the first failing one is the reason):
     the anomaly-branch image's median is far from mid-gray (``max_gray_offset``): the branch did not draw "defect on
     gray" (a failed sample, or the global image was passed by mistake), so no mask from it can be trusted;
 ``empty_mask``
-    nothing in the anomaly image stands out from gray (see :class:`~dualanodiff_core.masks.MaskResult.note`);
+    nothing in the anomaly image stands out from gray (see :class:`~dualanodiff_core.dataset.masks.MaskResult.note`);
 ``mask_too_large``
     the mask covers more than ``max_area`` of the image (a defect rarely does; usually a failed anomaly branch);
 ``mask_too_small``

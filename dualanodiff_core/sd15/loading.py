@@ -23,7 +23,7 @@ def load_diffusers_components(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from .diffusers_backend import SD15_SCHEDULER_CONFIG, check_tokenizer
+    from .pipeline import SD15_SCHEDULER_CONFIG, check_tokenizer
 
     root = Path(model_dir)
     if not root.is_dir():

@@ -10,7 +10,8 @@ forced offline for the call, and the file loads only when
   its configs and tokenizer are used, the weights come from the file; or
 * the Hugging Face cache already holds the SD1.5 configs (someone ran diffusers online on this machine before).
 
-Otherwise :class:`~dualanodiff_core.models.ModelLoadError` says how to convert the file to a diffusers folder once.
+Otherwise :class:`~dualanodiff_core.sd15.loading.ModelLoadError`
+says how to convert the file to a diffusers folder once.
 ``.ckpt`` files are read by diffusers with ``torch.load(weights_only=True)``.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .models import ModelLoadError
+from .loading import ModelLoadError
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -84,10 +85,10 @@ def load_single_file_components(
     path: str | os.PathLike, config_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu"
 ) -> dict:
     """Load a single-file SD1.x checkpoint into the components dict of
-    :func:`dualanodiff_core.models.load_diffusers_components`, offline only."""
+    :func:`dualanodiff_core.sd15.loading.load_diffusers_components`, offline only."""
     from diffusers import StableDiffusionPipeline
 
-    from .diffusers_backend import check_tokenizer
+    from .pipeline import check_tokenizer
 
     path = Path(path)
     if not path.is_file():

@@ -28,10 +28,10 @@ Defaults are the reference's (rank 32, AdamW 2e-5, weight decay 1e-2, clip 1.0, 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .data import CROPS, FLIPS, SPLIT_HELP, SPLITS
-    from .recipes import DEFAULT_RECIPE, RECIPES
-    from .train import PRECISIONS, TrainConfig
-    from .weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL
+    from ..method.recipes import DEFAULT_RECIPE, RECIPES
+    from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL
+    from ..training.data import CROPS, FLIPS, SPLIT_HELP, SPLITS
+    from ..training.trainer import PRECISIONS, TrainConfig
 
     d = TrainConfig()
     p.description = DESCRIPTION
@@ -239,8 +239,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def config_from_args(args: argparse.Namespace):
-    from .recipes import get_recipe
-    from .train import TrainConfig
+    from ..method.recipes import get_recipe
+    from ..training.trainer import TrainConfig
 
     recipe = get_recipe(getattr(args, "recipe", "reference")).train_settings()
     for k in recipe:
@@ -323,7 +323,7 @@ def _fmt_time(s: float) -> str:
 
 def _clear_previous_run(work_dir: Path) -> None:
     """--overwrite: remove only what an earlier run wrote (checkpoints, loss log)."""
-    from .train import CHECKPOINT_RE
+    from ..training.trainer import CHECKPOINT_RE
 
     ck = work_dir / "checkpoints"
     if ck.is_dir():
@@ -338,8 +338,8 @@ def _clear_previous_run(work_dir: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from .data import DataWarning, DefectDataset, find_defect_set
-    from .train import TrainingError, list_checkpoints
+    from ..training.data import DataWarning, DefectDataset, find_defect_set
+    from ..training.trainer import TrainingError, list_checkpoints
 
     config = config_from_args(args)
     output = Path(args.output)
@@ -419,7 +419,7 @@ def run(args: argparse.Namespace) -> int:
         def say(msg):
             (bar.write(msg, file=sys.stderr) if bar is not None else echo(msg))
 
-        from .train_diffusers import train_from_folder
+        from ..sd15.training import train_from_folder
 
         try:
             with _graceful_interrupt(flag, say):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .weights import DualAnoDiffWeights
+from ..method.weights import DualAnoDiffWeights
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

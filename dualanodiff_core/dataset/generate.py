@@ -1,4 +1,4 @@
-"""Generate a defect dataset with a :class:`~dualanodiff_core.diffusers_backend.DualAnoDiffPipeline`:
+"""Generate a defect dataset with a :class:`~dualanodiff_core.sd15.pipeline.DualAnoDiffPipeline`:
 sample pairs, extract masks, filter, export (MVTec layout + manifest + contact sheets). Resumable.
 
 Determinism: sample ``i`` is drawn from its own seed ``sample_seed(seed, i)`` (its initial noise for both
@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import __version__
-from .backgrounds import make_background
+from .. import __version__
+from ..imageutil import pil_to_tensor, tensor_to_pil
+from ..training.backgrounds import make_background
+from .acceptance import FilterOptions, check_pair
 from .export import DatasetWriter, ExportSample, check_name, digits_for, sha256_file
-from .imageutil import pil_to_tensor, tensor_to_pil
 from .masks import MaskOptions, extract_mask
-from .quality import FilterOptions, check_pair
 
 #: reference defaults (METHOD.md §3.1): dual model PNDM / 100 steps / CFG 2.5; the BCM reference uses 50 / 2.0
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_CFG = "pndm", 100, 2.5
@@ -68,11 +68,11 @@ class SamplingOptions:
     bcm_strength: float = 1.0
     text_strength: float = 1.0
     #: remove the per-channel spatial mean of each anomaly-branch starting latent (not the reference: on a small
-    #: latent the noise's mean tints the anomaly branch's gray background; see dualanodiff_core.recipes)
+    #: latent the noise's mean tints the anomaly branch's gray background; see dualanodiff_core.method.recipes)
     zero_mean_anomaly_noise: bool = True
 
     def __post_init__(self):
-        from .diffusers_backend import SAMPLERS
+        from ..sd15.pipeline import SAMPLERS
 
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
@@ -285,8 +285,8 @@ def generate_dataset(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> GenerateSummary:
-    """Generate samples ``0..n-1`` of ``category/defect`` into ``out`` (see :mod:`dualanodiff_core.export` for the
-    layout); samples already there are kept and skipped.
+    """Generate samples ``0..n-1`` of ``category/defect`` into ``out`` (see
+    :mod:`dualanodiff_core.dataset.export` for the layout); samples already there are kept and skipped.
 
     ``pipe``: a :class:`DualAnoDiffPipeline`, or a function returning one (called only if something is left to
     generate). ``backgrounds`` turns on BCM (weights with BCM layers needed). ``filter_against_background`` /
@@ -435,7 +435,7 @@ def _run(
         raise ValueError(f"--size {W}x{H}: height and width must be multiples of {f} for this model")
     channels = pipe.unet.config.in_channels
     meta = getattr(pipe, "metadata", {}) or {}
-    from .weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL
+    from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL
 
     prompt_g = sampling.prompt_global
     if prompt_g is None:

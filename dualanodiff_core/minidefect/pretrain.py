@@ -1,6 +1,6 @@
 """Pre-train the MiniDefect base model: a small Stable-Diffusion-1.x-architecture model (diffusers
 ``AutoencoderKL`` + ``UNet2DConditionModel`` + transformers ``CLIPTextModel`` with the byte-level CLIP tokenizer of
-:mod:`dualanodiff_core.tiny`) that generates MiniDefect's *normal* textures for prompts naming the product.
+:mod:`dualanodiff_core.minidefect.tiny`) that generates MiniDefect's *normal* textures for prompts naming the product.
 
 It stands in for SD1.5 where SD1.5 cannot be used (no GPU, no internet): the demo, the quality benchmark and the
 tests fine-tune DualAnoDiff on top of it exactly as they would on SD1.5.
@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from . import minidefect as md
-from .fileio import write_json_atomic
+from ..fileio import write_json_atomic
+from . import procedural as md
 
 #: the architecture of the shipped model (SD1.x block types, narrow)
 VAE_CONFIG = dict(
@@ -288,7 +288,7 @@ def train_unet(unet, text, tokenizer, means, stds, captions_fn, config: Pretrain
     dev = means.device
     from diffusers import DDPMScheduler
 
-    from .diffusers_backend import SD15_SCHEDULER_CONFIG
+    from ..sd15.pipeline import SD15_SCHEDULER_CONFIG
 
     sched = DDPMScheduler.from_config({k: v for k, v in SD15_SCHEDULER_CONFIG.items() if k != "skip_prk_steps"})
     abar = sched.alphas_cumprod.float().to(dev)
@@ -361,7 +361,7 @@ def sample_base(
     size: int = 64,
 ) -> torch.Tensor:
     """Plain classifier-free-guided text-to-image sampling; images ``[N, 3, H, W]`` in [0, 1]."""
-    from .diffusers_backend import SD15_SCHEDULER_CONFIG, encode_prompts, make_scheduler
+    from ..sd15.pipeline import SD15_SCHEDULER_CONFIG, encode_prompts, make_scheduler
 
     sched = make_scheduler(sampler, SD15_SCHEDULER_CONFIG)
     sched.set_timesteps(steps)
@@ -412,7 +412,7 @@ def save_model(folder: Path, vae, unet, text, tokenizer, record: dict) -> None:
     """A diffusers Stable Diffusion folder (fp32 safetensors) + ``pretrain.json`` (how it was made)."""
     from diffusers import PNDMScheduler
 
-    from .diffusers_backend import SD15_SCHEDULER_CONFIG
+    from ..sd15.pipeline import SD15_SCHEDULER_CONFIG
     from .tiny import write_tokenizer_files
 
     tmp = folder.with_name(folder.name + ".tmp")

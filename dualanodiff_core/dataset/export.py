@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .fileio import save_image_atomic, write_text_atomic
+from ..fileio import save_image_atomic, write_text_atomic
+from .acceptance import FilterDecision
 from .masks import MaskResult, erode, mask_to_pil
-from .quality import FilterDecision
 
 MANIFEST = "manifest.jsonl"
 LOCK = ".dualanodiff.lock"

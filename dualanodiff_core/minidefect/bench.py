@@ -3,7 +3,7 @@
 Used by ``bench/quality.py --all`` (every defect type, one command). Each stage's output is kept under ``work``
 and reused when it is already there (weights file, generated folder with its summary), so an interrupted run
 continues where it stopped. The settings are the demo's defaults (``dualanodiff demo``) under a recipe
-(:mod:`dualanodiff_core.recipes`).
+(:mod:`dualanodiff_core.method.recipes`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class RunSettings:
     gen_seed: int = 0
 
     def resolved_cfg(self) -> float:
-        from .recipes import get_recipe
+        from ..method.recipes import get_recipe
 
         return get_recipe(self.recipe).minidefect_cfg if self.cfg is None else float(self.cfg)
 
@@ -45,9 +45,9 @@ class RunSettings:
 
 def train_config(settings: RunSettings, product: str, size: int):
     """The :class:`~dualanodiff_core.train.TrainConfig` of a MiniDefect run (the demo's) under its recipe."""
-    from . import minidefect as md
-    from .recipes import get_recipe, minidefect_prompts
-    from .train import TrainConfig
+    from ..method.recipes import get_recipe, minidefect_prompts
+    from ..training.trainer import TrainConfig
+    from . import procedural as md
 
     recipe = get_recipe(settings.recipe)
     pg, pa = minidefect_prompts(md.normal_prompt(product), recipe)
@@ -69,8 +69,8 @@ def train_config(settings: RunSettings, product: str, size: int):
 
 
 def sampling_options(settings: RunSettings, size: int):
-    from .generate import SamplingOptions
-    from .recipes import get_recipe
+    from ..dataset.generate import SamplingOptions
+    from ..method.recipes import get_recipe
 
     return SamplingOptions(
         sampler=settings.sampler,
@@ -96,12 +96,12 @@ def train_and_generate(
     """Train weights on ``data/<product>/test/<defect>``'s few-shot third and generate ``settings.samples`` pairs
     into ``work/generated/<product>_<defect>``; returns what was done (paths, seconds, filter summary). ``model``:
     the base model folder (default: the shipped MiniDefect model)."""
-    from . import minidefect as md
-    from .data import find_defect_set
-    from .evaluation import read_rgb
-    from .fileio import write_json_atomic
-    from .generate import generate_dataset
-    from .train_diffusers import train_from_folder
+    from ..dataset.generate import generate_dataset
+    from ..evaluation.benchmark import read_rgb
+    from ..fileio import write_json_atomic
+    from ..sd15.training import train_from_folder
+    from ..training.data import find_defect_set
+    from . import procedural as md
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     data, work = Path(data), Path(work)
@@ -135,7 +135,7 @@ def train_and_generate(
             raise RuntimeError(f"training {name} stopped at step {res.step}; run again to continue")
     info["train_seconds"] = round(time.time() - t0, 1)
     t0 = time.time()
-    from .diffusers_backend import DualAnoDiffPipeline
+    from ..sd15.pipeline import DualAnoDiffPipeline
 
     def load():
         return DualAnoDiffPipeline.from_pretrained(model, weights, device=device)

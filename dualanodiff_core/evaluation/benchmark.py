@@ -17,7 +17,8 @@ Three questions, one function each, and :func:`benchmark` that runs them all on 
     pairs from one *source* and tested on held-out real defects plus real normal test images: pixel AUROC, pixel AP,
     pixel F1-max, image AUROC. Sources: ``generated`` (the DualAnoDiff dataset), ``real`` (the few real pairs
     alone, augmented), ``real+generated``, ``cutpaste`` and ``perlin`` (synthetic baselines on normal images,
-    :mod:`dualanodiff_core.synthetic`). Training follows the DualAnoDiff/AnomalyDiffusion evaluation (half normal
+    :mod:`dualanodiff_core.evaluation.synthetic`).
+    Training follows the DualAnoDiff/AnomalyDiffusion evaluation (half normal
     images with empty masks, half defect pairs, focal loss) at a CPU-sized scale, with a fixed schedule: no model
     selection on the test set (the reference picks the best epoch on the test set).
 
@@ -44,8 +45,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..dataset.masks import MaskOptions, dilate, extract_mask, gaussian_blur, remove_small
 from . import metrics, synthetic
-from .masks import MaskOptions, dilate, extract_mask, gaussian_blur, remove_small
 
 PNG = (".png", ".PNG")
 

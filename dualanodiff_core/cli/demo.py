@@ -69,15 +69,15 @@ class DemoConfig:
     #: None = the recipe's (ours 1.0: masks and images aligned better than with 2.5; reference 2.5)
     cfg: float | None = None
     gen_seed: int = 0
-    #: training/sampling recipe (dualanodiff_core.recipes): "ours" (default) or "reference"
+    #: training/sampling recipe (dualanodiff_core.method.recipes): "ours" (default) or "reference"
     recipe: str = "ours"
     seg_steps: int = 150  # segmentation-network training steps per usefulness row; 0 = skip usefulness
     sources: tuple[str, ...] = ("generated", "real", "cutpaste", "perlin")
     threads: int = 0  # 0 = torch's default
 
     def validate(self) -> DemoConfig:
-        from . import minidefect as md
-        from .recipes import get_recipe
+        from ..method.recipes import get_recipe
+        from ..minidefect import procedural as md
 
         recipe = get_recipe(self.recipe)
         if self.cfg is None:
@@ -106,7 +106,7 @@ class DemoConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .recipes import RECIPES
+    from ..method.recipes import RECIPES
 
     d = DemoConfig()
     p.description = DESCRIPTION
@@ -194,7 +194,7 @@ class _Stages:
     """Keeps OUT/demo.json: the settings each finished stage was made with, so a rerun reuses what still fits."""
 
     def __init__(self, out: Path, config: DemoConfig, overwrite: bool, log: Callable[[str], None]):
-        from .fileio import write_json_atomic
+        from ..fileio import write_json_atomic
 
         self._write = write_json_atomic
         self.out, self.config, self.log = out, config, log
@@ -250,7 +250,7 @@ class _Stages:
 
 
 def _run_settings(config: DemoConfig):
-    from .minidefect_bench import RunSettings
+    from ..minidefect.bench import RunSettings
 
     return RunSettings(
         recipe=config.recipe,
@@ -282,13 +282,13 @@ def run_demo(
     """Run the demo; returns the report dict (also written to ``OUT/report.json``)."""
     import torch
 
-    from . import evaluation as ev
-    from . import minidefect as md
-    from .data import find_defect_set
-    from .fileio import write_json_atomic, write_text_atomic
-    from .generate import generate_dataset
-    from .minidefect_bench import sampling_options, train_config
-    from .train_diffusers import train_from_folder
+    from ..dataset.generate import generate_dataset
+    from ..evaluation import benchmark as ev
+    from ..fileio import write_json_atomic, write_text_atomic
+    from ..minidefect import procedural as md
+    from ..minidefect.bench import sampling_options, train_config
+    from ..sd15.training import train_from_folder
+    from ..training.data import find_defect_set
 
     config.validate()
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -374,7 +374,7 @@ def run_demo(
             f"[3/{n_stages}] generate: {config.samples} pairs, {config.sampler} {config.sampling_steps} steps, "
             f"cfg {config.cfg}"
         )
-        from .diffusers_backend import DualAnoDiffPipeline
+        from ..sd15.pipeline import DualAnoDiffPipeline
 
         def load():
             return DualAnoDiffPipeline.from_pretrained(model, weights, device=device)
@@ -410,7 +410,7 @@ def run_demo(
     bench_cfg = ev.BenchConfig(
         sources=sources, seeds=(0,), seg=ev.SegConfig(steps=max(1, config.seg_steps)), n_synthetic=200
     )
-    from .export import iter_records
+    from ..dataset.export import iter_records
 
     accepted = sum(1 for r in iter_records(generated, config.product, config.defect) if r.get("accepted"))
     if not accepted:
@@ -500,7 +500,7 @@ def _report_markdown(report: dict[str, Any], table: str) -> str:
 
 
 def ev_summary_table(report: dict[str, Any]) -> str:
-    from .evaluation import format_summary
+    from ..evaluation.benchmark import format_summary
 
     return format_summary([report["summary"]]) if "summary" in report else ""
 
@@ -512,9 +512,9 @@ def demo_contact_sheet(
     images, each above its anomaly-branch image and its mask overlaid. Written atomically."""
     from PIL import Image, ImageDraw
 
-    from .export import _font, iter_records, mask_overlay
-    from .fileio import save_image_atomic
-    from .minidefect import few_shot_split
+    from ..dataset.export import _font, iter_records, mask_overlay
+    from ..fileio import save_image_atomic
+    from ..minidefect.procedural import few_shot_split
 
     font = _font()
     label_h = 14

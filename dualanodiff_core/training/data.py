@@ -15,7 +15,8 @@ Flat folders may also hold ``normals/`` (or ``good/``) with normal images and ``
 side-by-side folders may hold ``x_object.png`` beside ``x.png``.
 
 **Object masks** (white = the object, black = background) are only needed for BCM training: the background of every
-training image is that image with its object blacked out (:func:`dualanodiff_core.backgrounds.make_background`),
+training image is that image with its object blacked out
+(:func:`dualanodiff_core.training.backgrounds.make_background`),
 exactly as the reference builds it from U2-Net masks (METHOD.md §1.4). For MVTec data pass a folder holding
 ``<stem>.png`` (or ``<stem>_mask.png``) per defect image.
 

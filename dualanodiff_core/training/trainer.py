@@ -3,7 +3,8 @@
 What one step does (the reference ``train_dreambooth_lora.py`` / ``train_dreambooth_lora_single_background.py``,
 METHOD.md §1.4 and §2):
 
-1. draw ``batch_size`` training images (:class:`~dualanodiff_core.data.PairSampler`: seeded epochs of permutations,
+1. draw ``batch_size`` training images
+   (:class:`~dualanodiff_core.training.data.PairSampler`: seeded epochs of permutations,
    random flips) -> images ``I`` and masks ``M``; the anomaly image is ``I * M`` in [-1, 1] (defect on mid-gray);
 2. encode the interleaved rows ``[I_0, A_0, I_1, A_1, ...]`` to (scaled) latents ``z0`` -- a VAE *sample*;
 3. one timestep per pair (both rows of a pair share it), independent Gaussian noise per row:
@@ -18,7 +19,7 @@ METHOD.md §1.4 and §2):
    AdamW, gradient clipping, constant learning rate after an optional linear warm-up.
 
 The loop only talks to a :class:`TrainingBackbone` (the model), so the same code trains with diffusers
-(:mod:`dualanodiff_core.train_diffusers`) or inside ComfyUI.
+(:mod:`dualanodiff_core.sd15.training`) or inside ComfyUI.
 
 Checkpoints (``<work_dir>/checkpoints/checkpoint-<step>.pt``) hold everything a run needs to continue: trainable
 tensors, optimizer, learning-rate schedule, loss scaler, the data sampler and every random generator, and the loss
@@ -44,10 +45,10 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from . import layout
+from ..fileio import atomic_path, save_image_atomic, write_json_atomic, write_text_atomic
+from ..method import layout
+from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL, DualAnoDiffWeights
 from .data import DefectDataset, Draw, PairSampler
-from .fileio import atomic_path, save_image_atomic, write_json_atomic, write_text_atomic
-from .weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL, DualAnoDiffWeights
 
 CHECKPOINT_FORMAT = "dualanodiff-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -98,7 +99,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     prompt_global: str = DEFAULT_PROMPT_GLOBAL
     prompt_anomaly: str = DEFAULT_PROMPT_ANOMALY
-    # not the reference (see dualanodiff_core.recipes; the defaults here are the reference's):
+    # not the reference (see dualanodiff_core.method.recipes; the defaults here are the reference's):
     anomaly_offset_noise: float = 0.0  # std of a per-channel constant added to the anomaly rows' noise
     mask_loss_weight: float = 1.0  # weight of the global branch's loss inside the defect mask
     # data
@@ -178,7 +179,7 @@ class BackgroundPass:
 @runtime_checkable
 class TrainingBackbone(Protocol):
     """What the loop needs from a model. Implemented for diffusers by
-    :class:`dualanodiff_core.train_diffusers.DiffusersTrainingBackbone`; a ComfyUI implementation wraps a
+    :class:`dualanodiff_core.sd15.training.DiffusersTrainingBackbone`; a ComfyUI implementation wraps a
     ``ModelPatcher`` + CLIP + VAE the same way.
 
     Conventions: rows are interleaved pairs ``[g0, a0, g1, a1, ...]`` (even = global branch, odd = anomaly branch);
@@ -269,7 +270,7 @@ def check_backbone(backbone) -> None:
     if missing:
         raise TypeError(
             f"{type(backbone).__name__} is not a TrainingBackbone: it lacks {', '.join(missing)} "
-            "(see dualanodiff_core.train.TrainingBackbone)"
+            "(see dualanodiff_core.training.trainer.TrainingBackbone)"
         )
 
 
@@ -557,7 +558,7 @@ class Trainer:
         return self.work_dir / "checkpoints"
 
     def weights_metadata(self) -> dict:
-        from . import __version__
+        from .. import __version__
 
         c = self.config
         ds = self.dataset.defect_set

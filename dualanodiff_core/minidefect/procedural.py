@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .fileio import save_image_atomic, write_json_atomic
+from ..fileio import save_image_atomic, write_json_atomic
 
 FORMAT_VERSION = 1
 PRODUCTS: dict[str, tuple[str, ...]] = {
@@ -468,8 +468,8 @@ def defect_image(
 
 def base_model_dir() -> Path:
     """The shipped MiniDefect base model: a diffusers SD1.x folder (package data), pre-trained on MiniDefect normal
-    images by :mod:`dualanodiff_core.minidefect_pretrain`. Load it with ``DualAnoDiffPipeline.from_pretrained``."""
-    return Path(__file__).resolve().parent / "assets" / "minidefect-sd"
+    images by :mod:`dualanodiff_core.minidefect.pretrain`. Load it with ``DualAnoDiffPipeline.from_pretrained``."""
+    return Path(__file__).resolve().parents[1] / "assets" / "minidefect-sd"
 
 
 def mask_options(**changes):
@@ -480,7 +480,7 @@ def mask_options(**changes):
     the core defaults with 0.33-0.99. On generated anomaly-branch images, whose backgrounds carry faint texture
     around the defect, the contrast floor 0.08 (was 0.05) and no hysteresis growth (was 0.5) keep the mask to what
     the global image shows (generated/real mask area: see docs/quality.md)."""
-    from .masks import MaskOptions
+    from ..dataset.masks import MaskOptions
 
     return MaskOptions(
         blur_sigma=0.5, open_radius=0, close_radius=1, min_area=3, min_contrast=0.08, hysteresis=1.0

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .fileio import atomic_path
+from ..fileio import atomic_path
 
 FORMAT = "dualanodiff"
 FORMAT_VERSION = 1

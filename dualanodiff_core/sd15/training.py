@@ -1,4 +1,5 @@
-"""Training with diffusers: the :class:`~dualanodiff_core.train.TrainingBackbone` for :class:`DualAnoDiffPipeline`,
+"""Training with diffusers: the :class:`~dualanodiff_core.training.trainer.TrainingBackbone`
+for :class:`DualAnoDiffPipeline`,
 and :func:`train_from_folder`, the one-call headless trainer behind ``dualanodiff train``."""
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .attention import MODE_DUAL, DualControl
-from .data import DefectDataset, DefectSet
-from .train import BackgroundPass, TrainConfig, Trainer, TrainProgress, TrainResult
-from .weights import DualAnoDiffWeights
+from ..method.attention import MODE_DUAL, DualControl
+from ..method.weights import DualAnoDiffWeights
+from ..training.data import DefectDataset, DefectSet
+from ..training.trainer import BackgroundPass, TrainConfig, Trainer, TrainProgress, TrainResult
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _CONTROL_FIELDS = ("mode", "lora_strength", "saim_strength", "bcm_strength", "bcm_cache")
@@ -81,12 +82,12 @@ class DiffusersTrainingBackbone:
         cls, components: dict, config: TrainConfig, *, device: str | torch.device = "cpu", base_model: str = ""
     ) -> DiffusersTrainingBackbone:
         """Install fresh DualAnoDiff layers on ``components`` (``unet``, ``vae``, ``text_encoder``, ``tokenizer``,
-        ``scheduler_config``, as :func:`dualanodiff_core.models.load_diffusers_components` returns them).
+        ``scheduler_config``, as :func:`dualanodiff_core.sd15.loading.load_diffusers_components` returns them).
 
         The new layers are initialised from ``config.seed`` (the global torch RNG is seeded here). The frozen UNet
         and text encoder are cast to ``config.precision``; the VAE and every new layer stay fp32.
         """
-        from .diffusers_backend import DualAnoDiffPipeline
+        from .pipeline import DualAnoDiffPipeline
 
         config.validate()
         dtype = DTYPES[config.precision]
@@ -169,8 +170,8 @@ class DiffusersTrainingBackbone:
 def load_base_components(
     model: str | os.PathLike, *, model_config: str | os.PathLike | None = None, device: str | torch.device = "cpu"
 ) -> dict:
-    """A local diffusers SD1.x folder, or a single-file checkpoint (see :mod:`dualanodiff_core.single_file`)."""
-    from .models import load_diffusers_components
+    """A local diffusers SD1.x folder, or a single-file checkpoint (see :mod:`dualanodiff_core.sd15.single_file`)."""
+    from .loading import load_diffusers_components
     from .single_file import is_single_file, load_single_file_components
 
     path = Path(model)
@@ -197,7 +198,7 @@ def train_from_folder(
 ) -> TrainResult:
     """Train DualAnoDiff weights for one defect type and write them to ``output`` (our ``.safetensors``).
 
-    ``defect_set``: from :func:`dualanodiff_core.data.find_defect_set` (the split is applied here from
+    ``defect_set``: from :func:`dualanodiff_core.training.data.find_defect_set` (the split is applied here from
     ``config.split``). ``model``: a diffusers folder, a single-file checkpoint, or a components dict (tests).
     ``work_dir``: checkpoints and logs (default: ``<output without suffix>_train``). ``resume``: a checkpoint file,
     or True for the newest checkpoint in ``work_dir``. The data are checked before the model is loaded.
@@ -207,7 +208,7 @@ def train_from_folder(
     work_dir = Path(work_dir) if work_dir is not None else output.with_name(output.stem + "_train")
     resume_from = None
     if resume is True:
-        from .train import latest_checkpoint
+        from ..training.trainer import latest_checkpoint
 
         resume_from = latest_checkpoint(work_dir)
         if resume_from is None:

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .generate import (
+from ..dataset.acceptance import DEFAULT_MIN_ALIGNMENT
+from ..dataset.generate import (
     BCM_REFERENCE_CFG,
     BCM_REFERENCE_STEPS,
     DEFAULT_CFG,
@@ -14,8 +15,7 @@ from .generate import (
     DEFAULT_STEPS,
     DEFAULT_SWITCH_EVERY,
 )
-from .quality import DEFAULT_MIN_ALIGNMENT
-from .recipes import DEFAULT_RECIPE, RECIPES
+from ..method.recipes import DEFAULT_RECIPE, RECIPES
 
 DESCRIPTION = """\
 Generate N defect image + mask pairs with trained DualAnoDiff weights and write them as an MVTec-style dataset that
@@ -281,10 +281,10 @@ def _device(name: str):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .generate import BackgroundSet, SamplingOptions, generate_dataset
-    from .masks import MaskOptions
-    from .quality import FilterOptions
-    from .recipes import get_recipe
+    from ..dataset.acceptance import FilterOptions
+    from ..dataset.generate import BackgroundSet, SamplingOptions, generate_dataset
+    from ..dataset.masks import MaskOptions
+    from ..method.recipes import get_recipe
 
     weights = Path(args.weights)
     if not weights.is_file():
@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
 
     def load():
-        from .diffusers_backend import DualAnoDiffPipeline
+        from ..sd15.pipeline import DualAnoDiffPipeline
 
         print(f"loading {base} + {weights} on {device} ({args.dtype}) ...", file=sys.stderr)
         return DualAnoDiffPipeline.from_pretrained(base, weights, dtype=dtype, device=device)

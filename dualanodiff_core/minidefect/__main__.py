@@ -1,0 +1,5 @@
+import sys
+
+from .procedural import main
+
+sys.exit(main())
