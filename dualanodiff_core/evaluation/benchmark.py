@@ -721,7 +721,7 @@ def benchmark(
             sc = segmentation_scores(predict(net, test_imgs), test_masks, test_labels)
             runs.append(sc)
             if cache is not None:
-                from .fileio import write_json_atomic
+                from ..fileio import write_json_atomic
 
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(cache, {"source": src, "seed": seed, "scores": sc})
