@@ -177,7 +177,7 @@ def save_pairs(
             else:
                 result = extract_mask(an)
             fg = to_pil(anomaly[i]) if anomaly is not None else defect_on_gray(img, result.mask > 0)
-            decision = check_pair(result, fo, global_image=img)  # with the alignment check
+            decision = check_pair(result, fo)
             info = {"source": "ComfyUI", "batch_index": i, "batch_size": b, "mask_source": mask_source}
             if seed is not None:
                 info["seed"] = seed
