@@ -52,6 +52,8 @@ def assets(tmp_path_factory):
 
 # loose filter/mask settings: a random tiny model draws noise, not defects on gray
 LOOSE = [
+    "--min-alignment",
+    "0",
     "--max-area",
     "1",
     "--max-gray-offset",
@@ -143,6 +145,8 @@ def test_generate_end_to_end(assets, tmp_path, capsys):
         assert r["weights_sha256"] == sha and r["base_model"] == str(assets["model"].resolve())
         assert r["prompt_global"] == "a vfx with sks" and r["prompt_anomaly"] == "sks"
         assert isinstance(r["mask_area"], float) and r["reason"] and "accepted" in r
+        # the alignment check ran on every non-empty mask (its threshold is 0 here)
+        assert r["mask"]["empty"] or isinstance(r["filter"]["alignment"], float)
         for rel in r["files"].values():
             assert (out / rel).is_file()
     accepted = [r for r in records if r["accepted"]]

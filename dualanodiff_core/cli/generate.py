@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+from ..dataset.acceptance import DEFAULT_MIN_ALIGNMENT
 from ..dataset.generate import (
     BCM_REFERENCE_CFG,
     BCM_REFERENCE_STEPS,
@@ -17,6 +18,7 @@ from ..dataset.generate import (
     DEFAULT_SWITCH_EVERY,
     MAX_SIDE,
 )
+from ..method.recipes import DEFAULT_RECIPE, RECIPES
 
 DESCRIPTION = """\
 Generate N defect image + mask pairs with trained DualAnoDiff weights and write them as an MVTec-style dataset that
@@ -162,6 +164,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--negative-prompt", default="", help="negative prompt for both branches")
     s.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        default=DEFAULT_RECIPE,
+        help="ours: zero-mean starting noise on the anomaly branch (a gray, untinted background; docs/quality.md); "
+        "reference: the paper's sampling exactly",
+    )
+    s.add_argument(
+        "--zero-mean-anomaly-noise",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="remove the mean of the anomaly branch's starting noise (default: on with --recipe ours, off with "
+        "reference)",
+    )
+    s.add_argument(
         "--lora-strength",
         type=_finite,
         nargs=2,
@@ -255,6 +271,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="reject when the anomaly image's median is further than this from mid-gray (1 = off)",
     )
     f.add_argument(
+        "--min-alignment",
+        type=float,
+        default=DEFAULT_MIN_ALIGNMENT,
+        help="reject when the generated image does not differ inside the mask from a 3 px ring around it: "
+        "alignment contrast below this (the defect the mask marks is not in the image); 0 = off",
+    )
+    f.add_argument(
         "--min-agreement",
         type=_finite,
         default=0.5,
@@ -299,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
     from ..dataset.masks import MaskOptions
     from ..errors import DualAnoDiffError, MissingInputError, RunError
     from ..fileio import check_output_dir, os_error_message
+    from ..method.recipes import get_recipe
     from ..method.weights import DualAnoDiffWeights
     from ..sd15.loading import check_base_model, check_weights_fit
 
@@ -317,7 +341,11 @@ def run(args: argparse.Namespace) -> int:
         raise DualAnoDiffError(f"--max-size {args.max_size}: give a size in pixels, e.g. {MAX_SIDE}")
     width, height = args.size
     check_size(width, height, args.max_size)
+    zero_mean = args.zero_mean_anomaly_noise
+    if zero_mean is None:
+        zero_mean = get_recipe(args.recipe).zero_mean_anomaly_noise
     sampling = SamplingOptions(
+        zero_mean_anomaly_noise=zero_mean,
         sampler=args.sampler,
         steps=args.steps,
         cfg=args.cfg,
@@ -349,6 +377,7 @@ def run(args: argparse.Namespace) -> int:
         min_area=args.min_area,
         max_gray_offset=args.max_gray_offset,
         min_agreement=args.min_agreement,
+        min_alignment=args.min_alignment,
     )
     backgrounds = None
     if args.backgrounds:
@@ -435,6 +464,8 @@ HINTS = {
     "empty_mask": "nothing stood out from gray; for faint defects lower --mask-min-contrast.",
     "mask_too_large": "masks covered too much of the image; if your defects are that large, raise --max-area.",
     "mask_too_small": "masks were smaller than --min-area.",
+    "misaligned": "the generated images did not show the defect that the masks mark (train longer, or try "
+    "--recipe ours); lower --min-alignment (0 = off) to keep them anyway.",
     "disagrees_with_normal": "the images changed elsewhere than the masks; BCM may not keep the background "
     "(drop --filter-against-background or lower --min-agreement).",
 }

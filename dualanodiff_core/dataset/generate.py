@@ -60,6 +60,15 @@ def sample_seed(base_seed: int, index: int) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
+def zero_mean_anomaly_rows(latents: torch.Tensor) -> torch.Tensor:
+    """Interleaved starting latents ``[g0, a0, g1, a1, ...]`` with each anomaly row's per-channel spatial mean
+    removed (the global rows unchanged). Returns a new tensor."""
+    out = latents.clone()
+    a = out[1::2]
+    out[1::2] = a - a.mean(dim=(-2, -1), keepdim=True)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
     sampler: str = DEFAULT_SAMPLER
@@ -75,6 +84,9 @@ class SamplingOptions:
     saim_strength: float = 1.0
     bcm_strength: float = 1.0
     text_strength: float = 1.0
+    #: remove the per-channel spatial mean of each anomaly-branch starting latent (not the reference: on a small
+    #: latent the noise's mean tints the anomaly branch's gray background; see dualanodiff_core.method.recipes)
+    zero_mean_anomaly_noise: bool = True
 
     def __post_init__(self):
 
@@ -482,6 +494,8 @@ def _run(
             seeds = [sample_seed(seed, i) for i in batch]
             gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
             latents = torch.cat([torch.randn((2, channels, H // f, W // f), generator=g) for g in gens])
+            if sampling.zero_mean_anomaly_noise:
+                latents = zero_mean_anomaly_rows(latents)
             kwargs: dict[str, Any] = {}
             items = [None] * len(batch)
             if backgrounds is not None:
@@ -523,9 +537,8 @@ def _run(
                         region = Image.eval(it.object_mask, lambda v: 255 if v < 128 else 0)
                     compare = dict(global_image=images[j], normal_image=it.normal, known_region=region)
                 mres = extract_mask(parts[j], mask_options, **(compare if refine_mask else {}))
-                decision = check_pair(
-                    mres, filter_options, mask_options=mask_options, **(compare if filter_against_background else {})
-                )
+                against = compare if filter_against_background else {"global_image": images[j]}
+                decision = check_pair(mres, filter_options, mask_options=mask_options, **against)
                 info = dict(
                     seed=seeds[j],
                     base_seed=int(seed),
@@ -539,6 +552,7 @@ def _run(
                     saim_strength=sampling.saim_strength,
                     bcm_strength=sampling.bcm_strength,
                     text_strength=sampling.text_strength,
+                    zero_mean_anomaly_noise=sampling.zero_mean_anomaly_noise,
                     batch_size=len(batch),
                     background=None if it is None else str(it.path),
                     object_mask=None if it is None or it.mask_path is None else str(it.mask_path),
