@@ -150,7 +150,7 @@ def test_generate_cli_recipe_sets_the_starting_noise():
     p = argparse.ArgumentParser()
     cmd_generate.add_arguments(p)
     base = ["--weights", "w", "--base", "b", "--out", "o"]
-    assert p.parse_args(base).recipe == "ours"
+    assert p.parse_args(base).recipe == "reference"
     assert p.parse_args(base + ["--recipe", "reference"]).zero_mean_anomaly_noise is None
     assert p.parse_args(base + ["--no-zero-mean-anomaly-noise"]).zero_mean_anomaly_noise is False
     assert get_recipe("reference").zero_mean_anomaly_noise is False and get_recipe("ours").zero_mean_anomaly_noise
@@ -248,7 +248,9 @@ def test_train_cli_recipe_and_overrides():
     p = argparse.ArgumentParser()
     cmd_train.add_arguments(p)
     base = ["x", "--model", "m", "-o", "w.safetensors"]
-    ours = cmd_train.config_from_args(p.parse_args(base))
+    default = cmd_train.config_from_args(p.parse_args(base))
+    assert (default.anomaly_offset_noise, default.mask_loss_weight) == (0.0, 1.0)  # the default recipe: reference
+    ours = cmd_train.config_from_args(p.parse_args(base + ["--recipe", "ours"]))
     assert (ours.anomaly_offset_noise, ours.mask_loss_weight) == (0.1, 20.0)
     ref = cmd_train.config_from_args(p.parse_args(base + ["--recipe", "reference"]))
     assert (ref.anomaly_offset_noise, ref.mask_loss_weight) == (0.0, 1.0)
@@ -362,8 +364,8 @@ def test_train_and_generate_under_each_recipe(tmp_path):
         data,
         "fabric",
         "stain",
-        tmp_path / "ours",
-        RunSettings(train_steps=2, samples=2, sampling_steps=2),
+        tmp_path / "reference",
+        RunSettings(train_steps=2, samples=2, sampling_steps=2),  # the default recipe: reference
         log=logs.append,
     )
     assert again["accepted"] + again["rejected"] == 2 and any("reusing" in x for x in logs)
@@ -374,7 +376,9 @@ def test_demo_recipe_option():
 
     p = argparse.ArgumentParser()
     cmd_demo.add_arguments(p)
-    ours = cmd_demo.config_from_args(p.parse_args([]))
+    default = cmd_demo.config_from_args(p.parse_args([]))
+    assert default.recipe == "reference" and default.cfg == 2.5
+    ours = cmd_demo.config_from_args(p.parse_args(["--recipe", "ours"]))
     assert ours.recipe == "ours" and ours.cfg == 1.0
     ref = cmd_demo.config_from_args(p.parse_args(["--recipe", "reference"]))
     assert ref.recipe == "reference" and ref.cfg == 2.5

@@ -69,8 +69,8 @@ class DemoConfig:
     #: None = the recipe's (ours 1.0: masks and images aligned better than with 2.5; reference 2.5)
     cfg: float | None = None
     gen_seed: int = 0
-    #: training/sampling recipe (dualanodiff_core.method.recipes): "ours" (default) or "reference"
-    recipe: str = "ours"
+    #: training/sampling recipe (dualanodiff_core.method.recipes): "reference" (default) or "ours"
+    recipe: str = "reference"
     seg_steps: int = 150  # segmentation-network training steps per usefulness row; 0 = skip usefulness
     sources: tuple[str, ...] = ("generated", "real", "cutpaste", "perlin")
     threads: int = 0  # 0 = torch's default

@@ -16,10 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..method.recipes import DEFAULT_RECIPE
+
 
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
-    recipe: str = "ours"
+    recipe: str = DEFAULT_RECIPE
     train_steps: int = 800
     rank: int = 8
     lr: float = 3e-4
