@@ -182,7 +182,7 @@ def assets(tmp_path_factory):
 
 
 LOOSE = ["--max-area", "1", "--max-gray-offset", "1", "--mask-min-contrast", "0.01", "--mask-min-area", "1"]
-LOOSE += ["--mask-open", "0", "--mask-threshold", "0.01"]
+LOOSE += ["--mask-open", "0", "--mask-threshold", "0.01", "--min-alignment", "0"]
 
 
 def gen(assets, out, *extra, n=3):
