@@ -68,6 +68,38 @@ def warn_once(key, message: str, *args) -> None:
         log.warning(message, *args)
 
 
+_told: set = set()
+
+
+def tell_user(key, message: str, node_id=None) -> None:
+    """A warning the user must see: logged, and shown on the node in ComfyUI's web page (the node's progress text,
+    which queue_batch.py prints too): on ``node_id``, else on the node being executed. Once per prompt and key."""
+    context = None
+    try:
+        from comfy_execution.utils import get_executing_context
+
+        context = get_executing_context()
+    except ImportError:  # pragma: no cover - older ComfyUI
+        pass
+    prompt_id = getattr(context, "prompt_id", None)
+    node_id = node_id if node_id is not None else getattr(context, "node_id", None)
+    if (key, prompt_id, node_id) in _told:
+        return
+    if len(_told) > 10000:
+        _told.clear()
+    _told.add((key, prompt_id, node_id))
+    log.warning("%s", message)
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+
+        if PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(message, str(node_id))
+    except Exception:  # noqa: BLE001 - a warning must never break a run (e.g. no server when run headless)
+        log.debug("DualAnoDiff: could not show the warning on node %s", node_id, exc_info=True)
+
+
 class DualAnoDiffError(ValueError):
     """A MODEL, CLIP or input that DualAnoDiff cannot work with (the message says what to do)."""
 
@@ -514,20 +546,22 @@ class DualApplyModel:
         try:
             validate_chunks(rows, chunk_rows, "the latent batch")
         except LayoutError as e:
+            what = f"the sampler got a batch of {chunk_rows} latent images, an odd number" if chunk_rows % 2 else str(e)
             raise LayoutError(
-                f"{e}\nThis MODEL carries DualAnoDiff layers, so it samples (global, anomaly) pairs: use the "
-                "'DualAnoDiff Sampler', or a stock sampler with Empty Latent Image batch_size = 2 x pairs and a "
-                "'DualAnoDiff Pair Conditioning' positive."
+                f"{what}. This MODEL carries DualAnoDiff layers, so it draws images in (global, anomaly) pairs and "
+                "every batch must hold whole (global, anomaly) pairs. Use the 'DualAnoDiff Sampler', or a stock "
+                f"sampler with Empty Latent Image batch_size = 2 x pairs (e.g. {chunk_rows + chunk_rows % 2} for "
+                f"{(chunk_rows + 1) // 2} pairs) and a 'DualAnoDiff Pair Conditioning' positive."
             ) from None
         _warn_replaced(transformer_options.get("patches_replace"), self.sites, "found while sampling")
         if isinstance(c_crossattn, torch.Tensor) and c_crossattn.shape[0] == rows and 0 in chunks:
             first = chunks.index(0) * chunk_rows  # the first pair of a positive chunk
             if torch.equal(c_crossattn[first], c_crossattn[first + 1]):
-                warn_once(
+                tell_user(
                     "same-prompt",
-                    "DualAnoDiff: both rows of a pair got the same prompt, so the anomaly branch "
-                    "is not prompted with its own text; give the sampler a 'DualAnoDiff Pair Conditioning' "
-                    "positive (or use the DualAnoDiff Sampler).",
+                    "DualAnoDiff: both images of a pair got the same prompt, so the anomaly branch is not "
+                    "prompted with its own text; give the sampler a 'DualAnoDiff Pair Conditioning' positive "
+                    "(or use the DualAnoDiff Sampler).",
                 )
 
         opts = transformer_options.get(OPTIONS_KEY) or {}

@@ -10,7 +10,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..dualanodiff_core.dataset.acceptance import FilterOptions
-from ..dualanodiff_core.dataset.export import DatasetError, check_name
+from ..dualanodiff_core.dataset.export import DatasetError
 from .dataset_io import dataset_dir, save_pairs, upstream_settings
 
 log = logging.getLogger("DualAnoDiff")
@@ -94,14 +94,12 @@ class SaveDataset(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, dataset=None, category=None, defect=None):
+    def validate_inputs(cls, dataset=None):
+        # ComfyUI reports a validation error on every input this method takes: one input, so one problem marks one
+        # widget; category and defect are checked when the node runs, before anything is written
         try:
             if isinstance(dataset, str):
                 dataset_dir(folder_paths.get_output_directory(), dataset)
-            if isinstance(category, str):
-                check_name(category, "category")
-            if isinstance(defect, str):
-                check_name(defect, "defect")
         except DatasetError as e:
             return str(e)
         return True

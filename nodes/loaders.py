@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 
 import folder_paths
@@ -31,16 +32,32 @@ def register_model_folder() -> None:
     folder_paths.folder_names_and_paths[FOLDER] = (paths, set(WEIGHT_SUFFIXES))
 
 
+#: the trainer's resume checkpoints (``<name>_train/checkpoints/checkpoint-<step>.pt``): optimizer and training
+#: state for continuing a run, not weights; the ``.safetensors`` beside each one is
+_RESUME_FILE = re.compile(r"(^|/)checkpoint-\d+\.pt$")
+
+
+def is_weights_name(name: str) -> bool:
+    """False for files in the weights folders that are not weights (the trainer's resume checkpoints)."""
+    return not _RESUME_FILE.search(str(name).replace("\\", "/"))
+
+
 def weight_files() -> list[str]:
-    """Files of ``models/dualanodiff`` first, then ``models/loras`` (the combo's options)."""
+    """Weights files of ``models/dualanodiff`` first, then ``models/loras`` (the combo's options)."""
     register_model_folder()
-    ours = folder_paths.get_filename_list(FOLDER)
-    loras = [n for n in folder_paths.get_filename_list("loras") if n not in set(ours)]
+    ours = [n for n in folder_paths.get_filename_list(FOLDER) if is_weights_name(n)]
+    loras = [n for n in folder_paths.get_filename_list("loras") if n not in set(ours) and is_weights_name(n)]
     return list(ours) + loras
 
 
 def resolve(name: str) -> str:
     register_model_folder()
+    if not is_weights_name(name):
+        stem = str(name).replace("\\", "/").rsplit(".", 1)[0]
+        raise FileNotFoundError(
+            f"{name!r} is a training checkpoint (the state for resuming a run in the DualAnoDiff Trainer), not "
+            f"weights; choose {stem}.safetensors beside it, or the finished <output_name>.safetensors."
+        )
     for folder in (FOLDER, "loras"):
         path = folder_paths.get_full_path(folder, name)
         if path is not None:
@@ -48,6 +65,53 @@ def resolve(name: str) -> str:
     raise FileNotFoundError(
         f"DualAnoDiff weights {name!r} are not in models/{FOLDER} or models/loras (was the file moved or renamed?). "
         "Put the .safetensors file there and refresh the node list."
+    )
+
+
+def source_of(prompt, node_id, input_name: str) -> str:
+    """A short description of where a linked input comes from, e.g. ``CheckpointLoaderSimple
+    (ckpt_name=v1-5-pruned-emaonly-fp16.safetensors)`` (the base model recorded in, and checked against, weights)."""
+    if not isinstance(prompt, dict):
+        return ""
+    node, seen = prompt.get(str(node_id)), set()
+    link = (node or {}).get("inputs", {}).get(input_name)
+    while isinstance(link, list) and len(link) == 2 and str(link[0]) not in seen:
+        seen.add(str(link[0]))
+        node = prompt.get(str(link[0])) or {}
+        inputs = node.get("inputs") or {}
+        names = {
+            k: v for k, v in inputs.items() if k in ("ckpt_name", "unet_name", "model_name") and isinstance(v, str)
+        }
+        if names:
+            return f"{node.get('class_type')} ({', '.join(f'{k}={v}' for k, v in sorted(names.items()))})"
+        link = inputs.get(input_name) if input_name in inputs else inputs.get("model")
+    return ""
+
+
+def _model_name(text: str) -> str:
+    """The model file/folder name in a base-model description (``Loader (ckpt_name=a/b.ckpt)``, a path, a repo id),
+    without folders and extension, lower case; "" when there is none."""
+    text = str(text or "").strip()
+    m = re.search(r"(?:ckpt_name|unet_name|model_name)=([^,)]+)", text)
+    if m:
+        text = m.group(1)
+    elif text.startswith("ComfyUI "):  # no file name was known when it was recorded
+        return ""
+    name = text.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    for ext in (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".gguf"):
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+    return name.lower()
+
+
+def base_model_warning(recorded: str, current: str) -> str | None:
+    """A warning when the weights were trained on another base model than the MODEL they are loaded onto."""
+    a, b = _model_name(recorded), _model_name(current)
+    if not a or not b or a == b:
+        return None
+    return (
+        f"DualAnoDiff: these weights were trained on {a!r} but are loaded onto {b!r}; on another base model the "
+        f"defects may come out weaker or wrong. Load {a!r} in the checkpoint loader if the results look off."
     )
 
 
@@ -93,7 +157,8 @@ class DualLoRALoader(io.ComfyNode):
                     "weights",
                     options=weight_files(),
                     tooltip="DualAnoDiff weights from models/dualanodiff (listed first) or models/loras: this pack's "
-                    ".safetensors or the official reference .bin.",
+                    ".safetensors or the official reference .bin. The trainer's resume checkpoints (.pt) are not "
+                    "listed.",
                 ),
                 io.Float.Input(
                     "strength_global",
@@ -134,6 +199,7 @@ class DualLoRALoader(io.ComfyNode):
                     tooltip="The anomaly-branch prompt the weights were trained with (e.g. 'sks').",
                 ),
             ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
@@ -164,6 +230,13 @@ class DualLoRALoader(io.ComfyNode):
         c = backend.patch_clip(clip, w, strength_text, source=weights)
         if not w.has_text and strength_text != 0.0:
             log.info("DualAnoDiff: %s has no text-encoder LoRA; the CLIP is unchanged.", weights)
+        hidden = cls.hidden
+        node_id = getattr(hidden, "unique_id", None)
+        warning = base_model_warning(
+            w.metadata.get("base_model", ""), source_of(getattr(hidden, "prompt", None), node_id, "model")
+        )
+        if warning:
+            backend.tell_user("base-model", warning, node_id)
         prompt_global, prompt_anomaly = w.prompts
         return io.NodeOutput(m, c, prompt_global, prompt_anomaly)
 

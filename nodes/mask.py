@@ -201,12 +201,12 @@ class MaskFromAnomalyBranch(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, gray=None, reduce=None, threshold=None, min_contrast=None, hysteresis=None, blur=None):
-        # ComfyUI 0.3.64 does not check V3 drop-down values when a prompt is queued
+    def validate_inputs(cls, gray=None):
+        # ComfyUI 0.3.64 does not check V3 drop-down values when a prompt is queued. It reports a validation error
+        # on every input this method takes (and skips their min/max checks), so it takes one: a bad `reduce` is
+        # refused when the node runs, naming the option
         if gray is not None and gray not in GRAY_CHOICES:
             return f"gray must be one of {', '.join(GRAY_CHOICES)}, got {gray!r}"
-        if reduce is not None and reduce not in ("max", "mean", "l2"):
-            return f"reduce must be one of max, mean, l2, got {reduce!r}"
         return True
 
     @classmethod

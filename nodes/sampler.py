@@ -119,12 +119,11 @@ class DualSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, sampler_name=None, scheduler=None):
-        # ComfyUI 0.3.64 does not check V3 combo values when a prompt is queued
+    def validate_inputs(cls, sampler_name=None):
+        # ComfyUI 0.3.64 does not check V3 combo values when a prompt is queued. It reports a validation error on
+        # every input this method takes, so it takes one; a bad scheduler is refused when the node runs
         if sampler_name is not None and sampler_name not in comfy.samplers.KSampler.SAMPLERS:
             return f"unknown sampler {sampler_name!r}; choose one of {', '.join(comfy.samplers.KSampler.SAMPLERS)}"
-        if scheduler is not None and scheduler not in comfy.samplers.KSampler.SCHEDULERS:
-            return f"unknown scheduler {scheduler!r}; choose one of {', '.join(comfy.samplers.KSampler.SCHEDULERS)}"
         return True
 
     @classmethod
@@ -145,6 +144,10 @@ class DualSampler(io.ComfyNode):
         denoise,
         latent=None,
     ) -> io.NodeOutput:
+        if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+            raise ValueError(
+                f"unknown scheduler {scheduler!r}; choose one of {', '.join(comfy.samplers.KSampler.SCHEDULERS)}"
+            )
         backend.require_dual(model, "DualAnoDiff Sampler")
         positive = pair_conditioning(positive_global, positive_anomaly)
         check_negative(negative)
@@ -183,8 +186,16 @@ class PairConditioning(io.ComfyNode):
                 "Pairs."
             ),
             inputs=[
-                io.Conditioning.Input("global_prompt", tooltip="Prompt of the global branch, e.g. 'a vfx with sks'."),
-                io.Conditioning.Input("anomaly_prompt", tooltip="Prompt of the anomaly branch, e.g. 'sks'."),
+                io.Conditioning.Input(
+                    "global_prompt",
+                    tooltip="The encoded prompt of the global branch (a CONDITIONING from CLIP Text Encode, e.g. of "
+                    "'a vfx with sks'). Shown as 'global conditioning'; the input id stays global_prompt.",
+                ),
+                io.Conditioning.Input(
+                    "anomaly_prompt",
+                    tooltip="The encoded prompt of the anomaly branch (a CONDITIONING from CLIP Text Encode, e.g. of "
+                    "'sks'). Shown as 'anomaly conditioning'.",
+                ),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="CONDITIONING", tooltip="The paired positive [global, anomaly].")

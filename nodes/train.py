@@ -22,7 +22,7 @@ from ..dualanodiff_core.training.trainer import TrainConfig, Trainer, TrainProgr
 from . import comfy_backend as backend
 from .comfy_train import ComfyTrainingBackbone, plan_precision
 from .images import from_pil
-from .loaders import FOLDER, register_model_folder
+from .loaders import FOLDER, register_model_folder, source_of  # noqa: F401 - source_of: kept importable here
 
 log = logging.getLogger("DualAnoDiff")
 
@@ -83,26 +83,6 @@ def input_subfolders() -> list[str]:
         return []
 
 
-def source_of(prompt, node_id, input_name: str) -> str:
-    """A short description of where a linked input comes from, e.g. ``CheckpointLoaderSimple
-    (ckpt_name=v1-5-pruned-emaonly-fp16.safetensors)`` (provenance for the weights' metadata)."""
-    if not isinstance(prompt, dict):
-        return ""
-    node, seen = prompt.get(str(node_id)), set()
-    link = (node or {}).get("inputs", {}).get(input_name)
-    while isinstance(link, list) and len(link) == 2 and str(link[0]) not in seen:
-        seen.add(str(link[0]))
-        node = prompt.get(str(link[0])) or {}
-        inputs = node.get("inputs") or {}
-        names = {
-            k: v for k, v in inputs.items() if k in ("ckpt_name", "unet_name", "model_name") and isinstance(v, str)
-        }
-        if names:
-            return f"{node.get('class_type')} ({', '.join(f'{k}={v}' for k, v in sorted(names.items()))})"
-        link = inputs.get(input_name) if input_name in inputs else inputs.get("model")
-    return ""
-
-
 class DualAnoDiffTrainer(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -158,8 +138,8 @@ class DualAnoDiffTrainer(io.ComfyNode):
                     default=2e-5,
                     min=1e-7,
                     max=1e-2,
-                    step=1e-7,
-                    tooltip="AdamW learning rate (the reference: 2e-5).",
+                    step=1e-6,  # the frontend shows as many decimals as the step has: 0.000020, not 0.0000200
+                    tooltip="AdamW learning rate (the reference: 2e-5 = 0.000020).",
                 ),
                 io.Int.Input("rank", default=32, min=1, max=256, tooltip="LoRA rank (the reference: 32)."),
                 io.Int.Input(
@@ -238,16 +218,15 @@ class DualAnoDiffTrainer(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, folder=None, output_name=None, split=None):
+    def validate_inputs(cls, folder=None):
+        # ComfyUI reports a validation error on every input this method takes: it takes only `folder` (the list
+        # goes stale when folders are moved), so one problem turns one widget red; output_name and split are
+        # checked first thing in execute, before anything is read
         try:
-            if isinstance(output_name, str):
-                output_stem(output_name)
             if isinstance(folder, str):
                 defect_folder(folder)
         except TrainInputError as e:
             return str(e)
-        if split is not None and split not in SPLITS:
-            return f"split must be one of {', '.join(SPLITS)}, got {split!r}"
         return True
 
     @classmethod
@@ -272,6 +251,8 @@ class DualAnoDiffTrainer(io.ComfyNode):
         checkpoint_every,
     ) -> io.NodeOutput:
         stem = output_stem(output_name)
+        if split not in SPLITS:
+            raise TrainInputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}.")
         data_dir = defect_folder(folder)
         weights_path, work_dir = run_paths(stem)
         backend.attention_sites(model)  # a clear error for a non-SD MODEL before any data is read
@@ -290,115 +271,176 @@ class DualAnoDiffTrainer(io.ComfyNode):
             checkpoint_every=int(checkpoint_every),
             keep_checkpoints=3,
         ).validate()
-
-        # the data first: every file is opened and checked before a model is touched
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            defect_set = find_defect_set(data_dir, defect.strip() or None)
-            selected = defect_set.select(config.split)
-            dataset = DefectDataset(
-                selected, config.resolution, flips=config.flips, crop=config.crop, backgrounds=config.bcm
-            )
-        for w in caught:
-            log.warning("DualAnoDiff training data: %s", w.message)
+        selected, dataset = load_training_data(data_dir, defect, config)
         log.info("DualAnoDiff: training %s on %s", stem, selected.describe())
-
-        resume_from = latest_checkpoint(work_dir)
-        if not resume:
-            if resume_from is not None or weights_path.exists():
-                raise TrainInputError(
-                    f"output_name {stem!r} is taken: {weights_path if weights_path.exists() else work_dir} exists. "
-                    "Turn resume on to continue that run, choose another output_name, or delete "
-                    f"{weights_path.name} and {work_dir.name}/ from {weights_path.parent} to start over."
-                )
-        elif resume_from is None:
-            log.info("DualAnoDiff: no checkpoint in %s; starting a new run.", work_dir)
+        resume_from = resume_point(stem, weights_path, work_dir, bool(resume))
 
         hidden = cls.hidden
         node_id = getattr(hidden, "unique_id", None)
         base_model = (
             source_of(getattr(hidden, "prompt", None), node_id, "model") or f"ComfyUI {type(model.model).__name__}"
         )
-        pbar = comfy.utils.ProgressBar(config.steps, node_id=node_id)
-        last = {"preview": 0.0, "log": 0.0}
-        log_every = max(1, config.steps // 20)
-
-        def progress(p: TrainProgress) -> None:
-            preview = None
-            now = time.monotonic()
-            if now - last["preview"] >= PREVIEW_EVERY_S or p.step == p.total_steps or p.checkpoint is not None:
-                last["preview"] = now
-                hist = trainer.history
-                img = draw_loss_curve(
-                    [h["step"] for h in hist], [h["loss"] for h in hist], f"{stem}: step {p.step}/{p.total_steps}"
-                )
-                preview = ("JPEG", img, 800)
-            if p.step % log_every == 0 or p.step == p.total_steps:
-                eta = f"{p.eta_seconds / 60:.1f} min" if p.eta_seconds >= 60 else f"{p.eta_seconds:.0f} s"
-                log.info(
-                    "DualAnoDiff training %s: step %d/%d, loss %.4f, %.2f steps/s, ETA %s",
-                    stem,
-                    p.step,
-                    p.total_steps,
-                    p.loss,
-                    p.rate,
-                    eta,
-                )
-            try:
-                pbar.update_absolute(p.step, p.total_steps, preview)
-            except mm.InterruptProcessingException:
-                # ComfyUI's progress hook raises on Cancel; let the loop write its checkpoint first
-                mm.interrupt_current_processing(True)
-
-        backbone = None
-        try:
-            with torch.inference_mode(False):
-                backbone = ComfyTrainingBackbone(model, clip, vae, config, base_model=base_model)
-                backbone.load()
-                trainer = Trainer(
-                    backbone,
-                    dataset,
-                    config,
-                    work_dir,
-                    output=weights_path,
-                    progress=progress,
-                    should_stop=mm.processing_interrupted,
-                    metadata={"comfyui_node": "DualAnoDiffTrainer", "data_folder": folder},
-                    data_fingerprint=selected.fingerprint(),
-                )
-                if resume_from is not None:
-                    log.info("DualAnoDiff: resuming %s from %s", stem, resume_from)
-                pbar.update_absolute(0, config.steps)
-                result = trainer.run(resume=resume_from)
-        finally:
-            if backbone is not None:
-                backbone.release()
-        if result.stopped or not result.completed:
-            log.info(
-                "DualAnoDiff: training %s stopped at step %d/%d; checkpoint %s. Queue again with resume on to "
-                "continue.",
-                stem,
-                result.step,
-                result.total_steps,
-                result.checkpoint,
-            )
-            mm.throw_exception_if_processing_interrupted()
-            raise mm.InterruptProcessingException()
+        progress = ProgressReporter(stem, comfy.utils.ProgressBar(config.steps, node_id=node_id), config.steps)
+        result = run_training(
+            model,
+            clip,
+            vae,
+            config,
+            base_model=base_model,
+            dataset=dataset,
+            work_dir=work_dir,
+            weights_path=weights_path,
+            progress=progress,
+            metadata={"comfyui_node": "DualAnoDiffTrainer", "data_folder": folder},
+            data_fingerprint=selected.fingerprint(),
+            resume_from=resume_from,
+            stem=stem,
+        )
+        stop_if_unfinished(result, stem)
         log.info("DualAnoDiff: trained %s (%d steps) -> %s", stem, result.step, weights_path)
 
-        weights = result.weights
         loss_img = from_pil(
-            [
-                draw_loss_curve(
-                    [h["step"] for h in result.history],
-                    [h["loss"] for h in result.history],
-                    f"DualAnoDiff training loss: {stem} ({result.step} steps)",
-                )
-            ]
+            [draw_loss_curve(*loss_points(result.history), f"DualAnoDiff training loss: {stem} ({result.step} steps)")]
         )
-        m = backend.install(model, weights, 1.0, 1.0, source=weights_path.name)
-        c = backend.patch_clip(clip, weights, 1.0, source=weights_path.name)
+        m = backend.install(model, result.weights, 1.0, 1.0, source=weights_path.name)
+        c = backend.patch_clip(clip, result.weights, 1.0, source=weights_path.name)
         return io.NodeOutput(m, c, weights_path.name, loss_img, ui=ui.PreviewImage(loss_img, cls=cls))
+
+
+def loss_points(history) -> tuple[list, list]:
+    return [h["step"] for h in history], [h["loss"] for h in history]
+
+
+def load_training_data(data_dir: Path, defect: str, config: TrainConfig):
+    """(the selected defect set, its dataset): every file is opened and checked before a model is touched; the
+    data warnings go to the log."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        defect_set = find_defect_set(data_dir, str(defect or "").strip() or None)
+        selected = defect_set.select(config.split)
+        dataset = DefectDataset(
+            selected, config.resolution, flips=config.flips, crop=config.crop, backgrounds=config.bcm
+        )
+    for w in caught:
+        log.warning("DualAnoDiff training data: %s", w.message)
+    return selected, dataset
+
+
+def resume_point(stem: str, weights_path: Path, work_dir: Path, resume: bool):
+    """The checkpoint to continue from (None: a new run); with resume off a taken name is refused."""
+    resume_from = latest_checkpoint(work_dir)
+    if not resume:
+        if resume_from is not None or weights_path.exists():
+            raise TrainInputError(
+                f"output_name {stem!r} is taken: {weights_path if weights_path.exists() else work_dir} exists. "
+                "Turn resume on to continue that run, choose another output_name, or delete "
+                f"{weights_path.name} and {work_dir.name}/ from {weights_path.parent} to start over."
+            )
+        return None
+    if resume_from is None:
+        log.info("DualAnoDiff: no checkpoint in %s; starting a new run.", work_dir)
+    return resume_from
+
+
+class ProgressReporter:
+    """The trainer's progress callback: ComfyUI's progress bar with a live loss-curve preview (at most every
+    PREVIEW_EVERY_S seconds), a log line every 5 % of the steps, and Cancel turned into a clean stop. The loss
+    history comes from the trainer, attached with :meth:`attach` once it exists."""
+
+    def __init__(self, stem: str, pbar, total_steps: int):
+        self.stem, self.pbar = stem, pbar
+        self.trainer = None
+        self.last_preview = 0.0
+        self.log_every = max(1, total_steps // 20)
+
+    def attach(self, trainer) -> None:
+        self.trainer = trainer
+
+    def start(self, total_steps: int) -> None:
+        self.pbar.update_absolute(0, total_steps)
+
+    def __call__(self, p: TrainProgress) -> None:
+        preview = None
+        now = time.monotonic()
+        due = now - self.last_preview >= PREVIEW_EVERY_S or p.step == p.total_steps or p.checkpoint is not None
+        if due and self.trainer is not None:
+            self.last_preview = now
+            img = draw_loss_curve(*loss_points(self.trainer.history), f"{self.stem}: step {p.step}/{p.total_steps}")
+            preview = ("JPEG", img, 800)
+        if p.step % self.log_every == 0 or p.step == p.total_steps:
+            eta = f"{p.eta_seconds / 60:.1f} min" if p.eta_seconds >= 60 else f"{p.eta_seconds:.0f} s"
+            log.info(
+                "DualAnoDiff training %s: step %d/%d, loss %.4f, %.2f steps/s, ETA %s",
+                self.stem,
+                p.step,
+                p.total_steps,
+                p.loss,
+                p.rate,
+                eta,
+            )
+        try:
+            self.pbar.update_absolute(p.step, p.total_steps, preview)
+        except mm.InterruptProcessingException:
+            # ComfyUI's progress hook raises on Cancel; let the loop write its checkpoint first
+            mm.interrupt_current_processing(True)
+
+
+def run_training(
+    model,
+    clip,
+    vae,
+    config: TrainConfig,
+    *,
+    base_model: str,
+    dataset,
+    work_dir: Path,
+    weights_path: Path,
+    progress: ProgressReporter,
+    metadata: dict,
+    data_fingerprint,
+    resume_from,
+    stem: str,
+):
+    """The core's training loop on the MODEL/CLIP/VAE (outside inference mode); the backbone's memory is released
+    however it ends."""
+    backbone = None
+    try:
+        with torch.inference_mode(False):
+            backbone = ComfyTrainingBackbone(model, clip, vae, config, base_model=base_model)
+            backbone.load()
+            trainer = Trainer(
+                backbone,
+                dataset,
+                config,
+                work_dir,
+                output=weights_path,
+                progress=progress,
+                should_stop=mm.processing_interrupted,
+                metadata=metadata,
+                data_fingerprint=data_fingerprint,
+            )
+            progress.attach(trainer)
+            if resume_from is not None:
+                log.info("DualAnoDiff: resuming %s from %s", stem, resume_from)
+            progress.start(config.steps)
+            return trainer.run(resume=resume_from)
+    finally:
+        if backbone is not None:
+            backbone.release()
+
+
+def stop_if_unfinished(result, stem: str) -> None:
+    """A run stopped by Cancel ends the prompt as interrupted (its checkpoint is written)."""
+    if result.stopped or not result.completed:
+        log.info(
+            "DualAnoDiff: training %s stopped at step %d/%d; checkpoint %s. Queue again with resume on to continue.",
+            stem,
+            result.step,
+            result.total_steps,
+            result.checkpoint,
+        )
+        mm.throw_exception_if_processing_interrupted()
+        raise mm.InterruptProcessingException()
 
 
 NODES = [DualAnoDiffTrainer]

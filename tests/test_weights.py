@@ -111,8 +111,20 @@ def test_unrecognised_files_get_clear_errors(tmp_path):
         DualAnoDiffWeights.load(tmp_path / "missing.safetensors")
     plain_lora = tmp_path / "plain.safetensors"
     save_file({"lora_unet_down_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(2, 2)}, str(plain_lora))
-    with pytest.raises(WeightsError, match="not a DualAnoDiff weights file"):
+    with pytest.raises(WeightsError, match="not a DualAnoDiff weights file") as e:
         DualAnoDiffWeights.load(plain_lora)
+    assert "plain LoRA" in str(e.value) and "LoraLoader" in str(e.value)
+    # random tensors are not told they are a LoRA
+    random_file = tmp_path / "random.safetensors"
+    save_file({"a": torch.randn(3), "b.weight": torch.randn(2, 2)}, str(random_file))
+    with pytest.raises(WeightsError, match="not a DualAnoDiff weights file") as e:
+        DualAnoDiffWeights.load(random_file)
+    assert "LoRA" not in str(e.value) and "written by the DualAnoDiff trainer" in str(e.value)
+    # a trainer resume checkpoint (optimizer state and all) is named as such, with the file to use instead
+    resume = tmp_path / "checkpoint-000002.pt"
+    torch.save({"format": "x", "step": 2, "params": {"p": torch.zeros(1)}, "optimizer": {"state": {}}}, resume)
+    with pytest.raises(WeightsError, match="a training checkpoint .* use the .safetensors weights written beside it"):
+        DualAnoDiffWeights.load(resume)
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x00\x01garbage")
     with pytest.raises(WeightsError, match="broken.safetensors"):

@@ -29,7 +29,7 @@ qb = _load("queue_batch")
 @pytest.mark.parametrize("name", sorted(build.GRAPHS))
 def test_committed_workflows_are_the_generated_ones(name):
     nodes = build.GRAPHS[name]()
-    assert json.loads((WORKFLOWS / f"{name}.json").read_text()) == json.loads(json.dumps(build.to_ui(nodes)))
+    assert json.loads(build.ui_path(name).read_text()) == json.loads(json.dumps(build.to_ui(nodes)))
     assert json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()) == json.loads(json.dumps(build.to_api(nodes)))
 
 
@@ -39,10 +39,30 @@ def test_every_ui_workflow_has_a_thumbnail(name):
     # ComfyUI's frontend (tests/comfyui/test_comfy_frontend.py with DUALANODIFF_WRITE_THUMBNAILS=1)
     from PIL import Image
 
-    path = WORKFLOWS / f"{name}.jpg"
+    path = build.ui_path(name).with_suffix(".jpg")
     with Image.open(path) as im:
         assert im.format == "JPEG" and im.size == (1024, 768), (path, im.format, im.size)
         assert len(set(im.convert("L").resize((64, 48)).getdata())) > 8  # a picture, not a blank canvas
+
+
+def test_templates_are_titled_and_numbered_with_the_basic_generate_workflow_first():
+    # ComfyUI's template browser titles a pack's templates by file name and lists them in directory order
+    names = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+    assert names == sorted(build.TEMPLATES.values())
+    assert [build.TEMPLATES[g][: len("DualAnoDiff 1")] for g in build.GRAPHS] == [
+        f"DualAnoDiff {i}" for i in range(1, 5)
+    ]
+    assert build.TEMPLATES["dualanodiff_generate"] == "DualAnoDiff 1 - generate defects and masks"
+    assert sorted(p.stem for p in WORKFLOWS.glob("*.jpg")) == names  # a thumbnail beside each
+
+
+def test_linked_prompt_boxes_say_their_text_is_unused():
+    for name in build.GRAPHS:
+        ui = json.loads(build.ui_path(name).read_text())
+        for n in ui["nodes"]:
+            if n["type"] == "CLIPTextEncode" and any(i["name"] == "text" and i["link"] for i in n["inputs"]):
+                assert n["widgets_values"][0].startswith("(not used: the text comes from"), (name, n["title"])
+                assert "from the weights" in n["title"]
 
 
 def test_only_ui_files_sit_directly_in_workflows():
@@ -247,3 +267,140 @@ def test_websocket_client_reads_text_binary_fragmented_ping_and_close():
     server.close()
     assert received["path"] == "/ws?clientId=abc"
     assert received["pong"] == (0xA, 0x80, b"hi")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("127.0.0.1", ("http", "127.0.0.1", 8188)),
+        ("localhost:8190", ("http", "localhost", 8190)),
+        ("http://192.168.1.20:8188/", ("http", "192.168.1.20", 8188)),
+        ("https://comfy.example:9443", ("https", "comfy.example", 9443)),
+        ("HTTP://host", ("http", "host", 8188)),
+        ("https://host", ("https", "host", 443)),
+        ("[::1]:8189", ("http", "::1", 8189)),
+        ("::1", ("http", "::1", 8188)),
+    ],
+)
+def test_server_addresses_parse_like_comfyui(text, expected):
+    assert qb.parse_server(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("localhost:notaport", "port must be a number"),
+        ("127.0.0.1:99999", "from 1 to 65535"),
+        ("127.0.0.1:0", "from 1 to 65535"),
+        ("http://", "not a host name"),
+        ("", "not a host name"),
+        ("ftp://host:21", "http:// or https://"),
+        ("host:8188/comfy", "without a path"),
+        ("my host", "not a host name"),
+    ],
+)
+def test_bad_server_addresses_exit_2_with_one_line(tmp_path, capsys, text, words):
+    with pytest.raises(qb.UsageError, match=words):
+        qb.parse_server(text)
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps({"1": {"class_type": "X", "inputs": {}}}))
+    assert qb.run([str(wf), "--server", text]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --server") and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_a_stopped_server_is_one_error_line_without_a_websocket_message(tmp_path, capsys):
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps({"1": {"class_type": "X", "inputs": {"seed": 1}}}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert qb.run([str(wf), "--server", f"127.0.0.1:{port}", "--count", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cannot reach the ComfyUI server"), err
+    assert "websocket" not in err
+
+
+SERVER_INFO = {
+    "Sampler": {
+        "input": {
+            "required": {
+                "model": ["MODEL", {}],
+                "pairs": ["INT", {"default": 4, "min": 1, "max": 64}],
+                "cfg": ["FLOAT", {"min": 0.0, "max": 30.0}],
+                "sampler_name": ["COMBO", {"options": ["euler", "dpmpp_2m"]}],
+                "flag": ["BOOLEAN", {}],
+                "text": ["STRING", {}],
+            },
+            "optional": {"old_combo": [["a", "b"], {}]},
+            "hidden": {"prompt": "PROMPT"},
+        }
+    }
+}
+
+
+def test_set_refuses_unknown_inputs_naming_the_real_ones_and_bad_values():
+    wf = {"7": {"class_type": "Sampler", "inputs": {"pairs": 4, "model": ["1", 0]}}}
+    out = qb.apply_overrides(
+        wf, ["Sampler.pairs=2", "7.cfg=3", "7.sampler_name=euler", "7.text=123", "7.old_combo=b"], SERVER_INFO
+    )
+    assert out["7"]["inputs"] == {
+        "pairs": 2,
+        "model": ["1", 0],
+        "cfg": 3.0,
+        "sampler_name": "euler",
+        "text": "123",
+        "old_combo": "b",
+    }
+    with pytest.raises(qb.UsageError) as e:
+        qb.apply_overrides(wf, ["Sampler.pair=1"], SERVER_INFO)
+    message = str(e.value)
+    assert "Sampler has no input 'pair'" in message and "Did you mean 'pairs'?" in message
+    assert "model, pairs, cfg, sampler_name, flag, text, old_combo" in message and "prompt" not in message
+    for text, words in [
+        ("7.pairs=0", "outside the allowed range 1 to 64"),
+        ("7.pairs=2.5", "not a whole number"),
+        ("7.pairs=true", "not a whole number"),
+        ("7.cfg=high", "not a number"),
+        ("7.sampler_name=nope", "'nope' is not one of the choices: 'euler', 'dpmpp_2m'"),
+        ("7.old_combo=c", "not one of the choices"),
+        ("7.flag=1", "not true or false"),
+        ("7.model=3", "is connected to another node"),
+    ]:
+        with pytest.raises(qb.UsageError, match=words):
+            qb.apply_overrides(wf, [text], SERVER_INFO)
+    with pytest.raises(qb.UsageError, match=r"takes a connection \(MODEL\) from another node"):
+        qb.apply_overrides({"7": {"class_type": "Sampler", "inputs": {}}}, ["7.model=3"], SERVER_INFO)
+    with pytest.raises(qb.UsageError, match="has no input 'sed'"):
+        qb.seed_targets(wf, ["7.sed"], SERVER_INFO)
+
+
+def test_count_makes_the_seeds_count_up_or_refuses_identical_prompts():
+    wf = {
+        "1": {"class_type": "Sampler", "inputs": {"seed": 10}},
+        "2": {"class_type": "KSampler", "inputs": {"noise_seed": 50}},
+        "3": {"class_type": "DualAnoDiffTrainer", "inputs": {"seed": 32}},
+    }
+    targets = qb.seed_targets(wf)
+    assert sorted(targets) == [("1", "seed"), ("2", "noise_seed")]
+    plans = qb.plan_seeds(wf, targets, 3)  # no --seed: the workflow's own seeds count up
+    assert [(p[("1", "seed")], p[("2", "noise_seed")]) for p in plans] == [(10, 50), (11, 51), (12, 52)]
+    plans = qb.plan_seeds(wf, targets, 2, seed=7)
+    assert [p[("1", "seed")] for p in plans] == [7, 8] and [p[("2", "noise_seed")] for p in plans] == [7, 8]
+    assert [p[("1", "seed")] for p in qb.plan_seeds(wf, targets, 1, seeds_text="5,9")] == [5, 9]
+    assert qb.plan_seeds(wf, targets, 1) == [{("1", "seed"): 10, ("2", "noise_seed"): 50}]
+    assert qb.plan_seeds({"1": {"class_type": "X", "inputs": {}}}, [], 1) == [{}]
+    with pytest.raises(qb.UsageError, match="3 prompts would be identical"):
+        qb.plan_seeds({"1": {"class_type": "X", "inputs": {}}}, [], 3)
+    with pytest.raises(qb.UsageError, match="no seed input"):
+        qb.plan_seeds({"1": {"class_type": "X", "inputs": {}}}, [], 1, seed=4)
+    with pytest.raises(qb.UsageError, match="--count 0"):
+        qb.plan_seeds(wf, targets, 0)
+    with pytest.raises(qb.UsageError, match="between 0 and 2"):
+        qb.plan_seeds(wf, targets, 1, seed=-1)
+
+
+def test_node_text_messages_are_decoded():
+    payload = struct.pack(">I", 3) + struct.pack(">I", 2) + b"12" + "warning: ü".encode()
+    assert qb.node_text(payload) == ("12", "warning: ü")
+    assert qb.node_text(struct.pack(">I", 1) + b"\x00" * 8) is None  # a preview image

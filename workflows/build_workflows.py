@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Writes the example workflows: ``workflows/<name>.json`` (UI format: drag and drop into ComfyUI, listed in its
-template browser) and ``workflows/api/<name>.json`` (API format: ``POST /prompt``, ``queue_batch.py``).
+"""Writes the example workflows: ``workflows/<template title>.json`` (UI format: drag and drop into ComfyUI, listed
+in its template browser; see :data:`TEMPLATES`) and ``workflows/api/<name>.json`` (API format: ``POST /prompt``,
+``queue_batch.py``).
 
 Both files come from one description per graph below, so they cannot drift apart; the ComfyUI server test converts
 every UI file to API format with ``queue_batch.py``'s converter (driven by the live ``/object_info``) and checks it
@@ -155,7 +156,7 @@ def _common():
             2,
             "DualAnoDiffLoRALoader",
             [420, 200],
-            [330, 180],
+            [330, 190],
             {"weights": WEIGHTS, "strength_global": 1.0, "strength_anomaly": 1.0, "strength_text": 1.0},
             links={"model": (1, 0), "clip": (1, 1)},
         ),
@@ -176,6 +177,13 @@ def _checkpoint():
     )
 
 
+#: the text left in a prompt box whose text comes from a link (the frontend greys the box out but still shows it)
+LINKED_TEXT = (
+    "(not used: the text comes from the DualAnoDiff LoRA Loader's {output} output, the prompt the weights "
+    "were trained with)"
+)
+
+
 def _prompts(first_id, clip, x, texts=(None, None)):
     """The global, anomaly and negative prompts (texts: optional links for the first two)."""
     out = []
@@ -189,8 +197,18 @@ def _prompts(first_id, clip, x, texts=(None, None)):
         links = {"clip": clip}
         if i < 2 and texts[i] is not None:
             links["text"] = texts[i]
+            text = LINKED_TEXT.format(output=("prompt_global", "prompt_anomaly")[i])
+            title = ("Global prompt (from the weights)", "Anomaly prompt (from the weights)")[i]
         out.append(node(first_id + i, "CLIPTextEncode", [x, y], [330, 130], {"text": text}, links=links, title=title))
     return out
+
+
+def _shift(nodes, from_x, dx):
+    """Move every node at x >= from_x right by dx (room for a wider column)."""
+    for n in nodes:
+        if n["pos"][0] >= from_x:
+            n["pos"] = [n["pos"][0] + dx, n["pos"][1]]
+    return nodes
 
 
 def _decode_and_save(first_id, latent_global, latent_anomaly, x):
@@ -333,23 +351,24 @@ def graph_generate_bcm():
         node(
             14,
             "LoadImage",
-            [420, 430],
-            [330, 360],
+            [420, 460],
+            [400, 360],
             {"image": "background.png"},
-            title="Background: normal product image (transparent = object)",
+            title="Background image (transparent = object)",
         ),
         node(
             13,
             "DualAnoDiffBackgroundCompensate",
-            [800, 670],
-            [330, 170],
+            [800, 690],
+            [360, 170],
             {"strength": 1.0, "seed": 0},
             controls={"seed": "fixed"},
             links={"model": (3, 0), "vae": (1, 2), "background": (14, 0), "object_mask": (14, 1)},
         ),
     ]
     nodes.append(_dual_sampler((13, 0), 2.0))
-    return nodes + _decode_mask_save(8, (7, 0), (7, 1), 1570)
+    # the frontend draws Load Image at least 395 px wide: the columns right of it move over
+    return _shift(nodes + _decode_mask_save(8, (7, 0), (7, 1), 1570), 800, 70)
 
 
 def graph_generate_ksampler():
@@ -428,6 +447,21 @@ GRAPHS = {
     "dualanodiff_generate_ksampler": graph_generate_ksampler,
     "dualanodiff_train": graph_train,
 }
+
+#: the UI file (template) of each graph: ComfyUI's template browser titles a pack's templates by file name and lists
+#: them in directory order, so the names are numbered titles (the basic generate workflow first). The API files
+#: keep the graph names (workflows/api/<name>.json); earlier versions named the UI files workflows/<name>.json.
+TEMPLATES = {
+    "dualanodiff_generate": "DualAnoDiff 1 - generate defects and masks",
+    "dualanodiff_generate_bcm": "DualAnoDiff 2 - generate on your background (BCM)",
+    "dualanodiff_generate_ksampler": "DualAnoDiff 3 - generate with a stock KSampler",
+    "dualanodiff_train": "DualAnoDiff 4 - train weights, then generate",
+}
+
+
+def ui_path(name: str) -> Path:
+    """workflows/<template title>.json: the UI-format file of graph ``name``."""
+    return HERE / f"{TEMPLATES[name]}.json"
 
 
 def _order(nodes):
@@ -530,9 +564,9 @@ def main() -> None:
     (HERE / "api").mkdir(exist_ok=True)
     for name, build in GRAPHS.items():
         nodes = build()
-        (HERE / f"{name}.json").write_text(json.dumps(to_ui(nodes), indent=2) + "\n", encoding="utf-8")
+        ui_path(name).write_text(json.dumps(to_ui(nodes), indent=2) + "\n", encoding="utf-8")
         (HERE / "api" / f"{name}.json").write_text(json.dumps(to_api(nodes), indent=2) + "\n", encoding="utf-8")
-        print(f"wrote workflows/{name}.json and workflows/api/{name}.json")
+        print(f"wrote workflows/{ui_path(name).name} and workflows/api/{name}.json")
 
 
 if __name__ == "__main__":

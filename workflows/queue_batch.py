@@ -4,22 +4,29 @@
 Standard library only: copy it anywhere and run it with any Python >= 3.9.
 
     python workflows/queue_batch.py workflows/api/dualanodiff_generate.json --count 8 --seed 1000
-    python workflows/queue_batch.py workflows/dualanodiff_generate_bcm.json --server 192.168.1.20:8188 \\
+    python workflows/queue_batch.py "workflows/DualAnoDiff 2 - generate on your background (BCM).json" \\
+        --server 192.168.1.20:8188 \\
         --seeds 1,2,3 --set DualAnoDiffLoRALoader.weights=bottle_broken.safetensors --set DualAnoDiffSampler.pairs=8
 
 * WORKFLOW is API format ("Export (API)" in ComfyUI) or UI format (a saved workflow / template); UI format is
   converted with the server's /object_info, the way the web page converts it.
-* Each queued prompt gets its own seed (``--seed S --count N`` = S, S+1, ..., or ``--seeds a,b,c``) in every integer
-  input named ``seed`` or ``noise_seed`` (or the inputs named with ``--seed-input``); the DualAnoDiff Trainer's
-  seed is a training setting and is left alone.
+* Each queued prompt gets its own seed (``--seed S --count N`` = S, S+1, ..., or ``--seeds a,b,c``; with ``--count N``
+  alone the workflow's own seed counts up) in every integer input named ``seed`` or ``noise_seed`` (or the inputs
+  named with ``--seed-input``); the DualAnoDiff Trainer's seed is a training setting and is left alone. A workflow
+  without a seed input is not queued more than once (the copies would be identical).
 * ``--set SELECTOR.INPUT=VALUE`` changes an input first; SELECTOR is a node id, a node title or a node type (every
-  node of that type); VALUE is JSON (``3``, ``2.5``, ``"text"``, ``true``) or else a plain string.
+  node of that type); VALUE is JSON (``3``, ``2.5``, ``"text"``, ``true``) or else a plain string. It is checked
+  against the server's node definitions: an input the node does not have, or a value it cannot take, is refused.
+* ``--server`` takes HOST, HOST:PORT or http(s)://HOST:PORT (the port defaults to 8188, ComfyUI's own).
 * Progress comes from the server's websocket (/ws); ``--poll`` polls /history instead.
 * At the end every output file is listed as ``<type>/<subfolder>/<filename>`` (``output/...`` is under the server's
   output directory) with its /view URL; ``--download DIR`` fetches them and ``--summary FILE`` writes a JSON report.
+  What nodes tell the user (e.g. a warning shown on the node in the web page) is printed too.
+* ComfyUI answers a prompt identical to an earlier one from its cache without running it: such a prompt is reported
+  as ``cached`` (no new files; the files listed are an earlier prompt's).
 
-Exit status: 0 when every prompt succeeded, 1 when one failed or was interrupted, 2 when nothing could be queued
-(bad arguments, unreachable server, a workflow the server rejects).
+Exit status: 0 when every prompt succeeded (or was answered from the cache), 1 when one failed or was interrupted,
+2 when nothing could be queued (bad arguments, unreachable server, a workflow the server rejects).
 """
 
 from __future__ import annotations
@@ -54,16 +61,51 @@ class UsageError(Exception):
 # HTTP
 
 
+DEFAULT_PORT = 8188
+
+
+def parse_server(text: str) -> tuple[str, str, int]:
+    """``host``, ``host:port``, ``http(s)://host[:port]`` or ``[ipv6]:port`` -> (scheme, host, port); the port
+    defaults to ComfyUI's 8188 (443 for an explicit ``https://`` without a port). A bad address raises UsageError."""
+    raw = str(text or "").strip()
+    example = "give HOST, HOST:PORT or http(s)://HOST:PORT, e.g. 127.0.0.1:8188"
+    scheme, rest = "http", raw
+    if "://" in raw:
+        scheme, rest = raw.split("://", 1)
+        scheme = scheme.lower()
+        if scheme not in ("http", "https"):
+            raise UsageError(f"--server {raw!r}: the scheme must be http:// or https://; {example}")
+    rest = rest.rstrip("/")
+    if "/" in rest or "?" in rest or "#" in rest or "@" in rest:
+        raise UsageError(f"--server {raw!r}: give the server address only, without a path; {example}")
+    port_text = None
+    if rest.startswith("["):  # [ipv6] or [ipv6]:port
+        host, bracket, tail = rest[1:].partition("]")
+        if not bracket or (tail and not tail.startswith(":")):
+            raise UsageError(f"--server {raw!r}: write an IPv6 address as [ADDRESS]:PORT; {example}")
+        port_text = tail[1:] if tail else None
+    elif rest.count(":") == 1:
+        host, _, port_text = rest.partition(":")
+    else:
+        host = rest  # a host name, an IPv4 address, or a bare IPv6 address (no port)
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:")
+    if not host or not set(host) <= allowed or (":" in host and not set(host) <= set("0123456789abcdefABCDEF:.")):
+        raise UsageError(f"--server {raw!r}: {host or 'the host'!r} is not a host name or address; {example}")
+    if port_text is None:
+        port = 443 if scheme == "https" and "://" in raw else DEFAULT_PORT
+    elif not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise UsageError(f"--server {raw!r}: the port must be a number from 1 to 65535, got {port_text!r}")
+    else:
+        port = int(port_text)
+    return scheme, host, port
+
+
 class Server:
     def __init__(self, address: str, timeout: float = 30.0):
-        address = address.strip().rstrip("/")
-        if "://" not in address:
-            address = "http://" + address
-        parsed = urllib.parse.urlparse(address)
-        if not parsed.hostname:
-            raise UsageError(f"--server {address!r}: give HOST:PORT, e.g. 127.0.0.1:8188")
-        self.base = f"{parsed.scheme}://{parsed.hostname}:{parsed.port or 80}"
-        self.host, self.port, self.timeout = parsed.hostname, parsed.port or 80, timeout
+        self.scheme, self.host, self.port = parse_server(address)
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        self.base = f"{self.scheme}://{shown}:{self.port}"
+        self.timeout = timeout
 
     def request(self, method: str, path: str, body=None):
         data = None if body is None else json.dumps(body).encode("utf-8")
@@ -82,8 +124,8 @@ class Server:
             raise HTTPError(e.code, payload) from None
         except (urllib.error.URLError, OSError) as e:
             raise UsageError(
-                f"cannot reach the ComfyUI server at {self.base} ({getattr(e, 'reason', e)}). Is it "
-                "running? Start it with `python main.py --listen` or give --server HOST:PORT."
+                f"cannot reach the ComfyUI server at {self.base} ({getattr(e, 'reason', e)}): is it running? "
+                "Start it (python main.py) or give its address with --server HOST:PORT."
             ) from None
         return json.loads(raw) if raw else None
 
@@ -139,8 +181,12 @@ def describe_rejection(payload) -> str:
 class WebSocket:
     GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
-    def __init__(self, host: str, port: int, path: str, timeout: float = 10.0):
+    def __init__(self, host: str, port: int, path: str, timeout: float = 10.0, tls: bool = False):
         self.sock = socket.create_connection((host, port), timeout=timeout)
+        if tls:
+            import ssl
+
+            self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=host)
         key = base64.b64encode(os.urandom(16)).decode("ascii")
         self.sock.sendall(
             (
@@ -358,26 +404,113 @@ def _parse_assignment(text: str):
     return selector, name, value
 
 
-def apply_overrides(workflow: dict, assignments) -> dict:
+def _node_inputs(info: dict) -> dict:
+    """{input name: spec} of a node type (required and optional; hidden inputs are not settable)."""
+    inputs = {}
+    for section in ("required", "optional"):
+        inputs.update(info.get("input", {}).get(section, {}) or {})
+    return inputs
+
+
+def _combo_options(spec):
+    if not spec:
+        return None
+    if isinstance(spec[0], list):
+        return spec[0]
+    if spec[0] == "COMBO":
+        options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        return options.get("options")
+    return None
+
+
+def check_value(label: str, spec, value):
+    """``value`` as the input ``spec`` (from /object_info) takes it, or UsageError saying what is wrong."""
+    if not spec:
+        return value
+    kind = spec[0]
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    choices = _combo_options(spec)
+    if choices is not None:
+        if value not in choices:
+            shown = ", ".join(repr(c) for c in choices[:12]) + (
+                f", ... ({len(choices)} in all)" if len(choices) > 12 else ""
+            )
+            raise UsageError(f"{label}: {value!r} is not one of the choices: {shown or '(none: the list is empty)'}")
+        return value
+    if kind == "INT":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise UsageError(f"{label}: {value!r} is not a whole number")
+        value = int(value)
+    elif kind == "FLOAT":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{label}: {value!r} is not a number")
+        value = float(value)
+    elif kind == "BOOLEAN":
+        if not isinstance(value, bool):
+            raise UsageError(f"{label}: {value!r} is not true or false")
+        return value
+    elif kind == "STRING":
+        return value if isinstance(value, str) else json.dumps(value)
+    elif kind not in WIDGET_TYPES:
+        raise UsageError(f"{label}: this input takes a connection ({kind}) from another node, not a value")
+    else:
+        return value
+    low, high = options.get("min"), options.get("max")
+    if low is not None and value < low or high is not None and value > high:
+        raise UsageError(f"{label}: {value} is outside the allowed range {low} to {high}")
+    return value
+
+
+def _check_input(label: str, node: dict, name: str, object_info: dict | None):
+    """The /object_info spec of input ``name`` of ``node``; UsageError naming the node's real inputs if it has none
+    (None when the server's node list is not known)."""
+    if object_info is None:
+        return None
+    info = object_info.get(node.get("class_type"))
+    if info is None:
+        raise UsageError(f"{label}: the server does not know the node type {node.get('class_type')!r}")
+    inputs = _node_inputs(info)
+    if name not in inputs:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(inputs), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UsageError(
+            f"{label}: {node.get('class_type')} has no input {name!r}.{hint} Its inputs: {', '.join(inputs)}"
+        )
+    return inputs[name]
+
+
+def apply_overrides(workflow: dict, assignments, object_info: dict | None = None) -> dict:
+    """Apply ``--set SELECTOR.INPUT=VALUE`` changes; with ``object_info`` (the server's /object_info) an unknown
+    input or a value the input cannot take is refused before anything is queued."""
     workflow = json.loads(json.dumps(workflow))
     for text in assignments or []:
         selector, name, value = _parse_assignment(text)
         for key in _select(workflow, selector):
+            label = f"--set {text!r} (node {key})"
+            spec = _check_input(label, workflow[key], name, object_info)
             inputs = workflow[key].setdefault("inputs", {})
             if isinstance(inputs.get(name), list):
                 raise UsageError(f"--set {text!r}: input {name!r} of node {key} is connected to another node.")
-            inputs[name] = value
+            inputs[name] = check_value(label, spec, value)
     return workflow
 
 
-def seed_targets(workflow: dict, explicit=None) -> list[tuple[str, str]]:
+def seed_targets(workflow: dict, explicit=None, object_info: dict | None = None) -> list[tuple[str, str]]:
     if explicit:
         targets = []
         for text in explicit:
             selector, dot, name = text.rpartition(".")
             if not dot:
                 raise UsageError(f"--seed-input {text!r}: write SELECTOR.INPUT, e.g. 7.seed")
-            targets += [(key, name) for key in _select(workflow, selector)]
+            for key in _select(workflow, selector):
+                _check_input(f"--seed-input {text!r} (node {key})", workflow[key], name, object_info)
+                if isinstance((workflow[key].get("inputs") or {}).get(name), list):
+                    raise UsageError(
+                        f"--seed-input {text!r}: input {name!r} of node {key} is connected to another node."
+                    )
+                targets.append((key, name))
         return targets
     return [
         (key, name)
@@ -390,17 +523,63 @@ def seed_targets(workflow: dict, explicit=None) -> list[tuple[str, str]]:
     ]
 
 
+def plan_seeds(workflow: dict, targets, count: int, seed=None, seeds_text=None) -> list[dict]:
+    """One ``{(node, input): seed}`` per prompt to queue. ``--seeds`` gives each prompt its seed, ``--seed S``
+    counts up from S; otherwise the workflow's own seeds count up (prompt i gets seed + i), so that ``--count N``
+    never queues N identical prompts (ComfyUI would answer the repeats from its cache without running them)."""
+    if seeds_text is not None:
+        try:
+            values = [int(x) for x in seeds_text.split(",") if x.strip()]
+        except ValueError:
+            raise UsageError(f"--seeds {seeds_text!r}: give integers separated by commas") from None
+        if not values:
+            raise UsageError(f"--seeds {seeds_text!r}: give at least one seed")
+        plans = [{t: v for t in targets} for v in values]
+    else:
+        if count < 1:
+            raise UsageError(f"--count {count}: give at least 1")
+        if seed is not None:
+            plans = [{t: seed + i for t in targets} for i in range(count)]
+        else:
+            own = {t: workflow[t[0]]["inputs"].get(t[1]) for t in targets}
+            if count > 1 and not all(isinstance(v, int) and not isinstance(v, bool) for v in own.values()):
+                raise UsageError("--count: a seed input is connected to another node; give --seed or --seeds")
+            plans = [{t: v + i for t, v in own.items()} for i in range(count)]
+    n = len(plans)
+    if n > 1 and not targets:
+        raise UsageError(
+            f"{n} prompts would be identical: the workflow has no seed input (an integer input named seed or "
+            "noise_seed), and ComfyUI answers a repeated prompt from its cache without running it. Name the "
+            "input that varies with --seed-input SELECTOR.INPUT."
+        )
+    if (seed is not None or seeds_text is not None) and not targets:
+        raise UsageError(
+            "the workflow has no seed input (an integer input named seed/noise_seed); name one "
+            "with --seed-input SELECTOR.INPUT"
+        )
+    for plan in plans:
+        for v in plan.values():
+            if not 0 <= v <= 0xFFFFFFFFFFFFFFFF:
+                raise UsageError(f"seed {v}: seeds must be between 0 and 2**64-1")
+    return plans
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # running
 
 
 class Job:
-    def __init__(self, index: int, seed, prompt_id: str):
-        self.index, self.seed, self.prompt_id = index, seed, prompt_id
-        self.status = "queued"  # queued, running, success, error, interrupted
+    def __init__(self, index: int, seed, prompt_id: str, nodes: int = 0):
+        self.index, self.seed, self.prompt_id, self.nodes = index, seed, prompt_id, nodes
+        self.status = "queued"  # queued, running, success, cached, error, interrupted
         self.error = None
         self.outputs: list[dict] = []
+        self.messages: list[str] = []  # what nodes said to the user (ComfyUI's progress text)
         self.node = None
+
+    @property
+    def label(self) -> str:
+        return f"seed {self.seed}" if self.seed is not None else f"prompt {self.index + 1}"
 
 
 def _log(quiet: bool, message: str, end: str = "\n") -> None:
@@ -418,6 +597,10 @@ def _collect(server: Server, job: Job) -> bool:
     status = entry.get("status") or {}
     if not status.get("completed", False) and status.get("status_str") != "error":
         return False
+    cached = set()
+    for event, data in status.get("messages", []):
+        if event == "execution_cached":
+            cached.update(str(n) for n in data.get("nodes") or [])
     if status.get("status_str") == "error":
         job.status = "error"
         for event, data in status.get("messages", []):
@@ -429,16 +612,36 @@ def _collect(server: Server, job: Job) -> bool:
                 )
             elif event == "execution_interrupted":
                 job.status, job.error = "interrupted", "interrupted"
+    elif job.nodes and len(cached) >= job.nodes:
+        # nothing ran: ComfyUI answered from its cache (an earlier prompt had the same inputs)
+        job.status = "cached"
     else:
         job.status = "success"
+    job.outputs = []
     for node_id, out in (entry.get("outputs") or {}).items():
         for kind, items in out.items():
             if not isinstance(items, list):
                 continue
             for item in items:
                 if isinstance(item, dict) and "filename" in item:
-                    job.outputs.append(dict(item, node=node_id, kind=kind))
+                    job.outputs.append(dict(item, node=node_id, kind=kind, cached=str(node_id) in cached))
     return True
+
+
+def _describe(job: Job) -> str:
+    if job.status == "cached":
+        return "cached: ComfyUI did not run it (an earlier prompt had the same inputs); no new files"
+    return job.status + (f": {job.error}" if job.error else "")
+
+
+def node_text(payload: bytes):
+    """(node id, text) of a ComfyUI binary "text" message (event 3: a node's progress text), else None."""
+    if len(payload) < 8 or struct.unpack(">I", payload[:4])[0] != 3:
+        return None
+    n = struct.unpack(">I", payload[4:8])[0]
+    if len(payload) < 8 + n:
+        return None
+    return payload[8 : 8 + n].decode("utf-8", "replace"), payload[8 + n :].decode("utf-8", "replace")
 
 
 def follow(server: Server, jobs: list[Job], ws: WebSocket | None, timeout: float, quiet: bool, names: dict):
@@ -446,6 +649,7 @@ def follow(server: Server, jobs: list[Job], ws: WebSocket | None, timeout: float
     deadline = time.monotonic() + timeout
     tty = sys.stderr.isatty()
     last_poll = 0.0
+    current = None
     while pending:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{len(pending)} prompt(s) still unfinished after {timeout:.0f} s")
@@ -458,6 +662,12 @@ def follow(server: Server, jobs: list[Job], ws: WebSocket | None, timeout: float
                 ws = None
         else:
             time.sleep(0.5)
+        if message and message[0] == 0x2 and current is not None:
+            said = node_text(message[1])
+            if said is not None and said[1].strip():
+                node, text = said
+                current.messages.append(f"node {node} ({names.get(node, '?')}): {text.strip()}")
+                _log(quiet, f"[{current.index + 1}/{len(jobs)} {current.label}] {current.messages[-1]}")
         if message and message[0] == 0x1:
             try:
                 msg = json.loads(message[1])
@@ -467,12 +677,12 @@ def follow(server: Server, jobs: list[Job], ws: WebSocket | None, timeout: float
             job = pending.get(data.get("prompt_id"))
             kind = msg.get("type")
             if job is not None:
-                label = f"[{job.index + 1}/{len(jobs)} seed {job.seed}]"
+                label = f"[{job.index + 1}/{len(jobs)} {job.label}]"
                 if kind == "execution_start":
-                    job.status = "running"
+                    job.status, current = "running", job
                     _log(quiet, f"{label} started")
                 elif kind == "executing" and data.get("node") is not None:
-                    job.node = data["node"]
+                    job.node, current = data["node"], job
                     _log(quiet, f"{label} node {job.node} ({names.get(job.node, '?')})")
                 elif kind == "progress":
                     text = f"{label} node {data.get('node')}: step {data.get('value')}/{data.get('max')}"
@@ -485,18 +695,14 @@ def follow(server: Server, jobs: list[Job], ws: WebSocket | None, timeout: float
                 ):
                     if _collect(server, job):
                         del pending[job.prompt_id]
-                        _log(quiet, f"{label} {job.status}" + (f": {job.error}" if job.error else ""))
+                        _log(quiet, f"{label} {_describe(job)}")
         now = time.monotonic()
         if ws is None or now - last_poll > 5.0:  # also covers messages missed while connecting
             last_poll = now
             for prompt_id, job in list(pending.items()):
                 if _collect(server, job):
                     del pending[prompt_id]
-                    _log(
-                        quiet,
-                        f"[{job.index + 1}/{len(jobs)} seed {job.seed}] {job.status}"
-                        + (f": {job.error}" if job.error else ""),
-                    )
+                    _log(quiet, f"[{job.index + 1}/{len(jobs)} {job.label}] {_describe(job)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -506,13 +712,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     p.add_argument("workflow", help="workflow JSON file (API or UI format)")
-    p.add_argument("--server", default="127.0.0.1:8188", help="ComfyUI address HOST:PORT (default 127.0.0.1:8188)")
+    p.add_argument(
+        "--server",
+        default="127.0.0.1:8188",
+        help="ComfyUI address: HOST, HOST:PORT or http(s)://HOST:PORT (default 127.0.0.1:8188; port 8188)",
+    )
     p.add_argument("--count", type=int, default=1, help="number of prompts to queue (default 1)")
     p.add_argument(
         "--seed",
         type=int,
         default=None,
-        help="seed of the first prompt; the next ones count up (default: the workflow's own seed)",
+        help="seed of the first prompt; the next ones count up (default: the workflow's own seed, counting up)",
     )
     p.add_argument("--seeds", default=None, help="comma-separated seeds, one prompt each (overrides --count/--seed)")
     p.add_argument(
@@ -538,54 +748,34 @@ def run(argv=None) -> int:
     except (OSError, ValueError) as e:
         sys.stderr.write(f"error: cannot read the workflow {args.workflow}: {e}\n")
         return 2
+    jobs: list[Job] = []
     try:
         server = Server(args.server)
+        object_info = server.get("/object_info")  # first contact: an unreachable server is one clear error
         if is_ui_format(workflow):
-            workflow = ui_to_api(workflow, server.get("/object_info"))
+            workflow = ui_to_api(workflow, object_info)
         elif not (
             isinstance(workflow, dict)
             and workflow
             and all(isinstance(v, dict) and "class_type" in v for v in workflow.values())
         ):
             raise UsageError(f"{args.workflow} is neither an API-format nor a UI-format ComfyUI workflow.")
-        workflow = apply_overrides(workflow, args.set)
-        targets = seed_targets(workflow, args.seed_input)
-        if args.seeds:
-            try:
-                seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-            except ValueError:
-                raise UsageError(f"--seeds {args.seeds!r}: give integers separated by commas") from None
-        elif args.seed is not None:
-            if args.count < 1:
-                raise UsageError("--count must be at least 1")
-            seeds = [args.seed + i for i in range(args.count)]
-        else:
-            if args.count < 1:
-                raise UsageError("--count must be at least 1")
-            seeds = [None] * args.count
-        if any(s is not None for s in seeds) and not targets:
-            raise UsageError(
-                "the workflow has no seed input (an integer input named seed/noise_seed); name one "
-                "with --seed-input SELECTOR.INPUT"
-            )
-        if any(s is not None and not 0 <= s <= 0xFFFFFFFFFFFFFFFF for s in seeds):
-            raise UsageError("seeds must be between 0 and 2**64-1")
+        workflow = apply_overrides(workflow, args.set, object_info)
+        targets = seed_targets(workflow, args.seed_input, object_info)
+        plans = plan_seeds(workflow, targets, args.count, args.seed, args.seeds)
         client_id = uuid.uuid4().hex
         ws = None
         if not args.poll:
             try:
-                ws = WebSocket(server.host, server.port, f"/ws?clientId={client_id}")
+                ws = WebSocket(server.host, server.port, f"/ws?clientId={client_id}", tls=server.scheme == "https")
             except OSError as e:
-                _log(args.quiet, f"no websocket ({e}); polling /history instead")
+                _log(args.quiet, f"no websocket ({e}); following progress by polling /history instead")
         names = {k: (v.get("_meta") or {}).get("title") or v["class_type"] for k, v in workflow.items()}
-        jobs = []
-        for i, seed in enumerate(seeds):
+        for i, plan in enumerate(plans):
             prompt = json.loads(json.dumps(workflow))
-            for key, name in targets if seed is not None else []:
-                prompt[key]["inputs"][name] = seed
-            if seed is None and targets:
-                key, name = targets[0]
-                seed = prompt[key]["inputs"][name]
+            for (key, name), value in plan.items():
+                prompt[key]["inputs"][name] = value
+            seed = plan[targets[0]] if targets else None
             try:
                 answer = server.post("/prompt", {"prompt": prompt, "client_id": client_id})
             except HTTPError as e:
@@ -594,8 +784,8 @@ def run(argv=None) -> int:
                     _log(args.quiet, describe_rejection(e.payload))
                     break
                 raise UsageError("the server rejected the workflow:\n" + describe_rejection(e.payload)) from None
-            jobs.append(Job(i, seed, answer["prompt_id"]))
-            _log(args.quiet, f"queued prompt {i + 1}/{len(seeds)} seed {seed}: {answer['prompt_id']}")
+            jobs.append(Job(i, seed, answer["prompt_id"], nodes=len(prompt)))
+            _log(args.quiet, f"queued prompt {i + 1}/{len(plans)} seed {seed}: {answer['prompt_id']}")
         try:
             follow(server, jobs, ws, args.timeout, args.quiet, names)
         finally:
@@ -613,23 +803,40 @@ def run(argv=None) -> int:
         files = []
         for item in job.outputs:
             rel = "/".join(p for p in (item.get("type", "output"), item.get("subfolder", ""), item["filename"]) if p)
-            entry = {"node": item["node"], "path": rel, "url": server.view_url(item)}
+            entry = {"node": item["node"], "path": rel, "url": server.view_url(item), "cached": item["cached"]}
             if args.download:
                 entry["downloaded"] = server.download(item, args.download)
             files.append(entry)
         report.append(
-            {"prompt_id": job.prompt_id, "seed": job.seed, "status": job.status, "error": job.error, "outputs": files}
+            {
+                "prompt_id": job.prompt_id,
+                "seed": job.seed,
+                "status": job.status,
+                "error": job.error,
+                "messages": job.messages,
+                "outputs": files,
+            }
         )
-    for r in report:
-        print(f"seed {r['seed']}: {r['status']}" + (f" ({r['error']})" if r["error"] else ""))
+    for job, r in zip(jobs, report):
+        print(f"{job.label}: {_describe(job)}")
+        for m in r["messages"]:
+            print(f"  {m}")
         for f in r["outputs"]:
-            print(f"  {f['path']}" + (f"  -> {f['downloaded']}" if "downloaded" in f else ""))
+            note = "  (from the cache: written by an earlier prompt)" if f["cached"] else ""
+            print(f"  {f['path']}" + (f"  -> {f['downloaded']}" if "downloaded" in f else "") + note)
+    ran = sum(1 for j in jobs if j.status == "success")
+    cached = sum(1 for j in jobs if j.status == "cached")
+    if cached:
+        print(
+            f"{ran} of {len(jobs)} prompt(s) ran; {cached} were answered from ComfyUI's cache (same inputs as an "
+            "earlier prompt) and wrote nothing new: change the seed (--seed/--seeds) to get new results."
+        )
     if args.summary:
         tmp = args.summary + ".part"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump({"server": server.base, "workflow": args.workflow, "prompts": report}, f, indent=2)
         os.replace(tmp, args.summary)
-    return 0 if all(j.status == "success" for j in jobs) else 1
+    return 0 if all(j.status in ("success", "cached") for j in jobs) else 1
 
 
 if __name__ == "__main__":

@@ -219,10 +219,15 @@ class DualAnoDiffWeights:
         if is_reference_layout(sd):
             return cls.from_reference(sd, metadata)
         keys = list(sd)[:5]
+        hint = (
+            " It looks like a plain LoRA: that belongs in ComfyUI's LoraLoader, not in the DualAnoDiff loader."
+            if looks_like_lora(sd)
+            else " Choose a file written by the DualAnoDiff trainer (<name>.safetensors) or the reference "
+            "pytorch_lora_weights.bin."
+        )
         raise WeightsError(
             "not a DualAnoDiff weights file: neither our format (metadata format=dualanodiff) nor the reference "
-            f"layout ('unet.<layer>.processor.to_q_lora.0.down.weight', ...). First keys: {keys}. A plain LoRA "
-            "belongs in ComfyUI's LoraLoader, not in the DualAnoDiff loader."
+            f"layout ('unet.<layer>.processor.to_q_lora.0.down.weight', ...). First keys: {keys}.{hint}"
         )
 
     # ---- the reference layout -----------------------------------------------------------------------------------
@@ -319,6 +324,15 @@ def is_reference_layout(sd: Mapping[str, object]) -> bool:
     return any(".processor." in k and ("_lora." in k or ".temporal" in k) for k in sd)
 
 
+_LORA_KEY = re.compile(r"(lora|\.alpha$|lora_up|lora_down|lora_[AB]\b)", re.IGNORECASE)
+
+
+def looks_like_lora(sd: Mapping[str, torch.Tensor]) -> bool:
+    """True when most tensor names are LoRA names (``...lora_up.weight``, ``...lora_A.weight``, ``....alpha``)."""
+    names = list(sd)
+    return bool(names) and sum(1 for k in names if _LORA_KEY.search(k)) * 2 >= len(names)
+
+
 def read_tensor_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a flat ``{name: tensor}`` file safely: safetensors, or a pickle through ``weights_only=True``."""
     path = Path(path)
@@ -345,7 +359,16 @@ def read_tensor_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             ) from None
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise WeightsError(f"{path}: expected a dictionary of tensors, found {type(obj).__name__}.")
+        if not isinstance(obj, dict):
+            raise WeightsError(f"{path}: not a weights file (it holds a {type(obj).__name__}, not named tensors).")
+        other = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        if other:
+            what = (
+                "a training checkpoint (it holds the optimizer and training state); use the .safetensors "
+                "weights written beside it"
+                if {"step", "optimizer"} & set(map(str, obj))
+                else "not a weights file"
+            )
+            raise WeightsError(f"{path}: {what} (entries that are not tensors: {', '.join(map(str, other[:4]))}).")
         return dict(obj), {}
     raise WeightsError(f"{path}: unsupported weights file type {suffix!r}; use one of {', '.join(WEIGHT_SUFFIXES)}.")

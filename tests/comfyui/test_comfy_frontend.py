@@ -51,7 +51,6 @@ SMALL = [
 ]
 THUMB_WIDTH = 1024
 THUMB_ASPECT = 4 / 3
-CANVAS_BG = (34, 34, 34)
 
 
 @pytest.fixture(scope="module")
@@ -72,53 +71,102 @@ def page(server):
         browser.close()
 
 
+def _build():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_workflows", WORKFLOWS / "build_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILD = _build()
+#: the thumbnail's zoom: node titles and widget text stay readable (about 11 px text) in the 1024 px picture
+MIN_THUMB_SCALE = 0.8
+
+
 def _load(page, name: str) -> dict:
-    workflow = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    workflow = json.loads(BUILD.ui_path(name).read_text())
     return page.evaluate(f"""(async () => {{
         await app.loadGraphData({json.dumps(workflow)}, true, true, {json.dumps(name)},
                                 {{showMissingModelsDialog: false}});
         await new Promise(r => setTimeout(r, 300));
-        const nodes = app.graph._nodes.map(n => ({{id: n.id, type: n.type, errors: !!n.has_errors,
-                                                  registered: !!LiteGraph.registered_node_types[n.type]}}));
+        const ctx = app.canvas.ctx;
+        const nodes = app.graph._nodes.map(n => {{
+            ctx.font = n.titleFontStyle;
+            return {{id: n.id, type: n.type, errors: !!n.has_errors, title: n.getTitle(), box: [...n.getBounding()],
+                     registered: !!LiteGraph.registered_node_types[n.type],
+                     title_width: ctx.measureText(n.getTitle()).width,
+                     title_room: n.size[0] - LiteGraph.NODE_TITLE_HEIGHT * 2,
+                     widgets: (n.widgets || []).map(w => ({{name: w.name, label: w.label || w.name,
+                                                              precision: w.options && w.options.precision}})),
+                     inputs: (n.inputs || []).map(i => ({{name: i.name,
+                                                           label: i.label || i.localized_name || i.name}}))}};
+        }});
         const dialogs = Array.from(document.querySelectorAll('[role=dialog]')).map(d => d.innerText);
         const prompt = await app.graphToPrompt();
-        await app.extensionManager.command.execute('Comfy.Canvas.FitView');
-        await new Promise(r => setTimeout(r, 800));
-        let x0 = 1e9, y0 = 1e9, x1 = -1e9, y1 = -1e9;
-        for (const n of app.graph._nodes) {{
-            const b = n.getBounding();
-            x0 = Math.min(x0, b[0]); y0 = Math.min(y0, b[1]);
-            x1 = Math.max(x1, b[0] + b[2]); y1 = Math.max(y1, b[1] + b[3]);
-        }}
+        return {{nodes, links: Object.keys(app.graph.links).length, dialogs, api: prompt.output}};
+    }})()""")
+
+
+def _frame_thumbnail(page, width: int, height: int) -> dict:
+    """Zoom and pan the canvas for the thumbnail: the whole graph when it fits at a readable scale, else the
+    DualAnoDiff nodes at MIN_THUMB_SCALE, cropped to the graph. Returns the scale and the screen rectangle."""
+    return page.evaluate(f"""(async () => {{
+        const W = {width}, H = {height}, minScale = {MIN_THUMB_SCALE}, m = 24;
+        const boxes = app.graph._nodes.map(n => [n.type, n.getBounding()]);
+        const span = list => list.reduce((a, [, b]) => [Math.min(a[0], b[0]), Math.min(a[1], b[1]),
+                                                        Math.max(a[2], b[0] + b[2]), Math.max(a[3], b[1] + b[3])],
+                                         [1e9, 1e9, -1e9, -1e9]);
+        const all = span(boxes);
+        const core = span(boxes.filter(([t]) => t.startsWith('DualAnoDiff')));
+        const fit = Math.min(W / (all[2] - all[0] + 2 * m), H / (all[3] - all[1] + 2 * m));
+        const scale = Math.min(1.0, Math.max(fit, minScale));
+        const vw = W / scale, vh = H / scale;  // the graph area the thumbnail shows
+        const clampTo = (c, lo, hi, v) => (hi - lo + 2 * m <= v) ? (lo + hi) / 2
+                                          : Math.min(Math.max(c, lo - m + v / 2), hi + m - v / 2);
+        const cx = clampTo((core[0] + core[2]) / 2, all[0], all[2], vw);
+        const cy = clampTo((core[1] + core[3]) / 2, all[1], all[3], vh);
         const c = document.querySelector('#graph-canvas').getBoundingClientRect();
-        const p0 = app.canvas.ds.convertOffsetToCanvas([x0, y0]), p1 = app.canvas.ds.convertOffsetToCanvas([x1, y1]);
-        return {{nodes, links: Object.keys(app.graph.links).length, dialogs, api: prompt.output,
-                 canvas: [c.x, c.y, c.width, c.height], box: [p0[0] + c.x, p0[1] + c.y, p1[0] + c.x, p1[1] + c.y]}};
+        app.canvas.ds.scale = scale;
+        app.canvas.ds.offset[0] = (c.width / 2) / scale - cx;
+        app.canvas.ds.offset[1] = (c.height / 2) / scale - cy;
+        app.canvas.setDirty(true, true);
+        app.canvas.draw(true, true);
+        await new Promise(r => setTimeout(r, 500));
+        // share of the frame covered by nodes
+        const x0 = cx - vw / 2, y0 = cy - vh / 2;
+        let covered = 0;
+        const step = 8;
+        for (let y = y0; y < y0 + vh; y += step / scale)
+            for (let x = x0; x < x0 + vw; x += step / scale)
+                if (boxes.some(([, b]) => x >= b[0] && x <= b[0] + b[2] && y >= b[1] && y <= b[1] + b[3])) covered++;
+        const total = Math.ceil(W / step) * Math.ceil(H / step);
+        return {{scale, covered: covered / total,
+                 clip: {{x: c.x + c.width / 2 - W / 2, y: c.y + c.height / 2 - H / 2, width: W, height: H}}}};
     }})()""")
 
 
 def thumbnail(png: bytes) -> bytes:
-    """A screenshot of the graph as a JPEG template thumbnail: padded to 4:3 on the canvas colour, 1024 px wide."""
+    """A screenshot of the framed graph as the JPEG template thumbnail (1024 x 768)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(png)) as im:
         im = im.convert("RGB")
-    w, h = im.size
-    if w / h > THUMB_ASPECT:
-        size = (w, round(w / THUMB_ASPECT))
-    else:
-        size = (round(h * THUMB_ASPECT), h)
-    canvas = Image.new("RGB", size, CANVAS_BG)
-    canvas.paste(im, ((size[0] - w) // 2, (size[1] - h) // 2))
-    canvas = canvas.resize((THUMB_WIDTH, round(THUMB_WIDTH / THUMB_ASPECT)), Image.LANCZOS)
+    if im.size != (THUMB_WIDTH, round(THUMB_WIDTH / THUMB_ASPECT)):
+        im = im.resize((THUMB_WIDTH, round(THUMB_WIDTH / THUMB_ASPECT)), Image.LANCZOS)
     out = io.BytesIO()
-    canvas.save(out, format="JPEG", quality=88, optimize=True)
+    im.save(out, format="JPEG", quality=88, optimize=True)
     return out.getvalue()
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
 
 
 @pytest.mark.parametrize("name", GRAPHS)
 def test_workflow_loads_in_the_frontend_with_no_missing_nodes_and_runs(server, page, name, tmp_path):
-    workflow = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    workflow = json.loads(BUILD.ui_path(name).read_text())
     r = _load(page, name)
     assert [n["type"] for n in r["nodes"] if not n["registered"] or n["errors"]] == []
     assert not any("Nodes Are Missing" in d or "missing" in d.lower() and "node" in d.lower() for d in r["dialogs"]), r[
@@ -131,16 +179,32 @@ def test_workflow_loads_in_the_frontend_with_no_missing_nodes_and_runs(server, p
         k: (v["class_type"], v["inputs"]) for k, v in api.items()
     }
 
-    # screenshot of the graph (what the template browser shows)
-    x0, y0, x1, y1 = r["box"]
-    cx, cy, cw, ch = r["canvas"]
-    m = 24
-    clip = {"x": max(cx, x0 - m), "y": max(cy, y0 - m)}
-    clip.update(width=min(cx + cw, x1 + m) - clip["x"], height=min(cy + ch, y1 + m) - clip["y"])
-    jpeg = thumbnail(page.screenshot(clip))
+    # the layout as the frontend draws it (its own minimum widths): no node covers another, no title is cut
+    nodes = r["nodes"]
+    overlaps = [
+        (a["title"], b["title"]) for i, a in enumerate(nodes) for b in nodes[i + 1 :] if _overlap(a["box"], b["box"])
+    ]
+    assert overlaps == [], overlaps
+    cut = [(n["title"], round(n["title_width"]), n["title_room"]) for n in nodes if n["title_width"] > n["title_room"]]
+    assert cut == [], cut
+    # labels that say what a widget means (the input ids stay: they are the API)
+    labels = {(n["type"], w["name"]): w for n in nodes for w in n["widgets"]}
+    inputs = {(n["type"], i["name"]): i["label"] for n in nodes for i in n["inputs"]}
+    if ("DualAnoDiffMaskFromAnomalyBranch", "threshold") in labels:
+        assert labels[("DualAnoDiffMaskFromAnomalyBranch", "threshold")]["label"] == "threshold (0 = auto, Otsu)"
+    if ("DualAnoDiffTrainer", "learning_rate") in labels:
+        assert labels[("DualAnoDiffTrainer", "learning_rate")]["precision"] == 6  # 0.000020, not 0.0000200
+    if ("DualAnoDiffPairConditioning", "global_prompt") in inputs:
+        assert inputs[("DualAnoDiffPairConditioning", "global_prompt")] == "global conditioning"
+        assert inputs[("DualAnoDiffPairConditioning", "anomaly_prompt")] == "anomaly conditioning"
+
+    # the template thumbnail: the graph at a readable zoom, filling the frame
+    frame = _frame_thumbnail(page, THUMB_WIDTH, round(THUMB_WIDTH / THUMB_ASPECT))
+    assert frame["scale"] >= MIN_THUMB_SCALE and frame["covered"] > 0.4, frame
+    jpeg = thumbnail(page.screenshot(frame["clip"]))
     (tmp_path / f"{name}.jpg").write_bytes(jpeg)
     if os.environ.get("DUALANODIFF_WRITE_THUMBNAILS") == "1":
-        (WORKFLOWS / f"{name}.jpg").write_bytes(jpeg)
+        BUILD.ui_path(name).with_suffix(".jpg").write_bytes(jpeg)
 
     # queue it from the page, with the tiny test models
     before = set(server.get("/history"))

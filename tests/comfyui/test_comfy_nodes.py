@@ -188,7 +188,7 @@ def test_stock_sampler_with_an_unpaired_positive_warns(env, tiny, weights_dir, c
     model, _, _, _ = _loaded(env, tiny, weights_dir, ce.random_weights(env, tiny.model))
     pos_g, pos_a, neg = _prompts(tiny)
     (latent,) = env.nodes.EmptyLatentImage().generate(32, 32, batch_size=2)
-    env.backend._warned.discard("same-prompt")
+    env.backend._told.clear()
     with caplog.at_level(logging.WARNING, logger="DualAnoDiff"):
         (paired,) = _run(env.sampler.PairConditioning, global_prompt=pos_g, anomaly_prompt=pos_a)
         ce.sample(env, model, paired, neg, latent, steps=1)

@@ -157,8 +157,9 @@ def test_odd_batch_and_wrong_weights_give_clear_errors(env, tiny):
     w = ce.random_weights(env, tiny.model)
     m = env.backend.install(tiny.model, w)
     x, t, ctx = _inputs(pairs=2)
-    with pytest.raises(env.core_layout.LayoutError, match="even number"):
+    with pytest.raises(env.core_layout.LayoutError, match="a batch of 3 latent images, an odd number") as e:
         ce.forward(m, x[:3], t[:3], ctx[:3])
+    assert "CFG chunk" not in str(e.value) and "batch_size = 2 x pairs (e.g. 4 for 2 pairs)" in str(e.value)
     other = ce.tiny_model(0, unet_config=dict(ce.TINY_UNET, channel_mult=[1, 1]))
     with pytest.raises(env.core_weights.WeightsError, match="shape"):
         env.backend.install(other, w)

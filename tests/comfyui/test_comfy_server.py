@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +32,23 @@ NODE_IDS = [
     "DualAnoDiffTrainer",
 ]
 GRAPHS = ["dualanodiff_generate", "dualanodiff_generate_bcm", "dualanodiff_generate_ksampler", "dualanodiff_train"]
+OLD_WORKFLOWS = Path(__file__).resolve().parent / "old_workflows"  # the UI/API files as shipped before issue 15
+
+
+def _build():
+    spec = importlib.util.spec_from_file_location("build_workflows", WORKFLOWS / "build_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILD = _build()
+
+
+def ui_file(name: str) -> Path:
+    return BUILD.ui_path(name)
+
+
 SMALL = [
     "--set",
     "CheckpointLoaderSimple.ckpt_name=tiny_sd15.ckpt",
@@ -158,19 +177,56 @@ def test_pack_loads_and_registers_its_nodes(server):
 
 def test_workflows_are_served_as_templates_with_thumbnails(server):
     templates = server.get("/workflow_templates")
-    assert sorted(templates.get(PACK_DIR_NAME, [])) == GRAPHS  # UI files only, not workflows/api/
-    served = server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/dualanodiff_generate.json")
-    assert served == json.loads((WORKFLOWS / "dualanodiff_generate.json").read_text())
+    titles = [BUILD.TEMPLATES[g] for g in GRAPHS]
+    assert sorted(templates.get(PACK_DIR_NAME, [])) == sorted(titles)  # UI files only, not workflows/api/
+    # the frontend titles a template by its file name and keeps the server's order: numbered titles, generate first
+    assert sorted(titles)[0] == "DualAnoDiff 1 - generate defects and masks"
+    quote = urllib.parse.quote
+    served = server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/{quote(titles[0])}.json")
+    assert served == json.loads(ui_file("dualanodiff_generate").read_text())
+    for title in titles:
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK_DIR_NAME}/{quote(title)}.jpg") as r:
+            assert r.read(3) == b"\xff\xd8\xff", title
+
+
+def test_old_workflows_still_load_and_queue(server):
+    # the workflows as shipped before (old file names, old titles and layout): converted with the live node
+    # definitions they give the same API prompt as before, and the server accepts it
+    qb = _queue_script()
+    info = server.get("/object_info")
     for name in GRAPHS:
-        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK_DIR_NAME}/{name}.jpg") as r:
-            assert r.read(3) == b"\xff\xd8\xff", name
+        old_ui = json.loads((OLD_WORKFLOWS / f"{name}.json").read_text())
+        old_api = json.loads((OLD_WORKFLOWS / "api" / f"{name}.json").read_text())
+        converted = qb.ui_to_api(old_ui, info)
+        assert {k: (v["class_type"], v["inputs"]) for k, v in converted.items()} == {
+            k: (v["class_type"], v["inputs"]) for k, v in old_api.items()
+        }, name
+        new_api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+        assert {k: (v["class_type"], v["inputs"]) for k, v in new_api.items()} == {
+            k: (v["class_type"], v["inputs"]) for k, v in old_api.items()
+        }, name  # the graphs themselves did not change, only their layout and titles
+    # queued as they are (with the tiny test models), the old files are accepted and run
+    report, _ = _queue(
+        server,
+        OLD_WORKFLOWS / "api" / "dualanodiff_generate.json",
+        "--seed",
+        "5",
+        *SMALL_DUAL,
+        "--set",
+        "DualAnoDiffSaveDataset.dataset=old_api",
+    )
+    _dataset_saved(server, report, pairs=2, dataset="old_api")
+    report, _ = _queue(
+        server, OLD_WORKFLOWS / "dualanodiff_generate_ksampler.json", "--seed", "5", "--poll", *SMALL_STOCK
+    )
+    _images_saved(server, report, pairs=2)
 
 
 def test_ui_workflows_have_no_missing_nodes_and_match_the_api_files(server):
     qb = _queue_script()
     info = server.get("/object_info")
     for name in GRAPHS:
-        ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+        ui = json.loads(ui_file(name).read_text())
         for node in ui["nodes"]:
             assert node["type"] in info, f"{name}: missing node type {node['type']}"
             specs = list(qb._input_specs(info[node["type"]]))
@@ -244,7 +300,7 @@ def test_stock_ksampler_workflow_over_the_api(server):
 def test_ui_workflow_is_queued_directly_by_polling(server, tmp_path):
     report, _ = _queue(
         server,
-        WORKFLOWS / "dualanodiff_generate.json",
+        ui_file("dualanodiff_generate"),
         "--seeds",
         "55",
         "--poll",
@@ -341,6 +397,7 @@ def test_a_bad_batch_fails_clearly_and_the_server_survives(server):
     error = report["prompts"][0]["error"]
     assert error.startswith("node 9 (KSampler): LayoutError:") and "whole (global, anomaly) pairs" in error, error
     assert "DualAnoDiff Sampler" in error and "batch_size = 2 x pairs" in error, error
+    assert "a batch of 3 latent images, an odd number" in error and "CFG chunk" not in error, error
     _, proc = _queue(
         server,
         WORKFLOWS / "api/dualanodiff_generate.json",
@@ -369,3 +426,130 @@ def test_a_bad_batch_fails_clearly_and_the_server_survives(server):
     )
     assert "no_such_folder" in proc.stderr and "does not exist" in proc.stderr
     assert server.get("/system_stats")["system"]
+
+
+def test_count_without_a_seed_counts_up_and_a_cached_prompt_is_reported_as_such(server):
+    api = WORKFLOWS / "api/dualanodiff_generate_ksampler.json"
+    report, proc = _queue(server, api, "--count", "2", *SMALL_STOCK)
+    assert [p["seed"] for p in report["prompts"]] == [0, 1]  # the workflow's seed 0, counting up
+    _images_saved(server, report, pairs=2)
+    first, second = ({o["path"] for o in p["outputs"]} for p in report["prompts"])
+    assert not first & second  # two runs, two sets of files
+    # the last prompt again: ComfyUI answers from its cache without running; the report says so
+    report, proc = _queue(server, api, "--seeds", "1", *SMALL_STOCK)
+    prompt = report["prompts"][0]
+    assert prompt["status"] == "cached" and all(o["cached"] for o in prompt["outputs"]), prompt
+    assert "0 of 1 prompt(s) ran; 1 were answered from ComfyUI's cache" in proc.stdout, proc.stdout
+    assert "seed 1: cached" in proc.stdout and "success" not in proc.stdout
+
+
+def test_set_refuses_unknown_inputs_and_bad_values_before_queueing(server):
+    before = len(server.get("/history"))
+    api = WORKFLOWS / "api/dualanodiff_generate.json"
+    for args, words in [
+        (["--set", "DualAnoDiffSampler.pair=1"], ["has no input 'pair'", "Did you mean 'pairs'?", "denoise"]),
+        (["--set", "DualAnoDiffSampler.pairs=0"], ["outside the allowed range 1 to"]),
+        (["--set", "DualAnoDiffSampler.sampler_name=nope"], ["'nope' is not one of the choices"]),
+        (["--set", "DualAnoDiffLoRALoader.weights=nope.safetensors"], ["is not one of the choices"]),
+    ]:
+        # http://host:port is accepted as an address (the error is about --set, after /object_info was read)
+        _, proc = _queue(server, api, "--server", f"http://{server.address}/", *args, expect=2)
+        assert proc.stderr.count("\n") == 1 and all(w in proc.stderr for w in words), proc.stderr
+    _, proc = _queue(server, WORKFLOWS / "api/dualanodiff_train.json", "--set", "DualAnoDiffTrainer.step=2", expect=2)
+    assert "Did you mean 'steps'?" in proc.stderr, proc.stderr
+    assert len(server.get("/history")) == before  # nothing was queued
+
+
+def _rejection(server, prompt) -> dict:
+    try:
+        server.post("/prompt", {"prompt": prompt})
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read())
+    raise AssertionError("the prompt was accepted")
+
+
+def test_one_problem_is_one_error_on_the_widget_that_causes_it(server):
+    train = json.loads((WORKFLOWS / "api/dualanodiff_train.json").read_text())
+    train["1"]["inputs"]["ckpt_name"] = "tiny_sd15.ckpt"
+    train["2"]["inputs"]["folder"] = "no_such_folder"
+    errors = _rejection(server, train)["node_errors"]["2"]["errors"]
+    assert [e["extra_info"]["input_name"] for e in errors] == ["folder"], errors
+    assert "no_such_folder" in errors[0]["details"] and "does not exist" in errors[0]["details"]
+    generate = json.loads((WORKFLOWS / "api/dualanodiff_generate.json").read_text())
+    generate["1"]["inputs"]["ckpt_name"] = "tiny_sd15.ckpt"
+    generate["2"]["inputs"]["weights"] = "test_defect.safetensors"
+    save = next(k for k, v in generate.items() if v["class_type"] == "DualAnoDiffSaveDataset")
+    generate[save]["inputs"]["dataset"] = "../outside"
+    errors = _rejection(server, generate)["node_errors"][save]["errors"]
+    assert [e["extra_info"]["input_name"] for e in errors] == ["dataset"], errors
+
+
+def test_the_loader_lists_weights_only_and_explains_a_resume_checkpoint(server):
+    models = server.base / "models" / "dualanodiff" / "listing_train" / "checkpoints"
+    models.mkdir(parents=True, exist_ok=True)
+    tiny_weights = server.base / "models" / "dualanodiff" / "test_defect.safetensors"
+    (models / "checkpoint-000003.safetensors").write_bytes(tiny_weights.read_bytes())
+    (models / "checkpoint-000003.pt").write_bytes(b"not read")
+    info = server.get("/object_info/DualAnoDiffLoRALoader")["DualAnoDiffLoRALoader"]
+    options = info["input"]["required"]["weights"][1]["options"]
+    assert "listing_train/checkpoints/checkpoint-000003.safetensors" in options
+    assert not [o for o in options if o.endswith(".pt")], options
+    prompt = json.loads((WORKFLOWS / "api/dualanodiff_generate.json").read_text())
+    prompt["1"]["inputs"]["ckpt_name"] = "tiny_sd15.ckpt"
+    prompt["2"]["inputs"]["weights"] = "listing_train/checkpoints/checkpoint-000003.pt"
+    errors = _rejection(server, prompt)["node_errors"]["2"]["errors"]
+    assert len(errors) == 1 and "is a training checkpoint" in errors[0]["details"], errors
+    assert "checkpoint-000003.safetensors beside it" in errors[0]["details"]
+
+
+def test_warnings_reach_the_user_not_only_the_log(server):
+    # a stock sampler given one prompt for both images of a pair: the warning is shown on the KSampler node
+    prompt = json.loads((WORKFLOWS / "api/dualanodiff_generate_ksampler.json").read_text())
+    prompt["9"]["inputs"]["positive"] = ["4", 0]
+    unpaired = server.base / "unpaired.json"
+    unpaired.write_text(json.dumps(prompt))
+    report, proc = _queue(server, unpaired, "--seed", "3", *SMALL_STOCK)
+    said = report["prompts"][0]["messages"]
+    assert any(m.startswith("node 9 (KSampler): DualAnoDiff: both images of a pair got the same prompt") for m in said)
+    # weights trained on another checkpoint: the loader says so on its node
+    weights_mod = importlib.import_module(f"{ce.PACK}.dualanodiff_core.weights")
+    w = weights_mod.DualAnoDiffWeights.load(server.base / "models" / "dualanodiff" / "test_defect.safetensors")
+    meta = dict(w.metadata, base_model="CheckpointLoaderSimple (ckpt_name=sd15/other_model.safetensors)")
+    weights_mod.DualAnoDiffWeights(w.tensors, meta).save(
+        server.base / "models" / "dualanodiff" / "other_base.safetensors"
+    )
+    args = [
+        a
+        if a != "DualAnoDiffLoRALoader.weights=test_defect.safetensors"
+        else "DualAnoDiffLoRALoader.weights=other_base.safetensors"
+        for a in SMALL_DUAL
+    ]
+    report, proc = _queue(
+        server,
+        WORKFLOWS / "api/dualanodiff_generate.json",
+        "--seed",
+        "3",
+        *args,
+        "--set",
+        "DualAnoDiffSaveDataset.dataset=api_other_base",
+    )
+    said = report["prompts"][0]["messages"]
+    assert any(
+        m.startswith(
+            "node 2 (DualAnoDiffLoRALoader): DualAnoDiff: these weights were trained on 'other_model' but are "
+            "loaded onto 'tiny_sd15'"
+        )
+        for m in said
+    ), said
+    assert "trained on 'other_model'" in proc.stdout  # in the final report too
+    # the same base model: no warning
+    report, _ = _queue(
+        server,
+        WORKFLOWS / "api/dualanodiff_generate.json",
+        "--seed",
+        "4",
+        *SMALL_DUAL,
+        "--set",
+        "DualAnoDiffSaveDataset.dataset=api_other_base",
+    )
+    assert not report["prompts"][0]["messages"], report["prompts"][0]["messages"]

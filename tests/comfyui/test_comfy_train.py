@@ -245,12 +245,16 @@ def test_trained_weights_load_in_the_loader_and_generate(env, dirs):
 def test_trainer_node_input_errors(env, dirs):
     m, c, v = _inference_models()
     assert "does not exist" in env.train.DualAnoDiffTrainer.validate_inputs(folder="nope")
-    assert "letters, digits" in env.train.DualAnoDiffTrainer.validate_inputs(output_name="../evil")
     assert "sub-folder" in env.train.DualAnoDiffTrainer.validate_inputs(folder="../")
+    make_flat(dirs.input / "flat", n=2, size=RES)
+    # output_name and split are refused first thing when the node runs (validate_inputs takes only `folder`)
+    with pytest.raises(ValueError, match="letters, digits"):
+        _train_node(env, model=m, clip=c, vae=v, folder="flat", output_name="../evil")
+    with pytest.raises(ValueError, match="split must be one of"):
+        _train_node(env, model=m, clip=c, vae=v, folder="flat", split="half")
     (dirs.input / "empty").mkdir()
     with pytest.raises(ValueError, match="empty"):
         _train_node(env, model=m, clip=c, vae=v, folder="empty")
-    make_flat(dirs.input / "flat", n=2, size=RES)
     with pytest.raises(ValueError, match="not an MVTec category folder"):
         _train_node(env, model=m, clip=c, vae=v, folder="flat", defect="scratch")
     with pytest.raises(ValueError, match="object mask"):
