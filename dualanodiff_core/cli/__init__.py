@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: commands that run as several processes under torchrun / accelerate launch (see docs/scaling.md)
+MULTI_PROCESS = {"generate", "train", "train-all"}
+
+
 def register(name: str, module: str, help_text: str) -> None:
     COMMANDS[name] = (module, help_text)
 
@@ -60,12 +64,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(args._module)
+    from .. import distributed
+
+    joined = False
     try:
+        if distributed.is_distributed():
+            if args.command not in MULTI_PROCESS:
+                raise ValueError(
+                    f"this command runs as one process; start it without torchrun / accelerate launch (those run "
+                    f"{', '.join(sorted(MULTI_PROCESS))})"
+                )
+            joined = distributed.init()
         return int(module.run(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         # user mistakes: one clear line, no traceback
-        print(f"dualanodiff {args.command}: error: {e}", file=sys.stderr)
+        who = f" (process {distributed.rank()})" if distributed.is_distributed() else ""
+        print(f"dualanodiff {args.command}{who}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if joined:
+            distributed.close()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from .. import __version__
+from .. import distributed as _dist
 from ..imageutil import pil_to_tensor, tensor_to_pil
 from ..training.backgrounds import make_background
 from .acceptance import FilterOptions, check_pair
@@ -329,6 +330,61 @@ def generate_dataset(
         keep_rejected=keep_rejected,
         settings=settings,
     )
+    provenance = dict(
+        weights=None if weights_path is None else str(weights_path),
+        weights_sha256=weights_sha256,
+        base_model=base_model_id,
+        dtype=dtype,
+    )
+
+    def run_batches(pipe_, sink, indices: list[int], n_done: int) -> int:
+        return _run(
+            pipe_,
+            sink,
+            indices,
+            n,
+            n_done,
+            seed,
+            batch_size,
+            sampling,
+            backgrounds,
+            filter_against_background,
+            refine_mask,
+            mask_options,
+            filter_options,
+            provenance,
+            progress and _dist.is_main(),
+            log,
+            category,
+            defect,
+        )
+
+    if _dist.is_distributed():  # one of several processes (torchrun / accelerate launch): see .sharded
+        from .sharded import generate_sharded
+
+        def load_pipe():
+            return loaded if loaded is not None else pipe()
+
+        already_n, generated, sheets = generate_sharded(
+            writer, settings, n, batch_size, provenance, run_batches, load_pipe, contact_sheets, log
+        )
+        recs = [r for i, r in writer.records.items() if i < n] if _dist.is_main() else []
+        reasons = Counter(r.get("reason", "?") for r in recs)
+        acc = sum(1 for r in recs if r.get("accepted"))
+        return GenerateSummary(
+            Path(out),
+            category,
+            defect,
+            int(n),
+            already_n,
+            generated,
+            acc,
+            len(recs) - acc,
+            dict(reasons),
+            sheets,
+            list(writer.recovered),
+        )
+
     with writer:
         for line in writer.recovered:
             log(f"recovered: {line}")
@@ -339,31 +395,7 @@ def generate_dataset(
             if loaded is None:
                 loaded = pipe()
             pipe = loaded
-            generated = _run(
-                pipe,
-                writer,
-                pending,
-                n,
-                len(already),
-                seed,
-                batch_size,
-                sampling,
-                backgrounds,
-                filter_against_background,
-                refine_mask,
-                mask_options,
-                filter_options,
-                dict(
-                    weights=None if weights_path is None else str(weights_path),
-                    weights_sha256=weights_sha256,
-                    base_model=base_model_id,
-                    dtype=dtype,
-                ),
-                progress,
-                log,
-                category,
-                defect,
-            )
+            generated = run_batches(loaded, writer, pending, len(already))
         sheets = writer.write_contact_sheets() if contact_sheets else []
         recs = [r for i, r in writer.records.items() if i < n]
     reasons = Counter(r.get("reason", "?") for r in recs)
