@@ -24,6 +24,12 @@ DATA/normals/ or DATA/good/ with normal images.
 Checkpoints, loss.csv and loss.png go to the work folder (default: OUTPUT without .safetensors + "_train").
 Ctrl-C stops after the current step and leaves a checkpoint; continue with the same command plus --resume.
 Defaults are the reference's (rank 32, AdamW 2e-5, weight decay 1e-2, clip 1.0, batch 4, 5000 steps, 512 px).
+
+Several GPUs (data parallel): torchrun --nproc-per-node 8 -m dualanodiff_core.cli train ... (or accelerate launch
+-m dualanodiff_core.cli train ...). Each process takes --batch-size images of one global batch of
+--batch-size x processes images, the gradients are averaged, and process 0 writes checkpoints, loss log and weights.
+N processes with --batch-size B follow the same loss curve as one process with --batch-size N*B. --resume works with
+another process count when the global batch stays the same.
 """
 
 
@@ -129,7 +135,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=int,
         default=d.batch_size,
-        help="defect images per step (the UNet sees twice as many rows: one per branch)",
+        help="defect images per step and process (the UNet sees twice as many rows: one per branch); under "
+        "torchrun / accelerate launch the global batch is --batch-size x processes",
     )
     g.add_argument("--lr", type=float, default=d.learning_rate, help="AdamW learning rate (constant after warm-up)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
@@ -248,6 +255,9 @@ def config_from_args(args: argparse.Namespace):
 def pick_device(name: str) -> str:
     import torch
 
+    from ..distributed import device_for_process
+
+    name = device_for_process(name)
     if name != "auto":
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu.")
@@ -320,8 +330,13 @@ def run(args: argparse.Namespace) -> int:
         )
     work_dir = Path(args.work_dir) if args.work_dir else output.with_name(output.stem + "_train")
 
+    from .. import distributed
+
+    main_process = distributed.is_main()
+
     def echo(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+        if main_process:  # one voice: process 0 reports for all
+            print(msg, file=sys.stderr, flush=True)
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
         echo(f"warning: {message}")
@@ -353,9 +368,13 @@ def run(args: argparse.Namespace) -> int:
             if output.exists() and not args.overwrite:
                 raise FileExistsError(f"{output} exists; add --overwrite to replace it or choose another --output.")
             if args.overwrite:
-                _clear_previous_run(work_dir)
+                if main_process:
+                    _clear_previous_run(work_dir)
+                distributed.barrier()
 
         device = pick_device(args.device)
+        if not main_process:
+            args.no_progress = True
         echo(f"model: {args.model} on {device} ({config.precision})")
         flag: dict = {}
         bar = None
