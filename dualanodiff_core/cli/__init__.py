@@ -29,6 +29,10 @@ def _known_commands() -> dict[str, tuple[str, str]]:
     # optional commands, present when their modules exist
     optional = {
         "train": ("dualanodiff_core.cli.train", "fine-tune DualAnoDiff weights on a few defect images"),
+        "train-all": (
+            "dualanodiff_core.cli.train_all",
+            "train (and optionally generate) every defect type of MVTec-layout categories, one job each",
+        ),
         "generate": ("dualanodiff_core.cli.generate", "generate image/mask pairs and export a defect dataset"),
         "demo": ("dualanodiff_core.cli.demo", "offline end-to-end demo on the procedural MiniDefect data"),
         "minidefect": ("dualanodiff_core.cli.minidefect", "write the procedural MiniDefect dataset (MVTec layout)"),

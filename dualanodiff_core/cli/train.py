@@ -33,27 +33,32 @@ another process count when the global batch stays the same.
 """
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser, one_defect: bool = True) -> None:
+    """``one_defect=False``: only the options that say *how* to train (for ``dualanodiff train-all``), not which data,
+    nor where one run's output goes."""
     from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL
     from ..training.data import CROPS, FLIPS, SPLIT_HELP, SPLITS
     from ..training.trainer import PRECISIONS, TrainConfig
 
     d = TrainConfig()
-    p.description = DESCRIPTION
     p.formatter_class = _Formatter
     g = p.add_argument_group("data")
-    g.add_argument(
-        "data",
-        metavar="DATA",
-        help="the defect images: an MVTec category folder (with --defect) or a flat folder (see above)",
-    )
-    g.add_argument("--defect", metavar="NAME", help="defect type to train, for an MVTec category folder (e.g. scratch)")
-    g.add_argument(
-        "--object-masks",
-        metavar="DIR",
-        help="folder of object masks (<image name>.png, white = object), one per training image; needed "
-        "by --bcm unless DATA/object_masks/ exists",
-    )
+    if one_defect:
+        p.description = DESCRIPTION
+        g.add_argument(
+            "data",
+            metavar="DATA",
+            help="the defect images: an MVTec category folder (with --defect) or a flat folder (see above)",
+        )
+        g.add_argument(
+            "--defect", metavar="NAME", help="defect type to train, for an MVTec category folder (e.g. scratch)"
+        )
+        g.add_argument(
+            "--object-masks",
+            metavar="DIR",
+            help="folder of object masks (<image name>.png, white = object), one per training image; needed "
+            "by --bcm unless DATA/object_masks/ exists",
+        )
     g.add_argument(
         "--split",
         choices=SPLITS,
@@ -159,13 +164,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1, mps ...")
 
     g = p.add_argument_group("output")
-    g.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="where the trained weights go")
-    g.add_argument(
-        "--work-dir",
-        metavar="DIR",
-        help="where checkpoints/, loss.csv, loss.png and train_config.json go (default: OUTPUT minus "
-        ".safetensors, plus _train)",
-    )
+    if one_defect:
+        g.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="where the trained weights go")
+        g.add_argument(
+            "--work-dir",
+            metavar="DIR",
+            help="where checkpoints/, loss.csv, loss.png and train_config.json go (default: OUTPUT minus "
+            ".safetensors, plus _train)",
+        )
     g.add_argument(
         "--checkpoint-every",
         type=int,
@@ -186,6 +192,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not write checkpoint-<step>.safetensors weights beside each resumable checkpoint",
     )
+    if not one_defect:
+        g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per checkpoint instead)")
+        return
     g.add_argument(
         "--resume",
         nargs="?",
