@@ -7,6 +7,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -353,6 +354,7 @@ def test_train_all_spreads_jobs_reports_failures_and_resumes(assets, tmp_path):
     broken.write_bytes(saved)
     (out / "widget" / "scratch" / "weights.safetensors").unlink()
     (out / "widget" / "scratch" / "job.json").unlink()
+    shutil.rmtree(out / "widget" / "scratch" / "generated")
     gadget = (out / "gadget" / "scratch" / "weights.safetensors").stat().st_mtime_ns
     proc = subprocess.run(
         [sys.executable, "-m", "dualanodiff_core.cli", *_train_all_args(root, assets, out)],

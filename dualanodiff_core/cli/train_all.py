@@ -183,6 +183,7 @@ def run_job(args, category: str, defect: str, folder: Path, out: Path, device: s
             base_model=str(args.model),
             progress=False,
             log=echo,
+            shard=False,  # a whole job per process
         )
         state.update(generated=str(job_dir / "generated"), accepted=summary.accepted, rejected=summary.rejected)
     return dict(state, status=DONE, reason="")

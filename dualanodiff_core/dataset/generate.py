@@ -273,6 +273,7 @@ def generate_dataset(
     dtype: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    shard: bool | None = None,
 ) -> GenerateSummary:
     """Generate samples ``0..n-1`` of ``category/defect`` into ``out`` (see
     :mod:`dualanodiff_core.dataset.export` for the layout); samples already there are kept and skipped.
@@ -281,6 +282,9 @@ def generate_dataset(
     generate). ``backgrounds`` turns on BCM (weights with BCM layers needed). ``filter_against_background`` /
     ``refine_mask`` compare the generated image with the background's normal image (outside the object when object
     masks are given) to reject pairs / drop mask parts that the image does not show. Returns a summary.
+
+    ``shard``: share the samples with the other processes of a torchrun / accelerate launch run (see
+    :mod:`.sharded`); None = when started as several processes. False: this process generates everything alone.
     """
     if int(n) != n or n < 1:
         raise ValueError(f"n={n}: generate at least one sample")
@@ -353,13 +357,15 @@ def generate_dataset(
             mask_options,
             filter_options,
             provenance,
-            progress and _dist.is_main(),
+            progress and (not shard or _dist.is_main()),
             log,
             category,
             defect,
         )
 
-    if _dist.is_distributed():  # one of several processes (torchrun / accelerate launch): see .sharded
+    if shard is None:
+        shard = _dist.is_distributed()
+    if shard:  # one of several processes (torchrun / accelerate launch): see .sharded
         from .sharded import generate_sharded
 
         def load_pipe():
