@@ -109,6 +109,17 @@ def test_no_option_of_ours_is_taken_by_the_launchers(command):
         get_args_parser().parse_args(["-m", "dualanodiff_core.cli", "generate", "--n", "6"])
 
 
+def test_help_says_what_the_global_batch_is(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the global batch is --batch-size x processes" in out and "torchrun --nproc-per-node 8" in out
+    with pytest.raises(SystemExit):
+        cli.main(["train-all", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "job k goes to process k mod N" in out and "summary.md" in out
+
+
 def test_single_process_commands_refuse_a_launcher(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
