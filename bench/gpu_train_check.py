@@ -2,7 +2,7 @@
 
 Measures, for batch 4 at 512 px (8 UNet rows, the reference setting): seconds per step and peak GPU memory in fp32,
 bf16 and fp16 (loss scaling), with/without gradient checkpointing, with/without BCM; checks that the loss and the
-gradients stay finite; counts the trainable parameters against METHOD.md §1.3; times a checkpoint write and a resume
+gradients stay finite; counts the trainable parameters against docs/method.md; times a checkpoint write and a resume
 load. Writes ``$OUT/gpu_train_check.json`` and prints a table.
 
     python bench/gpu_train_check.py            # needs CUDA, diffusers, transformers

@@ -256,21 +256,19 @@ class DualAnoDiffTrainer(io.ComfyNode):
         data_dir = defect_folder(folder)
         weights_path, work_dir = run_paths(stem)
         backend.attention_sites(model)  # a clear error for a non-SD MODEL before any data is read
-        _dtype, precision = plan_precision(model)
-        config = TrainConfig(
-            steps=int(steps),
-            batch_size=int(batch_size),
-            learning_rate=float(learning_rate),
-            seed=int(seed),
-            rank=int(rank),
-            bcm=bool(bcm),
-            train_text_encoder=bool(train_text_encoder),
-            precision=precision,
-            resolution=int(resolution),
+        config = make_config(
+            model,
+            steps=steps,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            seed=seed,
+            rank=rank,
+            bcm=bcm,
+            train_text_encoder=train_text_encoder,
+            resolution=resolution,
             split=split,
-            checkpoint_every=int(checkpoint_every),
-            keep_checkpoints=3,
-        ).validate()
+            checkpoint_every=checkpoint_every,
+        )
         selected, dataset = load_training_data(data_dir, defect, config)
         log.info("DualAnoDiff: training %s on %s", stem, selected.describe())
         resume_from = resume_point(stem, weights_path, work_dir, bool(resume))
@@ -305,6 +303,28 @@ class DualAnoDiffTrainer(io.ComfyNode):
         m = backend.install(model, result.weights, 1.0, 1.0, source=weights_path.name)
         c = backend.patch_clip(clip, result.weights, 1.0, source=weights_path.name)
         return io.NodeOutput(m, c, weights_path.name, loss_img, ui=ui.PreviewImage(loss_img, cls=cls))
+
+
+def make_config(
+    model, *, steps, batch_size, learning_rate, seed, rank, bcm, train_text_encoder, resolution, split, checkpoint_every
+) -> TrainConfig:
+    """The node's widgets as a validated TrainConfig (precision from the MODEL's dtype; the newest 3 checkpoints
+    kept)."""
+    _dtype, precision = plan_precision(model)
+    return TrainConfig(
+        steps=int(steps),
+        batch_size=int(batch_size),
+        learning_rate=float(learning_rate),
+        seed=int(seed),
+        rank=int(rank),
+        bcm=bool(bcm),
+        train_text_encoder=bool(train_text_encoder),
+        precision=precision,
+        resolution=int(resolution),
+        split=split,
+        checkpoint_every=int(checkpoint_every),
+        keep_checkpoints=3,
+    ).validate()
 
 
 def loss_points(history) -> tuple[list, list]:

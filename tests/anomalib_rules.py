@@ -1,5 +1,5 @@
-"""A small reader that follows anomalib's rules for the MVTec AD and Folder layouts (ECOSYSTEM.md §B), to check that
-what we export is read unchanged. Written from the documented behaviour, independent of our export code:
+"""A small reader that follows anomalib's rules for the MVTec AD and Folder layouts (as anomalib documents them), to
+check that what we export is read unchanged. Written from the documented behaviour, independent of our export code:
 
 * MVTec: every ``.png``/``.PNG`` under ``root/<category>`` counts; ``(split, label, file)`` are the last three path
   parts; ``ground_truth`` files are masks, sorted by path and assigned in order to the sorted abnormal test images

@@ -1,7 +1,8 @@
-"""A deliberately naive, independent re-statement of the reference processor (METHOD.md §1.3-1.4), used as the
-oracle in tests and as the "reference-style" case in bench/: a Python loop over the two branches, multi-head SDPA,
-a generic 2-token SDPA for SAIM (no closed form), and the BCM mix written out as in the reference. It reads the
-parameters of our ``DualBranchLayers`` by their reference names, so the same tensors drive both implementations.
+"""A deliberately naive, independent re-statement of the reference processor (docs/method.md: per-branch LoRA,
+SAIM, BCM), used as the oracle in tests and as the "reference-style" case in bench/: a Python loop over the two
+branches, multi-head SDPA, a generic 2-token SDPA for SAIM (no closed form), and the BCM mix written out as in the
+reference. It reads the parameters of our ``DualBranchLayers`` by their reference names, so the same tensors drive
+both implementations.
 """
 
 from __future__ import annotations

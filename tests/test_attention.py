@@ -206,7 +206,7 @@ def test_branch_strengths_scale_the_lora_delta():
 
 
 def test_sd15_layer_count_and_parameter_counts():
-    """METHOD.md §7.8: 32 processors; SAIM 124,078,720 params; UNet LoRA (2 branches) 12,754,944 at rank 32."""
+    """docs/method.md: 32 processors; SAIM 124,078,720 params; UNet LoRA (2 branches) 12,754,944 at rank 32."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):

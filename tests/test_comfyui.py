@@ -1,6 +1,6 @@
 """Runs the ComfyUI tests (tests/comfyui/) in ComfyUI's own interpreter.
 
-ComfyUI has its own environment (COMFYUI_PYTHON, e.g. the venv ../shared/tools/comfyui-setup creates) and the
+ComfyUI has its own environment (COMFYUI_PYTHON; docs/contributing.md says how to make one) and the
 project's environment has no ComfyUI, so this test starts ``$COMFYUI_PYTHON -m pytest tests/comfyui`` in a
 subprocess and asserts that every test there passed (none skipped). Before that it builds, here, where diffusers is
 installed, the reference the ComfyUI forward is compared with: a tiny diffusers UNet with DualAnoDiff weights and
@@ -27,7 +27,7 @@ COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON")
 pytestmark = pytest.mark.skipif(
     not COMFYUI_PATH or not COMFYUI_PYTHON,
     reason="COMFYUI_PATH and COMFYUI_PYTHON are not set: the ComfyUI tests need a ComfyUI checkout and its "
-    "interpreter (see the ComfyUI section of README.md)",
+    "interpreter (see docs/contributing.md)",
 )
 
 #: the ComfyUI UNet config equal to the diffusers tiny UNet below (heads come from ComfyUI's SD15 class: 8)

@@ -3,7 +3,7 @@
 ``skip_reason()`` says why these tests cannot run here (checked without importing ComfyUI); ``setup()`` imports
 ComfyUI from ``COMFYUI_PATH`` in CPU mode and loads this checkout as a ComfyUI pack package (the way ComfyUI's
 loader does: a package whose ``nodes``/``dualanodiff_core`` subpackages import each other relatively).
-Tiny models follow COMFYUI.md §6.2 recipe A: built in Python, no detection, no files.
+Tiny models are built in Python: no model detection, no files.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def skip_reason() -> str | None:
     if not path:
         return (
             "COMFYUI_PATH is not set: the ComfyUI tests need a ComfyUI checkout and its interpreter "
-            "(COMFYUI_PYTHON); see the ComfyUI section of README.md"
+            "(COMFYUI_PYTHON); see docs/contributing.md"
         )
     if not (Path(path) / "comfy" / "model_patcher.py").is_file():
         return f"COMFYUI_PATH={path} is not a ComfyUI checkout (no comfy/model_patcher.py)"

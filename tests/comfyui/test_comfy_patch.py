@@ -1,4 +1,5 @@
-"""The object-patch mechanism on a tiny in-process ComfyUI model (COMFYUI.md §2-4)."""
+"""The object-patch mechanism on a tiny in-process ComfyUI model (docs/comfyui.md, "How the pack hooks into
+ComfyUI")."""
 
 import logging
 
@@ -157,9 +158,10 @@ def test_odd_batch_and_wrong_weights_give_clear_errors(env, tiny):
     w = ce.random_weights(env, tiny.model)
     m = env.backend.install(tiny.model, w)
     x, t, ctx = _inputs(pairs=2)
-    with pytest.raises(env.core_layout.LayoutError, match="a batch of 3 latent images, an odd number") as e:
+    # the attention layers' own check (a direct forward; sampling meets the apply-model check first, see
+    # test_comfy_server's bad-batch test)
+    with pytest.raises(env.core_layout.LayoutError, match="even number"):
         ce.forward(m, x[:3], t[:3], ctx[:3])
-    assert "CFG chunk" not in str(e.value) and "batch_size = 2 x pairs (e.g. 4 for 2 pairs)" in str(e.value)
     other = ce.tiny_model(0, unet_config=dict(ce.TINY_UNET, channel_mult=[1, 1]))
     with pytest.raises(env.core_weights.WeightsError, match="shape"):
         env.backend.install(other, w)

@@ -1,4 +1,4 @@
-"""A small checkpoint that ComfyUI's CheckpointLoaderSimple detects as SD1.5 (COMFYUI.md §6.1, §9.1), and
+"""A small checkpoint that ComfyUI's CheckpointLoaderSimple detects as SD1.5 (by its UNet and CLIP key shapes), and
 DualAnoDiff weights for it. Generated at test time, never committed.
 
 Detection needs model_channels 320 and context_dim 768 (the rest is read off the weights), a CLIP with every CLIP-L
