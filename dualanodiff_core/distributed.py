@@ -74,7 +74,12 @@ def init() -> bool:
                 f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but {name} is not set: start the processes with torchrun "
                 "or accelerate launch (they set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT), or unset WORLD_SIZE"
             )
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and torch.distributed.is_nccl_available() else "gloo"
+    backend = "gloo"
+    if torch.cuda.is_available() and torch.distributed.is_nccl_available():
+        # gradients on the GPU go through NCCL; small messages and barriers through gloo (object collectives pick
+        # the CPU backend when both are given). NCCL needs each process on its own device first.
+        torch.cuda.set_device(local_rank() % max(1, torch.cuda.device_count()))
+        backend = "cpu:gloo,cuda:nccl"
     torch.distributed.init_process_group(backend=backend, timeout=TIMEOUT)
     return True
 

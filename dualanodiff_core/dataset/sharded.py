@@ -47,6 +47,8 @@ def settings_key(settings: dict | None) -> str:
 
 
 def _jsonable(v):
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
     if isinstance(v, (np.floating, float)):
         return float(v)
     if isinstance(v, (np.integer, int)) and not isinstance(v, bool):

@@ -403,9 +403,9 @@ class Trainer:
         check_backbone(backbone)
         #: data parallel over the processes of a torchrun / accelerate launch run (None: when the process group is
         #: up); each process takes its ``batch_size`` share of one global batch, gradients are averaged
-        self.data_parallel = (
-            bool(data_parallel) if data_parallel is not None else (dist.is_distributed() and dist.init() is True)
-        )
+        if data_parallel is None:
+            data_parallel = dist.is_distributed()
+        self.data_parallel = bool(data_parallel) and dist.init()
         self.world = dist.world_size() if self.data_parallel else 1
         self.rank = dist.rank() if self.data_parallel else 0
         self.is_main = self.rank == 0
