@@ -807,8 +807,8 @@ def run_many(args, workflow, addresses: list[str]) -> int:
             for srv in room:
                 try:
                     lengths[srv.base] = queue_length(srv)
-                except UsageError as e:
-                    down(srv, str(e).split(":")[0])
+                except UsageError:
+                    down(srv, "no answer")
                 except HTTPError:
                     lengths[srv.base] = len(flying[srv.base])
             room = [s for s in room if s.base in lengths]
@@ -818,8 +818,8 @@ def run_many(args, workflow, addresses: list[str]) -> int:
             i = todo[0]
             try:
                 answer = srv.post("/prompt", {"prompt": prompt_for(i), "client_id": client_id})
-            except UsageError as e:
-                down(srv, str(e).split(":")[0])
+            except UsageError:
+                down(srv, "no answer")
                 continue
             except HTTPError as e:
                 _log(quiet, f"{label(i)} rejected by {srv.base}:\n{describe_rejection(e.payload)}")
@@ -844,8 +844,8 @@ def run_many(args, workflow, addresses: list[str]) -> int:
             for prompt_id, (i, job) in list(flying.get(srv.base, {}).items()):
                 try:
                     finished = _collect(srv, job)
-                except UsageError as e:
-                    down(srv, str(e).split(":")[0])
+                except UsageError:
+                    down(srv, "no answer")
                     break
                 if finished:
                     del flying[srv.base][prompt_id]
@@ -878,7 +878,12 @@ def run_many(args, workflow, addresses: list[str]) -> int:
             rel = "/".join(p for p in (item.get("type", "output"), item.get("subfolder", ""), item["filename"]) if p)
             entry = {"node": item["node"], "path": rel, "url": job.server.view_url(item), "cached": item["cached"]}
             if args.download:
-                entry["downloaded"] = job.server.download(item, os.path.join(args.download, _server_folder(job.server)))
+                try:
+                    entry["downloaded"] = job.server.download(
+                        item, os.path.join(args.download, _server_folder(job.server))
+                    )
+                except OSError as e:  # e.g. that server went down after the prompt finished
+                    entry["download_error"] = str(e)
             files.append(entry)
         status = job.status if job.status not in ("queued", "running") else "error"
         report.append(
@@ -902,7 +907,9 @@ def run_many(args, workflow, addresses: list[str]) -> int:
         for m in r["messages"]:
             print(f"  {m}")
         for f in r["outputs"]:
-            print(f"  {f['path']}  {f['url']}" + (f"  -> {f['downloaded']}" if "downloaded" in f else ""))
+            got = f"  -> {f['downloaded']}" if "downloaded" in f else ""
+            got += f"  (not downloaded: {f['download_error']})" if "download_error" in f else ""
+            print(f"  {f['path']}  {f['url']}" + got)
     per = {}
     for r in report:
         if r["server"] and r["status"] in ("success", "cached"):
