@@ -6,6 +6,8 @@ Import what you need from the submodules; the common entry points are re-exporte
 
 from __future__ import annotations
 
+import importlib
+
 from . import _compat
 
 __version__ = "0.1.0"
@@ -20,7 +22,7 @@ _EXPORTS = {
     "LoRALinear": "method.attention",
     "LayoutError": "method.layout",
     "DualUNet": "sd15.pipeline",
-    "TextEncoderLoRA": "sd15.pipeline",
+    "TextEncoderLoRA": "sd15.text",
     "DualAnoDiffPipeline": "sd15.pipeline",
     "DualResult": "sd15.pipeline",
 }
@@ -32,8 +34,6 @@ _compat.install(__name__)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        import importlib
-
         module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
         return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -43,6 +43,7 @@ MOVED: dict[str, str] = {
     "cmd_inspect": "cli.inspect",
     "cmd_minidefect": "cli.minidefect",
     "cmd_train": "cli.train",
+    "imageutil": "fileio",
 }
 
 

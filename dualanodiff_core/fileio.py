@@ -1,13 +1,27 @@
-"""Small file helpers: atomic writes (temp file in the same folder, then rename) and safe loading."""
+"""File and image helpers shared by the whole package, each defined once: atomic writes (temp file in the same
+folder, then rename), image conversions between PIL, numpy and torch, the image suffixes we read, the rule for safe
+file and folder names, and the sha256 of a file."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+#: image files we read (training images, backgrounds, files already in a dataset folder)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+#: a name that is safe as one file or folder name everywhere: letters, digits and ``._+-``, not starting with a dot
+SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 @contextlib.contextmanager
@@ -53,3 +67,38 @@ def save_image_atomic(image, path: str | os.PathLike, **kwargs) -> None:
     fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower())
     with atomic_path(path) as tmp:
         image.save(tmp, format=fmt, **kwargs)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- image conversions (``[N, 3, H, W]`` float tensors) ------------------------------------------------------------
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """``[N, C, H, W]`` in [0, 1] -> list of PIL images (RGB for C=3, L for C=1)."""
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    out = []
+    for a in arr:
+        if a.shape[0] == 1:
+            out.append(Image.fromarray(a[0], mode="L"))
+        else:
+            out.append(Image.fromarray(np.ascontiguousarray(a.transpose(1, 2, 0)), mode="RGB"))
+    return out
+
+
+def pil_to_tensor(images: Image.Image | Iterable[Image.Image], signed: bool = False) -> torch.Tensor:
+    """PIL image(s) -> ``[N, 3, H, W]`` float in [0, 1] (or [-1, 1] with ``signed``)."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    arrs = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
+    t = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+    return t * 2 - 1 if signed else t

@@ -1,4 +1,4 @@
-"""DualAnoDiff on a ComfyUI MODEL (COMFYUI.md §2-5).
+"""DualAnoDiff on a ComfyUI MODEL (see docs/comfyui.md).
 
 * **One object patch per attention module** (``attn1`` and ``attn2`` of every transformer block): a
   :class:`ComfyDualAttention` that keeps the module's ``to_q``/``to_k``/``to_v``/``to_out`` as its own children under
@@ -31,6 +31,7 @@ import comfy.utils
 import torch
 from torch import nn
 
+from ..dualanodiff_core import errors
 from ..dualanodiff_core.method.attention import (
     MODE_DUAL,
     MODE_RECORD,
@@ -100,8 +101,9 @@ def tell_user(key, message: str, node_id=None) -> None:
         log.debug("DualAnoDiff: could not show the warning on node %s", node_id, exc_info=True)
 
 
-class DualAnoDiffError(ValueError):
-    """A MODEL, CLIP or input that DualAnoDiff cannot work with (the message says what to do)."""
+class DualAnoDiffError(errors.DualAnoDiffError, ValueError):
+    """A MODEL, CLIP or input that DualAnoDiff cannot work with (the message says what to do); the nodes' subclass of
+    the core's root error."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -518,7 +520,8 @@ class DualApplyModel:
     Every call: the batch must be whole (global, anomaly) pairs in every CFG chunk; attention replace patches on our
     blocks are reported. With a :class:`Background` and a non-zero BCM strength, the call runs the UNet twice: a
     record pass over the noised backgrounds (one row per pair; the global row's prompt; global LoRA, no SAIM) that
-    stores every self-attention input, then the main pass, which fuses them into the global rows (METHOD.md §1.4).
+    stores every self-attention input, then the main pass, which fuses them into the global rows (docs/method.md,
+    "BCM: background compensation").
     """
 
     def __init__(self, sites, background: Background | None = None):

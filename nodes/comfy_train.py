@@ -1,6 +1,6 @@
 """Training DualAnoDiff inside ComfyUI:
 a :class:`~dualanodiff_core.training.trainer.TrainingBackbone` on a ComfyUI MODEL, CLIP
-and VAE, for the core's :class:`~dualanodiff_core.training.trainer.Trainer` (COMFYUI.md §5).
+and VAE, for the core's :class:`~dualanodiff_core.training.trainer.Trainer` (see docs/comfyui.md).
 
 Everything here must be built and run inside ``torch.inference_mode(False)`` (ComfyUI runs nodes in inference mode,
 so the loaded checkpoint's weights are inference tensors, which autograd cannot save for backward):
@@ -37,6 +37,7 @@ import comfy.model_management as mm
 import torch
 from torch import nn
 
+from ..dualanodiff_core.errors import DualAnoDiffError
 from ..dualanodiff_core.method.attention import MODE_DUAL, MODE_RECORD, LoRALinear
 from ..dualanodiff_core.method.weights import DualAnoDiffWeights
 from ..dualanodiff_core.training.trainer import BackgroundPass, TrainConfig
@@ -50,7 +51,7 @@ _CLIP_ATTN = re.compile(r"^(?P<prefix>.*)text_model\.encoder\.layers\.(?P<layer>
 LATENT_CACHE_SIZE = 4096
 
 
-class TrainingSetupError(ValueError):
+class TrainingSetupError(DualAnoDiffError, ValueError):
     """The MODEL/CLIP/VAE cannot be trained as asked (the message says what to do)."""
 
 

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from ..dualanodiff_core.errors import DualAnoDiffError
 from ..dualanodiff_core.method.layout import LayoutError, interleave, split, validate_pairs
 
 log = logging.getLogger("DualAnoDiff")
@@ -23,7 +24,7 @@ log = logging.getLogger("DualAnoDiff")
 _PER_PROMPT_KEYS = ("control", "area", "mask", "strength", "set_area_to_bounds", "hooks", "gligen")
 
 
-class ConditioningError(ValueError):
+class ConditioningError(DualAnoDiffError, ValueError):
     """A conditioning cannot be used as a DualAnoDiff prompt pair."""
 
 

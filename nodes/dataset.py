@@ -10,7 +10,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..dualanodiff_core.dataset.acceptance import FilterOptions
-from ..dualanodiff_core.dataset.export import DatasetError
+from ..dualanodiff_core.errors import DualAnoDiffError
 from .dataset_io import dataset_dir, save_pairs, upstream_settings
 
 log = logging.getLogger("DualAnoDiff")
@@ -100,7 +100,7 @@ class SaveDataset(io.ComfyNode):
         try:
             if isinstance(dataset, str):
                 dataset_dir(folder_paths.get_output_directory(), dataset)
-        except DatasetError as e:
+        except DualAnoDiffError as e:
             return str(e)
         return True
 

@@ -10,8 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..dualanodiff_core.errors import DualAnoDiffError
 
-class ImageInputError(ValueError):
+
+class ImageInputError(DualAnoDiffError, ValueError):
     """An IMAGE or MASK input that cannot be used (the message names the input and what to do)."""
 
 
@@ -63,8 +65,3 @@ def from_pil(images: list[Image.Image]) -> torch.Tensor:
     """PIL images of one size -> an IMAGE batch ``[B, H, W, 3]``."""
     arrs = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
     return torch.from_numpy(np.stack(arrs))
-
-
-def binary_masks(masks: torch.Tensor) -> torch.Tensor:
-    """A MASK with every value exactly 0.0 or 1.0 (>= 0.5 is inside)."""
-    return (masks >= 0.5).to(torch.float32)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 import warnings
 from pathlib import Path
@@ -16,6 +15,8 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
+from ..dualanodiff_core.errors import DualAnoDiffError
+from ..dualanodiff_core.fileio import SAFE_NAME_RE
 from ..dualanodiff_core.training.data import SPLITS, DefectDataset, find_defect_set
 from ..dualanodiff_core.training.lossplot import draw_loss_curve
 from ..dualanodiff_core.training.trainer import TrainConfig, Trainer, TrainProgress, latest_checkpoint
@@ -26,11 +27,10 @@ from .loaders import FOLDER, register_model_folder, source_of  # noqa: F401 - so
 
 log = logging.getLogger("DualAnoDiff")
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 PREVIEW_EVERY_S = 2.0
 
 
-class TrainInputError(ValueError):
+class TrainInputError(DualAnoDiffError, ValueError):
     """A trainer input that cannot be used (the message says what to do)."""
 
 
@@ -39,7 +39,7 @@ def output_stem(name: str) -> str:
     stem = str(name).strip()
     if stem.lower().endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]
-    if not _NAME_RE.match(stem) or stem in (".", ".."):
+    if not SAFE_NAME_RE.match(stem) or stem in (".", ".."):
         raise TrainInputError(
             f"output_name {name!r}: use letters, digits and . _ + - only (e.g. 'bottle_broken'); "
             "it becomes the file name of the weights."
@@ -225,7 +225,7 @@ class DualAnoDiffTrainer(io.ComfyNode):
         try:
             if isinstance(folder, str):
                 defect_folder(folder)
-        except TrainInputError as e:
+        except DualAnoDiffError as e:
             return str(e)
         return True
 

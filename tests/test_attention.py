@@ -119,12 +119,13 @@ def test_bcm_with_alpha_zero_changes_nothing(unet):
         dual.uninstall()
 
 
-def test_dual_forward_matches_reference_math(unet):
+@pytest.mark.parametrize("fused", [True, False])
+def test_dual_forward_matches_reference_math(unet, fused):
     x, t, ctx = unet_inputs(unet, pairs=2)
     dual = DualUNet(unet, rank=4)
     try:
         randomize_(dual, seed=5)
-        with torch.no_grad():
+        with torch.no_grad(), dual.control.using(fused=fused):
             ours = dual(x, t, ctx)
             state = {"mode": "r"}
             install_reference(unet, dual.processors, state)
@@ -135,7 +136,8 @@ def test_dual_forward_matches_reference_math(unet):
         dual.uninstall()
 
 
-def test_bcm_forward_matches_reference_math(unet):
+@pytest.mark.parametrize("fused", [True, False])
+def test_bcm_forward_matches_reference_math(unet, fused):
     """Record pass (global LoRA, no SAIM, attn1 inputs stored) then inject pass, as the reference's
     RefOnlyNoisedUNet + ReferenceOnlyAttnProc."""
     x, t, ctx = unet_inputs(unet, pairs=2)
@@ -144,7 +146,8 @@ def test_bcm_forward_matches_reference_math(unet):
     try:
         randomize_(dual, seed=6, bcm_alpha=0.35)
         with torch.no_grad():
-            ours = dual.forward_with_background(x, t, ctx, bg, t, ctx[0::2])
+            with dual.control.using(fused=fused):
+                ours = dual.forward_with_background(x, t, ctx, bg, t, ctx[0::2])
             state = {"mode": "w", "ref": {}}
             install_reference(unet, dual.processors, state)
             unet(bg, t, encoder_hidden_states=ctx[0::2])
@@ -253,6 +256,28 @@ def test_inference_fast_paths_equal_the_straightforward_path(unet):
         dual.uninstall()
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_plain_forms_equal_the_fused_fast_paths(unet, grad):
+    """method/attention.py's plain forms (a loop over branches, LoRA as base + delta, SAIM as a 2-token softmax
+    attention) and method/fused.py's fast paths give the same UNet output, with BCM and non-default strengths too."""
+    x, t, ctx = unet_inputs(unet, pairs=2)
+    bg = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    dual = DualUNet(unet, rank=32, bcm=True)
+    try:
+        randomize_(dual, seed=12, bcm_alpha=0.3)
+        for strengths in [dict(), dict(lora_strength=(0.7, 0.0), saim_strength=0.5, bcm_strength=2.0)]:
+            with torch.set_grad_enabled(grad), dual.control.using(**strengths):
+                outs = {}
+                for fused in (True, False):
+                    with dual.control.using(fused=fused):
+                        outs[fused] = (dual(x, t, ctx), dual.forward_with_background(x, t, ctx, bg, t, ctx[0::2]))
+            for a, b in zip(outs[True], outs[False]):
+                assert (a - b).abs().max() < 1e-5
+            assert (outs[True][0] - outs[True][1]).abs().max() > 1e-3, "BCM must make a difference here"
+    finally:
+        dual.uninstall()
+
+
 def test_fast_path_cache_follows_parameter_changes(unet):
     x, t, ctx = unet_inputs(unet, pairs=1)
     dual = DualUNet(unet, rank=32)
@@ -275,12 +300,14 @@ def test_fast_path_cache_follows_parameter_changes(unet):
 def test_saim_folded_forms_match_the_unfolded_one_including_gradients():
     """SAIM's five linear maps folded into two (inference cache in float64, training in fp32 with autograd through
     the products) give the unfolded numbers and the same parameter gradients."""
-    from dualanodiff_core.method.attention import _saim_apply, _saim_fold, _saim_unfolded
+    from dualanodiff_core.method.attention import saim_plain
+    from dualanodiff_core.method.fused import _saim_apply, _saim_fold, _saim_unfolded
 
     layers = DualBranchLayers(48, 48, 48, 48, rank=4)
     randomize_(layers, seed=11)
     ob = torch.randn(2, 3, 20, 48, generator=torch.Generator().manual_seed(2))
     ref = _saim_unfolded(layers, ob)
+    assert (saim_plain(layers, ob) - ref).abs().max() < 1e-5
     exact = _saim_apply(layers, ob, _saim_fold(layers, ob.device, torch.float32, exact=True))
     fp32 = _saim_apply(layers, ob, _saim_fold(layers, ob.device, torch.float32, exact=False))
     assert (exact - ref).abs().max() < 1e-5 and (fp32 - ref).abs().max() < 1e-5

@@ -10,8 +10,9 @@ from anomalib_rules import load_folder, load_mvtec
 from PIL import Image
 
 from dualanodiff_core import cli
-from dualanodiff_core.dataset.export import MANIFEST, iter_records, read_manifest, sha256_file
+from dualanodiff_core.dataset.export import MANIFEST, iter_records, read_manifest
 from dualanodiff_core.dataset.generate import BackgroundSet, sample_seed
+from dualanodiff_core.fileio import sha256_file
 from dualanodiff_core.minidefect.tiny import save_tiny_model, tiny_components
 from dualanodiff_core.sd15.pipeline import DualAnoDiffPipeline
 

@@ -12,8 +12,6 @@ def test_interleave_and_split_round_trip():
     assert x.flatten().tolist() == [0, 1, 10, 11, 20, 21]
     g2, a2 = layout.split(x)
     assert torch.equal(g2, g) and torch.equal(a2, a)
-    assert layout.as_pairs(x).shape == (3, 2, 1)
-    assert layout.branch_of_rows(6).tolist() == [0, 1, 0, 1, 0, 1]
 
 
 def test_odd_batch_is_a_clear_error():
@@ -35,13 +33,3 @@ def test_misaligned_cfg_chunk_is_a_clear_error():
         layout.validate_chunks(6, 3)
     with pytest.raises(LayoutError, match="do not add up"):
         layout.validate_chunks(8, [4, 2])
-    with pytest.raises(LayoutError, match="4k rows"):
-        layout.cfg_halves(torch.zeros(6, 1))
-
-
-def test_cfg_batch_keeps_pairs_within_halves():
-    u = torch.zeros(4, 1)
-    c = torch.ones(4, 1)
-    x = layout.cfg_batch(u, c)
-    uh, ch = layout.cfg_halves(x)
-    assert torch.equal(uh, u) and torch.equal(ch, c)

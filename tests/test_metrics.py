@@ -73,13 +73,12 @@ def test_f1_max():
     assert metrics.f1_max([0.9, 0.8, 0.7], [1, 1, 1]) == pytest.approx(1.0)
 
 
-def test_iou_and_dice():
+def test_iou():
     a = np.zeros((20, 20), bool)
     b = np.zeros((20, 20), bool)
     a[0:10, 0:10] = True
     b[5:15, 0:10] = True  # overlap 5x10
     assert metrics.iou(a, b) == pytest.approx(50 / 150)
-    assert metrics.dice(a, b) == pytest.approx(2 * 50 / 200)
     assert metrics.iou(a, a) == 1.0
     assert metrics.iou(a, ~a) == 0.0
     assert metrics.iou(np.zeros((3, 3)), np.zeros((3, 3))) == 1.0  # two empty masks agree

@@ -1,47 +1,34 @@
 """``dualanodiff`` command line: one sub-command per module.
 
-Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``; they are imported only when used,
-so ``dualanodiff --help`` stays fast.
+Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``. The command modules import the
+heavy parts (torch, the pipeline, the trainer) inside ``run`` and ``add_arguments``, so that ``dualanodiff --help``
+and a mistyped option answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
+
+from ..errors import DualAnoDiffError
 
 #: sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("dualanodiff_core.cli.demo", "offline end-to-end demo on the procedural MiniDefect data"),
+    "generate": ("dualanodiff_core.cli.generate", "generate image/mask pairs and export a defect dataset"),
     "inspect": ("dualanodiff_core.cli.inspect", "show what a weights file holds; convert or export it"),
+    "minidefect": ("dualanodiff_core.cli.minidefect", "write the procedural MiniDefect dataset (MVTec layout)"),
+    "train": ("dualanodiff_core.cli.train", "fine-tune DualAnoDiff weights on a few defect images"),
+    "train-all": (
+        "dualanodiff_core.cli.train_all",
+        "train (and optionally generate) every defect type of MVTec-layout categories, one job each",
+    ),
 }
 
 
 #: commands that run as several processes under torchrun / accelerate launch (see docs/scaling.md)
 MULTI_PROCESS = {"generate", "train", "train-all"}
-
-
-def register(name: str, module: str, help_text: str) -> None:
-    COMMANDS[name] = (module, help_text)
-
-
-def _known_commands() -> dict[str, tuple[str, str]]:
-    # optional commands, present when their modules exist
-    optional = {
-        "train": ("dualanodiff_core.cli.train", "fine-tune DualAnoDiff weights on a few defect images"),
-        "train-all": (
-            "dualanodiff_core.cli.train_all",
-            "train (and optionally generate) every defect type of MVTec-layout categories, one job each",
-        ),
-        "generate": ("dualanodiff_core.cli.generate", "generate image/mask pairs and export a defect dataset"),
-        "demo": ("dualanodiff_core.cli.demo", "offline end-to-end demo on the procedural MiniDefect data"),
-        "minidefect": ("dualanodiff_core.cli.minidefect", "write the procedural MiniDefect dataset (MVTec layout)"),
-    }
-    out = dict(COMMANDS)
-    for name, (mod, help_text) in optional.items():
-        if importlib.util.find_spec(mod) is not None:
-            out.setdefault(name, (mod, help_text))
-    return dict(sorted(out.items()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="DualAnoDiff: few-shot defect image + mask generation (CVPR 2025), headless.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (mod, help_text) in _known_commands().items():
+    for name, (mod, help_text) in COMMANDS.items():
         p = sub.add_parser(
             name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
         )
@@ -60,8 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import importlib.util  # noqa: F401  (used by _known_commands)
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -80,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
             joined = distributed.init()
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # user mistakes: one clear line, no traceback
+    except (DualAnoDiffError, ValueError, FileNotFoundError, FileExistsError) as e:
+        # user mistakes (and a training run that cannot go on): one clear line, no traceback
         who = f" (process {distributed.rank()})" if distributed.is_distributed() else ""
         print(f"dualanodiff {args.command}{who}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     finally:
         if joined:
             distributed.close()

@@ -237,16 +237,13 @@ def run_demo(
     device: str = "cpu",
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the demo; returns the report dict (also written to ``OUT/report.json``)."""
+    """Run the demo; returns the report dict (also written to ``OUT/report.json``).
+
+    Four stages, each skipped when ``OUT/demo.json`` says it already ran with the same settings: write the MiniDefect
+    data, train on the first third of one defect's images, generate pairs, evaluate them."""
     import torch
 
-    from ..dataset.generate import SamplingOptions, generate_dataset
-    from ..evaluation import benchmark as ev
-    from ..fileio import write_json_atomic, write_text_atomic
     from ..minidefect import procedural as md
-    from ..sd15.training import train_from_folder
-    from ..training.data import find_defect_set
-    from ..training.trainer import TrainConfig
 
     config.validate()
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -262,131 +259,192 @@ def run_demo(
             f"{model}: the MiniDefect base model is missing from this installation; reinstall the "
             "package or make it with scripts/pretrain_minidefect.py"
         )
-    t_all = time.time()
-    data = out / "minidefect"
     name = f"{config.product}_{config.defect}"
-    weights = out / "weights" / f"{name}.safetensors"
-    generated = out / "generated"
-    n_stages = 4
+    run = _DemoRun(
+        config=config,
+        stages=stages,
+        out=out,
+        model=model,
+        data=out / "minidefect",
+        weights=out / "weights" / f"{name}.safetensors",
+        generated=out / "generated",
+        device=device,
+        progress=progress,
+        log=log,
+    )
+    t_all = time.time()
+    _stage_dataset(run)
+    _stage_train(run)
+    summary_text = _stage_generate(run)
+    report = _stage_evaluate(run, summary_text, t_all)
+    log(
+        f"demo finished in {_fmt_s(report['total_seconds_this_run'])}; report: {out / 'report.md'}; contact sheet: "
+        f"{report['files']['contact_sheet']}"
+    )
+    return report
 
-    # 1. dataset
+
+N_STAGES = 4
+
+
+@dataclasses.dataclass
+class _DemoRun:
+    """What every stage of one demo run needs."""
+
+    config: DemoConfig
+    stages: _Stages
+    out: Path
+    model: Path
+    data: Path
+    weights: Path
+    generated: Path
+    device: str
+    progress: bool
+    log: Callable[[str], None]
+
+
+def _stage_dataset(run: _DemoRun) -> None:
+    """1. the procedural MiniDefect data."""
+    from ..minidefect import procedural as md
+
+    config, log, data = run.config, run.log, run.data
     t0 = time.time()
-    if stages.done("dataset") and not md.verify_minidefect(data):
-        log(f"[1/{n_stages}] dataset: reusing {data}")
-    else:
-        log(f"[1/{n_stages}] dataset: writing MiniDefect to {data}")
-        bar = _bar(progress, "dataset", "img")
+    if run.stages.done("dataset") and not md.verify_minidefect(data):
+        log(f"[1/{N_STAGES}] dataset: reusing {data}")
+        return
+    log(f"[1/{N_STAGES}] dataset: writing MiniDefect to {data}")
+    bar = _bar(run.progress, "dataset", "img")
 
-        def tick(k, n):
-            if bar is not None:
-                bar.total = n
-                bar.update(1)
+    def tick(k, n):
+        if bar is not None:
+            bar.total = n
+            bar.update(1)
 
-        md.write_minidefect(data, md.MiniDefectSpec(seed=config.seed, size=config.size), overwrite=True, progress=tick)
+    md.write_minidefect(data, md.MiniDefectSpec(seed=config.seed, size=config.size), overwrite=True, progress=tick)
+    if bar is not None:
+        bar.close()
+    run.stages.finish("dataset", time.time() - t0)
+    log(f"      done in {_fmt_s(time.time() - t0)}")
+
+
+def _stage_train(run: _DemoRun) -> None:
+    """2. DualAnoDiff weights from the first third of one defect's images (the strict split)."""
+    from ..sd15.training import train_from_folder
+    from ..training.data import find_defect_set
+    from ..training.trainer import TrainConfig
+
+    config, log, weights = run.config, run.log, run.weights
+    t0 = time.time()
+    defect_set = find_defect_set(run.data / config.product, config.defect)
+    if run.stages.done("train") and weights.is_file():
+        log(f"[2/{N_STAGES}] train: reusing {weights}")
+        return
+    tc = TrainConfig(
+        steps=config.train_steps,
+        batch_size=config.batch_size,
+        learning_rate=config.lr,
+        rank=config.rank,
+        seed=config.train_seed,
+        resolution=config.size,
+        split="strict",
+        checkpoint_every=0,
+        keep_checkpoints=1,
+        checkpoint_weights=False,
+    ).validate()
+    n_train = len(defect_set.select("strict").samples)
+    log(
+        f"[2/{N_STAGES}] train: {config.product}/{config.defect}, {n_train} of {len(defect_set.samples)} defect "
+        f"images (the first third; the rest are held out), {config.train_steps} steps, rank {config.rank}"
+    )
+    bar = _bar(run.progress, "train", "step", total=config.train_steps)
+
+    def on_step(p):
+        if bar is not None:
+            bar.set_postfix(loss=f"{p.loss:.4f}", refresh=False)
+            bar.update(p.step - bar.n)
+        elif p.step == p.total_steps or p.step % 100 == 0:
+            log(f"      step {p.step}/{p.total_steps}  loss {p.loss:.4f}  eta {_fmt_s(p.eta_seconds)}")
+
+    work = weights.parent / f"{weights.stem}_train"
+    if work.is_dir():
+        shutil.rmtree(work)
+    try:
+        res = train_from_folder(defect_set, run.model, weights, tc, work_dir=work, device=run.device, progress=on_step)
+    finally:
         if bar is not None:
             bar.close()
-        stages.finish("dataset", time.time() - t0)
-        log(f"      done in {_fmt_s(time.time() - t0)}")
+    if not res.completed:
+        raise RuntimeError(f"training stopped at step {res.step}; rerun the same command")
+    run.stages.finish("train", time.time() - t0, final_loss=res.history[-1].get("loss") if res.history else None)
+    log(f"      done in {_fmt_s(time.time() - t0)}: {weights}")
 
-    # 2. training
+
+def _stage_generate(run: _DemoRun) -> str:
+    """3. generated pairs through the quality filter; returns the generation summary."""
+    from ..dataset.generate import SamplingOptions, generate_dataset
+    from ..minidefect import procedural as md
+    from ..sd15.pipeline import DualAnoDiffPipeline
+
+    config, log, generated = run.config, run.log, run.generated
     t0 = time.time()
-    defect_set = find_defect_set(data / config.product, config.defect)
-    if stages.done("train") and weights.is_file():
-        log(f"[2/{n_stages}] train: reusing {weights}")
-    else:
-        tc = TrainConfig(
-            steps=config.train_steps,
-            batch_size=config.batch_size,
-            learning_rate=config.lr,
-            rank=config.rank,
-            seed=config.train_seed,
-            resolution=config.size,
-            split="strict",
-            checkpoint_every=0,
-            keep_checkpoints=1,
-            checkpoint_weights=False,
-        ).validate()
-        n_train = len(defect_set.select("strict").samples)
-        log(
-            f"[2/{n_stages}] train: {config.product}/{config.defect}, {n_train} of {len(defect_set.samples)} defect "
-            f"images (the first third; the rest are held out), {config.train_steps} steps, rank {config.rank}"
-        )
-        bar = _bar(progress, "train", "step", total=config.train_steps)
+    if run.stages.done("generate"):
+        log(f"[3/{N_STAGES}] generate: reusing {generated}")
+        return run.stages.state["stages"]["generate"].get("summary", "")
+    log(
+        f"[3/{N_STAGES}] generate: {config.samples} pairs, {config.sampler} {config.sampling_steps} steps, "
+        f"cfg {config.cfg}"
+    )
 
-        def on_step(p):
-            if bar is not None:
-                bar.set_postfix(loss=f"{p.loss:.4f}", refresh=False)
-                bar.update(p.step - bar.n)
-            elif p.step == p.total_steps or p.step % 100 == 0:
-                log(f"      step {p.step}/{p.total_steps}  loss {p.loss:.4f}  eta {_fmt_s(p.eta_seconds)}")
+    def load():
+        return DualAnoDiffPipeline.from_pretrained(run.model, run.weights, device=run.device)
 
-        work = out / "weights" / f"{name}_train"
-        if work.is_dir():
-            shutil.rmtree(work)
-        try:
-            res = train_from_folder(defect_set, model, weights, tc, work_dir=work, device=device, progress=on_step)
-        finally:
-            if bar is not None:
-                bar.close()
-        if not res.completed:
-            raise RuntimeError(f"training stopped at step {res.step}; rerun the same command")
-        stages.finish("train", time.time() - t0, final_loss=res.history[-1].get("loss") if res.history else None)
-        log(f"      done in {_fmt_s(time.time() - t0)}: {weights}")
+    summary = generate_dataset(
+        load,
+        generated,
+        config.samples,
+        category=config.product,
+        defect=config.defect,
+        seed=config.gen_seed,
+        batch_size=8,
+        sampling=SamplingOptions(
+            sampler=config.sampler,
+            steps=config.sampling_steps,
+            cfg=config.cfg,
+            height=config.size,
+            width=config.size,
+        ),
+        mask_options=md.mask_options(),
+        weights_path=run.weights,
+        base_model=str(run.model),
+        progress=run.progress,
+        log=log,
+    )
+    summary_text = summary.text()
+    run.stages.finish(
+        "generate", time.time() - t0, summary=summary_text, accepted=summary.accepted, rejected=summary.rejected
+    )
+    log(f"      done in {_fmt_s(time.time() - t0)}: {summary.accepted} accepted, {summary.rejected} rejected")
+    return summary_text
 
-    # 3. generation
-    t0 = time.time()
-    if stages.done("generate"):
-        log(f"[3/{n_stages}] generate: reusing {generated}")
-        summary_text = stages.state["stages"]["generate"].get("summary", "")
-    else:
-        log(
-            f"[3/{n_stages}] generate: {config.samples} pairs, {config.sampler} {config.sampling_steps} steps, "
-            f"cfg {config.cfg}"
-        )
-        from ..sd15.pipeline import DualAnoDiffPipeline
 
-        def load():
-            return DualAnoDiffPipeline.from_pretrained(model, weights, device=device)
+def _stage_evaluate(run: _DemoRun, summary_text: str, t_all: float) -> dict[str, Any]:
+    """4. the quality benchmark, the contact sheet and the reports (report.json, report.md)."""
+    import torch
 
-        summary = generate_dataset(
-            load,
-            generated,
-            config.samples,
-            category=config.product,
-            defect=config.defect,
-            seed=config.gen_seed,
-            batch_size=8,
-            sampling=SamplingOptions(
-                sampler=config.sampler,
-                steps=config.sampling_steps,
-                cfg=config.cfg,
-                height=config.size,
-                width=config.size,
-            ),
-            mask_options=md.mask_options(),
-            weights_path=weights,
-            base_model=str(model),
-            progress=progress,
-            log=log,
-        )
-        summary_text = summary.text()
-        stages.finish(
-            "generate", time.time() - t0, summary=summary_text, accepted=summary.accepted, rejected=summary.rejected
-        )
-        log(f"      done in {_fmt_s(time.time() - t0)}: {summary.accepted} accepted, {summary.rejected} rejected")
+    from ..dataset.export import iter_records
+    from ..evaluation import benchmark as ev
+    from ..fileio import write_json_atomic, write_text_atomic
 
-    # 4. evaluation
+    config, log, out, generated = run.config, run.log, run.out, run.generated
     t0 = time.time()
     sources = tuple(config.sources) if config.seg_steps > 0 else ()
     log(
-        f"[4/{n_stages}] evaluate: mask alignment, diversity"
+        f"[4/{N_STAGES}] evaluate: mask alignment, diversity"
         + (f", usefulness ({', '.join(sources)}; {config.seg_steps} steps each)" if sources else "")
     )
     bench_cfg = ev.BenchConfig(
         sources=sources, seeds=(0,), seg=ev.SegConfig(steps=max(1, config.seg_steps)), n_synthetic=200
     )
-    from ..dataset.export import iter_records
-
     accepted = sum(1 for r in iter_records(generated, config.product, config.defect) if r.get("accepted"))
     if not accepted:
         log(
@@ -394,23 +452,28 @@ def run_demo(
             "(train longer: --train-steps)"
         )
     result = ev.benchmark(
-        data, config.product, config.defect, generated if accepted else None, bench_cfg, log=lambda s: log("      " + s)
+        run.data,
+        config.product,
+        config.defect,
+        generated if accepted else None,
+        bench_cfg,
+        log=lambda s: log("      " + s),
     )
     sheet = out / "contact_sheet.png"
-    demo_contact_sheet(data, config.product, config.defect, generated, sheet)
+    demo_contact_sheet(run.data, config.product, config.defect, generated, sheet)
     total = time.time() - t_all
     report = {
         "config": dataclasses.asdict(config),
         "quality": result,
         "generate": summary_text,
-        "stage_seconds": {k: v["seconds"] for k, v in stages.state.get("stages", {}).items()},
+        "stage_seconds": {k: v["seconds"] for k, v in run.stages.state.get("stages", {}).items()},
         "evaluate_seconds": round(time.time() - t0, 1),
         "total_seconds_this_run": round(total, 1),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "files": {
-            "dataset": str(data),
-            "weights": str(weights),
+            "dataset": str(run.data),
+            "weights": str(run.weights),
             "generated": str(generated),
             "contact_sheet": str(sheet),
         },
@@ -418,10 +481,9 @@ def run_demo(
     write_json_atomic(out / "report.json", report)
     text = _report_markdown(report, ev.format_report(result))
     write_text_atomic(out / "report.md", text)
-    stages.finish("evaluate", time.time() - t0)
+    run.stages.finish("evaluate", time.time() - t0)
     log(f"      done in {_fmt_s(time.time() - t0)}")
     print(ev.format_report(result))
-    log(f"demo finished in {_fmt_s(total)}; report: {out / 'report.md'}; contact sheet: {sheet}")
     return report
 
 

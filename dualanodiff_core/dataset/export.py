@@ -28,7 +28,6 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,7 +36,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..fileio import save_image_atomic, write_text_atomic
+from ..errors import DualAnoDiffError
+from ..fileio import (
+    IMAGE_SUFFIXES,
+    SAFE_NAME_RE,
+    save_image_atomic,
+    sha256_file,  # noqa: F401  (re-exported: it used to live here)
+    write_text_atomic,
+)
 from .acceptance import FilterDecision
 from .masks import MaskResult, erode, mask_to_pil
 
@@ -45,18 +51,16 @@ MANIFEST = "manifest.jsonl"
 LOCK = ".dualanodiff.lock"
 STAGING = ".staging"
 SIDE_DIRS = ("fg", "rejected", "research", "contact_sheets")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
-class DatasetError(ValueError):
+class DatasetError(DualAnoDiffError, ValueError):
     """The output folder or a name cannot be used as asked."""
 
 
 def check_name(value: str, what: str) -> str:
     """A category or defect name: one safe path component (letters, digits, ``._+-``), not a reserved word."""
     value = str(value)
-    if not _NAME_RE.match(value) or value in (".", ".."):
+    if not SAFE_NAME_RE.match(value) or value in (".", ".."):
         raise DatasetError(
             f"{what} {value!r}: use letters, digits and . _ + - only (e.g. 'bottle', 'broken_large'); "
             "it becomes a folder name"
@@ -75,19 +79,6 @@ def check_name(value: str, what: str) -> str:
 def digits_for(n: int) -> int:
     """Zero-padding: 3 digits like MVTec (000.png) up to 1000 samples, more beyond (sorted order must match)."""
     return max(3, len(str(max(0, n - 1))))
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def _now() -> str:

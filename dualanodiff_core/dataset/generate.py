@@ -24,17 +24,19 @@ from PIL import Image
 
 from .. import __version__
 from .. import distributed as _dist
-from ..imageutil import pil_to_tensor, tensor_to_pil
+from ..fileio import IMAGE_SUFFIXES, pil_to_tensor, sha256_file, tensor_to_pil
+from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL
+from ..sd15.scheduler import SAMPLERS
 from ..training.backgrounds import make_background
 from .acceptance import FilterOptions, check_pair
-from .export import DatasetWriter, ExportSample, check_name, digits_for, sha256_file
+from .export import DatasetWriter, ExportSample, check_name, digits_for
 from .masks import MaskOptions, extract_mask
 
-#: reference defaults (METHOD.md §3.1): dual model PNDM / 100 steps / CFG 2.5; the BCM reference uses 50 / 2.0
+#: reference defaults (docs/method.md, "Inference"): dual model PNDM / 100 steps / CFG 2.5; the BCM reference uses
+#: 50 / 2.0
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_CFG = "pndm", 100, 2.5
 BCM_REFERENCE_STEPS, BCM_REFERENCE_CFG = 50, 2.0
 DEFAULT_SWITCH_EVERY = 50  # the reference switches the BCM background every 50 samples (10 for screw)
-BACKGROUND_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def sample_seed(base_seed: int, index: int) -> int:
@@ -61,7 +63,6 @@ class SamplingOptions:
     text_strength: float = 1.0
 
     def __post_init__(self):
-        from ..sd15.pipeline import SAMPLERS
 
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
@@ -133,9 +134,9 @@ class BackgroundSet:
                 f"backgrounds folder {folder} does not exist; give a folder of normal "
                 "(defect-free) images, e.g. <mvtec>/<category>/train/good"
             )
-        images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in BACKGROUND_SUFFIXES)
+        images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
-            raise FileNotFoundError(f"backgrounds folder {folder} holds no images ({', '.join(BACKGROUND_SUFFIXES)})")
+            raise FileNotFoundError(f"backgrounds folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         masks = None
         if mask_folder is not None:
             mask_folder = Path(mask_folder)
@@ -143,7 +144,7 @@ class BackgroundSet:
                 raise FileNotFoundError(f"object-mask folder {mask_folder} does not exist")
             by_stem: dict[str, Path] = {}
             for p in sorted(mask_folder.iterdir()):
-                if p.is_file() and p.suffix.lower() in BACKGROUND_SUFFIXES:
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
                     by_stem.setdefault(p.stem, p)
             masks = []
             for img in images:
@@ -461,7 +462,6 @@ def _run(
         raise ValueError(f"--size {W}x{H}: height and width must be multiples of {f} for this model")
     channels = pipe.unet.config.in_channels
     meta = getattr(pipe, "metadata", {}) or {}
-    from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL
 
     prompt_g = sampling.prompt_global
     if prompt_g is None:

@@ -1,4 +1,4 @@
-"""Binary defect masks from the anomaly-branch image (METHOD.md §3.2), with numpy/torch only.
+"""Binary defect masks from the anomaly-branch image (docs/method.md, "Mask extraction"), with numpy/torch only.
 
 The anomaly branch draws the defect alone on a mid-gray background (0 in [-1, 1], i.e. 127.5/255). The mask is where
 the image differs from that gray:

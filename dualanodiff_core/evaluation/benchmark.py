@@ -83,7 +83,7 @@ def read_rgb(path: Path, size: int | None = None) -> np.ndarray:
     return _read(path, "RGB", size, Image.BICUBIC, "image")
 
 
-def read_mask(path: Path, size: int | None = None) -> np.ndarray:
+def read_mask_array(path: Path, size: int | None = None) -> np.ndarray:
     return _read(path, "L", size, Image.NEAREST, "mask") >= 128
 
 
@@ -112,7 +112,7 @@ def load_pairs(image_dir: str | Path, mask_dir: str | Path, size: int | None = N
         if not m.is_file():
             raise FileNotFoundError(f"no mask for {p}: expected {m}")
         img = read_rgb(p, size)
-        mk = read_mask(m, img.shape[0] if size is None else size)
+        mk = read_mask_array(m, img.shape[0] if size is None else size)
         if mk.shape != img.shape[:2]:
             raise ValueError(f"mask {m} is {mk.shape[1]}x{mk.shape[0]} but {p} is {img.shape[1]}x{img.shape[0]}")
         imgs.append(img)
@@ -337,13 +337,6 @@ def fg_mask_agreement(fg: np.ndarray, masks: np.ndarray, options: MaskOptions | 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # (b) diversity
-
-
-def _subsample(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    if len(x) <= n:
-        return x
-    idx = np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))
-    return x[idx]
 
 
 def diversity(

@@ -105,17 +105,6 @@ def iou(a, b, empty: float = 1.0) -> float:
     return float(np.count_nonzero(a & b) / union)
 
 
-def dice(a, b, empty: float = 1.0) -> float:
-    a = np.asarray(a) > 0
-    b = np.asarray(b) > 0
-    if a.shape != b.shape:
-        raise ValueError(f"masks differ in shape: {a.shape} vs {b.shape}")
-    total = np.count_nonzero(a) + np.count_nonzero(b)
-    if total == 0:
-        return float(empty)
-    return float(2 * np.count_nonzero(a & b) / total)
-
-
 def pairwise_distances(x, y=None, metric: str = "l1", chunk: int = 64) -> np.ndarray:
     """``[N, M]`` distances between the rows of ``x`` ``[N, ...]`` and ``y`` ``[M, ...]`` (default ``x``):
     ``l1`` = mean absolute difference, ``l2`` = root mean squared difference (both per element, so the value does

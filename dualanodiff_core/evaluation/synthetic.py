@@ -1,7 +1,7 @@
 """Synthetic-anomaly baselines (numpy only): CutPaste and DRAEM-style Perlin anomalies.
 
-These are the standard "no generative model" ways to make defect training pairs from normal images (ECOSYSTEM.md
-§A6); the quality benchmark compares DualAnoDiff's generated pairs against them. Written from the papers'
+These are the standard "no generative model" ways to make defect training pairs from normal images;
+the quality benchmark compares DualAnoDiff's generated pairs against them. Written from the papers'
 descriptions (CutPaste, Li et al. CVPR 2021; DRAEM, Zavrtanik et al. ICCV 2021), not from their code.
 
 * :func:`cutpaste` -- cut a rectangle from the image and paste it elsewhere, colour-jittered; the "scar" variant

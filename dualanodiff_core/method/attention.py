@@ -1,7 +1,8 @@
 """DualBranchAttention: the per-layer part of DualAnoDiff.
 
 One object per attention layer (self-attention ``attn1`` and cross-attention ``attn2`` of every transformer block)
-holds, exactly as the reference ``LoRAAttnProcessor2_0`` does (METHOD.md §1.2-1.4):
+holds, exactly as the reference ``LoRAAttnProcessor2_0`` does (docs/method.md: "Per-branch LoRA", "SAIM: cross-branch
+attention", "BCM: background compensation"):
 
 * a LoRA per branch on ``to_q``, ``to_k``, ``to_v`` and ``to_out[0]`` (``to_q_lora.{0,1}`` ...), rank r, scale
   alpha/r; index 0 is the global branch, 1 the anomaly branch;
@@ -11,9 +12,12 @@ holds, exactly as the reference ``LoRAAttnProcessor2_0`` does (METHOD.md §1.2-1
   becomes ``(1 - a) * h + a * MLP(h_bg)`` where ``h_bg`` is the same layer's input recorded during a pass of the UNet
   over the noised background.
 
-The math lives in :func:`dual_branch_attention`, which works on any attention module exposing ``to_q``, ``to_k``,
-``to_v``, ``to_out`` and ``heads`` (diffusers ``Attention`` and ComfyUI ``CrossAttention`` both do). Parameter names
-are the reference's, so official checkpoints map 1:1.
+This module reads top to bottom: the trainable layers, then the plain math as the reference computes it
+(:func:`lora_linear`, :func:`attend_branches_plain`, :func:`saim_plain`, :func:`bcm_mix`), then the layer
+(:func:`dual_branch_attention`), which works on any attention module exposing ``to_q``, ``to_k``, ``to_v``, ``to_out``
+and ``heads`` (diffusers ``Attention`` and ComfyUI ``CrossAttention`` both do). By default the layer runs the fast
+paths of :mod:`.fused` (batched branches, merged LoRA, folded SAIM), which give the same numbers. Parameter names are
+the reference's, so official checkpoints map 1:1.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
+from .fused import clear_fast_cache  # noqa: F401  (re-exported: it used to live here)
 from .layout import BRANCHES, LayoutError, validate_pairs
 
 #: modes of a forward pass
@@ -85,6 +91,8 @@ class DualControl:
     bcm_cache: dict[str, torch.Tensor] | None = None
     #: last layer that records in a background pass; learned on the first pass, then used to stop it early
     record_stop_after: str | None = None
+    #: the fast paths of :mod:`.fused` (True) or the plain forms of this module (False): the same numbers
+    fused: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -159,7 +167,7 @@ class DualBranchLayers(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# the math
+# the plain math, as the reference computes it (the fast paths in .fused give the same numbers)
 
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, "torch.Tensor | None"], torch.Tensor]
@@ -176,15 +184,11 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
     return out.transpose(1, 2).reshape(b, lq, inner).to(q.dtype)
 
 
-def _scaled(y: torch.Tensor, s: float) -> torch.Tensor:
-    return y if s == 1.0 else y * s
-
-
 # ---- layout inside a layer ------------------------------------------------------------------------------------
 # The UNet's rows are interleaved pairs [g0, a0, g1, a1, ...]. Inside a layer we work "branch-major": one copy to
-# [2, pairs, tokens, C] makes each branch a contiguous half, so each branch's projection is one batched matmul, SAIM
-# pairs are the two halves, and BCM mixes into half 0 -- a handful of kernels per layer instead of dozens (this
-# matters on GPUs, where small kernels are launch-bound). One copy at the end restores the interleaved rows.
+# [2, pairs, tokens, C] makes each branch a contiguous half: branch i is simply x[i], SAIM pairs are the two halves
+# and BCM mixes into half 0 (the fast paths batch both halves into single kernels). One copy at the end restores the
+# interleaved rows.
 
 
 def to_branch_major(x: torch.Tensor) -> torch.Tensor:
@@ -198,198 +202,71 @@ def from_branch_major(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(-1, *x.shape[2:])
 
 
-# ---- inference caches (exact fusions) ---------------------------------------------------------------------------
-# Under torch.no_grad / inference_mode, weights derived from the parameters (stacked or merged branch LoRAs, SAIM's
-# five linear maps folded into two) are computed once and cached on the layer. They equal the straightforward
-# path within float rounding (tests guard 1e-5). With grad enabled (training) everything is computed afresh.
-
-#: merge a branch LoRA into its base weight when the LoRA would add at least this share of the base matmul's work
-MERGE_MIN_COST_SHARE = 0.125
+# ---- per-branch LoRA --------------------------------------------------------------------------------------------
 
 
-def _param_token(t: torch.Tensor) -> tuple:
-    try:
-        version = t._version
-    except RuntimeError:  # inference tensors carry no version counter; load_weights clears the cache
-        version = -1
-    return (t.data_ptr(), version, t.dtype, t.device)
+def lora_linear(base: nn.Module, lora: LoRALinear, x: torch.Tensor, strength: float) -> torch.Tensor:
+    """A frozen projection with its LoRA: ``base(x) + strength * lora(x)`` (``lora`` carries ``alpha / rank``)."""
+    y = base(x)
+    if strength == 0.0:
+        return y
+    delta = lora(x)
+    return y + (delta if strength == 1.0 else delta * strength)
 
 
-def _cached(layers: DualBranchLayers, key, sources: tuple, build: Callable[[], object]):
-    if torch.is_grad_enabled():
-        return build()
-    cache = layers.__dict__.setdefault("_fast_cache", {})
-    token = tuple(_param_token(t) for t in sources)
-    hit = cache.get(key)
-    if hit is not None and hit[0] == token:
-        return hit[1]
-    value = build()
-    cache[key] = (token, value)
-    return value
+def attend_branches_plain(attn, layers, hb, sb, strengths, attention_fn, mask, finish) -> torch.Tensor:
+    """Each branch's attention with its own LoRA on q, k, v and out: branch-major ``hb``/``sb`` ``[2, n, L, C]``
+    (queries / keys-values) -> ``[2, n, L, C_out]``. ``mask``: ``None``, one for all rows, or branch-major."""
+    outs = []
+    for i in range(BRANCHES):
+        s = strengths[i]
+        q = lora_linear(attn.to_q, layers.to_q_lora[i], hb[i], s)
+        k = lora_linear(attn.to_k, layers.to_k_lora[i], sb[i], s)
+        v = lora_linear(attn.to_v, layers.to_v_lora[i], sb[i], s)
+        m = mask if mask is None or mask.shape[0] != 2 * hb.shape[1] else mask.view(2, -1, *mask.shape[1:])[i]
+        a = attention_fn(q, k, v, attn.heads, m)
+        outs.append(finish(lora_linear(attn.to_out[0], layers.to_out_lora[i], a, s)))
+    return torch.stack(outs)
 
 
-def clear_fast_cache(module: nn.Module) -> None:
-    """Drop cached derived weights (call after changing parameters in place under inference mode)."""
-    for m in module.modules():
-        m.__dict__.pop("_fast_cache", None)
+# ---- SAIM ---------------------------------------------------------------------------------------------------------
 
 
-def _mergeable(base: nn.Module, lora: LoRALinear) -> bool:
-    if type(base) is not nn.Linear or torch.is_grad_enabled():
-        return False  # only plain Linears: patched/cast layers (e.g. ComfyUI's) keep the LoRA path
-    i, o, r = base.in_features, base.out_features, lora.rank
-    return r * (i + o) >= MERGE_MIN_COST_SHARE * i * o
-
-
-def _lora_stacks(layers, name: str, loras: nn.ModuleList, strengths, device, dtype):
-    """``(D [f, in, r], U [f, r, out])`` with each branch's ``scale * strength`` folded into U."""
-
-    def build():
-        d = torch.stack([l.down.weight.t() for l in loras]).to(device=device, dtype=dtype)
-        u = torch.stack([l.up.weight.t() * (l.scale * s) for l, s in zip(loras, strengths)])
-        return d, u.to(device=device, dtype=dtype)
-
-    srcs = tuple(t for l in loras for t in (l.down.weight, l.up.weight))
-    return _cached(layers, ("stacks", name, strengths, device, dtype), srcs, build)
-
-
-def _merged_stack(layers, name: str, base: nn.Linear, loras: nn.ModuleList, strengths) -> torch.Tensor:
-    """``[f, in, out]``: each branch's base weight with its LoRA merged in, transposed for ``bmm``."""
-
-    def build():
-        w = base.weight.double()
-        out = []
-        for l, s in zip(loras, strengths):
-            if s == 0.0:
-                out.append(w.t())
-            else:
-                delta = (l.up.weight.double() @ l.down.weight.double()).to(w.device) * (l.scale * s)
-                out.append((w + delta).t())
-        return torch.stack(out).to(base.weight.dtype).contiguous()
-
-    srcs = (base.weight,) + tuple(t for l in loras for t in (l.down.weight, l.up.weight))
-    return _cached(layers, ("merged", name, strengths), srcs, build)
-
-
-def _project_branches(
-    base: nn.Module, loras: nn.ModuleList, xb: torch.Tensor, strengths, layers: DualBranchLayers, name: str
-) -> torch.Tensor:
-    """Branch-major ``xb [f, n, L, in]`` -> ``[f, n, L, out]``: ``base(x) + strength_i * lora_i(x)`` for branch i."""
-    f, n, length, c_in = xb.shape
-    if strengths == (0.0, 0.0):
-        return base(xb)
-    if _mergeable(base, loras[0]):
-        w = _merged_stack(layers, name, base, loras, strengths)
-        x2 = xb.reshape(f, n * length, c_in)
-        y = torch.bmm(x2, w) if base.bias is None else torch.baddbmm(base.bias, x2, w)
-        return y.view(f, n, length, -1)
-    y = base(xb)
-    dt = loras[0].down.weight.dtype
-    d, u = _lora_stacks(layers, name, loras, strengths, xb.device, dt)
-    delta = torch.bmm(torch.bmm(xb.reshape(f, n * length, c_in).to(dt), d), u)
-    return y + delta.view(f, n, length, -1).to(y.dtype)
-
-
-def _project_record(
-    base: nn.Module, lora: LoRALinear, x: torch.Tensor, s: float, layers: DualBranchLayers, name: str
-) -> torch.Tensor:
-    """Background rows: the global branch's LoRA on every row."""
-    if s == 0.0:
-        return base(x)
-    if _mergeable(base, lora):
-        w = _merged_stack(layers, name + "@record", base, nn.ModuleList([lora]), (s,))[0]
-        return F.linear(x, w.t(), base.bias)
-    return base(x) + _scaled(lora(x), s)
-
-
-# ---- SAIM -------------------------------------------------------------------------------------------------------
-
-
-#: with gradients, fold SAIM's weights (a few C x C products per step) when each branch has at least this many tokens
-#: per channel: the per-token work then drops from 5 C^2 to 2 C^2 multiply-adds, which outweighs the products
-FOLD_MIN_TOKENS_PER_CHANNEL = 2
-
-
-def saim(layers: DualBranchLayers, ob: torch.Tensor) -> torch.Tensor:
-    """SAIM's residual for branch-major attention outputs ``ob [2, n, N, C]``.
-
-    The reference runs a single-head attention over the two branch tokens of every pixel. A softmax over two scores
-    is the sigmoid of their difference, so for token i: ``out_i = v_1 + sigmoid((q_i . (k_0 - k_1)) / sqrt(C)) *
-    (v_0 - v_1)`` -- the same numbers without a generic attention call on sequences of length 2. The five linear
-    maps can further be folded into two (:func:`_saim_fold`): cached in double precision for inference, and, with
-    gradients, recomputed each step when there are enough tokens to pay for the products.
-    """
-    if not torch.is_grad_enabled():
-        return _saim_apply(layers, ob, _saim_folded_weights(layers, ob.device))
-    tokens, c = ob.shape[1] * ob.shape[2], ob.shape[-1]
-    if tokens >= FOLD_MIN_TOKENS_PER_CHANNEL * c:
-        return _saim_apply(layers, ob, _saim_fold(layers, ob.device, layers.temporal_i.weight.dtype, exact=False))
-    return _saim_unfolded(layers, ob)
-
-
-def _saim_unfolded(layers: DualBranchLayers, ob: torch.Tensor) -> torch.Tensor:
+def saim_plain(layers: DualBranchLayers, ob: torch.Tensor) -> torch.Tensor:
+    """SAIM's residual for branch-major attention outputs ``ob [2, n, N, C]``: at every pixel the two branch tokens
+    attend to each other -- LayerNorm -> Linear -> single-head attention over the 2 tokens -> Linear."""
     dtype = layers.temporal_i.weight.dtype  # the new layers may be kept in fp32 under a half-precision UNet
-    x = layers.temporal_i(layers.temporal_n(ob.to(dtype)))
-    if type(layers.temporal_q) is nn.Linear:
-        # q, k, v in one matmul (same numbers; one larger GEMM forward and backward instead of three)
-        w = torch.cat([layers.temporal_q.weight, layers.temporal_k.weight, layers.temporal_v.weight])
-        b = torch.cat([layers.temporal_q.bias, layers.temporal_k.bias, layers.temporal_v.bias])
-        q, k, v = F.linear(x, w, b).chunk(3, dim=-1)
-    else:  # cast/patched layers (ComfyUI) go through their own forward
-        q, k, v = layers.temporal_q(x), layers.temporal_k(x), layers.temporal_v(x)
-    dk = k[0] - k[1]  # [n, N, C]; broadcast over both query tokens
-    w0 = torch.sigmoid((q * dk).sum(-1, keepdim=True) * (1.0 / math.sqrt(x.shape[-1])))  # weight of token 0
-    out = torch.addcmul(v[1], w0, v[0] - v[1])  # v1 + w0 * (v0 - v1), [2, n, N, C]
-    return layers.temporal_o(out).to(ob.dtype)
+    x = layers.temporal_i(layers.temporal_n(ob.to(dtype)))  # [2, n, N, C]
+    tokens = x.permute(1, 2, 0, 3)  # [n, N, 2, C]: the (global, anomaly) tokens of each pixel
+    q, k, v = layers.temporal_q(tokens), layers.temporal_k(tokens), layers.temporal_v(tokens)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # [n, N, 2, 2]
+    y = layers.temporal_o(weights @ v)  # [n, N, 2, C]
+    return y.permute(2, 0, 1, 3).to(ob.dtype)
 
 
-def _saim_fold(layers: DualBranchLayers, device, dtype, exact: bool):
-    """Fold temporal_i into q/k/v and temporal_o into v. With z = LN(o), d = z_0 - z_1, A = Wq Wi, B = Wk Wi,
-    V = Wv Wi, P = Wo V:
-
-      score_i / sqrt(C) = z_i . u + m . d,   u = (A^T B / sqrt(C)) d,   m = B^T (Wq bi + bq) / sqrt(C)
-      y_i = P (z_1 + sigmoid(score_i) d) + p,   p = Wo (Wv bi + bv) + bo
-
-    ``exact``: compute in float64 (inference cache); otherwise in the parameters' dtype, differentiably.
-    """
-    work = torch.float64 if exact else dtype
-
-    def wb(lin):
-        return lin.weight.to(device=device, dtype=work), lin.bias.to(device=device, dtype=work)
-
-    wi, bi = wb(layers.temporal_i)
-    wq, bq = wb(layers.temporal_q)
-    wk, bk = wb(layers.temporal_k)
-    wv, bv = wb(layers.temporal_v)
-    wo, bo = wb(layers.temporal_o)
-    inv = 1.0 / math.sqrt(wi.shape[0])
-    a_mat, b_mat = wq @ wi, wk @ wi
-    m_mat = (a_mat.T @ b_mat) * inv
-    m_vec = (b_mat.T @ (wq @ bi + bq)) * inv
-    if not exact:
-        # the key bias cancels in k_0 - k_1, so its true gradient is zero; keep it in the graph so that it gets a
-        # zero gradient (and weight decay) as in the unfolded reference, instead of none at all
-        m_vec = m_vec + 0.0 * bk.sum()
-    p_mat = wo @ (wv @ wi)
-    p_vec = wo @ (wv @ bi + bv) + bo
-    return tuple(t.to(dtype) for t in (m_mat, m_vec.unsqueeze(0), p_mat, p_vec))
+# ---- BCM ----------------------------------------------------------------------------------------------------------
 
 
-def _saim_folded_weights(layers: DualBranchLayers, device):
-    mods = (layers.temporal_i, layers.temporal_q, layers.temporal_k, layers.temporal_v, layers.temporal_o)
-    sources = tuple(t for m in mods for t in (m.weight, m.bias))
-    dtype = layers.temporal_i.weight.dtype
-    return _cached(layers, ("saim", device), sources, lambda: _saim_fold(layers, device, dtype, exact=True))
-
-
-def _saim_apply(layers: DualBranchLayers, ob: torch.Tensor, folded) -> torch.Tensor:
-    m_mat, m_vec, p_mat, p_vec = folded
-    z = layers.temporal_n(ob.to(m_mat.dtype))  # [2, n, N, C]
-    d = z[0] - z[1]
-    u = F.linear(d, m_mat)
-    scores = (z * u).sum(-1, keepdim=True) + F.linear(d, m_vec)  # [2, n, N, 1]
-    g = torch.addcmul(z[1], torch.sigmoid(scores), d)  # z_1 + sigmoid(score_i) d
-    return F.linear(g, p_mat, p_vec).to(ob.dtype)
+def bcm_mix(layers: DualBranchLayers, sb: torch.Tensor, control: DualControl, layer_name: str) -> torch.Tensor:
+    """Branch-major K/V input: the global half becomes ``(1 - a) h + a MLP(h_bg)``; the anomaly half is unchanged.
+    ``h_bg`` is this layer's input recorded in the background pass (:func:`run_with_background`)."""
+    try:
+        bg = control.bcm_cache[layer_name]
+    except KeyError:
+        raise LayoutError(
+            f"BCM: no background features were recorded for layer {layer_name!r}; run the record pass first."
+        ) from None
+    g = sb[0]
+    if bg.shape != g.shape:
+        raise LayoutError(
+            f"BCM: layer {layer_name!r} recorded background features of shape {tuple(bg.shape)}, but the batch "
+            f"holds {g.shape[0]} pairs of {tuple(g.shape[1:])}; give one background row per pair."
+        )
+    # .to(device): ComfyUI may keep the parameter elsewhere (lowvram) and cast modules per call
+    a = layers.temporal_a.to(device=g.device, dtype=g.dtype) * float(control.bcm_strength)
+    mlp_dtype = layers.temporal_condition_mlp[0].weight.dtype
+    mixed = (1 - a) * g + a * layers.temporal_condition_mlp(bg.to(mlp_dtype)).to(g.dtype)
+    return torch.stack([mixed, sb[1]])
 
 
 # ---- the layer --------------------------------------------------------------------------------------------------
@@ -411,7 +288,8 @@ def dual_branch_attention(
 
     ``attn`` supplies the frozen base projections (``to_q``, ``to_k``, ``to_v``, ``to_out``) and ``heads``.
     ``hidden`` is ``[rows, N, C]``; ``context`` the K/V source (``None`` for self-attention). In ``dual`` mode rows are
-    interleaved (global, anomaly) pairs; in ``record`` mode they are background rows.
+    interleaved (global, anomaly) pairs; in ``record`` mode they are background rows. ``control.fused`` picks the
+    fast paths of :mod:`.fused` (default) or the plain forms above; both give the same numbers.
     """
     control = control or DualControl()
     mode = control.mode
@@ -436,60 +314,41 @@ def dual_branch_attention(
                 # everything after the last recorded layer is discarded by the reference: skip computing it
                 raise RecordComplete()
         s = float(control.lora_strength[0])
-        q = _project_record(attn.to_q, layers.to_q_lora[0], hidden, s, layers, "q")
-        k = _project_record(attn.to_k, layers.to_k_lora[0], src, s, layers, "k")
-        v = _project_record(attn.to_v, layers.to_v_lora[0], src, s, layers, "v")
+        if control.fused:
+
+            def project(base, lora, x, name):
+                return fused.project_record(base, lora, x, s, layers, name)
+
+        else:
+
+            def project(base, lora, x, name):
+                return lora_linear(base, lora, x, s)
+
+        q = project(attn.to_q, layers.to_q_lora[0], hidden, "q")
+        k = project(attn.to_k, layers.to_k_lora[0], src, "k")
+        v = project(attn.to_v, layers.to_v_lora[0], src, "v")
         a = attention_fn(q, k, v, heads, mask)
-        return finish(_project_record(attn.to_out[0], layers.to_out_lora[0], a, s, layers, "out"))
+        return finish(project(attn.to_out[0], layers.to_out_lora[0], a, "out"))
 
     # ---- dual mode: interleaved pairs
     rows = hidden.shape[0]
-    n = validate_pairs(rows, f"input of attention layer {layer_name or '?'}")
+    validate_pairs(rows, f"input of attention layer {layer_name or '?'}")
     if src.shape[0] != rows:
         raise LayoutError(f"attention layer {layer_name}: {rows} query rows but {src.shape[0]} context rows.")
     strengths = (float(control.lora_strength[0]), float(control.lora_strength[1]))
     hb = to_branch_major(hidden)
     sb = hb if context is None else to_branch_major(context)
     if is_self_attention and layers.has_bcm and control.bcm_cache is not None and control.bcm_strength != 0.0:
-        sb = _bcm_mix(layers, sb, control, layer_name)
+        sb = bcm_mix(layers, sb, control, layer_name)
     if mask is not None and mask.shape[0] == rows:
         mask = to_branch_major(mask).flatten(0, 1)
-
-    q = _project_branches(attn.to_q, layers.to_q_lora, hb, strengths, layers, "q")
-    k = _project_branches(attn.to_k, layers.to_k_lora, sb, strengths, layers, "k")
-    v = _project_branches(attn.to_v, layers.to_v_lora, sb, strengths, layers, "v")
-    a = attention_fn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), heads, mask)
-    ob = finish(
-        _project_branches(
-            attn.to_out[0], layers.to_out_lora, a.view(BRANCHES, n, *a.shape[1:]), strengths, layers, "out"
-        )
-    )
+    attend = fused.attend_branches if control.fused else attend_branches_plain
+    ob = attend(attn, layers, hb, sb, strengths, attention_fn, mask, finish)
     if layers.has_saim and control.saim_strength != 0.0:
-        y = saim(layers, ob)
+        y = fused.saim(layers, ob) if control.fused else saim_plain(layers, ob)
         s = float(control.saim_strength)
         ob = ob + y if s == 1.0 else torch.add(ob, y, alpha=s)
     return from_branch_major(ob)
-
-
-def _bcm_mix(layers: DualBranchLayers, sb: torch.Tensor, control: DualControl, layer_name: str) -> torch.Tensor:
-    """Branch-major K/V input: the global half becomes ``(1 - a) h + a MLP(h_bg)``; the anomaly half is unchanged."""
-    try:
-        bg = control.bcm_cache[layer_name]
-    except KeyError:
-        raise LayoutError(
-            f"BCM: no background features were recorded for layer {layer_name!r}; run the record pass first."
-        ) from None
-    g = sb[0]
-    if bg.shape != g.shape:
-        raise LayoutError(
-            f"BCM: layer {layer_name!r} recorded background features of shape {tuple(bg.shape)}, but the batch "
-            f"holds {g.shape[0]} pairs of {tuple(g.shape[1:])}; give one background row per pair."
-        )
-    # .to(device): ComfyUI may keep the parameter elsewhere (lowvram) and cast modules per call
-    a = layers.temporal_a.to(device=g.device, dtype=g.dtype) * float(control.bcm_strength)
-    mlp_dtype = layers.temporal_condition_mlp[0].weight.dtype
-    mixed = (1 - a) * g + a * layers.temporal_condition_mlp(bg.to(mlp_dtype)).to(g.dtype)
-    return torch.stack([mixed, sb[1]])
 
 
 class DualBranchAttention(nn.Module):

@@ -17,13 +17,14 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import DualAnoDiffError
+
 BRANCHES = 2
 GLOBAL = 0
 ANOMALY = 1
-BRANCH_NAMES = ("global", "anomaly")
 
 
-class LayoutError(ValueError):
+class LayoutError(DualAnoDiffError, ValueError):
     """A batch does not hold whole interleaved (global, anomaly) pairs."""
 
 
@@ -74,32 +75,3 @@ def split(x: torch.Tensor, what: str = "batch") -> tuple[torch.Tensor, torch.Ten
     """Inverse of :func:`interleave`: ``(global_rows, anomaly_rows)`` (views, no copy)."""
     validate_pairs(x.shape[0], what)
     return x[GLOBAL::BRANCHES], x[ANOMALY::BRANCHES]
-
-
-def as_pairs(x: torch.Tensor, what: str = "batch") -> torch.Tensor:
-    """View ``[(b f), ...]`` as ``[b, f, ...]``."""
-    n = validate_pairs(x.shape[0], what)
-    return x.reshape(n, BRANCHES, *x.shape[1:])
-
-
-def branch_of_rows(n_rows: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Branch index (0 global, 1 anomaly) of every row."""
-    validate_pairs(n_rows)
-    return torch.arange(n_rows, device=device) % BRANCHES
-
-
-def cfg_batch(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """Build the CFG batch ``[uncond pairs..., cond pairs...]`` from two interleaved batches."""
-    validate_pairs(uncond.shape[0], "unconditional half")
-    validate_pairs(cond.shape[0], "conditional half")
-    if uncond.shape != cond.shape:
-        raise LayoutError(f"CFG halves differ in shape: {tuple(uncond.shape)} vs {tuple(cond.shape)}.")
-    return torch.cat([uncond, cond], dim=0)
-
-
-def cfg_halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split a CFG batch into ``(uncond, cond)``; each half must hold whole pairs."""
-    n = x.shape[0]
-    if n % (2 * BRANCHES):
-        raise LayoutError(f"a CFG batch needs 4k rows ([uncond pairs..., cond pairs...]), got {n}.")
-    return x[: n // 2], x[n // 2 :]

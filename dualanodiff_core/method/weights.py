@@ -12,7 +12,8 @@ Canonical keys (also the keys of our ``.safetensors`` format)::
 ``down_blocks.0.attentions.0.transformer_blocks.0.attn1``; ``<clip attention>`` e.g.
 ``text_model.encoder.layers.0.self_attn``.
 
-The official reference checkpoints (``pytorch_lora_weights.bin``, METHOD.md §2.4) use the same parameter names under
+The official reference checkpoints (``pytorch_lora_weights.bin``, docs/method.md, "Weights format and the reference
+checkpoint") use the same parameter names under
 ``unet.<layer>.processor.`` (``.processor.chained_proc.`` for the BCM model's attn1 layers); they import losslessly
 and export back bit-exactly. ``.bin``/``.pt``/``.ckpt`` files are read only with ``torch.load(weights_only=True)``.
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import DualAnoDiffError
 from ..fileio import atomic_path
 
 FORMAT = "dualanodiff"
@@ -53,7 +55,7 @@ _PARAM_RE = re.compile(
 )
 
 
-class WeightsError(ValueError):
+class WeightsError(DualAnoDiffError, ValueError):
     """A weights file cannot be read or does not fit the model."""
 
 

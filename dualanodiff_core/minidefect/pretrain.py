@@ -19,7 +19,7 @@ Two stages, both on CPU, seeded, deterministic on the same machine and software 
    "woven fabric" with optional colour/brightness words ("red woven fabric", "dark brushed metal"), 10 % empty
    captions (for classifier-free guidance), AdamW with warm-up and cosine decay, an EMA of the weights (saved).
 
-Command (the shipped weights were made with it; see readme_parts/minidefect.md for the time it took)::
+Command (the shipped weights were made with it; the MiniDefect page in docs/ says how long it took)::
 
     OMP_NUM_THREADS=1 python scripts/pretrain_minidefect.py --out dualanodiff_core/assets/minidefect-sd
 """
@@ -27,7 +27,6 @@ Command (the shipped weights were made with it; see readme_parts/minidefect.md f
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import shutil
@@ -40,8 +39,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..fileio import write_json_atomic
+from ..fileio import sha256_file, write_json_atomic
+from ..sd15.scheduler import SD15_SCHEDULER_CONFIG, make_scheduler
+from ..sd15.text import encode_prompts
 from . import procedural as md
+from .tiny import tiny_tokenizer, write_tokenizer_files
 
 #: the architecture of the shipped model (SD1.x block types, narrow)
 VAE_CONFIG = dict(
@@ -195,8 +197,6 @@ def build_models(seed: int = 0):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .tiny import tiny_tokenizer
-
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     vae = AutoencoderKL(**VAE_CONFIG)
@@ -288,8 +288,6 @@ def train_unet(unet, text, tokenizer, means, stds, captions_fn, config: Pretrain
     dev = means.device
     from diffusers import DDPMScheduler
 
-    from ..sd15.pipeline import SD15_SCHEDULER_CONFIG
-
     sched = DDPMScheduler.from_config({k: v for k, v in SD15_SCHEDULER_CONFIG.items() if k != "skip_prk_steps"})
     abar = sched.alphas_cumprod.float().to(dev)
     snr = abar / (1 - abar)
@@ -361,7 +359,6 @@ def sample_base(
     size: int = 64,
 ) -> torch.Tensor:
     """Plain classifier-free-guided text-to-image sampling; images ``[N, 3, H, W]`` in [0, 1]."""
-    from ..sd15.pipeline import SD15_SCHEDULER_CONFIG, encode_prompts, make_scheduler
 
     sched = make_scheduler(sampler, SD15_SCHEDULER_CONFIG)
     sched.set_timesteps(steps)
@@ -412,9 +409,6 @@ def save_model(folder: Path, vae, unet, text, tokenizer, record: dict) -> None:
     """A diffusers Stable Diffusion folder (fp32 safetensors) + ``pretrain.json`` (how it was made)."""
     from diffusers import PNDMScheduler
 
-    from ..sd15.pipeline import SD15_SCHEDULER_CONFIG
-    from .tiny import write_tokenizer_files
-
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -441,7 +435,7 @@ def save_model(folder: Path, vae, unet, text, tokenizer, record: dict) -> None:
     files = {}
     for p in sorted(tmp.rglob("*")):
         if p.is_file() and p.name != "pretrain.json":
-            files[str(p.relative_to(tmp))] = hashlib.sha256(p.read_bytes()).hexdigest()
+            files[str(p.relative_to(tmp))] = sha256_file(p)
     write_json_atomic(tmp / "pretrain.json", dict(record, sha256=files))
     if folder.exists():
         shutil.rmtree(folder)

@@ -47,7 +47,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..fileio import save_image_atomic, write_json_atomic
+from ..dataset.masks import MaskOptions
+from ..fileio import save_image_atomic, sha256_file, write_json_atomic
 
 FORMAT_VERSION = 1
 PRODUCTS: dict[str, tuple[str, ...]] = {
@@ -478,7 +479,6 @@ def mask_options(**changes):
     metal defect drawn on the anomaly branch's mid-gray differs from it only a little). On ideal anomaly-branch
     images (the real defect pasted on mid-gray) they recover the true masks with IoU 0.87-0.99 per defect type,
     the core defaults with 0.33-0.99."""
-    from ..dataset.masks import MaskOptions
 
     return MaskOptions(blur_sigma=0.5, open_radius=0, close_radius=1, min_area=3, min_contrast=0.05).replace(**changes)
 
@@ -545,10 +545,6 @@ def iter_files(spec: MiniDefectSpec) -> Iterator[tuple[str, Callable[[], dict[st
                 yield f"{product}/test/{defect}/{_name(i, n)}.png", render
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_minidefect(
     out: str | os.PathLike,
     spec: MiniDefectSpec | None = None,
@@ -586,13 +582,13 @@ def write_minidefect(
         r = render()
         path = out / rel
         save_image_atomic(Image.fromarray(r["image"], mode="RGB"), path)
-        hashes[rel] = _sha256(path)
+        hashes[rel] = sha256_file(path)
         rec = dict(r["params"])
         if "mask" in r:
             parts = Path(rel).parts  # product, test, defect, name
             mrel = f"{parts[0]}/ground_truth/{parts[2]}/{Path(rel).stem}_mask.png"
             save_image_atomic(Image.fromarray(r["mask"], mode="L"), out / mrel)
-            hashes[mrel] = _sha256(out / mrel)
+            hashes[mrel] = sha256_file(out / mrel)
             rec["mask"] = mrel
         records[rel] = rec
         if progress is not None:
@@ -621,7 +617,7 @@ def verify_minidefect(root: str | os.PathLike) -> list[str]:
         p = root / rel
         if not p.is_file():
             problems.append(f"{rel}: missing")
-        elif _sha256(p) != digest:
+        elif sha256_file(p) != digest:
             problems.append(f"{rel}: changed (sha256 differs)")
     return problems
 

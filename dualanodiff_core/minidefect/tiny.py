@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..sd15.scheduler import SD15_SCHEDULER_CONFIG
+
 
 def _bytes_to_unicode() -> list[str]:
     """The byte -> printable character table of byte-level BPE (CLIP's tokenizer uses the same)."""
@@ -121,7 +123,6 @@ def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, layers: int = 2, hea
 
 def tiny_components(seed: int = 0, **unet_kwargs) -> dict:
     """``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and an SD1.5 scheduler config, all tiny and frozen."""
-    from ..sd15.pipeline import SD15_SCHEDULER_CONFIG
 
     comps = dict(
         unet=tiny_unet(seed, **unet_kwargs),

@@ -8,10 +8,14 @@ from pathlib import Path
 
 import torch
 
+from ..errors import DualAnoDiffError
+from .scheduler import SD15_SCHEDULER_CONFIG
+from .text import check_tokenizer
+
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(DualAnoDiffError, ValueError):
     """A base model folder is missing or incomplete."""
 
 
@@ -22,8 +26,6 @@ def load_diffusers_components(
     Stable Diffusion 1.x folder."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
-
-    from .pipeline import SD15_SCHEDULER_CONFIG, check_tokenizer
 
     root = Path(model_dir)
     if not root.is_dir():

@@ -14,33 +14,32 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from ..fileio import tensor_to_pil
 from ..method import layout
 from ..method.attention import (
     MODE_DUAL,
     DualBranchLayers,
     DualControl,
-    LoRALinear,
     attention_dims,
-    clear_fast_cache,
     dual_branch_attention,
     run_with_background,
 )
+from ..method.fused import clear_fast_cache
 from ..method.weights import (
     DEFAULT_PROMPT_ANOMALY,
     DEFAULT_PROMPT_GLOBAL,
-    TEXT,
     UNET,
     DualAnoDiffWeights,
     WeightsError,
 )
-
-SAMPLERS = ("pndm", "ddim", "dpmpp")
+from .loading import load_diffusers_components
+from .scheduler import SAMPLERS, SD15_SCHEDULER_CONFIG, make_scheduler  # noqa: F401  (SAMPLERS: also served here)
+from .text import TextEncoderLoRA, check_tokenizer, encode_prompts
 
 
 class DualAnoDiffProcessor(DualBranchLayers):
@@ -178,127 +177,6 @@ class DualUNet:
         )
 
 
-class TextEncoderLoRA(nn.Module):
-    """The shared text-encoder LoRA on ``q_proj``/``k_proj``/``v_proj``/``out_proj`` of every CLIP self-attention,
-    applied by forward hooks: ``y = W x + strength * lora(x)``."""
-
-    _PROJ = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
-
-    def __init__(self, text_encoder: nn.Module, rank: int = 32, alpha: float | None = None):
-        super().__init__()
-        self.strength = 1.0
-        self.names: list[str] = []
-        self.blocks = nn.ModuleList()
-        self._handles = []
-        ref = next(text_encoder.parameters())
-        for module_name, mod in text_encoder.named_modules():
-            if all(hasattr(mod, p) for p in self._PROJ.values()) and isinstance(mod.q_proj, nn.Linear):
-                m = re.search(r"layers\.(\d+)\.self_attn$", module_name)
-                if not m:
-                    raise TypeError(f"unexpected CLIP attention module name {module_name!r}")
-                # canonical (transformers-version independent) name, as the reference checkpoints spell it
-                name = f"text_model.encoder.layers.{m.group(1)}.self_attn"
-                block = nn.ModuleDict(
-                    {
-                        lora: LoRALinear(getattr(mod, proj).in_features, getattr(mod, proj).out_features, rank, alpha)
-                        for lora, proj in self._PROJ.items()
-                    }
-                )
-                self.names.append(name)
-                self.blocks.append(block.to(ref.device))
-                for lora, proj in self._PROJ.items():
-                    self._handles.append(getattr(mod, proj).register_forward_hook(self._hook(block[lora])))
-        if not self.names:
-            raise TypeError(
-                f"{type(text_encoder).__name__}: no CLIP self-attention (q_proj/k_proj/v_proj/out_proj) found"
-            )
-
-    def _hook(self, lora: LoRALinear):
-        def hook(module, args, output):
-            if self.strength == 0.0:
-                return output
-            delta = lora(args[0])
-            return output + (delta if self.strength == 1.0 else delta * self.strength)
-
-        return hook
-
-    def uninstall(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def canonical_state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            f"{TEXT}{name}.{k}": v
-            for name, block in zip(self.names, self.blocks)
-            for k, v in block.state_dict().items()
-        }
-
-    def load_weights(self, weights: DualAnoDiffWeights | dict[str, torch.Tensor], strict: bool = True) -> None:
-        sd = weights.tensors if isinstance(weights, DualAnoDiffWeights) else weights
-        sd = {k: v for k, v in sd.items() if k.startswith(TEXT)}
-        expected = self.canonical_state_dict()
-        if strict:
-            DualAnoDiffWeights(sd).check_keys(expected, "text-encoder weights")
-        with torch.no_grad():
-            for k, v in sd.items():
-                if k in expected:
-                    if expected[k].shape != v.shape:
-                        raise WeightsError(
-                            f"{k}: shape {tuple(v.shape)} in the weights, {tuple(expected[k].shape)} in the model"
-                        )
-                    expected[k].copy_(v.to(expected[k].dtype))
-
-
-def check_tokenizer(tokenizer) -> None:
-    """transformers 5 returns a 2-token tokenizer instead of failing when the files are missing."""
-    if tokenizer is None or len(tokenizer) < 100:
-        raise ValueError(
-            f"the tokenizer has {0 if tokenizer is None else len(tokenizer)} tokens: its vocabulary files are missing "
-            "or unreadable (a real CLIP tokenizer has 49408). Check the model folder's tokenizer/ directory."
-        )
-
-
-def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Tensor:
-    """CLIP embeddings ``[len(prompts), tokens, dim]`` as Stable Diffusion 1.x uses them (last hidden state)."""
-    ids = tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    device = next(text_encoder.parameters()).device
-    return text_encoder(ids.to(device))[0]
-
-
-def make_scheduler(name: str, config: dict):
-    """``pndm`` (the SD1.5 default and the reference's), ``ddim`` or ``dpmpp`` (DPM-Solver++ 2M)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
-
-    config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-    if name == "pndm":
-        return PNDMScheduler.from_config({**config, "skip_prk_steps": True})
-    if name == "ddim":
-        return DDIMScheduler.from_config(config)
-    if name == "dpmpp":
-        return DPMSolverMultistepScheduler.from_config({**config, "algorithm_type": "dpmsolver++"})
-    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-
-
-SD15_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    set_alpha_to_one=False,
-    skip_prk_steps=True,
-    steps_offset=1,
-    clip_sample=False,
-    prediction_type="epsilon",
-)
-
-
 @dataclasses.dataclass
 class DualResult:
     """Images in [0, 1], ``[N, 3, H, W]`` (N pairs), and the final latents (scaled as the UNet sees them)."""
@@ -309,12 +187,7 @@ class DualResult:
     anomaly_latents: torch.Tensor
 
     def to_pil(self):
-        from ..imageutil import tensor_to_pil
-
         return tensor_to_pil(self.global_images), tensor_to_pil(self.anomaly_images)
-
-
-NoiseSource = "torch.Generator | torch.Tensor | Callable[[int, tuple], torch.Tensor] | None"
 
 
 def _noise_fn(source, shape, device, dtype, seed_fallback: int | None):
@@ -392,8 +265,6 @@ class DualAnoDiffPipeline:
     ):
         """Load a local diffusers SD1.x folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
         ``scheduler/``). Nothing is downloaded."""
-        from .loading import load_diffusers_components
-
         comps = load_diffusers_components(model_dir, dtype=dtype, device=device)
         if weights is not None and not isinstance(weights, DualAnoDiffWeights):
             weights = DualAnoDiffWeights.load(weights)
@@ -477,7 +348,8 @@ class DualAnoDiffPipeline:
         """Sample ``n_pairs`` pairs.
 
         ``background``: images ``[1 or N, 3, H, W]`` in [-1, 1] (normal product images with the object blacked out,
-        METHOD.md §1.4) turn on BCM; the unconditional half uses a mid-gray background. ``bcm_noise``: a generator,
+        docs/method.md, "BCM: background compensation") turn on BCM; the unconditional half uses a mid-gray
+        background. ``bcm_noise``: a generator,
         a tensor reused every call, or ``callable(call_index, shape)``; defaults to a generator seeded from ``seed``.
         """
         if n_pairs < 1:
@@ -485,24 +357,12 @@ class DualAnoDiffPipeline:
         f = self.vae_scale_factor
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
-        pg, pa = self.metadata.get("prompt_global"), self.metadata.get("prompt_anomaly")
-        prompt_global = prompt_global if prompt_global is not None else (pg or DEFAULT_PROMPT_GLOBAL)
-        prompt_anomaly = prompt_anomaly if prompt_anomaly is not None else (pa or DEFAULT_PROMPT_ANOMALY)
         device, dtype = self.device, self.dtype
         use_cfg = cfg > 1.0
         if generator is None:
             generator = torch.Generator(device="cpu")
             generator.manual_seed(seed) if seed is not None else generator.seed()
-
-        if self.text_lora is not None:
-            self.text_lora.strength = text_strength
-        emb = self.encode_prompts([prompt_global, prompt_anomaly]).to(dtype)  # [2, T, D]
-        cond = emb.repeat(n_pairs, 1, 1)  # [g, a, g, a, ...]
-        if use_cfg:
-            neg = self.encode_prompts([negative_prompt]).to(dtype)
-            context = torch.cat([neg.expand_as(cond), cond])
-        else:
-            context = cond
+        context = self._prompt_context(n_pairs, prompt_global, prompt_anomaly, negative_prompt, text_strength, use_cfg)
 
         shape = (2 * n_pairs, self.unet.config.in_channels, height // f, width // f)
         if latents is None:
@@ -515,58 +375,15 @@ class DualAnoDiffPipeline:
         scheduler.set_timesteps(steps, device=device)
         latents = latents * scheduler.init_noise_sigma
 
-        bg = None
+        noised_background = None
         if background is not None or background_latents is not None:
-            if not self.dual.config["bcm"]:
-                raise ValueError("a background was given, but these weights have no BCM layers (train with BCM)")
-            if background_latents is None:
-                background = background.to(device)
-                if background.shape[0] not in (1, n_pairs):
-                    raise ValueError(f"background must hold 1 or {n_pairs} images, got {background.shape[0]}")
-                background_latents = self.encode_background(background, generator)
-                gray = self.encode_background(torch.zeros_like(background[:1]), generator)
-            else:
-                gray = None
-            bg_cond = (
-                background_latents.to(device, dtype).expand(n_pairs, -1, -1, -1)
-                if background_latents.shape[0] == 1
-                else background_latents.to(device, dtype)
+            noised_background = self._noised_background(
+                n_pairs, background, background_latents, bcm_noise, seed, generator, height, width, use_cfg
             )
-            if use_cfg:
-                if gray is None:
-                    gray = self.encode_background(
-                        torch.zeros((1, 3, height, width), device=device, dtype=self.vae.dtype), generator
-                    )
-                bg = torch.cat([gray.to(dtype).expand(n_pairs, -1, -1, -1), bg_cond])
-            else:
-                bg = bg_cond
-            from diffusers import DDPMScheduler
-
-            ddpm = DDPMScheduler.from_config({k: v for k, v in self.scheduler_config.items() if not k.startswith("_")})
-            noise_fn = _noise_fn(bcm_noise, tuple(bg.shape), device, dtype, None if seed is None else seed + 1)
-            bg_context = context[0::2]
-
-        control = self.dual.control
-        call = 0
-        with control.using(
+        with self.dual.control.using(
             mode=MODE_DUAL, lora_strength=tuple(lora_strength), saim_strength=saim_strength, bcm_strength=bcm_strength
         ):
-            for i, t in enumerate(scheduler.timesteps):
-                x = torch.cat([latents, latents]) if use_cfg else latents
-                x = scheduler.scale_model_input(x, t)
-                if bg is None:
-                    eps = self.dual(x, t, context)
-                else:
-                    tt = t.reshape(-1).to(device)
-                    bg_t = ddpm.add_noise(bg, noise_fn(call), tt.expand(bg.shape[0]))
-                    eps = self.dual.forward_with_background(x, t, context, bg_t, t, bg_context)
-                call += 1
-                if use_cfg:
-                    eps_u, eps_c = eps.chunk(2)
-                    eps = eps_u + cfg * (eps_c - eps_u)
-                latents = scheduler.step(eps, t, latents, return_dict=False)[0]
-                if callback is not None:
-                    callback(i, len(scheduler.timesteps), latents)
+            latents = self._denoise(latents, context, scheduler, cfg if use_cfg else None, noised_background, callback)
 
         g_lat, a_lat = layout.split(latents)
         if decode:
@@ -575,3 +392,75 @@ class DualAnoDiffPipeline:
         else:
             g_img = a_img = torch.empty(0)
         return DualResult(g_img, a_img, g_lat, a_lat)
+
+    def _prompt_context(self, n_pairs, prompt_global, prompt_anomaly, negative_prompt, text_strength, use_cfg):
+        """The UNet's text context: ``[g, a, g, a, ...]`` (prompts default to the weights' own), with the negative
+        prompt's rows in front when CFG is on."""
+        pg, pa = self.metadata.get("prompt_global"), self.metadata.get("prompt_anomaly")
+        prompt_global = prompt_global if prompt_global is not None else (pg or DEFAULT_PROMPT_GLOBAL)
+        prompt_anomaly = prompt_anomaly if prompt_anomaly is not None else (pa or DEFAULT_PROMPT_ANOMALY)
+        if self.text_lora is not None:
+            self.text_lora.strength = text_strength
+        emb = self.encode_prompts([prompt_global, prompt_anomaly]).to(self.dtype)  # [2, T, D]
+        cond = emb.repeat(n_pairs, 1, 1)  # [g, a, g, a, ...]
+        if not use_cfg:
+            return cond
+        neg = self.encode_prompts([negative_prompt]).to(self.dtype)
+        return torch.cat([neg.expand_as(cond), cond])
+
+    def _noised_background(
+        self, n_pairs, background, background_latents, bcm_noise, seed, generator, height, width, use_cfg
+    ):
+        """BCM: the background latents (a mid-gray background for the unconditional half when CFG is on) and a
+        function ``(call, t) -> background latents noised to t`` for the record pass of each UNet call."""
+        device, dtype = self.device, self.dtype
+        if not self.dual.config["bcm"]:
+            raise ValueError("a background was given, but these weights have no BCM layers (train with BCM)")
+        if background_latents is None:
+            background = background.to(device)
+            if background.shape[0] not in (1, n_pairs):
+                raise ValueError(f"background must hold 1 or {n_pairs} images, got {background.shape[0]}")
+            background_latents = self.encode_background(background, generator)
+            gray = self.encode_background(torch.zeros_like(background[:1]), generator)
+        else:
+            gray = None
+        bg_cond = (
+            background_latents.to(device, dtype).expand(n_pairs, -1, -1, -1)
+            if background_latents.shape[0] == 1
+            else background_latents.to(device, dtype)
+        )
+        if use_cfg:
+            if gray is None:
+                gray = self.encode_background(
+                    torch.zeros((1, 3, height, width), device=device, dtype=self.vae.dtype), generator
+                )
+            bg = torch.cat([gray.to(dtype).expand(n_pairs, -1, -1, -1), bg_cond])
+        else:
+            bg = bg_cond
+        from diffusers import DDPMScheduler  # lazy: see sd15/__init__
+
+        ddpm = DDPMScheduler.from_config({k: v for k, v in self.scheduler_config.items() if not k.startswith("_")})
+        noise_fn = _noise_fn(bcm_noise, tuple(bg.shape), device, dtype, None if seed is None else seed + 1)
+
+        def noised(call: int, t: torch.Tensor) -> torch.Tensor:
+            return ddpm.add_noise(bg, noise_fn(call), t.reshape(-1).to(device).expand(bg.shape[0]))
+
+        return noised
+
+    def _denoise(self, latents, context, scheduler, cfg, noised_background, callback):
+        """The sampling loop: one UNet call per step (two, record + main, with BCM), then CFG (``cfg`` None: off)."""
+        bg_context = context[0::2]
+        for i, t in enumerate(scheduler.timesteps):
+            x = torch.cat([latents, latents]) if cfg is not None else latents
+            x = scheduler.scale_model_input(x, t)
+            if noised_background is None:
+                eps = self.dual(x, t, context)
+            else:
+                eps = self.dual.forward_with_background(x, t, context, noised_background(i, t), t, bg_context)
+            if cfg is not None:
+                eps_u, eps_c = eps.chunk(2)
+                eps = eps_u + cfg * (eps_c - eps_u)
+            latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+            if callback is not None:
+                callback(i, len(scheduler.timesteps), latents)
+        return latents

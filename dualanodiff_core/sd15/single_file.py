@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .loading import ModelLoadError
+from .text import check_tokenizer
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -87,8 +88,6 @@ def load_single_file_components(
     """Load a single-file SD1.x checkpoint into the components dict of
     :func:`dualanodiff_core.sd15.loading.load_diffusers_components`, offline only."""
     from diffusers import StableDiffusionPipeline
-
-    from .pipeline import check_tokenizer
 
     path = Path(path)
     if not path.is_file():

@@ -15,7 +15,10 @@ from torch import nn
 from ..method.attention import MODE_DUAL, DualControl
 from ..method.weights import DualAnoDiffWeights
 from ..training.data import DefectDataset, DefectSet
-from ..training.trainer import BackgroundPass, TrainConfig, Trainer, TrainProgress, TrainResult
+from ..training.trainer import BackgroundPass, TrainConfig, Trainer, TrainProgress, TrainResult, latest_checkpoint
+from .loading import load_diffusers_components
+from .pipeline import DualAnoDiffPipeline
+from .single_file import is_single_file, load_single_file_components
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _CONTROL_FIELDS = ("mode", "lora_strength", "saim_strength", "bcm_strength", "bcm_cache")
@@ -87,7 +90,6 @@ class DiffusersTrainingBackbone:
         The new layers are initialised from ``config.seed`` (the global torch RNG is seeded here). The frozen UNet
         and text encoder are cast to ``config.precision``; the VAE and every new layer stay fp32.
         """
-        from .pipeline import DualAnoDiffPipeline
 
         config.validate()
         dtype = DTYPES[config.precision]
@@ -171,8 +173,6 @@ def load_base_components(
     model: str | os.PathLike, *, model_config: str | os.PathLike | None = None, device: str | torch.device = "cpu"
 ) -> dict:
     """A local diffusers SD1.x folder, or a single-file checkpoint (see :mod:`dualanodiff_core.sd15.single_file`)."""
-    from .loading import load_diffusers_components
-    from .single_file import is_single_file, load_single_file_components
 
     path = Path(model)
     if is_single_file(path):
@@ -210,8 +210,6 @@ def train_from_folder(
     work_dir = Path(work_dir) if work_dir is not None else output.with_name(output.stem + "_train")
     resume_from = None
     if resume is True:
-        from ..training.trainer import latest_checkpoint
-
         resume_from = latest_checkpoint(work_dir)
         if resume_from is None:
             raise FileNotFoundError(f"{work_dir / 'checkpoints'}: no checkpoint to resume from.")

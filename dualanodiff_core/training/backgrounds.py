@@ -1,4 +1,5 @@
-"""BCM backgrounds: a normal (or training) image with the object region blacked out (METHOD.md §1.4).
+"""BCM backgrounds: a normal (or training) image with the object region blacked out (docs/method.md, "BCM: background
+compensation").
 
 The reference pastes the image onto a black canvas through the *inverted* object mask (soft edges kept), so the
 background keeps its pixels where the object mask is 0 and turns black where it is 255.

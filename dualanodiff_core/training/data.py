@@ -17,7 +17,8 @@ side-by-side folders may hold ``x_object.png`` beside ``x.png``.
 **Object masks** (white = the object, black = background) are only needed for BCM training: the background of every
 training image is that image with its object blacked out
 (:func:`dualanodiff_core.training.backgrounds.make_background`),
-exactly as the reference builds it from U2-Net masks (METHOD.md §1.4). For MVTec data pass a folder holding
+exactly as the reference builds it from U2-Net masks (docs/method.md, "BCM: background compensation"). For MVTec data
+pass a folder holding
 ``<stem>.png`` (or ``<stem>_mask.png``) per defect image.
 
 Everything is sorted by file name (plain string order, like Python's ``sorted``), so splits and training order are
@@ -28,13 +29,12 @@ Training views (:class:`DefectDataset`): the image is resized so its shorter sid
 then cropped to a square (``center``; ``random``, the reference's RandomCrop, restricted to windows that keep part of
 the defect; or ``stretch``: resized to a square ignoring the aspect ratio), then flipped at random (horizontal and
 vertical, p = 0.5 each, the same flip for the image, its mask and its background). The anomaly-branch target is
-``image * mask`` computed in [-1, 1], i.e. the defect on mid-gray (METHOD.md §2.1).
+``image * mask`` computed in [-1, 1], i.e. the defect on mid-gray (docs/method.md, "Training").
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import warnings
@@ -45,7 +45,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+from ..errors import DualAnoDiffError
+from ..fileio import IMAGE_SUFFIXES, sha256_file
+from .backgrounds import make_background
+
 #: operating-system clutter that is skipped silently (besides dot-files)
 IGNORED_FILES = frozenset({"thumbs.db", "desktop.ini"})
 MASK_SUFFIX = "_mask"
@@ -65,7 +68,7 @@ FLIPS = ("hv", "h", "v", "none")
 CROPS = ("center", "random", "stretch")
 
 
-class DataError(ValueError):
+class DataError(DualAnoDiffError, ValueError):
     """The training data cannot be used as it is; the message names the file and the fix."""
 
 
@@ -146,7 +149,7 @@ class DefectSet:
         for s in self.samples:
             for role, p in (("image", s.image), ("mask", s.mask), ("object_mask", s.object_mask)):
                 if p is not None:
-                    out.append([role, _rel(p, self.root), _sha256(p)])
+                    out.append([role, _rel(p, self.root), sha256_file(p)])
         return out
 
 
@@ -171,20 +174,12 @@ def _rel(p: Path, root: Path) -> str:
         return str(p)
 
 
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _is_ignored(p: Path) -> bool:
     return p.name.startswith(".") or p.name.lower() in IGNORED_FILES
 
 
 def _is_image_name(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_EXTENSIONS
+    return p.suffix.lower() in IMAGE_SUFFIXES
 
 
 def list_images(folder: Path, what: str, allow_empty: bool = False) -> list[Path]:
@@ -199,13 +194,13 @@ def list_images(folder: Path, what: str, allow_empty: bool = False) -> list[Path
         (files if _is_image_name(p) else others).append(p)
     if others:
         raise DataError(
-            f"{others[0]}: not an image file ({what} may only hold images: {', '.join(IMAGE_EXTENSIONS)}). "
+            f"{others[0]}: not an image file ({what} may only hold images: {', '.join(IMAGE_SUFFIXES)}). "
             "Move it out of the folder or convert it to PNG."
             + (f" ({len(others) - 1} more such file(s))" if len(others) > 1 else "")
         )
     if not files and not allow_empty:
         raise DataError(
-            f"{folder}: the folder holds no images ({what}); put {', '.join(IMAGE_EXTENSIONS[:3])} files there."
+            f"{folder}: the folder holds no images ({what}); put {', '.join(IMAGE_SUFFIXES[:3])} files there."
         )
     return files
 
@@ -439,7 +434,7 @@ def _gray01(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("L"), dtype=np.float64) / 255.0
 
 
-def read_mask(path: Path, size: tuple[int, int], image_path: Path, what: str = "mask") -> np.ndarray:
+def read_training_mask(path: Path, size: tuple[int, int], image_path: Path, what: str = "mask") -> np.ndarray:
     """A defect mask as bool ``[H, W]``: checked against the image size, binarized at 50 %, never empty."""
     im = read_image(path, what)
     if im.size != size:
@@ -486,7 +481,7 @@ def check_defect_set(ds: DefectSet, backgrounds: bool = False) -> None:
         ds.require_object_masks()
     for s in ds.samples:
         img = read_image(s.image)
-        read_mask(s.mask, img.size, s.image)
+        read_training_mask(s.mask, img.size, s.image)
         if backgrounds and s.object_mask is not None:
             read_object_mask(s.object_mask, img.size, s.image)
 
@@ -496,7 +491,8 @@ def check_defect_set(ds: DefectSet, backgrounds: bool = False) -> None:
 
 
 def anomaly_target(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """The anomaly-branch image: ``image * mask`` in [-1, 1], i.e. the defect on mid-gray (METHOD.md §2.1)."""
+    """The anomaly-branch image: ``image * mask`` in [-1, 1], i.e. the defect on mid-gray (docs/method.md,
+    "Training")."""
     return images * masks.to(images.dtype)
 
 
@@ -571,11 +567,10 @@ class DefectDataset:
         return [it.name for it in self.items]
 
     def _load(self, s: DefectSample) -> _Item:
-        from .backgrounds import make_background
 
         R = self.resolution
         img = to_rgb8(read_image(s.image))
-        mask = read_mask(s.mask, img.size, s.image)
+        mask = read_training_mask(s.mask, img.size, s.image)
         bg = None
         if self.backgrounds:
             obj = read_object_mask(s.object_mask, img.size, s.image)

@@ -1,7 +1,7 @@
 """The DualAnoDiff training loop, independent of the model backend.
 
 What one step does (the reference ``train_dreambooth_lora.py`` / ``train_dreambooth_lora_single_background.py``,
-METHOD.md §1.4 and §2):
+docs/method.md, "Training" and "BCM: background compensation"):
 
 1. draw ``batch_size`` training images
    (:class:`~dualanodiff_core.training.data.PairSampler`: seeded epochs of permutations,
@@ -55,11 +55,14 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from .. import __version__
 from .. import distributed as dist
+from ..errors import DualAnoDiffError
 from ..fileio import atomic_path, save_image_atomic, write_json_atomic, write_text_atomic
 from ..method import layout
 from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL, DualAnoDiffWeights
 from .data import DefectDataset, Draw, PairSampler
+from .lossplot import draw_loss_curve
 
 CHECKPOINT_FORMAT = "dualanodiff-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -69,11 +72,11 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "checkpoint_weights")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(DualAnoDiffError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message says which checkpoint is the last good one."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DualAnoDiffError, ValueError):
     """A checkpoint cannot be used to resume this run (wrong file, different settings or data)."""
 
 
@@ -83,7 +86,7 @@ class CheckpointError(ValueError):
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every training setting. Defaults are the reference's (METHOD.md §2.3) unless noted.
+    """Every training setting. Defaults are the reference's (docs/method.md, "Training") unless noted.
 
     Model settings (``rank`` .. ``gradient_checkpointing``) are applied by whoever builds the backbone; they are part
     of the config so that checkpoints and the final weights record them.
@@ -191,7 +194,7 @@ class TrainingBackbone(Protocol):
     transformer_options=...)``, which takes DDPM-form ``x_t`` and integer-valued timesteps and returns eps (going
     through ``apply_model`` instead needs ``x = x_t / sqrt(abar)``, ``sigma = sqrt((1 - abar) / abar)`` and
     ``eps = (x - denoised) / sigma``). Build the trainable layers and run the loop inside
-    ``torch.inference_mode(False)`` with identity weight wrappers on the base layers (COMFYUI.md §5.3);
+    ``torch.inference_mode(False)`` with identity weight wrappers on the base layers (docs/comfyui.md);
     :meth:`Trainer.run` turns autograd on itself but cannot fix parameters created as inference tensors.
 
     Attributes:
@@ -596,7 +599,6 @@ class Trainer:
         return self.work_dir / "checkpoints"
 
     def weights_metadata(self) -> dict:
-        from .. import __version__
 
         c = self.config
         ds = self.dataset.defect_set
@@ -744,7 +746,6 @@ class Trainer:
 
     # ---- history --------------------------------------------------------------------------------------------------
     def write_history(self) -> None:
-        from .lossplot import draw_loss_curve
 
         lines = ["step,loss,lr,grad_norm,seconds"]
         for h in self.history:
