@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
+from .errors import DualAnoDiffError
+
 #: how long a process waits for the others at a meeting point (generation: the slowest shard)
 TIMEOUT = datetime.timedelta(hours=24)
 
 
-class DistributedError(ValueError):
+class DistributedError(DualAnoDiffError, ValueError):
     """The launcher's environment cannot be used as it is."""
 
 
