@@ -1,19 +1,26 @@
 """Quality benchmark on held-out MiniDefect defects: mask alignment, diversity, usefulness to a detector.
 
-    OMP_NUM_THREADS=1 python bench/quality.py --data minidefect --target fabric/hole \
-        --generated gen_fabric_hole --json quality.json
+End to end, every defect type, one command (train on the few-shot third, generate, evaluate; 3 seeds):
 
-* ``--data``: a MiniDefect (or any MVTec-layout) root; if the folder does not exist, MiniDefect is written there
-  (seed 0, 64 px) first.
-* ``--generated``: the ``--out`` folder of ``dualanodiff generate`` for the same category/defect (weights trained on
-  the few-shot split: the first third of ``<category>/test/<defect>``, rounded down). Without it, only the real and
-  synthetic reference rows are measured.
-* ``--target CATEGORY/DEFECT`` (repeatable); ``--all`` = every MiniDefect defect (reference rows only, unless the
-  generated folder holds them all).
+    OMP_NUM_THREADS=1 python bench/quality.py --all --recipe ours --dataset-seed 0 --work quality_work \
+        --json bench/results_quality_all.json --markdown quality_table.md
 
-Prints one table per target and writes all results as JSON. See dualanodiff_core/evaluation.py for what each number
-means. Timing: about 0.3 s per segmentation step on one CPU core at 64 px; the default (3 seeds x 5 sources x 600
-steps) takes roughly 45 minutes per target, ``--quick`` (1 seed, 200 steps) about 5.
+* ``--data``: a MiniDefect (or any MVTec-layout) root; default ``<work>/minidefect-seed<N>`` with N =
+  ``--dataset-seed``; if the folder does not exist, MiniDefect is written there (that seed, 64 px) first.
+* For each target, unless ``--generated`` or ``--reference-only`` is given: DualAnoDiff weights are trained on the
+  few-shot split (the first third of ``<category>/test/<defect>``, rounded down) from the shipped MiniDefect base
+  model with the demo's settings under ``--recipe`` (:mod:`dualanodiff_core.method.recipes`), pairs are generated, and
+  everything is measured. Weights and generated sets stay in ``<work>/<recipe>-seed<N>/`` and are reused by a rerun.
+* ``--generated``: instead, the ``--out`` folder of ``dualanodiff generate`` for the same category/defect.
+  ``--reference-only``: only the real and synthetic reference rows.
+* ``--target CATEGORY/DEFECT`` (repeatable); ``--all`` = the six MiniDefect defect types.
+* The real / CutPaste / Perlin rows do not depend on the generated data: their scores are cached per (data,
+  source, segmentation seed, settings) in ``--cache-dir`` (default ``<work>/cache``), so a second recipe on the same
+  data costs only the generated rows.
+
+Prints one report per target, a summary table (``--markdown`` writes it to a file), and writes all results as JSON
+(after every target, so a partial run keeps what it measured). See dualanodiff_core/evaluation.py for what each
+number means.
 """
 
 from __future__ import annotations
@@ -27,19 +34,38 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualanodiff_core.evaluation import benchmark as ev  # noqa: E402
-from dualanodiff_core.fileio import write_json_atomic  # noqa: E402
+from dualanodiff_core.fileio import write_json_atomic, write_text_atomic  # noqa: E402
 from dualanodiff_core.minidefect import procedural as md  # noqa: E402
 
 
 def main(argv=None) -> int:
+    from dualanodiff_core.method.recipes import DEFAULT_RECIPE, RECIPES
+    from dualanodiff_core.minidefect.bench import RunSettings, train_and_generate
+
+    d = RunSettings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="MiniDefect / MVTec-layout root (written if missing)")
+    p.add_argument(
+        "--data", help="MiniDefect / MVTec-layout root (written if missing; default <work>/minidefect-seed<N>)"
+    )
+    p.add_argument(
+        "--dataset-seed", type=int, default=0, help="MiniDefect seed used when --data is written (default 0)"
+    )
     p.add_argument(
         "--target", action="append", default=[], metavar="CATEGORY/DEFECT", help="what to evaluate (repeatable)"
     )
     p.add_argument("--all", action="store_true", help="every MiniDefect category/defect")
     p.add_argument("--generated", help="output folder of `dualanodiff generate` (MVTec layout + fg/ + manifest)")
+    p.add_argument("--reference-only", action="store_true", help="no generated data: real and synthetic rows only")
+    p.add_argument(
+        "--work", default="quality_work", help="weights, generated sets and the cache (default quality_work)"
+    )
+    p.add_argument("--recipe", choices=RECIPES, default=DEFAULT_RECIPE, help="training/sampling recipe")
+    p.add_argument("--train-steps", type=int, default=d.train_steps, help="DualAnoDiff training steps per type")
+    p.add_argument("--samples", type=int, default=d.samples, help="generated pairs per type")
+    p.add_argument("--sampling-steps", type=int, default=d.sampling_steps, help="denoising steps per sample")
+    p.add_argument("--cfg", type=float, help="guidance scale (default: the recipe's; ours 1.0, reference 2.5)")
     p.add_argument("--json", default="quality.json", help="where to write the results")
+    p.add_argument("--markdown", help="also write the summary table (Markdown) here")
     p.add_argument(
         "--sources",
         nargs="+",
@@ -52,6 +78,10 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=ev.SegConfig.width, help="segmentation network width")
     p.add_argument("--n-synthetic", type=int, default=500, help="CutPaste / Perlin pairs per run")
     p.add_argument("--train-count", type=int, help="few-shot images (default: the first third, rounded down)")
+    p.add_argument(
+        "--cache-dir",
+        help="keep the real/CutPaste/Perlin rows' scores here and reuse them (default <work>/cache; 'none' = off)",
+    )
     p.add_argument("--quick", action="store_true", help="1 seed, 200 steps (a first look)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")), help="torch CPU threads")
     a = p.parse_args(argv)
@@ -59,44 +89,72 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(max(1, a.threads))
-    data = Path(a.data)
+    work = Path(a.work)
+    data = Path(a.data) if a.data else work / f"minidefect-seed{a.dataset_seed}"
     if not data.exists():
-        print(f"writing MiniDefect to {data} ...", file=sys.stderr)
-        md.write_minidefect(data)
+        print(f"writing MiniDefect (seed {a.dataset_seed}) to {data} ...", file=sys.stderr)
+        md.write_minidefect(data, md.MiniDefectSpec(seed=a.dataset_seed))
     targets = [t.split("/", 1) for t in a.target]
     if a.all:
         targets += [[c, d] for c, ds in md.PRODUCTS.items() for d in ds]
     if not targets or any(len(t) != 2 for t in targets):
         p.error("give --target CATEGORY/DEFECT (repeatable) or --all")
+    if a.generated and a.reference_only:
+        p.error("--generated and --reference-only exclude each other")
     seeds, steps = (a.seeds[:1], 200) if a.quick else (a.seeds, a.steps)
+    cache = None if a.cache_dir == "none" else (a.cache_dir or str(work / "cache"))
     cfg = ev.BenchConfig(
         sources=tuple(a.sources),
         seeds=tuple(seeds),
         seg=ev.SegConfig(steps=steps, width=a.width),
         n_synthetic=a.n_synthetic,
         train_count=a.train_count,
+        cache_dir=cache,
     )
-    results = []
+    run = RunSettings(
+        recipe=a.recipe, train_steps=a.train_steps, samples=a.samples, sampling_steps=a.sampling_steps, cfg=a.cfg
+    )
+    end_to_end = not a.generated and not a.reference_only
+    run_dir = work / f"{a.recipe}-seed{a.dataset_seed}"
+    results, rows = [], []
     t0 = time.time()
     for category, defect in targets:
         gen = a.generated
-        if gen is not None and not (Path(gen) / category / "test" / defect).is_dir():
+        info = None
+        if end_to_end:
+            info = train_and_generate(data, category, defect, run_dir, run)
+            gen = info["generated"]
+        elif gen is not None and not (Path(gen) / category / "test" / defect).is_dir():
             print(f"note: {gen} holds no {category}/{defect}; reference rows only", file=sys.stderr)
             gen = None
+        if gen is not None and end_to_end and not info.get("accepted"):
+            print(f"note: every generated {category}/{defect} pair was rejected; reference rows only", file=sys.stderr)
+            gen = None
         r = ev.benchmark(data, category, defect, gen, cfg)
+        if info is not None:
+            r["run"] = info
         print(ev.format_report(r))
         print()
         results.append(r)
-    write_json_atomic(
-        a.json,
-        {
-            "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
-            "results": results,
-            "seconds": round(time.time() - t0, 1),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
-    )
+        rows.append(ev.summary_row(r))
+        write_json_atomic(
+            a.json,
+            {
+                "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
+                "dataset_seed": a.dataset_seed if not a.data else None,
+                "recipe": a.recipe if end_to_end else None,
+                "run_settings": run.to_dict() if end_to_end else None,
+                "summary": rows,
+                "results": results,
+                "seconds": round(time.time() - t0, 1),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+            },
+        )
+    table = ev.format_summary(rows)
+    print(table)
+    if a.markdown:
+        write_text_atomic(a.markdown, table + "\n")
     print(f"wrote {a.json} ({time.time() - t0:.0f} s)")
     return 0
 

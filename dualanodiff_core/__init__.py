@@ -13,6 +13,8 @@ from . import _compat
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "DualAnoDiffError": "errors",
+    "RunError": "errors",
     "DualAnoDiffWeights": "method.weights",
     "WeightsError": "method.weights",
     "WeightsKeyError": "method.weights",

@@ -11,6 +11,7 @@ import threading
 import folder_paths
 from comfy_api.latest import io
 
+from ..dualanodiff_core.errors import require_finite
 from ..dualanodiff_core.method.weights import WEIGHT_SUFFIXES, DualAnoDiffWeights
 from . import comfy_backend as backend
 
@@ -224,6 +225,7 @@ class DualLoRALoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, weights, strength_global, strength_anomaly, strength_text) -> io.NodeOutput:
+        require_finite(strength_global=strength_global, strength_anomaly=strength_anomaly, strength_text=strength_text)
         path = resolve(weights)
         w = load_weights(path)
         m = backend.install(model, w, strength_global, strength_anomaly, source=weights)

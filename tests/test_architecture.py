@@ -128,7 +128,11 @@ def test_every_core_error_derives_from_the_root_and_keeps_its_old_base():
     for cls in errors:
         assert issubclass(cls, DualAnoDiffError), f"{cls.__module__}.{cls.__name__} does not derive from the root"
         if cls.__name__ == "TrainingError":
-            assert issubclass(cls, RuntimeError)
+            assert issubclass(cls, RuntimeError) and cls.exit_code == 1  # a failure during the run
+        elif cls.__name__ == "RunError":  # new: failures during a run (disk full, ...), exit status 1
+            assert cls.exit_code == 1
+        elif cls.__name__ == "MissingInputError":  # what used to be raised as FileNotFoundError
+            assert issubclass(cls, FileNotFoundError) and cls.exit_code == 2
         elif cls is not DualAnoDiffError:
             assert issubclass(cls, ValueError), f"{cls.__name__}: `except ValueError` callers must still catch it"
 

@@ -2,6 +2,7 @@
 BCM backgrounds, errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,6 +52,8 @@ def assets(tmp_path_factory):
 
 # loose filter/mask settings: a random tiny model draws noise, not defects on gray
 LOOSE = [
+    "--min-alignment",
+    "0",
     "--max-area",
     "1",
     "--max-gray-offset",
@@ -142,6 +145,8 @@ def test_generate_end_to_end(assets, tmp_path, capsys):
         assert r["weights_sha256"] == sha and r["base_model"] == str(assets["model"].resolve())
         assert r["prompt_global"] == "a vfx with sks" and r["prompt_anomaly"] == "sks"
         assert isinstance(r["mask_area"], float) and r["reason"] and "accepted" in r
+        # the alignment check ran on every non-empty mask (its threshold is 0 here)
+        assert r["mask"]["empty"] or isinstance(r["filter"]["alignment"], float)
         for rel in r["files"].values():
             assert (out / rel).is_file()
     accepted = [r for r in records if r["accepted"]]
@@ -220,9 +225,9 @@ def test_interrupted_runs_leave_no_half_sample_and_resume(assets, tmp_path, monk
 
     real_replace = os.replace
 
-    # 1. killed between the renames of sample 2 (its image is in place, its mask is not)
+    # 1. killed between the renames of sample 2 (its mask is in place, its image, published last, is not)
     def dying_replace(src, dst):
-        if ".staging" in str(src) and os.path.basename(str(dst)).startswith("002") and "mask" in str(dst):
+        if ".staging" in str(src) and Path(dst).as_posix().endswith("test/dent/002.png"):
             raise KeyboardInterrupt
         return real_replace(src, dst)
 
@@ -232,7 +237,7 @@ def test_interrupted_runs_leave_no_half_sample_and_resume(assets, tmp_path, monk
     monkeypatch.setattr(os, "replace", real_replace)
     assert "run the same command again to resume" in capsys.readouterr().err
     assert [r["index"] for r in iter_records(out)] == [0, 1]
-    assert (out / "widget/test/dent/002.png").is_file() and not (out / "widget/ground_truth/dent/002_mask.png").exists()
+    assert (out / "widget/ground_truth/dent/002_mask.png").is_file() and not (out / "widget/test/dent/002.png").exists()
 
     # 2. killed while appending sample 2's manifest line (the line is torn)
     real_dump = export._dump

@@ -346,6 +346,10 @@ def test_filter_against_the_normal_image():
     region = np.ones((H, W), bool)
     region[DISK | RECT] = False
     d = check_pair(wrong_place, global_image=glob, normal_image=normal, known_region=region)
+    assert d.agreement == 1.0 and d.reason == "misaligned"  # ... but the image shows no defect under the mask
+    d = check_pair(
+        wrong_place, FilterOptions(min_alignment=0), global_image=glob, normal_image=normal, known_region=region
+    )
     assert d.accepted and d.agreement == 1.0
 
 

@@ -179,6 +179,9 @@ def test_bench_cli_writes_table_and_json(tmp_path):
         [
             sys.executable,
             "bench/quality.py",
+            "--reference-only",
+            "--work",
+            str(tmp_path / "work"),
             "--data",
             str(tmp_path / "data"),
             "--target",
@@ -207,3 +210,5 @@ def test_bench_cli_writes_table_and_json(tmp_path):
     out = json.loads((tmp_path / "q.json").read_text())
     assert out["results"][0]["counts"]["few_shot"] == 1
     assert set(out["results"][0]["usefulness"]) == {"texture_detector (no training)", "real", "cutpaste"}
+    assert len(list((tmp_path / "work" / "cache").glob("*.json"))) == 2  # the reference rows' scores, cached
+    assert "| metal/hole |" in r.stdout  # the summary table

@@ -192,7 +192,7 @@ def test_all_zero_mask(tmp_path):
     faint = np.zeros((16, 16), np.uint8)
     faint[2:5, 2:5] = 40
     Image.fromarray(faint).save(root / "masks" / "000.png")
-    with pytest.raises(DataError, match="faint non-zero pixels, all below 50 %"):
+    with pytest.raises(DataError, match="faint non-zero pixels, at most 16% gray"):
         check_defect_set(find_defect_set(root))
 
 

@@ -28,7 +28,7 @@ DESCRIPTION = __doc__.split("\n\n", 1)[1]
 #: settings whose change makes earlier results in OUT invalid (compared with OUT/demo.json)
 _STAGE_KEYS = {
     "dataset": ("seed", "size"),
-    "train": ("seed", "size", "product", "defect", "train_steps", "rank", "lr", "batch_size", "train_seed"),
+    "train": ("seed", "size", "product", "defect", "train_steps", "rank", "lr", "batch_size", "train_seed", "recipe"),
     "generate": (
         "seed",
         "size",
@@ -39,6 +39,7 @@ _STAGE_KEYS = {
         "lr",
         "batch_size",
         "train_seed",
+        "recipe",
         "samples",
         "sampling_steps",
         "cfg",
@@ -65,15 +66,22 @@ class DemoConfig:
     samples: int = 48
     sampling_steps: int = 25
     sampler: str = "ddim"
-    cfg: float = 2.5
+    #: None = the recipe's (ours 1.0: masks and images aligned better than with 2.5; reference 2.5)
+    cfg: float | None = None
     gen_seed: int = 0
+    #: training/sampling recipe (dualanodiff_core.method.recipes): "reference" (default) or "ours"
+    recipe: str = "reference"
     seg_steps: int = 150  # segmentation-network training steps per usefulness row; 0 = skip usefulness
     sources: tuple[str, ...] = ("generated", "real", "cutpaste", "perlin")
     threads: int = 0  # 0 = torch's default
 
     def validate(self) -> DemoConfig:
+        from ..method.recipes import get_recipe
         from ..minidefect import procedural as md
 
+        recipe = get_recipe(self.recipe)
+        if self.cfg is None:
+            self.cfg = recipe.minidefect_cfg
         if self.product not in md.PRODUCTS:
             raise ValueError(f"--product {self.product!r}: choose one of {', '.join(md.PRODUCTS)}")
         if self.defect not in md.PRODUCTS[self.product]:
@@ -98,6 +106,8 @@ class DemoConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..method.recipes import RECIPES
+
     d = DemoConfig()
     p.description = DESCRIPTION
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -114,7 +124,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt("--train-steps", "training steps")
     opt("--samples", "image/mask pairs to generate")
     opt("--sampling-steps", "denoising steps per sample")
-    opt("--cfg", "classifier-free guidance scale")
+    p.add_argument(
+        "--cfg",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (default: the recipe's, ours 1.0, reference 2.5)",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        default=d.recipe,
+        help="ours: product prompts, offset noise on the anomaly rows, mask-weighted global loss, zero-mean anomaly "
+        "starting noise, cfg 1.0 (docs/quality.md); reference: the paper's recipe "
+        f"(default: {d.recipe})",
+    )
     opt("--rank", "LoRA rank")
     opt("--lr", "learning rate")
     opt("--batch-size", "training images per step")
@@ -148,6 +171,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         samples=args.samples,
         sampling_steps=args.sampling_steps,
         cfg=args.cfg,
+        recipe=args.recipe,
         gen_seed=args.gen_seed,
         seg_steps=args.seg_steps,
         threads=args.threads,
@@ -329,9 +353,9 @@ def _stage_dataset(run: _DemoRun) -> None:
 
 def _stage_train(run: _DemoRun) -> None:
     """2. DualAnoDiff weights from the first third of one defect's images (the strict split)."""
+    from ..minidefect.bench import train_config
     from ..sd15.training import train_from_folder
     from ..training.data import find_defect_set
-    from ..training.trainer import TrainConfig
 
     config, log, weights = run.config, run.log, run.weights
     t0 = time.time()
@@ -339,18 +363,7 @@ def _stage_train(run: _DemoRun) -> None:
     if run.stages.done("train") and weights.is_file():
         log(f"[2/{N_STAGES}] train: reusing {weights}")
         return
-    tc = TrainConfig(
-        steps=config.train_steps,
-        batch_size=config.batch_size,
-        learning_rate=config.lr,
-        rank=config.rank,
-        seed=config.train_seed,
-        resolution=config.size,
-        split="strict",
-        checkpoint_every=0,
-        keep_checkpoints=1,
-        checkpoint_weights=False,
-    ).validate()
+    tc = train_config(_run_settings(config), config.product, config.size)
     n_train = len(defect_set.select("strict").samples)
     log(
         f"[2/{N_STAGES}] train: {config.product}/{config.defect}, {n_train} of {len(defect_set.samples)} defect "
@@ -381,8 +394,9 @@ def _stage_train(run: _DemoRun) -> None:
 
 def _stage_generate(run: _DemoRun) -> str:
     """3. generated pairs through the quality filter; returns the generation summary."""
-    from ..dataset.generate import SamplingOptions, generate_dataset
+    from ..dataset.generate import generate_dataset
     from ..minidefect import procedural as md
+    from ..minidefect.bench import sampling_options
     from ..sd15.pipeline import DualAnoDiffPipeline
 
     config, log, generated = run.config, run.log, run.generated
@@ -406,13 +420,7 @@ def _stage_generate(run: _DemoRun) -> str:
         defect=config.defect,
         seed=config.gen_seed,
         batch_size=8,
-        sampling=SamplingOptions(
-            sampler=config.sampler,
-            steps=config.sampling_steps,
-            cfg=config.cfg,
-            height=config.size,
-            width=config.size,
-        ),
+        sampling=sampling_options(_run_settings(config), config.size),
         mask_options=md.mask_options(),
         weights_path=run.weights,
         base_model=str(run.model),
@@ -479,12 +487,31 @@ def _stage_evaluate(run: _DemoRun, summary_text: str, t_all: float) -> dict[str,
         },
     }
     write_json_atomic(out / "report.json", report)
+    report["summary"] = ev.summary_row(result)
     text = _report_markdown(report, ev.format_report(result))
     write_text_atomic(out / "report.md", text)
     run.stages.finish("evaluate", time.time() - t0)
     log(f"      done in {_fmt_s(time.time() - t0)}")
     print(ev.format_report(result))
     return report
+
+
+def _run_settings(config: DemoConfig):
+    from ..minidefect.bench import RunSettings
+
+    return RunSettings(
+        recipe=config.recipe,
+        train_steps=config.train_steps,
+        rank=config.rank,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        train_seed=config.train_seed,
+        samples=config.samples,
+        sampler=config.sampler,
+        sampling_steps=config.sampling_steps,
+        cfg=config.cfg,
+        gen_seed=config.gen_seed,
+    )
 
 
 def _bar(progress: bool, desc: str, unit: str, total: int | None = None):
@@ -505,7 +532,7 @@ def _report_markdown(report: dict[str, Any], table: str) -> str:
             "",
             f"- dataset: `{files['dataset']}` (seed {c['seed']}, {c['size']} px)",
             f"- weights: `{files['weights']}` ({c['train_steps']} steps, rank {c['rank']}, lr {c['lr']}, "
-            f"batch {c['batch_size']})",
+            f"batch {c['batch_size']}, recipe {c.get('recipe', 'reference')})",
             f"- generated dataset: `{files['generated']}` ({c['samples']} samples, "
             f"{c['sampler']} {c['sampling_steps']} "
             f"steps, cfg {c['cfg']})",
@@ -520,6 +547,11 @@ def _report_markdown(report: dict[str, Any], table: str) -> str:
             table,
             "```",
             "",
+            "The same row as the table of `bench/quality.py --all` (docs/quality.md; pixel AP of a segmentation "
+            "network trained on each source and tested on the held-out real defects):",
+            "",
+            ev_summary_table(report),
+            "",
             "How to read it: (a) the mask from the anomaly branch should agree with an independent detector on the "
             "generated image about as well as the true masks of real defects do; (b) generated sets should vary about "
             "as much as real defects and not copy the few-shot images (`to train` > 0); (c) a segmentation network "
@@ -528,6 +560,12 @@ def _report_markdown(report: dict[str, Any], table: str) -> str:
             "",
         ]
     )
+
+
+def ev_summary_table(report: dict[str, Any]) -> str:
+    from ..evaluation.benchmark import format_summary
+
+    return format_summary([report["summary"]]) if "summary" in report else ""
 
 
 def demo_contact_sheet(

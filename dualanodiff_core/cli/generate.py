@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import sys
 from pathlib import Path
 
+from ..dataset.acceptance import DEFAULT_MIN_ALIGNMENT
 from ..dataset.generate import (
     BCM_REFERENCE_CFG,
     BCM_REFERENCE_STEPS,
@@ -13,7 +16,9 @@ from ..dataset.generate import (
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
     DEFAULT_SWITCH_EVERY,
+    MAX_SIDE,
 )
+from ..method.recipes import DEFAULT_RECIPE, RECIPES
 
 DESCRIPTION = """\
 Generate N defect image + mask pairs with trained DualAnoDiff weights and write them as an MVTec-style dataset that
@@ -70,7 +75,24 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _level(text: str):
-    return text if text in ("otsu", "median", "border") else float(text)
+    return text if text in ("otsu", "median", "border") else _finite(text)
+
+
+def _finite(text: str) -> float:
+    """A float option that must be a real number (not nan/inf)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number") from None
+    return v
+
+
+def _prompt(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the prompt is empty; give the prompt the weights were trained with")
+    return text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -125,7 +147,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     s.add_argument(
         "--cfg",
-        type=float,
+        type=_finite,
         default=DEFAULT_CFG,
         help=f"classifier-free guidance scale (the BCM reference uses {BCM_REFERENCE_CFG}, 1.2 for screw; "
         "<= 1 turns guidance off)",
@@ -134,22 +156,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--size", type=_size, default="512", metavar="S", help="image size: 512 or WIDTHxHEIGHT, multiples of 8"
     )
     s.add_argument(
-        "--prompt-global", default=None, help="global-branch prompt (default: from the weights, else 'a vfx with sks')"
+        "--max-size",
+        type=int,
+        default=MAX_SIDE,
+        metavar="PX",
+        help="refuse a --size with a side above this (memory grows with the square of the side); raise it if "
+        "your device has the memory",
     )
     s.add_argument(
-        "--prompt-anomaly", default=None, help="anomaly-branch prompt (default: from the weights, else 'sks')"
+        "--prompt-global",
+        type=_prompt,
+        default=None,
+        help="global-branch prompt (default: from the weights, else 'a vfx with sks')",
+    )
+    s.add_argument(
+        "--prompt-anomaly",
+        type=_prompt,
+        default=None,
+        help="anomaly-branch prompt (default: from the weights, else 'sks')",
     )
     s.add_argument("--negative-prompt", default="", help="negative prompt for both branches")
     s.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        default=DEFAULT_RECIPE,
+        help="ours: zero-mean starting noise on the anomaly branch (a gray, untinted background; docs/quality.md); "
+        "reference: the paper's sampling exactly",
+    )
+    s.add_argument(
+        "--zero-mean-anomaly-noise",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="remove the mean of the anomaly branch's starting noise (default: on with --recipe ours, off with "
+        "reference)",
+    )
+    s.add_argument(
         "--lora-strength",
-        type=float,
+        type=_finite,
         nargs=2,
         default=(1.0, 1.0),
         metavar=("GLOBAL", "ANOMALY"),
         help="per-branch LoRA strength",
     )
-    s.add_argument("--saim-strength", type=float, default=1.0, help="cross-branch attention (SAIM) strength")
-    s.add_argument("--text-strength", type=float, default=1.0, help="text-encoder LoRA strength")
+    s.add_argument("--saim-strength", type=_finite, default=1.0, help="cross-branch attention (SAIM) strength")
+    s.add_argument("--text-strength", type=_finite, default=1.0, help="text-encoder LoRA strength")
 
     b = p.add_argument_group("background compensation (BCM weights only)")
     b.add_argument(
@@ -172,7 +222,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="use the next background every K samples (reference: 50, screw: 10)",
     )
-    b.add_argument("--bcm-strength", type=float, default=1.0, help="background fusion strength")
+    b.add_argument("--bcm-strength", type=_finite, default=1.0, help="background fusion strength")
     b.add_argument(
         "--filter-against-background",
         action="store_true",
@@ -195,7 +245,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     m.add_argument("--mask-reduce", default="max", choices=("max", "mean", "l2"), help="channel reduction")
     m.add_argument(
-        "--mask-blur", type=float, default=1.0, metavar="SIGMA", help="Gaussian smoothing before thresholding"
+        "--mask-blur", type=_finite, default=1.0, metavar="SIGMA", help="Gaussian smoothing before thresholding"
     )
     m.add_argument(
         "--mask-threshold",
@@ -206,14 +256,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     m.add_argument(
         "--mask-min-contrast",
-        type=float,
+        type=_finite,
         default=0.1,
         metavar="C",
         help="absolute floor: an anomaly image with no pixel this far from gray gives an empty mask",
     )
     m.add_argument(
         "--mask-hysteresis",
-        type=float,
+        type=_finite,
         default=0.5,
         metavar="H",
         help="grow the mask into connected pixels above H x threshold (1 = off)",
@@ -225,17 +275,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--mask-keep-holes", action="store_true", help="do not fill holes inside the mask")
 
     f = p.add_argument_group("quality filter (rejected samples stay out of the MVTec tree, recorded in the manifest)")
-    f.add_argument("--max-area", type=float, default=0.5, help="reject masks covering more than this share")
-    f.add_argument("--min-area", type=float, default=0.0, help="reject masks covering less than this share")
+    f.add_argument("--max-area", type=_finite, default=0.5, help="reject masks covering more than this share")
+    f.add_argument("--min-area", type=_finite, default=0.0, help="reject masks covering less than this share")
     f.add_argument(
         "--max-gray-offset",
-        type=float,
+        type=_finite,
         default=0.2,
         help="reject when the anomaly image's median is further than this from mid-gray (1 = off)",
     )
     f.add_argument(
-        "--min-agreement",
+        "--min-alignment",
         type=float,
+        default=DEFAULT_MIN_ALIGNMENT,
+        help="reject when the generated image does not differ inside the mask from a 3 px ring around it: "
+        "alignment contrast below this (the defect the mask marks is not in the image); 0 = off",
+    )
+    f.add_argument(
+        "--min-agreement",
+        type=_finite,
         default=0.5,
         help="with --filter-against-background: minimum mask/change agreement",
     )
@@ -267,7 +324,9 @@ def _device(name: str):
             return "mps"
         return "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available in this PyTorch; use --device cpu")
+        from ..errors import DualAnoDiffError
+
+        raise DualAnoDiffError(f"--device {name}: CUDA is not available in this PyTorch; use --device cpu")
     return name
 
 
@@ -275,19 +334,34 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..dataset.acceptance import FilterOptions
-    from ..dataset.generate import BackgroundSet, SamplingOptions, generate_dataset
+    from ..dataset.generate import BackgroundSet, SamplingOptions, check_size, generate_dataset
     from ..dataset.masks import MaskOptions
+    from ..errors import DualAnoDiffError, MissingInputError, RunError
+    from ..fileio import check_output_dir, os_error_message
+    from ..method.recipes import get_recipe
+    from ..method.weights import DualAnoDiffWeights
+    from ..sd15.loading import check_base_model, check_weights_fit
 
+    # every input is checked before anything is created or loaded
     weights = Path(args.weights)
     if not weights.is_file():
-        raise FileNotFoundError(f"--weights {weights}: no such file")
+        raise MissingInputError(
+            f"--weights {weights}: no such file; give the .safetensors file `dualanodiff train` wrote"
+        )
     base = Path(args.base)
     if not base.is_dir():
-        raise FileNotFoundError(f"--base {base}: not a folder; give a local diffusers Stable Diffusion 1.5 folder")
+        raise MissingInputError(f"--base {base}: not a folder; give a local diffusers Stable Diffusion 1.5 folder")
     if args.object_masks and not args.backgrounds:
-        raise ValueError("--object-masks needs --backgrounds")
+        raise DualAnoDiffError("--object-masks needs --backgrounds")
+    if args.max_size < 8:
+        raise DualAnoDiffError(f"--max-size {args.max_size}: give a size in pixels, e.g. {MAX_SIDE}")
     width, height = args.size
+    check_size(width, height, args.max_size)
+    zero_mean = args.zero_mean_anomaly_noise
+    if zero_mean is None:
+        zero_mean = get_recipe(args.recipe).zero_mean_anomaly_noise
     sampling = SamplingOptions(
+        zero_mean_anomaly_noise=zero_mean,
         sampler=args.sampler,
         steps=args.steps,
         cfg=args.cfg,
@@ -319,12 +393,24 @@ def run(args: argparse.Namespace) -> int:
         min_area=args.min_area,
         max_gray_offset=args.max_gray_offset,
         min_agreement=args.min_agreement,
+        min_alignment=args.min_alignment,
     )
     backgrounds = None
     if args.backgrounds:
         backgrounds = BackgroundSet.from_folder(args.backgrounds, args.object_masks, args.switch_every)
     device = _device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    configs = check_base_model(base)
+    loaded_weights = DualAnoDiffWeights.load(weights)
+    check_weights_fit(loaded_weights, configs["unet"], configs["text_encoder"], weights, base)
+    if backgrounds is not None and not loaded_weights.has_bcm:
+        raise DualAnoDiffError(
+            f"--backgrounds was given, but {weights} has no BCM layers (trained without background compensation): "
+            "drop --backgrounds, or use weights trained with --bcm"
+        )
+    out = Path(args.out)
+    created = not out.exists()
+    check_output_dir(out, "--out")
 
     def load():
         from ..distributed import is_distributed, rank
@@ -332,12 +418,13 @@ def run(args: argparse.Namespace) -> int:
 
         who = f"process {rank()}: " if is_distributed() else ""
         print(f"{who}loading {base} + {weights} on {device} ({args.dtype}) ...", file=sys.stderr)
-        return DualAnoDiffPipeline.from_pretrained(base, weights, dtype=dtype, device=device)
+        return DualAnoDiffPipeline.from_pretrained(base, loaded_weights, dtype=dtype, device=device)
 
+    resume = "finished samples are kept; fix this and run the same command again to resume"
     try:
         summary = generate_dataset(
             load,
-            args.out,
+            out,
             args.n,
             category=args.category,
             defect=args.defect,
@@ -356,17 +443,31 @@ def run(args: argparse.Namespace) -> int:
             base_model=str(base),
             dtype=args.dtype,
             progress=not args.no_progress,
+            max_side=args.max_size,
         )
     except KeyboardInterrupt:
         print("interrupted: finished samples are kept; run the same command again to resume", file=sys.stderr)
         return 130
     except OSError as e:
-        if isinstance(e, FileNotFoundError):
+        raise RunError(f"{os_error_message(e)} ({resume})") from e
+    except MemoryError:
+        raise RunError(
+            f"out of memory at --size {width}x{height}, --batch-size {args.batch_size}; use smaller ones ({resume})"
+        ) from None
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower():
             raise
-        raise ValueError(f"{e} (finished samples are kept; fix this and run the same command again to resume)") from e
+        raise RunError(
+            f"out of memory on {device} at --size {width}x{height}, --batch-size {args.batch_size}; use smaller "
+            f"ones or --dtype fp16 ({resume})"
+        ) from None
+    finally:
+        if created:  # a run that failed before writing anything leaves no empty --out behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
     from .. import distributed
 
-    if not distributed.is_main():
+    if not distributed.is_main():  # process 0 reports for all
         return 0
     print(summary.text())
     if summary.accepted == 0 and summary.rejected:
@@ -385,6 +486,8 @@ HINTS = {
     "empty_mask": "nothing stood out from gray; for faint defects lower --mask-min-contrast.",
     "mask_too_large": "masks covered too much of the image; if your defects are that large, raise --max-area.",
     "mask_too_small": "masks were smaller than --min-area.",
+    "misaligned": "the generated images did not show the defect that the masks mark (train longer, or try "
+    "--recipe ours); lower --min-alignment (0 = off) to keep them anyway.",
     "disagrees_with_normal": "the images changed elsewhere than the masks; BCM may not keep the background "
     "(drop --filter-against-background or lower --min-agreement).",
 }

@@ -36,6 +36,7 @@ another process count when the global batch stays the same.
 def add_arguments(p: argparse.ArgumentParser, one_defect: bool = True) -> None:
     """``one_defect=False``: only the options that say *how* to train (for ``dualanodiff train-all``), not which data,
     nor where one run's output goes."""
+    from ..method.recipes import DEFAULT_RECIPE, RECIPES
     from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL
     from ..training.data import CROPS, FLIPS, SPLIT_HELP, SPLITS
     from ..training.trainer import PRECISIONS, TrainConfig
@@ -88,6 +89,13 @@ def add_arguments(p: argparse.ArgumentParser, one_defect: bool = True) -> None:
         metavar="PX",
         help="training resolution (square, multiple of 8); SD1.5 is trained at 512",
     )
+    g.add_argument(
+        "--max-size",
+        type=int,
+        default=2048,
+        metavar="PX",
+        help="refuse a --resolution above this (memory grows with its square); raise it if your device has the memory",
+    )
 
     g = p.add_argument_group("model")
     g.add_argument(
@@ -132,6 +140,28 @@ def add_arguments(p: argparse.ArgumentParser, one_defect: bool = True) -> None:
     g.add_argument("--prompt-global", default=DEFAULT_PROMPT_GLOBAL, help="prompt of the global (whole image) branch")
     g.add_argument(
         "--prompt-anomaly", default=DEFAULT_PROMPT_ANOMALY, help="prompt of the anomaly (defect only) branch"
+    )
+
+    g.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        default=DEFAULT_RECIPE,
+        help="ours: offset noise on the anomaly rows and a mask-weighted global-branch loss (measured better on "
+        "MiniDefect, docs/quality.md); reference: the paper's code exactly. The two options below override it",
+    )
+    g.add_argument(
+        "--anomaly-offset-noise",
+        type=float,
+        metavar="STD",
+        help="std of a per-channel constant added to the anomaly rows' training noise; 0 = off "
+        "(default: 0.1 with --recipe ours, 0 with reference)",
+    )
+    g.add_argument(
+        "--mask-loss-weight",
+        type=float,
+        metavar="W",
+        help="weight of the global branch's loss inside the defect mask; 1 = uniform "
+        "(default: 20 with --recipe ours, 1 with reference)",
     )
 
     g = p.add_argument_group("optimisation")
@@ -232,9 +262,15 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def config_from_args(args: argparse.Namespace):
+    from ..method.recipes import get_recipe
     from ..training.trainer import TrainConfig
 
+    recipe = get_recipe(getattr(args, "recipe", "reference")).train_settings()
+    for k in recipe:
+        if getattr(args, k, None) is not None:
+            recipe[k] = getattr(args, k)
     return TrainConfig(
+        **recipe,
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -269,7 +305,9 @@ def pick_device(name: str) -> str:
     name = device_for_process(name)
     if name != "auto":
         if name.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu.")
+            from ..errors import InputError
+
+            raise InputError(f"--device {name}: CUDA is not available here; use --device cpu.")
         return name
     if torch.cuda.is_available():
         return "cuda"
@@ -332,6 +370,14 @@ def run(args: argparse.Namespace) -> int:
     from ..training.trainer import TrainingError, list_checkpoints
 
     config = config_from_args(args)
+    if config.resolution > args.max_size:
+        from ..errors import DualAnoDiffError
+
+        raise DualAnoDiffError(
+            f"--resolution {config.resolution}: above the maximum of {args.max_size} px (SD1.5 is trained at 512; "
+            "memory grows with the square of the size); use a smaller one, or raise --max-size if your device has "
+            "the memory."
+        )
     output = Path(args.output)
     if output.suffix != ".safetensors":
         raise ValueError(
@@ -382,6 +428,15 @@ def run(args: argparse.Namespace) -> int:
                 distributed.barrier()
 
         device = pick_device(args.device)
+        # cheap checks of the base model and the output locations before the heavy load
+        from ..fileio import check_output_dir, check_output_file
+        from ..sd15.loading import check_base_model
+
+        if Path(args.model).is_dir():
+            check_base_model(args.model)
+        created = [d for d in (output.parent, work_dir) if not d.exists()]
+        check_output_file(output, "--output")
+        check_output_dir(work_dir, "--work-dir")
         if not main_process:
             args.no_progress = True
         echo(f"model: {args.model} on {device} ({config.precision})")
@@ -438,9 +493,20 @@ def run(args: argparse.Namespace) -> int:
         except TrainingError as e:
             echo(f"dualanodiff train: error: {e}")
             return 1
+        except OSError as e:
+            from ..errors import RunError
+            from ..fileio import os_error_message
+
+            raise RunError(
+                f"{os_error_message(e)} (checkpoints written so far are kept; continue with the same command plus "
+                "--resume)"
+            ) from e
         finally:
             if bar is not None:
                 bar.close()
+            for d in reversed(created):  # a run that failed before writing anything leaves no empty folder
+                with contextlib.suppress(OSError):
+                    d.rmdir()
 
     echo(f"loss log: {work_dir / 'loss.csv'}, curve: {work_dir / 'loss.png'}")
     if result.completed:

@@ -16,19 +16,23 @@ Only accepted samples enter the MVTec tree, so anomalib sees nothing but consist
 else lives outside ``<category>/`` (anomalib's MVTec parser reads every PNG under the category folder).
 
 Safety: each sample is written to ``.staging/`` first, a commit note lists its destinations, the files are renamed
-into place, then its manifest line is appended (flushed and fsynced). A sample whose manifest line is missing is
-not done: on the next :meth:`DatasetWriter.open` its files are removed and it is generated again. A lock file
-keeps two runs from writing into the same folder, and files this writer did not make are never overwritten or
-deleted (opening fails with a clear message instead).
+into place with the image last (its mask is always there first, so a reader never sees an image without its mask),
+then its manifest line is appended (flushed and fsynced). A sample whose manifest line is missing is not done: on the
+next :meth:`DatasetWriter.open` its files are removed (image first) and it is generated again. An OS-level lock
+(``flock`` on ``.dualanodiff.lock``; ``msvcrt.locking`` on Windows) held for the whole run keeps two runs from
+writing into the same folder; the operating system releases it when the process dies, so a lock is never "stale".
+Files this writer did not make are never overwritten or deleted (opening fails with a clear message instead).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -36,12 +40,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .. import _testhook
 from ..errors import DualAnoDiffError
 from ..fileio import (
     IMAGE_SUFFIXES,
     SAFE_NAME_RE,
     save_image_atomic,
     sha256_file,  # noqa: F401  (re-exported: it used to live here)
+    sweep_temp_files,
     write_text_atomic,
 )
 from .acceptance import FilterDecision
@@ -55,6 +61,20 @@ SIDE_DIRS = ("fg", "rejected", "research", "contact_sheets")
 
 class DatasetError(DualAnoDiffError, ValueError):
     """The output folder or a name cannot be used as asked."""
+
+
+class DatasetBusyError(DatasetError):
+    """Another run (or another writer in this process) holds the dataset's lock."""
+
+
+#: publish order of a sample's files: everything else first, the images last (a reader that finds an image finds
+#: its mask); removal goes the other way round
+_PUBLISH_LAST = ("research_image", "rejected_image", "image")
+
+
+def _publish_order(keys) -> list:
+    keys = list(keys)
+    return [k for k in keys if k not in _PUBLISH_LAST] + [k for k in _PUBLISH_LAST if k in keys]
 
 
 def check_name(value: str, what: str) -> str:
@@ -85,27 +105,46 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
-        import ctypes
+def _try_lock(fd: int) -> bool:
+    """Non-blocking exclusive lock on an open file; False if someone else holds it."""
+    if os.name == "nt":
+        import msvcrt
 
-        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
-        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
             return False
-        code = ctypes.c_ulong()
-        ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-        kernel32.CloseHandle(handle)
-        return bool(ok) and code.value == 259  # STILL_ACTIVE
+    import fcntl
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
-    return True
+    except BlockingIOError:
+        return False
+    except OSError as e:  # e.g. a file system without locks
+        raise DatasetError(f"cannot lock {LOCK} in the output folder ({e.strerror}); use a local folder.") from None
+
+
+def _unlock(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        if os.name == "nt":
+            import msvcrt
+
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _read_owner(path: Path) -> int:
+    try:
+        return int(path.read_text(encoding="ascii").strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 # ---- manifest ------------------------------------------------------------------------------------------------------
@@ -175,6 +214,7 @@ class DatasetWriter:
         research_layout: bool = False,
         keep_rejected: bool = True,
         settings: dict | None = None,
+        lock_wait: float = 0.0,
     ):
         self.out = Path(out)
         self.category = check_name(category, "category")
@@ -188,6 +228,8 @@ class DatasetWriter:
         self.records: dict[int, dict] = {}
         self._others: list[dict] = []
         self._lock_held = False
+        self._lock_fd: int | None = None
+        self.lock_wait = float(lock_wait)  # seconds open() waits for another writer's lock (0 = fail at once)
         self.recovered: list[str] = []  # what open() repaired, for the log
 
     # ---- paths -------------------------------------------------------------------------------------------------
@@ -263,7 +305,12 @@ class DatasetWriter:
     def open(self) -> DatasetWriter:
         if self.out.exists() and not self.out.is_dir():
             raise DatasetError(f"{self.out}: exists and is not a folder; give a folder for --out")
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DatasetError(
+                f"{self.out}: cannot create the output folder ({e.strerror}); give a folder you can write to."
+            ) from None
         self._acquire_lock()
         try:
             self._recover()
@@ -277,43 +324,74 @@ class DatasetWriter:
         for d in (self.staging_dir, self.staging_dir.parent, self.staging_dir.parent.parent):
             try:
                 d.rmdir()
+            except FileNotFoundError:
+                continue
             except OSError:
                 break
         self._release_lock()
 
+    @property
+    def lock_path(self) -> Path:
+        return self.out / LOCK
+
     def _acquire_lock(self) -> None:
-        path = self.out / LOCK
-        for _ in range(3):
+        """Take the folder's OS-level lock (held until :meth:`close`), or raise :class:`DatasetBusyError`."""
+        path = self.lock_path
+        deadline = time.monotonic() + max(0.0, float(self.lock_wait))
+        while True:
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise DatasetError(
+                    f"{self.out}: cannot create the lock file {path.name} ({e.strerror}); "
+                    "give a folder you can write to."
+                ) from None
+            if _try_lock(fd):
+                # the lock file may have been removed and re-created by a writer that just finished: the lock
+                # only counts if it is on the file now at that path
                 try:
-                    pid = int(path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and _pid_alive(pid):
-                    who = "this process" if pid == os.getpid() else f"process {pid}"
-                    raise DatasetError(
-                        f"{self.out} is being written by {who} (lock file {path}). Wait for that run to finish or "
-                        f"use another output folder; if no such run is alive, delete {path}."
-                    ) from None
-                try:  # stale lock from a run that died
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
+                    same = os.path.samestat(os.fstat(fd), os.stat(path))
+                except OSError:
+                    same = False
+                if same:
+                    break
+                _unlock(fd)
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            self._lock_held = True
-            return
-        raise DatasetError(f"could not take the lock {path}; delete it if no other run is writing to {self.out}")
+            os.close(fd)
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            owner = _read_owner(path)
+            if owner == os.getpid():
+                who = "this process (another DatasetWriter)"
+            else:
+                who = f"process {owner}" if owner else "another process"
+            raise DatasetBusyError(
+                f"{self.out} is being written by {who} (it holds {path}). Wait for that run to finish, or use "
+                "another output folder. The lock goes away with its process; there is nothing to delete."
+            )
+        _testhook.pause("lock")
+        with contextlib.suppress(OSError):  # who holds it, for a second run's message (the OS lock decides)
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        self._lock_held = True
 
     def _release_lock(self) -> None:
-        if self._lock_held:
-            try:
-                (self.out / LOCK).unlink()
-            except FileNotFoundError:
-                pass
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is None:
+            self._lock_held = False
+            return
+        try:
+            if os.name != "nt":  # remove the file while still holding the lock (see _acquire_lock's check)
+                with contextlib.suppress(OSError):
+                    if os.path.samestat(os.fstat(fd), os.stat(self.lock_path)):
+                        self.lock_path.unlink()
+            _unlock(fd)
+        finally:
+            os.close(fd)
             self._lock_held = False
 
     def _ours(self, rec: dict) -> bool:
@@ -345,19 +423,24 @@ class DatasetWriter:
                 except (OSError, ValueError, KeyError, TypeError):
                     continue
                 if idx not in ours:
-                    for rel in files:
+                    for rel in reversed(files):  # published image last, so removed first
                         (self.out / rel).unlink(missing_ok=True)
                     self.recovered.append(f"removed the partly written sample {self.name(idx)} (interrupted run)")
             shutil.rmtree(self.staging_dir, ignore_errors=True)
         # 2. records whose files are gone (deleted by hand): forget them, they are generated again
         for idx in sorted(ours):
-            files = [self.out / rel for rel in (ours[idx].get("files") or {}).values()]
+            named = ours[idx].get("files") or {}
+            files = [self.out / named[k] for k in reversed(_publish_order(named))]  # images first
             if not all(f.is_file() for f in files):
                 for f in files:
                     f.unlink(missing_ok=True)
                 del ours[idx]
                 dirty = True
                 self.recovered.append(f"sample {self.name(idx)} had missing files; it will be generated again")
+        # leftovers of interrupted atomic writes (manifest rewrite, contact sheets)
+        for d in (self.out, self.contact_dir):
+            for p in sweep_temp_files(d):
+                self.recovered.append(f"removed the temp file {p.name} (interrupted run)")
         # 3. never mix with or overwrite files this writer did not make
         known = {(self.out / rel).resolve() for r in ours.values() for rel in (r.get("files") or {}).values()}
         for d in self._owned_dirs():
@@ -425,6 +508,7 @@ class DatasetWriter:
             )
         mask_img = mask_to_pil(m)
         paths = self.sample_paths(idx, accepted)
+        paths = {k: paths[k] for k in _publish_order(paths)}
         content = {
             "image": image,
             "mask": mask_img,
@@ -441,18 +525,25 @@ class DatasetWriter:
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir(parents=True, exist_ok=True)
         staged = {}
-        for key in paths:
-            tmp = stage / f"{key}.png"
-            with open(tmp, "wb") as fh:
-                content[key].save(fh, format="PNG")
-                fh.flush()
-                os.fsync(fh.fileno())  # on disk before its manifest line can be
-            staged[key] = tmp
         note = self.staging_dir / f"{name}.commit.json"
-        write_text_atomic(note, json.dumps({"index": idx, "files": [self._rel(p) for p in paths.values()]}))
-        for key, dest in paths.items():
+        try:
+            for key in paths:
+                tmp = stage / f"{key}.png"
+                with open(tmp, "wb") as fh:
+                    content[key].save(fh, format="PNG")
+                    fh.flush()
+                    os.fsync(fh.fileno())  # on disk before its manifest line can be
+                staged[key] = tmp
+            write_text_atomic(note, json.dumps({"index": idx, "files": [self._rel(p) for p in paths.values()]}))
+        except BaseException:  # nothing is in place yet: drop the staged files (e.g. the disk filled up)
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        for key, dest in paths.items():  # images last: a reader never finds an image without its mask
             dest.parent.mkdir(parents=True, exist_ok=True)
+            if key in _PUBLISH_LAST:
+                _testhook.pause("sample_commit")
             os.replace(staged[key], dest)
+        _testhook.pause("manifest_line")
         record = dict(sample.info)
         record.update(
             category=self.category,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import sys
 import warnings
@@ -24,7 +25,8 @@ from PIL import Image
 
 from .. import __version__
 from .. import distributed as _dist
-from ..fileio import IMAGE_SUFFIXES, pil_to_tensor, sha256_file, tensor_to_pil
+from ..errors import InputError, MissingInputError
+from ..fileio import IMAGE_SUFFIXES, open_image, pil_to_tensor, sha256_file, tensor_to_pil
 from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL
 from ..sd15.scheduler import SAMPLERS
 from ..training.backgrounds import make_background
@@ -37,6 +39,19 @@ from .masks import MaskOptions, extract_mask
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_CFG = "pndm", 100, 2.5
 BCM_REFERENCE_STEPS, BCM_REFERENCE_CFG = 50, 2.0
 DEFAULT_SWITCH_EVERY = 50  # the reference switches the BCM background every 50 samples (10 for screw)
+#: largest image side generated unless raised (``max_side``, ``--max-size``): SD1.5 is made for 512 px, and memory
+#: grows with the square of the side (a 100000 px request would try to allocate tens of GB at once)
+MAX_SIDE = 2048
+
+
+def check_size(width: int, height: int, max_side: int = MAX_SIDE, option: str = "--size") -> None:
+    """Refuse sizes beyond ``max_side`` before anything is allocated."""
+    if max(width, height) > max_side:
+        raise InputError(
+            f"{option} {width}x{height}: larger than the maximum side of {max_side} px (SD1.5 is made for 512; "
+            f"memory grows with the square of the side); use a smaller size, or raise the maximum "
+            f"(--max-size / max_side) if your device has the memory."
+        )
 
 
 def sample_seed(base_seed: int, index: int) -> int:
@@ -44,6 +59,15 @@ def sample_seed(base_seed: int, index: int) -> int:
     share samples, and sample ``i`` does not depend on which other samples are generated with it."""
     h = hashlib.sha256(f"dualanodiff-sample:{int(base_seed)}:{int(index)}".encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def zero_mean_anomaly_rows(latents: torch.Tensor) -> torch.Tensor:
+    """Interleaved starting latents ``[g0, a0, g1, a1, ...]`` with each anomaly row's per-channel spatial mean
+    removed (the global rows unchanged). Returns a new tensor."""
+    out = latents.clone()
+    a = out[1::2]
+    out[1::2] = a - a.mean(dim=(-2, -1), keepdim=True)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,22 +85,36 @@ class SamplingOptions:
     saim_strength: float = 1.0
     bcm_strength: float = 1.0
     text_strength: float = 1.0
+    #: remove the per-channel spatial mean of each anomaly-branch starting latent (not the reference: on a small
+    #: latent the noise's mean tints the anomaly branch's gray background; see dualanodiff_core.method.recipes)
+    zero_mean_anomaly_noise: bool = True
 
     def __post_init__(self):
 
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+            raise InputError(f"sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
         if int(self.steps) != self.steps or self.steps < 1:
-            raise ValueError(f"steps={self.steps}: must be a whole number >= 1 (reference: 100, BCM reference: 50)")
+            raise InputError(f"steps={self.steps}: must be a whole number >= 1 (reference: 100, BCM reference: 50)")
         if not (0.0 <= self.cfg <= 30.0):
-            raise ValueError(f"cfg={self.cfg}: must lie in [0, 30] (reference: 2.5; <= 1 turns guidance off)")
+            raise InputError(f"cfg={self.cfg}: must lie in [0, 30] (reference: 2.5; <= 1 turns guidance off)")
         for k in ("height", "width"):
             v = getattr(self, k)
             if int(v) != v or v < 8 or v % 8:
-                raise ValueError(f"{k}={v}: must be a positive multiple of 8 (512 for SD1.5)")
+                raise InputError(f"{k}={v}: must be a positive multiple of 8 (512 for SD1.5)")
         object.__setattr__(self, "lora_strength", tuple(float(x) for x in self.lora_strength))
         if len(self.lora_strength) != 2:
-            raise ValueError("lora_strength: give two values (global branch, anomaly branch)")
+            raise InputError("lora_strength: give two values (global branch, anomaly branch)")
+        for k in ("lora_strength", "saim_strength", "bcm_strength", "text_strength", "cfg"):
+            v = getattr(self, k)
+            if not all(math.isfinite(float(x)) for x in (v if isinstance(v, tuple) else (v,))):
+                raise InputError(f"{k}={v}: must be a finite number (1.0 is the trained strength)")
+        for k in ("prompt_global", "prompt_anomaly"):
+            v = getattr(self, k)
+            if v is not None and not str(v).strip():
+                raise InputError(
+                    f"{k} is empty: give the prompt the weights were trained with, or leave it unset to use the one "
+                    "stored in the weights"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -108,16 +146,16 @@ class BackgroundSet:
     ):
         self.images = [Path(p) for p in images]
         if not self.images:
-            raise ValueError("BackgroundSet: no background images given")
+            raise InputError("BackgroundSet: no background images given")
         if object_masks is not None and len(object_masks) != len(self.images):
-            raise ValueError("BackgroundSet: give one object mask per background image (or none)")
+            raise InputError("BackgroundSet: give one object mask per background image (or none)")
         self.masks = (
             [None if m is None else Path(m) for m in object_masks]
             if object_masks is not None
             else [None] * len(self.images)
         )
         if int(switch_every) != switch_every or switch_every < 1:
-            raise ValueError(f"switch_every={switch_every}: must be a whole number >= 1 (reference: 50, screw: 10)")
+            raise InputError(f"switch_every={switch_every}: must be a whole number >= 1 (reference: 50, screw: 10)")
         self.switch_every = int(switch_every)
         self._cache: dict[tuple[int, tuple[int, int]], BackgroundItem] = {}
 
@@ -130,18 +168,18 @@ class BackgroundSet:
     ) -> BackgroundSet:
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"backgrounds folder {folder} does not exist; give a folder of normal "
                 "(defect-free) images, e.g. <mvtec>/<category>/train/good"
             )
         images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
-            raise FileNotFoundError(f"backgrounds folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise MissingInputError(f"backgrounds folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         masks = None
         if mask_folder is not None:
             mask_folder = Path(mask_folder)
             if not mask_folder.is_dir():
-                raise FileNotFoundError(f"object-mask folder {mask_folder} does not exist")
+                raise MissingInputError(f"object-mask folder {mask_folder} does not exist")
             by_stem: dict[str, Path] = {}
             for p in sorted(mask_folder.iterdir()):
                 if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
@@ -150,12 +188,23 @@ class BackgroundSet:
             for img in images:
                 m = by_stem.get(img.stem) or by_stem.get(f"{img.stem}_mask")
                 if m is None:
-                    raise FileNotFoundError(
+                    raise MissingInputError(
                         f"no object mask for background {img.name} in {mask_folder} (looked for {img.stem}.* and "
                         f"{img.stem}_mask.*); give one mask per background image, white = object"
                     )
                 masks.append(m)
-        return cls(images, masks, switch_every)
+        out = cls(images, masks, switch_every)
+        out.check_sizes()
+        return out
+
+    def check_sizes(self) -> None:
+        """Read every image's header (not its pixels): unreadable or oversized files fail here, before any model
+        is loaded."""
+        for p in [*self.images, *(m for m in self.masks if m is not None)]:
+            try:
+                open_image(p, "background" if p in self.images else "object mask").close()
+            except OSError as e:
+                raise InputError(f"cannot read {p}: {e}; re-export it as PNG or remove it") from None
 
     def position(self, index: int) -> int:
         return (index // self.switch_every) % len(self.images)
@@ -169,17 +218,17 @@ class BackgroundSet:
                 self._cache.clear()
             path, mpath = self.images[k], self.masks[k]
             try:
-                with Image.open(path) as im:
+                with open_image(path, "background") as im:
                     normal = im.convert("RGB")
                 obj = None
                 if mpath is not None:
-                    with Image.open(mpath) as mm:
+                    with open_image(mpath, "object mask") as mm:
                         obj = mm.convert("L")
             except OSError as e:
                 what = path if mpath is None else f"{path} / {mpath}"
-                raise ValueError(f"cannot read background {what}: {e}") from None
+                raise InputError(f"cannot read background {what}: {e}") from None
             if obj is not None and obj.size != normal.size:
-                raise ValueError(
+                raise InputError(
                     f"object mask {mpath} is {obj.size[0]}x{obj.size[1]} but {path} is "
                     f"{normal.size[0]}x{normal.size[1]}; they must match"
                 )
@@ -274,6 +323,7 @@ def generate_dataset(
     dtype: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    max_side: int = MAX_SIDE,
     shard: bool | None = None,
 ) -> GenerateSummary:
     """Generate samples ``0..n-1`` of ``category/defect`` into ``out`` (see
@@ -288,15 +338,16 @@ def generate_dataset(
     :mod:`.sharded`); None = when started as several processes. False: this process generates everything alone.
     """
     if int(n) != n or n < 1:
-        raise ValueError(f"n={n}: generate at least one sample")
+        raise InputError(f"n={n}: generate at least one sample")
     if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be a whole number >= 1")
+        raise InputError(f"batch_size={batch_size}: must be a whole number >= 1")
     category, defect = check_name(category, "category"), check_name(defect, "defect")
     sampling = sampling or SamplingOptions()
+    check_size(sampling.width, sampling.height, max_side)
     mask_options = mask_options or MaskOptions()
     filter_options = filter_options or FilterOptions()
     if (filter_against_background or refine_mask) and backgrounds is None:
-        raise ValueError(
+        raise InputError(
             "filter_against_background / refine_mask compare with the BCM background's normal image: "
             "give backgrounds (--backgrounds)"
         )
@@ -446,7 +497,7 @@ def _run(
 
     has_bcm = bool(getattr(pipe, "dual", None) is not None and pipe.dual.config.get("bcm"))
     if backgrounds is not None and not has_bcm:
-        raise ValueError(
+        raise InputError(
             "backgrounds were given, but these weights have no BCM layers (they were trained without "
             "background compensation): drop --backgrounds, or use weights trained with BCM"
         )
@@ -459,7 +510,7 @@ def _run(
     f = pipe.vae_scale_factor
     W, H = sampling.width, sampling.height
     if H % f or W % f:
-        raise ValueError(f"--size {W}x{H}: height and width must be multiples of {f} for this model")
+        raise InputError(f"--size {W}x{H}: height and width must be multiples of {f} for this model")
     channels = pipe.unet.config.in_channels
     meta = getattr(pipe, "metadata", {}) or {}
 
@@ -481,6 +532,8 @@ def _run(
             seeds = [sample_seed(seed, i) for i in batch]
             gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
             latents = torch.cat([torch.randn((2, channels, H // f, W // f), generator=g) for g in gens])
+            if sampling.zero_mean_anomaly_noise:
+                latents = zero_mean_anomaly_rows(latents)
             kwargs: dict[str, Any] = {}
             items = [None] * len(batch)
             if backgrounds is not None:
@@ -522,9 +575,8 @@ def _run(
                         region = Image.eval(it.object_mask, lambda v: 255 if v < 128 else 0)
                     compare = dict(global_image=images[j], normal_image=it.normal, known_region=region)
                 mres = extract_mask(parts[j], mask_options, **(compare if refine_mask else {}))
-                decision = check_pair(
-                    mres, filter_options, mask_options=mask_options, **(compare if filter_against_background else {})
-                )
+                against = compare if filter_against_background else {"global_image": images[j]}
+                decision = check_pair(mres, filter_options, mask_options=mask_options, **against)
                 info = dict(
                     seed=seeds[j],
                     base_seed=int(seed),
@@ -538,6 +590,7 @@ def _run(
                     saim_strength=sampling.saim_strength,
                     bcm_strength=sampling.bcm_strength,
                     text_strength=sampling.text_strength,
+                    zero_mean_anomaly_noise=sampling.zero_mean_anomaly_noise,
                     batch_size=len(batch),
                     background=None if it is None else str(it.path),
                     object_mask=None if it is None or it.mask_path is None else str(it.mask_path),

@@ -355,10 +355,7 @@ def read_tensor_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
-            raise WeightsError(
-                f"{path}: cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Only plain "
-                "tensor dictionaries are read (torch.load weights_only=True); convert the file to .safetensors."
-            ) from None
+            raise WeightsError(_pickle_failure(path, e)) from None
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict):
@@ -374,3 +371,31 @@ def read_tensor_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             raise WeightsError(f"{path}: {what} (entries that are not tensors: {', '.join(map(str, other[:4]))}).")
         return dict(obj), {}
     raise WeightsError(f"{path}: unsupported weights file type {suffix!r}; use one of {', '.join(WEIGHT_SUFFIXES)}.")
+
+
+def _pickle_failure(path: Path, e: Exception) -> str:
+    """Why a ``.bin``/``.pt``/``.ckpt`` was not read, without repeating PyTorch's advice to turn the safety off."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as oe:
+        return f"{path}: cannot read the file ({oe.strerror}); check the path and its permissions."
+    is_zip = head[:4] == b"PK\x03\x04"
+    is_pickle = len(head) >= 2 and head[0] == 0x80 and 1 <= head[1] <= 5
+    if not head:
+        return f"{path}: the file is empty; copy it again."
+    if not (is_zip or is_pickle):
+        return (
+            f"{path}: not a PyTorch weights file (neither a zip archive nor a pickle: random or damaged bytes, or "
+            "another kind of file); give a .safetensors (or reference .bin) DualAnoDiff weights file."
+        )
+    text = f"{type(e).__name__}: {e}"
+    if "Weights only load failed" in text or "UnpicklingError" in text or "Unsupported global" in text:
+        return (
+            f"{path}: refused: it holds Python objects besides tensors, and loading those could run code. Only plain "
+            "tensor dictionaries are read from .bin/.pt/.ckpt files; get or make a .safetensors version of it."
+        )
+    return (
+        f"{path}: the file is truncated or damaged ({type(e).__name__}); copy it again, or give a .safetensors "
+        "weights file."
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-_SUBMODULES = ("procedural", "pretrain", "tiny")
+_SUBMODULES = ("procedural", "pretrain", "tiny", "bench")
 
 
 def __getattr__(name: str):

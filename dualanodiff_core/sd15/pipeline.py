@@ -265,9 +265,18 @@ class DualAnoDiffPipeline:
     ):
         """Load a local diffusers SD1.x folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
         ``scheduler/``). Nothing is downloaded."""
+        from .loading import check_base_model, check_weights_fit
+
+        # cheap checks first (configs, weights file, their fit), then the heavy load
+        configs = check_base_model(model_dir)
+        weights_path = weights if weights is not None and not isinstance(weights, DualAnoDiffWeights) else None
+        if weights_path is not None:
+            weights = DualAnoDiffWeights.load(weights_path)
+        if weights is not None:
+            check_weights_fit(
+                weights, configs["unet"], configs["text_encoder"], weights_path or "(in memory)", model_dir
+            )
         comps = load_diffusers_components(model_dir, dtype=dtype, device=device)
-        if weights is not None and not isinstance(weights, DualAnoDiffWeights):
-            weights = DualAnoDiffWeights.load(weights)
         pipe = cls(
             comps["unet"],
             comps["vae"],

@@ -390,10 +390,14 @@ def read_image(path: Path, what: str = "image") -> Image.Image:
     """Open and fully decode an image (so truncated files fail here), apply its EXIF orientation."""
     old = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # some hosts (ComfyUI) turn this on; a half image must not train
+    from ..fileio import open_image
+
     try:
-        with Image.open(path) as im:
+        with open_image(path, what) as im:
             im.load()
             return ImageOps.exif_transpose(im)
+    except DualAnoDiffError:
+        raise
     except UnidentifiedImageError:
         raise DataError(
             f"{path}: not a readable {what} (unknown or corrupt format); re-export it as PNG or remove it."
@@ -445,7 +449,7 @@ def read_training_mask(path: Path, size: tuple[int, int], image_path: Path, what
     g = _gray01(im)
     binary = g >= 0.5
     if not binary.any():
-        hint = " (it has faint non-zero pixels, all below 50 %)" if g.max() > 0 else ""
+        hint = _empty_mask_hint(im, g)
         raise DataError(
             f"{path}: the {what} is empty{hint}: no defect pixel. Every training image must show the defect, "
             "marked white (255) in its mask; fix the mask or remove the image."
@@ -459,6 +463,22 @@ def read_training_mask(path: Path, size: tuple[int, int], image_path: Path, what
             stacklevel=2,
         )
     return binary
+
+
+def _empty_mask_hint(im: Image.Image, g: np.ndarray) -> str:
+    """Why a mask with some non-zero pixels has no pixel at 50 % or more."""
+    if g.max() <= 0:
+        return ""
+    if im.mode in ("RGB", "RGBA", "P", "PA"):
+        rgb = np.asarray(im.convert("RGB"))
+        if rgb.max() >= 128:
+            return (
+                " (it is colored, e.g. red on black, which is dark once made gray: masks are white (255) on black; "
+                "make the defect pixels white)"
+            )
+    if g.max() * 255 <= 1.5:
+        return " (its values are only 0 and 1, a 0/1 mask saved as 8-bit: multiply it by 255 so the defect is white)"
+    return f" (it has faint non-zero pixels, at most {g.max():.0%} gray; the defect must be at least 50 % white)"
 
 
 def read_object_mask(path: Path, size: tuple[int, int], image_path: Path) -> Image.Image:
@@ -576,6 +596,13 @@ class DefectDataset:
             obj = read_object_mask(s.object_mask, img.size, s.image)
             bg = make_background(img, obj)
         w, h = img.size
+        if min(w, h) * 4 < R:
+            warnings.warn(
+                f"{s.image}: the image is only {w}x{h} px; it is upscaled to {R} px and will be blurry. Use photos of "
+                f"at least {R} px on the short side (or a smaller --resolution).",
+                DataWarning,
+                stacklevel=2,
+            )
         if self.crop == "stretch":
             size = (R, R)
         else:

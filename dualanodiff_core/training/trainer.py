@@ -55,10 +55,10 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
+from .. import __version__, _testhook
 from .. import distributed as dist
-from ..errors import DualAnoDiffError
-from ..fileio import atomic_path, save_image_atomic, write_json_atomic, write_text_atomic
+from ..errors import DualAnoDiffError, RunError
+from ..fileio import atomic_path, save_image_atomic, sweep_temp_files, write_json_atomic, write_text_atomic
 from ..method import layout
 from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL, DualAnoDiffWeights
 from .data import DefectDataset, Draw, PairSampler
@@ -72,7 +72,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "checkpoint_weights")
 
 
-class TrainingError(DualAnoDiffError, RuntimeError):
+class TrainingError(RunError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message says which checkpoint is the last good one."""
 
 
@@ -113,6 +113,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     prompt_global: str = DEFAULT_PROMPT_GLOBAL
     prompt_anomaly: str = DEFAULT_PROMPT_ANOMALY
+    # not the reference (see dualanodiff_core.method.recipes; the defaults here are the reference's):
+    anomaly_offset_noise: float = 0.0  # std of a per-channel constant added to the anomaly rows' noise
+    mask_loss_weight: float = 1.0  # weight of the global branch's loss inside the defect mask
     # data
     resolution: int = 512
     split: str = "all"
@@ -148,6 +151,14 @@ class TrainConfig:
         need(self.checkpoint_every >= 0, "checkpoint interval must be >= 0 (0 = only at the end)")
         need(self.keep_checkpoints >= 0, "keep-checkpoints must be >= 0 (0 = keep all)")
         need(bool(self.prompt_global) and bool(self.prompt_anomaly), "prompts must not be empty")
+        need(
+            0.0 <= self.anomaly_offset_noise <= 1.0,
+            f"anomaly offset noise must lie in [0, 1] (0 = off), got {self.anomaly_offset_noise}",
+        )
+        need(
+            1.0 <= self.mask_loss_weight <= 1000.0 and math.isfinite(self.mask_loss_weight),
+            f"mask loss weight must lie in [1, 1000] (1 = uniform), got {self.mask_loss_weight}",
+        )
         return self
 
     def to_dict(self) -> dict:
@@ -292,6 +303,17 @@ def velocity(
     abar = alphas_cumprod.to(device=x0.device, dtype=torch.float32)[timesteps.to(x0.device)]
     shape = (-1,) + (1,) * (x0.ndim - 1)
     return abar.sqrt().view(shape) * noise - (1 - abar).sqrt().view(shape) * x0
+
+
+def mask_loss_weights(masks: torch.Tensor, latent_size, weight: float) -> torch.Tensor:
+    """Per-pixel loss weights ``[2B, 1, h, w]`` for interleaved rows: ``weight`` on the global rows where the defect
+    mask (``[B, 1, H, W]`` in [0, 1], downsampled to the latent grid by max-pooling, so a thin defect still marks its
+    latent pixels) is set, 1 elsewhere and on every anomaly row. The loss is normalised by the weights' sum, so its
+    scale stays that of a plain MSE."""
+    h, w = int(latent_size[0]), int(latent_size[1])
+    m = F.adaptive_max_pool2d(masks.float(), (h, w)).clamp(0, 1)
+    g = 1.0 + (float(weight) - 1.0) * m
+    return layout.interleave(g, torch.ones_like(g))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -530,6 +552,15 @@ class Trainer:
             noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(dev)
             bg_noise = torch.randn(bg0.shape, generator=gen, dtype=torch.float32).to(dev) if c.bcm else None
         t = t_pair.repeat_interleave(layout.BRANCHES)  # the same timestep for both rows of a pair
+        if c.anomaly_offset_noise > 0:  # drawn only when on
+            if per_pair:
+                offset = torch.cat(
+                    [torch.randn((1, x0.shape[1], 1, 1), generator=g, dtype=torch.float32) for g in gen]
+                ).to(dev)
+            else:
+                offset = torch.randn((n_pairs, x0.shape[1], 1, 1), generator=gen, dtype=torch.float32).to(dev)
+            noise = noise.clone()
+            noise[1 :: layout.BRANCHES] += c.anomaly_offset_noise * offset
         t, t_pair = t.to(dev), t_pair.to(dev)
         x_t = add_noise(x0, noise, t, ac)
         emb = bb.encode_prompts([c.prompt_global, c.prompt_anomaly])  # [2, tokens, dim]
@@ -543,7 +574,11 @@ class Trainer:
                 f"the backbone returned a prediction of shape {tuple(pred.shape)} for input {tuple(x0.shape)}"
             )
         target = noise if getattr(bb, "prediction_type", "epsilon") == "epsilon" else velocity(x0, noise, t, ac)
-        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+        if c.mask_loss_weight == 1.0:
+            return F.mse_loss(pred.float(), target.float(), reduction="mean")
+        weight = mask_loss_weights(batch.masks, x0.shape[-2:], c.mask_loss_weight).to(dev)
+        err = (pred.float() - target.float()) ** 2
+        return (err * weight).sum() / (weight.sum() * x0.shape[1])
 
     @torch.no_grad()
     def evaluation_loss(self, n_timesteps: int = 8, seed: int = 0) -> float:
@@ -655,6 +690,7 @@ class Trainer:
         path = self.checkpoint_dir / f"{stem}.pt"
         with atomic_path(path) as tmp:
             torch.save(self.state_dict(), tmp)
+            _testhook.pause("checkpoint_write")
         self.last_checkpoint = path
         self._last_checkpoint_step = self.step
         self._prune()
@@ -683,6 +719,8 @@ class Trainer:
         where = state.get("path", "checkpoint")
         saved = json.loads(state["config"])
         mine = self.config.to_dict()
+        for f in dataclasses.fields(TrainConfig):  # settings added after the checkpoint was written: their default
+            saved.setdefault(f.name, f.default)
         # the process count may change when the global batch (per-process batch x processes) stays the same
         saved_procs = int(state.get("processes", 1))
         saved_global = int(saved.get("batch_size", 0)) * saved_procs
@@ -768,6 +806,9 @@ class Trainer:
             self.load_state_dict(resume if isinstance(resume, dict) else load_checkpoint(resume))
         if self.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
+            # temp files left by a run that was killed (kill -9, power cut) in these folders
+            for d in (self.work_dir, self.checkpoint_dir) + ((Path(self.output).parent,) if self.output else ()):
+                sweep_temp_files(d)
             write_json_atomic(
                 self.work_dir / "train_config.json",
                 {

@@ -20,6 +20,8 @@ def _pairs():
     anomaly[0, 10:22, 14:30] = torch.tensor([0.1, 0.08, 0.05])
     anomaly[2, 30:40, 5:15, 0] = 0.75
     anomaly += torch.randn(anomaly.shape, generator=g) * 0.01  # decoder noise on the gray
+    images[0, 10:22, 14:30] = torch.tensor([0.1, 0.08, 0.05])  # the global images show the defects
+    images[2, 30:40, 5:15, 0] = 0.95
     return images, anomaly.clamp(0, 1)
 
 

@@ -298,3 +298,21 @@ def test_attention_patch_needs_a_dual_model_and_warns_without_saim(env, tiny, we
     with caplog.at_level(logging.WARNING, logger="DualAnoDiff"):
         _run(env.patch.DualAttentionPatch, model=model, saim_strength=1.0)
     assert any("without SAIM" in r.getMessage() for r in caplog.records)
+
+
+def test_loader_gives_the_command_line_messages_for_bad_strengths_and_files(env, tiny, weights_dir):
+    w = ce.random_weights(env, tiny.model, clip=tiny.clip, seed=4)
+    errors = __import__(f"{ce.PACK}.dualanodiff_core.errors", fromlist=["DualAnoDiffError"])
+    with pytest.raises(errors.DualAnoDiffError, match="strength_anomaly=nan: give a finite number"):
+        _loaded(env, tiny, weights_dir, w, strength_anomaly=float("nan"))
+    (weights_dir / "junk.bin").write_bytes(bytes(range(256)) * 16)
+    with pytest.raises(errors.DualAnoDiffError, match="junk.bin: not a PyTorch weights file"):
+        _run(
+            env.loaders.DualLoRALoader,
+            model=tiny.model,
+            clip=tiny.clip,
+            weights="junk.bin",
+            strength_global=1.0,
+            strength_anomaly=1.0,
+            strength_text=1.0,
+        )

@@ -561,3 +561,39 @@ def test_warnings_reach_the_user_not_only_the_log(server):
         "DualAnoDiffSaveDataset.dataset=api_other_base",
     )
     assert not report["prompts"][0]["messages"], report["prompts"][0]["messages"]
+
+
+def test_bad_weights_files_and_a_busy_dataset_give_the_cli_messages_and_the_server_survives(server):
+    """The same input reaching the nodes gives the same message as the command line; the server carries on."""
+    import numpy as np
+
+    DatasetWriter = importlib.import_module(f"{ce.PACK}.dualanodiff_core.dataset.export").DatasetWriter
+
+    folder = server.base / "models" / "dualanodiff"
+    (folder / "junk.bin").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    for name, words in (("junk.bin", ["junk.bin", "not a PyTorch weights file"]),):
+        report, _ = _queue(
+            server,
+            WORKFLOWS / "api/dualanodiff_generate.json",
+            *SMALL_DUAL,
+            "--set",
+            f"DualAnoDiffLoRALoader.weights={name}",
+            expect=1,
+        )
+        error = report["prompts"][0]["error"]
+        assert all(w in error for w in words) and "weights_only" not in error, error
+    # another run holds the dataset's lock: the saver says so instead of writing beside it
+    busy = server.base / "output" / "api_busy"
+    with DatasetWriter(busy, "my_object", "other"):
+        report, _ = _queue(
+            server,
+            WORKFLOWS / "api/dualanodiff_generate.json",
+            *SMALL_DUAL,
+            "--set",
+            "DualAnoDiffSaveDataset.dataset=api_busy",
+            expect=1,
+        )
+        error = report["prompts"][0]["error"]
+        assert "is being written by" in error and "api_busy" in error, error
+    assert not (busy / "manifest.jsonl").exists()
+    assert server.get("/system_stats")["system"]

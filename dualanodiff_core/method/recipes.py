@@ -1,0 +1,68 @@
+"""Recipes: named sets of training and sampling settings, so that the reference recipe stays one option away.
+
+``reference`` (the default of ``dualanodiff train``, ``generate`` and ``demo``) is the paper's published code. ``ours``
+adds three changes to it, each aimed at a failure seen on MiniDefect and measured with ``bench/quality.py`` (see
+docs/quality.md; it is not the default because it did not make the generated data more useful there):
+
+* **offset noise on the anomaly rows in training** (``anomaly_offset_noise``, 0.1): the training noise of each
+  anomaly-branch latent gets a random per-channel constant added, so the branch learns to put its background back to
+  mid-gray even when the noise it starts from has a non-zero mean (on a small latent the sampled noise's mean leaks
+  colour into the anomaly branch's background: tinted instead of gray);
+* **a mask-weighted global-branch loss** (``mask_loss_weight``, 20): the global branch's loss counts 20x inside the
+  (latent-resolution) defect mask, so the few defect pixels are not drowned by the texture around them and the global
+  image shows the defect where the anomaly branch draws it;
+* **zero-mean starting noise on the anomaly rows at sampling** (``zero_mean_anomaly_noise``): each anomaly-branch
+  starting latent has its per-channel spatial mean removed (background tint on MiniDefect: 0.063 -> 0.015).
+
+``reference`` is the paper's published code: none of the three. On the demo and the benchmark (MiniDefect), ``ours``
+also trains with product prompts (``woven fabric with sks`` instead of ``a vfx with sks``: the base model knows the
+product words) and samples without classifier-free guidance (cfg 1.0 aligned masks and images better than 2.5);
+``reference`` keeps ``a vfx with sks`` / ``sks`` and cfg 2.5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+RECIPES = ("ours", "reference")
+DEFAULT_RECIPE = "reference"
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    #: training: std of the per-channel constant added to the anomaly rows' noise (0 = the reference)
+    anomaly_offset_noise: float
+    #: training: weight of the global branch's loss inside the defect mask (1 = the reference, uniform)
+    mask_loss_weight: float
+    #: sampling: remove the per-channel mean of the anomaly rows' starting noise
+    zero_mean_anomaly_noise: bool
+    #: MiniDefect (demo, benchmark): prompt the product name (``woven fabric with sks``) instead of ``a vfx with sks``
+    product_prompts: bool
+    #: MiniDefect (demo, benchmark): classifier-free guidance scale
+    minidefect_cfg: float
+
+    def train_settings(self) -> dict:
+        """The :class:`~dualanodiff_core.train.TrainConfig` fields this recipe sets."""
+        return {"anomaly_offset_noise": self.anomaly_offset_noise, "mask_loss_weight": self.mask_loss_weight}
+
+
+_RECIPES = {
+    "ours": Recipe("ours", 0.1, 20.0, True, True, 1.0),
+    "reference": Recipe("reference", 0.0, 1.0, False, False, 2.5),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in _RECIPES:
+        raise ValueError(f"--recipe {name!r}: choose one of {', '.join(RECIPES)}")
+    return _RECIPES[name]
+
+
+def minidefect_prompts(product_prompt: str, recipe: Recipe) -> tuple[str, str]:
+    """(global prompt, anomaly prompt) for a MiniDefect product under ``recipe``."""
+    from .weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL
+
+    if recipe.product_prompts:
+        return f"{product_prompt} with sks", DEFAULT_PROMPT_ANOMALY
+    return DEFAULT_PROMPT_GLOBAL, DEFAULT_PROMPT_ANOMALY

@@ -1,0 +1,168 @@
+"""End to end on MiniDefect, for one defect type: train on the few-shot third, generate, evaluate.
+
+Used by ``bench/quality.py --all`` (every defect type, one command). Each stage's output is kept under ``work``
+and reused when it is already there (weights file, generated folder with its summary), so an interrupted run
+continues where it stopped. The settings are the demo's defaults (``dualanodiff demo``) under a recipe
+(:mod:`dualanodiff_core.method.recipes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..method.recipes import DEFAULT_RECIPE
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    recipe: str = DEFAULT_RECIPE
+    train_steps: int = 800
+    rank: int = 8
+    lr: float = 3e-4
+    batch_size: int = 4
+    train_seed: int = 0
+    samples: int = 48
+    sampler: str = "ddim"
+    sampling_steps: int = 25
+    #: None = the recipe's MiniDefect guidance scale
+    cfg: float | None = None
+    gen_seed: int = 0
+
+    def resolved_cfg(self) -> float:
+        from ..method.recipes import get_recipe
+
+        return get_recipe(self.recipe).minidefect_cfg if self.cfg is None else float(self.cfg)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["cfg"] = self.resolved_cfg()
+        return d
+
+
+def train_config(settings: RunSettings, product: str, size: int):
+    """The :class:`~dualanodiff_core.train.TrainConfig` of a MiniDefect run (the demo's) under its recipe."""
+    from ..method.recipes import get_recipe, minidefect_prompts
+    from ..training.trainer import TrainConfig
+    from . import procedural as md
+
+    recipe = get_recipe(settings.recipe)
+    pg, pa = minidefect_prompts(md.normal_prompt(product), recipe)
+    return TrainConfig(
+        steps=settings.train_steps,
+        batch_size=settings.batch_size,
+        learning_rate=settings.lr,
+        rank=settings.rank,
+        seed=settings.train_seed,
+        resolution=size,
+        split="strict",
+        checkpoint_every=0,
+        keep_checkpoints=1,
+        checkpoint_weights=False,
+        prompt_global=pg,
+        prompt_anomaly=pa,
+        **recipe.train_settings(),
+    ).validate()
+
+
+def sampling_options(settings: RunSettings, size: int):
+    from ..dataset.generate import SamplingOptions
+    from ..method.recipes import get_recipe
+
+    return SamplingOptions(
+        sampler=settings.sampler,
+        steps=settings.sampling_steps,
+        cfg=settings.resolved_cfg(),
+        height=size,
+        width=size,
+        zero_mean_anomaly_noise=get_recipe(settings.recipe).zero_mean_anomaly_noise,
+    )
+
+
+def train_and_generate(
+    data: str | Path,
+    product: str,
+    defect: str,
+    work: str | Path,
+    settings: RunSettings,
+    *,
+    model: str | Path | None = None,
+    device: str = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train weights on ``data/<product>/test/<defect>``'s few-shot third and generate ``settings.samples`` pairs
+    into ``work/generated/<product>_<defect>``; returns what was done (paths, seconds, filter summary). ``model``:
+    the base model folder (default: the shipped MiniDefect model)."""
+    from ..dataset.generate import generate_dataset
+    from ..evaluation.benchmark import read_rgb
+    from ..fileio import write_json_atomic
+    from ..sd15.training import train_from_folder
+    from ..training.data import find_defect_set
+    from . import procedural as md
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    data, work = Path(data), Path(work)
+    name = f"{product}_{defect}"
+    weights = work / "weights" / f"{name}.safetensors"
+    generated = work / "generated" / name
+    done_file = generated / "run.json"
+    size = int(read_rgb(next(iter(sorted((data / product / "train" / "good").glob("*.png"))))).shape[0])
+    model = md.base_model_dir() if model is None else model
+    info: dict[str, Any] = {"settings": settings.to_dict(), "weights": str(weights), "generated": str(generated)}
+    if done_file.is_file():
+        prev = json.loads(done_file.read_text())
+        if prev.get("settings") == info["settings"]:
+            log(f"{name}: reusing {generated}")
+            return prev
+    tc = train_config(settings, product, size)
+    t0 = time.time()
+    if not weights.is_file():
+        log(f"{name}: training {settings.train_steps} steps ({settings.recipe} recipe, prompt {tc.prompt_global!r})")
+        work_dir = work / "weights" / f"{name}_train"
+        res = train_from_folder(
+            find_defect_set(data / product, defect),
+            model,
+            weights,
+            tc,
+            work_dir=work_dir,
+            device=device,
+            resume=True if (work_dir / "checkpoints").is_dir() else None,
+        )
+        if not res.completed:
+            raise RuntimeError(f"training {name} stopped at step {res.step}; run again to continue")
+    info["train_seconds"] = round(time.time() - t0, 1)
+    t0 = time.time()
+    from ..sd15.pipeline import DualAnoDiffPipeline
+
+    def load():
+        return DualAnoDiffPipeline.from_pretrained(model, weights, device=device)
+
+    summary = generate_dataset(
+        load,
+        generated,
+        settings.samples,
+        category=product,
+        defect=defect,
+        seed=settings.gen_seed,
+        batch_size=8,
+        sampling=sampling_options(settings, size),
+        mask_options=md.mask_options(),
+        weights_path=weights,
+        base_model=str(model),
+        progress=False,
+        log=log,
+    )
+    info.update(
+        generate_seconds=round(time.time() - t0, 1),
+        accepted=summary.accepted,
+        rejected=summary.rejected,
+        reasons=summary.reasons,
+    )
+    write_json_atomic(done_file, info)
+    log(f"{name}: {summary.accepted} accepted, {summary.rejected} rejected ({dict(summary.reasons)})")
+    return info
