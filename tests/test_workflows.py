@@ -404,3 +404,21 @@ def test_node_text_messages_are_decoded():
     payload = struct.pack(">I", 3) + struct.pack(">I", 2) + b"12" + "warning: ü".encode()
     assert qb.node_text(payload) == ("12", "warning: ü")
     assert qb.node_text(struct.pack(">I", 1) + b"\x00" * 8) is None  # a preview image
+
+
+def test_several_servers_none_answering_is_exit_2_and_one_address_twice_counts_once(tmp_path, capsys):
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps({"1": {"class_type": "X", "inputs": {"seed": 1}}}))
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    a, b = (f"127.0.0.1:{p}" for p in ports)
+    assert qb.run([str(wf), "--server", a, "--server", b, "--count", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"none of the servers answers: http://{a}, http://{b}" in err, err
+    # the same server written two ways is one server: the single-server path and its one-line error
+    assert qb.run([str(wf), "--server", a, "--server", f"http://{a}/", "--count", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cannot reach the ComfyUI server"), err

@@ -18,6 +18,10 @@ Standard library only: copy it anywhere and run it with any Python >= 3.9.
   node of that type); VALUE is JSON (``3``, ``2.5``, ``"text"``, ``true``) or else a plain string. It is checked
   against the server's node definitions: an input the node does not have, or a value it cannot take, is refused.
 * ``--server`` takes HOST, HOST:PORT or http(s)://HOST:PORT (the port defaults to 8188, ComfyUI's own).
+* Several servers (``--server A --server B ...``, e.g. one ComfyUI per GPU): each prompt goes to the server with the
+  shortest queue, at most ``--per-server`` of ours waiting on each; all are followed (by polling /history); when a
+  server stops answering, its unfinished prompts are queued again on the others. The report names the server of
+  every prompt and output.
 * Progress comes from the server's websocket (/ws); ``--poll`` polls /history instead.
 * At the end every output file is listed as ``<type>/<subfolder>/<filename>`` (``output/...`` is under the server's
   output directory) with its /view URL; ``--download DIR`` fetches them and ``--summary FILE`` writes a JSON report.
@@ -569,8 +573,10 @@ def plan_seeds(workflow: dict, targets, count: int, seed=None, seeds_text=None) 
 
 
 class Job:
-    def __init__(self, index: int, seed, prompt_id: str, nodes: int = 0):
+    def __init__(self, index: int, seed, prompt_id: str, nodes: int = 0, server=None):
         self.index, self.seed, self.prompt_id, self.nodes = index, seed, prompt_id, nodes
+        self.server = server  # where it runs (several servers)
+        self.tries: list[str] = []  # servers that went down while holding it
         self.status = "queued"  # queued, running, success, cached, error, interrupted
         self.error = None
         self.outputs: list[dict] = []
@@ -705,6 +711,231 @@ def follow(server: Server, jobs: list[Job], ws: WebSocket | None, timeout: float
                     _log(quiet, f"[{job.index + 1}/{len(jobs)} {job.label}] {_describe(job)}")
 
 
+def prepare(args, workflow, object_info: dict):
+    """(API workflow with --set applied, seed targets, seed plans), checked against the server's /object_info."""
+    if is_ui_format(workflow):
+        workflow = ui_to_api(workflow, object_info)
+    elif not (
+        isinstance(workflow, dict)
+        and workflow
+        and all(isinstance(v, dict) and "class_type" in v for v in workflow.values())
+    ):
+        raise UsageError(f"{args.workflow} is neither an API-format nor a UI-format ComfyUI workflow.")
+    workflow = apply_overrides(workflow, args.set, object_info)
+    targets = seed_targets(workflow, args.seed_input, object_info)
+    plans = plan_seeds(workflow, targets, args.count, args.seed, args.seeds)
+    return workflow, targets, plans
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# several servers
+
+
+def queue_length(server: Server) -> int:
+    """Prompts waiting or running on ``server`` (everyone's, not only ours)."""
+    info = server.get("/prompt") or {}
+    return int((info.get("exec_info") or {}).get("queue_remaining", 0))
+
+
+def run_many(args, workflow, addresses: list[str]) -> int:
+    """Spread the prompts over several servers: shortest queue first, at most ``--per-server`` of ours on each,
+    follow them all by polling, queue a prompt again elsewhere when its server goes down."""
+    quiet = args.quiet
+    try:
+        servers = [Server(a) for a in addresses]
+        if args.per_server < 1:
+            raise UsageError(f"--per-server {args.per_server}: give at least 1")
+        alive, object_info = [], None
+        for srv in servers:
+            try:
+                info = srv.get("/object_info")
+            except UsageError as e:
+                _log(quiet, f"warning: {e} Going on without it.")
+                continue
+            object_info = object_info or info
+            alive.append(srv)
+        if not alive:
+            raise UsageError("none of the servers answers: " + ", ".join(s.base for s in servers))
+        workflow, targets, plans = prepare(args, workflow, object_info)
+    except UsageError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    client_id = uuid.uuid4().hex
+    n = len(plans)
+    jobs: list[Job | None] = [None] * n
+    todo = list(range(n))  # prompts not queued on a live server, in order
+    flying: dict[str, dict[str, tuple[int, Job]]] = {s.base: {} for s in alive}
+    lost: list[str] = []
+    deadline = time.monotonic() + args.timeout
+    label = lambda i: f"[{i + 1}/{n}" + (f" seed {plans[i][targets[0]]}]" if targets else "]")  # noqa: E731
+
+    def down(srv: Server, why: str) -> None:
+        """``srv`` stopped answering: its unfinished prompts go back to the front of the line."""
+        if srv not in alive:
+            return
+        alive.remove(srv)
+        lost.append(srv.base)
+        back = sorted(i for i, _ in flying.pop(srv.base).values())
+        for i in back:
+            jobs[i].tries.append(srv.base)
+        todo[:0] = back
+        _log(
+            quiet,
+            f"server {srv.base} went down ({why}); "
+            + (f"queueing {len(back)} prompt(s) again on the others" if back else "none of ours was on it"),
+        )
+
+    def prompt_for(i: int) -> dict:
+        prompt = json.loads(json.dumps(workflow))
+        for (key, name), value in plans[i].items():
+            prompt[key]["inputs"][name] = value
+        return prompt
+
+    rejected = False
+    while todo or any(flying.values()):
+        if time.monotonic() > deadline:
+            sys.stderr.write(f"error: prompts still unfinished after {args.timeout:.0f} s\n")
+            break
+        if not alive:
+            break
+        # dispatch: the server with the shortest queue that has room for one more of ours
+        while todo and not rejected:
+            room = [s for s in alive if len(flying[s.base]) < args.per_server]
+            if not room:
+                break
+            lengths = {}
+            for srv in room:
+                try:
+                    lengths[srv.base] = queue_length(srv)
+                except UsageError:
+                    down(srv, "no answer")
+                except HTTPError:
+                    lengths[srv.base] = len(flying[srv.base])
+            room = [s for s in room if s.base in lengths]
+            if not room:
+                continue
+            srv = min(room, key=lambda s: (lengths[s.base], len(flying[s.base]), alive.index(s)))
+            i = todo[0]
+            try:
+                answer = srv.post("/prompt", {"prompt": prompt_for(i), "client_id": client_id})
+            except UsageError:
+                down(srv, "no answer")
+                continue
+            except HTTPError as e:
+                _log(quiet, f"{label(i)} rejected by {srv.base}:\n{describe_rejection(e.payload)}")
+                if all(j is None for j in jobs):
+                    sys.stderr.write(
+                        "error: the server rejected the workflow:\n" + describe_rejection(e.payload) + "\n"
+                    )
+                    return 2
+                rejected = True  # the same workflow: the rest would be rejected too
+                break
+            todo.pop(0)
+            seed = plans[i][targets[0]] if targets else None
+            job = Job(i, seed, answer["prompt_id"], nodes=len(workflow), server=srv)
+            if jobs[i] is not None:
+                job.tries = jobs[i].tries
+            jobs[i] = job
+            flying[srv.base][job.prompt_id] = (i, job)
+            _log(quiet, f"{label(i)} queued on {srv.base}: {job.prompt_id}" + (" (again)" if job.tries else ""))
+        # follow: poll every prompt in flight
+        time.sleep(0.5)
+        for srv in list(alive):
+            for prompt_id, (i, job) in list(flying.get(srv.base, {}).items()):
+                try:
+                    finished = _collect(srv, job)
+                except UsageError:
+                    down(srv, "no answer")
+                    break
+                if finished:
+                    del flying[srv.base][prompt_id]
+                    _log(quiet, f"{label(i)} {_describe(job)} on {srv.base}")
+        if rejected and not any(flying.values()):
+            break
+    report = []
+    for i in range(n):
+        job = jobs[i]
+        seed = plans[i][targets[0]] if targets else None
+        if job is None or i in todo:
+            why = "not run: every server went down" if not alive else "not queued"
+            if rejected:
+                why = "not queued: the server rejected the workflow"
+            report.append(
+                {
+                    "index": i,
+                    "seed": seed,
+                    "server": None,
+                    "status": "error",
+                    "error": why,
+                    "tries": job.tries if job else [],
+                    "messages": [],
+                    "outputs": [],
+                }
+            )
+            continue
+        files = []
+        for item in job.outputs:
+            rel = "/".join(p for p in (item.get("type", "output"), item.get("subfolder", ""), item["filename"]) if p)
+            entry = {"node": item["node"], "path": rel, "url": job.server.view_url(item), "cached": item["cached"]}
+            if args.download:
+                try:
+                    entry["downloaded"] = job.server.download(
+                        item, os.path.join(args.download, _server_folder(job.server))
+                    )
+                except OSError as e:  # e.g. that server went down after the prompt finished
+                    entry["download_error"] = str(e)
+            files.append(entry)
+        status = job.status if job.status not in ("queued", "running") else "error"
+        report.append(
+            {
+                "index": i,
+                "prompt_id": job.prompt_id,
+                "seed": seed,
+                "server": job.server.base,
+                "status": status,
+                "error": job.error if status == job.status else "unfinished",
+                "tries": job.tries,
+                "messages": job.messages,
+                "outputs": files,
+            }
+        )
+    for r in report:
+        head = f"seed {r['seed']}" if r["seed"] is not None else f"prompt {r['index'] + 1}"
+        where = f" on {r['server']}" if r["server"] else ""
+        again = f" (queued again after {', '.join(r['tries'])} went down)" if r["tries"] else ""
+        print(f"{head}: {r['status']}{': ' + r['error'] if r.get('error') else ''}{where}{again}")
+        for m in r["messages"]:
+            print(f"  {m}")
+        for f in r["outputs"]:
+            got = f"  -> {f['downloaded']}" if "downloaded" in f else ""
+            got += f"  (not downloaded: {f['download_error']})" if "download_error" in f else ""
+            print(f"  {f['path']}  {f['url']}" + got)
+    per = {}
+    for r in report:
+        if r["server"] and r["status"] in ("success", "cached"):
+            per[r["server"]] = per.get(r["server"], 0) + 1
+    print(
+        "per server: "
+        + ", ".join(f"{s.base} {per.get(s.base, 0)}" for s in servers)
+        + (f"; went down: {', '.join(lost)}" if lost else "")
+    )
+    if args.summary:
+        tmp = args.summary + ".part"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(
+                {"servers": [s.base for s in servers], "went_down": lost, "workflow": args.workflow, "prompts": report},
+                f,
+                indent=2,
+            )
+        os.replace(tmp, args.summary)
+    return 0 if all(r["status"] in ("success", "cached") for r in report) else 1
+
+
+def _server_folder(server: Server) -> str:
+    """A folder name for a server's downloads (several servers may write files of the same name)."""
+    return f"{server.host}_{server.port}".replace(":", "_")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -714,8 +945,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workflow", help="workflow JSON file (API or UI format)")
     p.add_argument(
         "--server",
-        default="127.0.0.1:8188",
-        help="ComfyUI address: HOST, HOST:PORT or http(s)://HOST:PORT (default 127.0.0.1:8188; port 8188)",
+        action="append",
+        default=None,
+        help="ComfyUI address: HOST, HOST:PORT or http(s)://HOST:PORT (default 127.0.0.1:8188; port 8188); repeat "
+        "it to spread the prompts over several servers",
+    )
+    p.add_argument(
+        "--per-server",
+        type=int,
+        default=2,
+        metavar="K",
+        help="with several servers: at most K of our prompts queued on a server at a time (default 2; the rest wait "
+        "here, so a server that goes down takes at most K prompts with it, and they are queued again elsewhere)",
     )
     p.add_argument("--count", type=int, default=1, help="number of prompts to queue (default 1)")
     p.add_argument(
@@ -749,20 +990,21 @@ def run(argv=None) -> int:
         sys.stderr.write(f"error: cannot read the workflow {args.workflow}: {e}\n")
         return 2
     jobs: list[Job] = []
+    addresses = args.server or ["127.0.0.1:8188"]
     try:
-        server = Server(args.server)
+        unique = {}
+        for a in addresses:  # the same server written twice counts once
+            unique.setdefault(Server(a).base, a)
+    except UsageError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    addresses = list(unique.values())
+    if len(addresses) > 1:
+        return run_many(args, workflow, addresses)
+    try:
+        server = Server(addresses[0])
         object_info = server.get("/object_info")  # first contact: an unreachable server is one clear error
-        if is_ui_format(workflow):
-            workflow = ui_to_api(workflow, object_info)
-        elif not (
-            isinstance(workflow, dict)
-            and workflow
-            and all(isinstance(v, dict) and "class_type" in v for v in workflow.values())
-        ):
-            raise UsageError(f"{args.workflow} is neither an API-format nor a UI-format ComfyUI workflow.")
-        workflow = apply_overrides(workflow, args.set, object_info)
-        targets = seed_targets(workflow, args.seed_input, object_info)
-        plans = plan_seeds(workflow, targets, args.count, args.seed, args.seeds)
+        workflow, targets, plans = prepare(args, workflow, object_info)
         client_id = uuid.uuid4().hex
         ws = None
         if not args.poll:

@@ -30,7 +30,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("dualanodiff_core.cli.inspect", "show what a weights file holds; convert or export it"),
     "minidefect": ("dualanodiff_core.cli.minidefect", "write the procedural MiniDefect dataset (MVTec layout)"),
     "train": ("dualanodiff_core.cli.train", "fine-tune DualAnoDiff weights on a few defect images"),
+    "train-all": (
+        "dualanodiff_core.cli.train_all",
+        "train (and optionally generate) every defect type of MVTec-layout categories, one job each",
+    ),
 }
+
+
+#: commands that run as several processes under torchrun / accelerate launch (see docs/scaling.md)
+MULTI_PROCESS = {"generate", "train", "train-all"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,8 +89,20 @@ def main(argv: list[str] | None = None) -> int:
             old_term = signal.signal(signal.SIGTERM, _on_sigterm)
         except ValueError:  # not the main thread
             old_term = None
+    from .. import distributed
+
+    joined = False
+    if distributed.is_distributed():
+        prefix = f"dualanodiff {args.command} (process {distributed.rank()}): error:"
     try:
         module = importlib.import_module(args._module)
+        if distributed.is_distributed():
+            if args.command not in MULTI_PROCESS:
+                raise ValueError(
+                    f"this command runs as one process; start it without torchrun / accelerate launch (those run "
+                    f"{', '.join(sorted(MULTI_PROCESS))})"
+                )
+            joined = distributed.init()
         return int(module.run(args) or 0)
     except DualAnoDiffError as e:
         if debug:
@@ -120,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+        if joined:
+            distributed.close()
 
 
 if __name__ == "__main__":

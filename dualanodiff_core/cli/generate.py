@@ -26,13 +26,18 @@ anomalib's MVTec and Folder loaders read unchanged. Every sample gets a manifest
 weights sha256, base model, mask area, filter decision and reason, files).
 
 Sample i always uses seed hash(--seed, i): rerunning the same command resumes (samples already on disk are kept,
-a sample cut short by an interruption is made again), and a larger --n adds samples after the existing ones.
+a sample cut short by an interruption is made again), and a larger --count adds samples after the existing ones.
+
+Several processes (one per GPU): torchrun --nproc-per-node 8 -m dualanodiff_core.cli generate ... (or accelerate
+launch -m dualanodiff_core.cli generate ...). The samples are shared out by index, each process stages its own, and
+process 0 merges them into OUT in index order: the same files and manifest records as one process with the same
+seeds (plus each record's process rank). Use --count, not --n, under a launcher (it reads --n as its own option).
 """
 
 EPILOG = """\
 example:
   dualanodiff generate --weights bottle_broken_large.safetensors --base models/stable-diffusion-v1-5 \\
-      --category bottle --defect broken_large --n 500 --out gen_bottle --device cuda
+      --category bottle --defect broken_large --count 500 --out gen_bottle --device cuda
 
 what lands in OUT (NAME = 000, 001, ...):
   CATEGORY/test/DEFECT/NAME.png               accepted images
@@ -110,7 +115,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "scheduler/); nothing is downloaded",
     )
     g.add_argument("--out", required=True, metavar="D", help="output folder (created; resumed if it exists)")
-    g.add_argument("--n", type=int, default=500, help="number of samples (indices 0..n-1); rejected ones count too")
+    g.add_argument(
+        "--count",
+        "--n",
+        dest="n",
+        type=int,
+        default=500,
+        metavar="N",
+        help="number of samples (indices 0..N-1); rejected ones count too (--n is the old name)",
+    )
     g.add_argument("--category", default="object", help="MVTec category folder name, e.g. bottle")
     g.add_argument("--defect", default="defect", help="defect type folder name, e.g. broken_large (not 'good')")
     g.add_argument("--seed", type=int, default=0, help="base seed; sample i uses a seed derived from it and i")
@@ -338,6 +351,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _device(name: str):
     import torch
 
+    from ..distributed import device_for_process
+
+    name = device_for_process(name)
     if name == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -441,9 +457,11 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(out, "--out")
 
     def load():
+        from ..distributed import is_distributed, rank
         from ..sd15.pipeline import DualAnoDiffPipeline
 
-        print(f"loading {base} + {weights} on {device} ({args.dtype}) ...", file=sys.stderr)
+        who = f"process {rank()}: " if is_distributed() else ""
+        print(f"{who}loading {base} + {weights} on {device} ({args.dtype}) ...", file=sys.stderr)
         return DualAnoDiffPipeline.from_pretrained(base, loaded_weights, dtype=dtype, device=device)
 
     resume = "finished samples are kept; fix this and run the same command again to resume"
@@ -492,6 +510,10 @@ def run(args: argparse.Namespace) -> int:
         if created:  # a run that failed before writing anything leaves no empty --out behind
             with contextlib.suppress(OSError):
                 out.rmdir()
+    from .. import distributed
+
+    if not distributed.is_main():  # process 0 reports for all
+        return 0
     print(summary.text())
     if summary.accepted == 0 and summary.rejected:
         top = max(summary.reasons.items(), key=lambda kv: kv[1])[0]

@@ -24,31 +24,42 @@ DATA/normals/ or DATA/good/ with normal images.
 Checkpoints, loss.csv and loss.png go to the work folder (default: OUTPUT without .safetensors + "_train").
 Ctrl-C stops after the current step and leaves a checkpoint; continue with the same command plus --resume.
 Defaults are the reference's (rank 32, AdamW 2e-5, weight decay 1e-2, clip 1.0, batch 4, 5000 steps, 512 px).
+
+Several GPUs (data parallel): torchrun --nproc-per-node 8 -m dualanodiff_core.cli train ... (or accelerate launch
+-m dualanodiff_core.cli train ...). Each process takes --batch-size images of one global batch of
+--batch-size x processes images, the gradients are averaged, and process 0 writes checkpoints, loss log and weights.
+N processes with --batch-size B follow the same loss curve as one process with --batch-size N*B. --resume works with
+another process count when the global batch stays the same.
 """
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser, one_defect: bool = True) -> None:
+    """``one_defect=False``: only the options that say *how* to train (for ``dualanodiff train-all``), not which data,
+    nor where one run's output goes."""
     from ..method.recipes import DEFAULT_RECIPE, RECIPES
     from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL
     from ..training.data import CROPS, FLIPS, SPLIT_HELP, SPLITS
     from ..training.trainer import PRECISIONS, TrainConfig
 
     d = TrainConfig()
-    p.description = DESCRIPTION
     p.formatter_class = _Formatter
     g = p.add_argument_group("data")
-    g.add_argument(
-        "data",
-        metavar="DATA",
-        help="the defect images: an MVTec category folder (with --defect) or a flat folder (see above)",
-    )
-    g.add_argument("--defect", metavar="NAME", help="defect type to train, for an MVTec category folder (e.g. scratch)")
-    g.add_argument(
-        "--object-masks",
-        metavar="DIR",
-        help="folder of object masks (<image name>.png, white = object), one per training image; needed "
-        "by --bcm unless DATA/object_masks/ exists",
-    )
+    if one_defect:
+        p.description = DESCRIPTION
+        g.add_argument(
+            "data",
+            metavar="DATA",
+            help="the defect images: an MVTec category folder (with --defect) or a flat folder (see above)",
+        )
+        g.add_argument(
+            "--defect", metavar="NAME", help="defect type to train, for an MVTec category folder (e.g. scratch)"
+        )
+        g.add_argument(
+            "--object-masks",
+            metavar="DIR",
+            help="folder of object masks (<image name>.png, white = object), one per training image; needed "
+            "by --bcm unless DATA/object_masks/ exists",
+        )
     g.add_argument(
         "--split",
         choices=SPLITS,
@@ -159,7 +170,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=int,
         default=d.batch_size,
-        help="defect images per step (the UNet sees twice as many rows: one per branch)",
+        help="defect images per step and process (the UNet sees twice as many rows: one per branch); under "
+        "torchrun / accelerate launch the global batch is --batch-size x processes",
     )
     g.add_argument("--lr", type=float, default=d.learning_rate, help="AdamW learning rate (constant after warm-up)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
@@ -182,13 +194,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1, mps ...")
 
     g = p.add_argument_group("output")
-    g.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="where the trained weights go")
-    g.add_argument(
-        "--work-dir",
-        metavar="DIR",
-        help="where checkpoints/, loss.csv, loss.png and train_config.json go (default: OUTPUT minus "
-        ".safetensors, plus _train)",
-    )
+    if one_defect:
+        g.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="where the trained weights go")
+        g.add_argument(
+            "--work-dir",
+            metavar="DIR",
+            help="where checkpoints/, loss.csv, loss.png and train_config.json go (default: OUTPUT minus "
+            ".safetensors, plus _train)",
+        )
     g.add_argument(
         "--checkpoint-every",
         type=int,
@@ -209,6 +222,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not write checkpoint-<step>.safetensors weights beside each resumable checkpoint",
     )
+    if not one_defect:
+        g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per checkpoint instead)")
+        return
     g.add_argument(
         "--resume",
         nargs="?",
@@ -284,6 +300,9 @@ def config_from_args(args: argparse.Namespace):
 def pick_device(name: str) -> str:
     import torch
 
+    from ..distributed import device_for_process
+
+    name = device_for_process(name)
     if name != "auto":
         if name.startswith("cuda") and not torch.cuda.is_available():
             from ..errors import InputError
@@ -366,8 +385,13 @@ def run(args: argparse.Namespace) -> int:
         )
     work_dir = Path(args.work_dir) if args.work_dir else output.with_name(output.stem + "_train")
 
+    from .. import distributed
+
+    main_process = distributed.is_main()
+
     def echo(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+        if main_process:  # one voice: process 0 reports for all
+            print(msg, file=sys.stderr, flush=True)
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
         echo(f"warning: {message}")
@@ -399,7 +423,9 @@ def run(args: argparse.Namespace) -> int:
             if output.exists() and not args.overwrite:
                 raise FileExistsError(f"{output} exists; add --overwrite to replace it or choose another --output.")
             if args.overwrite:
-                _clear_previous_run(work_dir)
+                if main_process:
+                    _clear_previous_run(work_dir)
+                distributed.barrier()
 
         device = pick_device(args.device)
         # cheap checks of the base model and the output locations before the heavy load
@@ -411,6 +437,8 @@ def run(args: argparse.Namespace) -> int:
         created = [d for d in (output.parent, work_dir) if not d.exists()]
         check_output_file(output, "--output")
         check_output_dir(work_dir, "--work-dir")
+        if not main_process:
+            args.no_progress = True
         echo(f"model: {args.model} on {device} ({config.precision})")
         flag: dict = {}
         bar = None

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from .. import __version__
+from .. import distributed as _dist
 from ..errors import InputError, MissingInputError
 from ..fileio import IMAGE_SUFFIXES, open_image, pil_to_tensor, sha256_file, tensor_to_pil
 from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL
@@ -325,6 +326,7 @@ def generate_dataset(
     log: Callable[[str], None] | None = None,
     max_side: int = MAX_SIDE,
     placement: PlacementSet | None = None,
+    shard: bool | None = None,
 ) -> GenerateSummary:
     """Generate samples ``0..n-1`` of ``category/defect`` into ``out`` (see
     :mod:`dualanodiff_core.dataset.export` for the layout); samples already there are kept and skipped.
@@ -335,6 +337,9 @@ def generate_dataset(
     masks are given) to reject pairs / drop mask parts that the image does not show. ``placement`` (a
     :class:`~dualanodiff_core.dataset.placement.PlacementSet`) confines defects to a region and/or generates onto
     normal photos (docs/placement.md); every file is checked before anything is written. Returns a summary.
+
+    ``shard``: share the samples with the other processes of a torchrun / accelerate launch run (see
+    :mod:`.sharded`); None = when started as several processes. False: this process generates everything alone.
     """
     if int(n) != n or n < 1:
         raise InputError(f"n={n}: generate at least one sample")
@@ -394,6 +399,64 @@ def generate_dataset(
         keep_rejected=keep_rejected,
         settings=settings,
     )
+    provenance = dict(
+        weights=None if weights_path is None else str(weights_path),
+        weights_sha256=weights_sha256,
+        base_model=base_model_id,
+        dtype=dtype,
+    )
+
+    def run_batches(pipe_, sink, indices: list[int], n_done: int) -> int:
+        return _run(
+            pipe_,
+            sink,
+            indices,
+            n,
+            n_done,
+            seed,
+            batch_size,
+            sampling,
+            backgrounds,
+            filter_against_background,
+            refine_mask,
+            mask_options,
+            filter_options,
+            provenance,
+            progress and (not shard or _dist.is_main()),
+            log,
+            category,
+            defect,
+            placement,
+        )
+
+    if shard is None:
+        shard = _dist.is_distributed()
+    if shard:  # one of several processes (torchrun / accelerate launch): see .sharded
+        from .sharded import generate_sharded
+
+        def load_pipe():
+            return loaded if loaded is not None else pipe()
+
+        already_n, generated, sheets = generate_sharded(
+            writer, settings, n, batch_size, provenance, run_batches, load_pipe, contact_sheets, log
+        )
+        recs = [r for i, r in writer.records.items() if i < n] if _dist.is_main() else []
+        reasons = Counter(r.get("reason", "?") for r in recs)
+        acc = sum(1 for r in recs if r.get("accepted"))
+        return GenerateSummary(
+            Path(out),
+            category,
+            defect,
+            int(n),
+            already_n,
+            generated,
+            acc,
+            len(recs) - acc,
+            dict(reasons),
+            sheets,
+            list(writer.recovered),
+        )
+
     with writer:
         for line in writer.recovered:
             log(f"recovered: {line}")
@@ -404,32 +467,7 @@ def generate_dataset(
             if loaded is None:
                 loaded = pipe()
             pipe = loaded
-            generated = _run(
-                pipe,
-                writer,
-                pending,
-                n,
-                len(already),
-                seed,
-                batch_size,
-                sampling,
-                backgrounds,
-                filter_against_background,
-                refine_mask,
-                mask_options,
-                filter_options,
-                dict(
-                    weights=None if weights_path is None else str(weights_path),
-                    weights_sha256=weights_sha256,
-                    base_model=base_model_id,
-                    dtype=dtype,
-                ),
-                progress,
-                log,
-                category,
-                defect,
-                placement,
-            )
+            generated = run_batches(loaded, writer, pending, len(already))
         sheets = writer.write_contact_sheets() if contact_sheets else []
         recs = [r for i, r in writer.records.items() if i < n]
     reasons = Counter(r.get("reason", "?") for r in recs)

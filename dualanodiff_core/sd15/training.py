@@ -195,6 +195,7 @@ def train_from_folder(
     progress: Callable[[TrainProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_ready: Callable[[DefectDataset], None] | None = None,
+    data_parallel: bool | None = None,
 ) -> TrainResult:
     """Train DualAnoDiff weights for one defect type and write them to ``output`` (our ``.safetensors``).
 
@@ -202,6 +203,7 @@ def train_from_folder(
     ``config.split``). ``model``: a diffusers folder, a single-file checkpoint, or a components dict (tests).
     ``work_dir``: checkpoints and logs (default: ``<output without suffix>_train``). ``resume``: a checkpoint file,
     or True for the newest checkpoint in ``work_dir``. The data are checked before the model is loaded.
+    ``data_parallel``: see :class:`Trainer` (None: data parallel when started as several processes).
     """
     config.validate()
     output = Path(output)
@@ -231,5 +233,6 @@ def train_from_folder(
         progress=progress,
         should_stop=should_stop,
         data_fingerprint=selected.fingerprint(),
+        data_parallel=data_parallel,
     )
     return trainer.run(resume=resume_from)

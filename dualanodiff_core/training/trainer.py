@@ -8,7 +8,8 @@ docs/method.md, "Training" and "BCM: background compensation"):
    random flips) -> images ``I`` and masks ``M``; the anomaly image is ``I * M`` in [-1, 1] (defect on mid-gray);
 2. encode the interleaved rows ``[I_0, A_0, I_1, A_1, ...]`` to (scaled) latents ``z0`` -- a VAE *sample*;
 3. one timestep per pair (both rows of a pair share it), independent Gaussian noise per row:
-   ``z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps``;
+   ``z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps``; each pair's randomness (its VAE sample, timestep and noise) comes
+   from its own generator seeded by (seed, step, position in the global batch);
 4. prompts: the global prompt on even rows, the anomaly prompt on odd rows, encoded *with* gradient through the
    text-encoder LoRA;
 5. with BCM: the background of each pair (the same training image with the object blacked out) is encoded to an
@@ -17,6 +18,14 @@ docs/method.md, "Training" and "BCM: background compensation"):
    flow through the record pass;
 6. loss = MSE over both branches of (prediction, target) with target ``eps`` (or ``v`` for v-prediction models);
    AdamW, gradient clipping, constant learning rate after an optional linear warm-up.
+
+Several processes (``torchrun`` / ``accelerate launch``, see :mod:`dualanodiff_core.distributed`): data parallel.
+The global batch is ``batch_size`` x processes pairs, drawn by the same seeded sampler on every process; process
+``r`` takes pairs ``r*batch_size .. (r+1)*batch_size-1`` of it, and the gradients are averaged over the processes
+before clipping. Because every pair's randomness is seeded by its position in the global batch, a run on N processes
+follows the same loss curve as one process with N times the batch (up to floating-point summation order). Only
+process 0 writes checkpoints, the loss log and the weights; a checkpoint can be resumed with another process count
+that keeps the global batch.
 
 The loop only talks to a :class:`TrainingBackbone` (the model), so the same code trains with diffusers
 (:mod:`dualanodiff_core.sd15.training`) or inside ComfyUI.
@@ -33,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -46,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__, _testhook
+from .. import distributed as dist
 from ..errors import DualAnoDiffError, RunError
 from ..fileio import atomic_path, save_image_atomic, sweep_temp_files, write_json_atomic, write_text_atomic
 from ..method import layout
@@ -412,8 +423,17 @@ class Trainer:
         should_stop: Callable[[], bool] | None = None,
         metadata: dict | None = None,
         data_fingerprint: list | None = None,
+        data_parallel: bool | None = None,
     ):
         check_backbone(backbone)
+        #: data parallel over the processes of a torchrun / accelerate launch run (None: when the process group is
+        #: up); each process takes its ``batch_size`` share of one global batch, gradients are averaged
+        if data_parallel is None:
+            data_parallel = dist.is_distributed()
+        self.data_parallel = bool(data_parallel) and dist.init()
+        self.world = dist.world_size() if self.data_parallel else 1
+        self.rank = dist.rank() if self.data_parallel else 0
+        self.is_main = self.rank == 0
         self.backbone = backbone
         self.dataset = dataset
         self.config = config.validate()
@@ -459,7 +479,7 @@ class Trainer:
         )
         dev_type = torch.device(backbone.device).type
         self.scaler = torch.amp.GradScaler(dev_type, enabled=(c.precision == "fp16"))
-        self.sampler = PairSampler(len(dataset), c.batch_size, c.seed)
+        self.sampler = PairSampler(len(dataset), self.global_batch, c.seed)
         self.noise_generator = torch.Generator(device="cpu")
         self.noise_generator.manual_seed(c.seed + 1_000_003)
         self.step = 0
@@ -468,28 +488,77 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._last_checkpoint_step = -1
 
-    # ---- one step -------------------------------------------------------------------------------------------------
-    def compute_loss(self) -> torch.Tensor:
-        """Draw the next batch and return the loss (with a graph to the trainable tensors)."""
-        batch = self.dataset.batch(self.sampler.next_batch())
-        return self._loss(batch, self.noise_generator)
+    @property
+    def global_batch(self) -> int:
+        """Pairs per optimisation step over all processes: ``batch_size`` x processes."""
+        return self.config.batch_size * self.world
 
-    def _loss(self, batch, gen: torch.Generator, t_pair: torch.Tensor | None = None) -> torch.Tensor:
+    # ---- one step -------------------------------------------------------------------------------------------------
+    def pair_generators(self, step: int, positions: Sequence[int]) -> list[torch.Generator]:
+        """The random source of each pair of a step: seeded by (seed, step, position in the global batch), so the
+        noise of a pair does not depend on how the global batch is split over processes, nor on a resume."""
+        gens = []
+        for pos in positions:
+            h = hashlib.sha256(f"dualanodiff-train:{self.config.seed}:{step}:{pos}".encode()).digest()
+            gens.append(torch.Generator(device="cpu").manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1)))
+        return gens
+
+    def compute_loss(self) -> torch.Tensor:
+        """Draw the next batch (this process's share of the global batch) and return its loss (with a graph to the
+        trainable tensors)."""
+        draws = self.sampler.next_batch()  # the global batch, the same on every process
+        b = self.config.batch_size
+        mine = range(self.rank * b, (self.rank + 1) * b)
+        batch = self.dataset.batch([draws[i] for i in mine])
+        return self._loss(batch, self.pair_generators(self.step, mine))
+
+    def _loss(
+        self, batch, gen: torch.Generator | list[torch.Generator], t_pair: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``gen``: one generator for everything, or one per pair (each pair's latents, timestep and noise)."""
         c, bb = self.config, self.backbone
         n_pairs = batch.images.shape[0]
         dev = torch.device(bb.device)
         rows = layout.interleave(batch.images, batch.anomaly).to(dev)
-        with torch.no_grad():
-            x0 = bb.encode_images(rows, gen).float()
-            bg0 = bb.encode_backgrounds(batch.backgrounds.to(dev), gen).float() if c.bcm else None
         ac = bb.alphas_cumprod
-        if t_pair is None:
-            t_pair = torch.randint(0, len(ac), (n_pairs,), generator=gen)
+        per_pair = isinstance(gen, list)
+        if per_pair and len(gen) != n_pairs:
+            raise ValueError(f"{len(gen)} generators for {n_pairs} pairs")
+        with torch.no_grad():
+            if per_pair:
+                br = layout.BRANCHES
+                x0 = torch.cat([bb.encode_images(rows[br * j : br * (j + 1)], g) for j, g in enumerate(gen)]).float()
+                bgs = batch.backgrounds.to(dev) if c.bcm else None
+                bg0 = (
+                    torch.cat([bb.encode_backgrounds(bgs[j : j + 1], g) for j, g in enumerate(gen)]).float()
+                    if c.bcm
+                    else None
+                )
+            else:
+                x0 = bb.encode_images(rows, gen).float()
+                bg0 = bb.encode_backgrounds(batch.backgrounds.to(dev), gen).float() if c.bcm else None
+        if per_pair:
+            if t_pair is None:
+                t_pair = torch.cat([torch.randint(0, len(ac), (1,), generator=g) for g in gen])
+            noise = torch.cat([torch.randn((br, *x0.shape[1:]), generator=g, dtype=torch.float32) for g in gen]).to(dev)
+            bg_noise = (
+                torch.cat([torch.randn((1, *bg0.shape[1:]), generator=g, dtype=torch.float32) for g in gen]).to(dev)
+                if c.bcm
+                else None
+            )
+        else:
+            if t_pair is None:
+                t_pair = torch.randint(0, len(ac), (n_pairs,), generator=gen)
+            noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(dev)
+            bg_noise = torch.randn(bg0.shape, generator=gen, dtype=torch.float32).to(dev) if c.bcm else None
         t = t_pair.repeat_interleave(layout.BRANCHES)  # the same timestep for both rows of a pair
-        noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(dev)
-        bg_noise = torch.randn(bg0.shape, generator=gen, dtype=torch.float32).to(dev) if c.bcm else None
-        if c.anomaly_offset_noise > 0:  # drawn only when on: the reference recipe's random stream is unchanged
-            offset = torch.randn((n_pairs, x0.shape[1], 1, 1), generator=gen, dtype=torch.float32).to(dev)
+        if c.anomaly_offset_noise > 0:  # drawn only when on
+            if per_pair:
+                offset = torch.cat(
+                    [torch.randn((1, x0.shape[1], 1, 1), generator=g, dtype=torch.float32) for g in gen]
+                ).to(dev)
+            else:
+                offset = torch.randn((n_pairs, x0.shape[1], 1, 1), generator=gen, dtype=torch.float32).to(dev)
             noise = noise.clone()
             noise[1 :: layout.BRANCHES] += c.anomaly_offset_noise * offset
         t, t_pair = t.to(dev), t_pair.to(dev)
@@ -536,6 +605,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.compute_loss()
         value = float(loss.detach())
+        if self.data_parallel:  # the loss of the global batch: equal shares, so the mean of the processes' losses
+            value = dist.mean(value)
         if not math.isfinite(value) and not self.scaler.is_enabled():
             last = self.last_checkpoint or "none yet"
             raise TrainingError(
@@ -543,6 +614,8 @@ class Trainer:
                 f"{last}. Lower the learning rate, or train in fp32/bf16 instead of fp16."
             )
         self.scaler.scale(loss).backward()
+        if self.data_parallel:  # gradient of the global batch's mean loss
+            dist.average_gradients(self.params)
         self.scaler.unscale_(self.optimizer)
         if self.config.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
@@ -598,12 +671,18 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "noise_generator": self.noise_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "processes": self.world,
             "history": json.dumps(self.history),
             "elapsed": float(self.elapsed),
         }
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoint-<step>.pt`` (and ``.safetensors`` weights) atomically; prune old ones."""
+        """Write ``checkpoint-<step>.pt`` (and ``.safetensors`` weights) atomically; prune old ones. With several
+        processes only process 0 writes (the others note where it goes)."""
+        if not self.is_main:
+            self.last_checkpoint = self.checkpoint_dir / f"checkpoint-{self.step:06d}.pt"
+            self._last_checkpoint_step = self.step
+            return self.last_checkpoint
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         stem = f"checkpoint-{self.step:06d}"
         if self.config.checkpoint_weights:
@@ -642,7 +721,21 @@ class Trainer:
         mine = self.config.to_dict()
         for f in dataclasses.fields(TrainConfig):  # settings added after the checkpoint was written: their default
             saved.setdefault(f.name, f.default)
-        diff = [k for k in sorted(set(saved) | set(mine)) if k not in RESUMABLE_CHANGES and saved.get(k) != mine.get(k)]
+        # the process count may change when the global batch (per-process batch x processes) stays the same
+        saved_procs = int(state.get("processes", 1))
+        saved_global = int(saved.get("batch_size", 0)) * saved_procs
+        if saved_global != self.global_batch:
+            raise CheckpointError(
+                f"{where}: the run used a global batch of {saved_global} pairs ({saved.get('batch_size')} per process "
+                f"x {saved_procs} process(es)); now it would be {self.global_batch} ({self.config.batch_size} x "
+                f"{self.world}). Keep the global batch: with {self.world} process(es) use --batch-size "
+                f"{saved_global // self.world if saved_global % self.world == 0 else '(impossible: not divisible)'}."
+            )
+        diff = [
+            k
+            for k in sorted(set(saved) | set(mine))
+            if k not in RESUMABLE_CHANGES + ("batch_size",) and saved.get(k) != mine.get(k)
+        ]
         if diff:
             details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {mine.get(k)!r}" for k in diff[:6])
             raise CheckpointError(
@@ -680,6 +773,7 @@ class Trainer:
         if state["grad_scaler"]:
             self.scaler.load_state_dict(state["grad_scaler"])
         self.sampler.load_state_dict(state["sampler"])
+        self.sampler.batch_size = self.global_batch
         self.noise_generator.set_state(state["noise_generator"])
         torch.set_rng_state(state["torch_rng"])
         self.history = json.loads(state["history"])
@@ -710,24 +804,30 @@ class Trainer:
     def _run(self, resume) -> TrainResult:
         if resume is not None:
             self.load_state_dict(resume if isinstance(resume, dict) else load_checkpoint(resume))
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        # temp files left by a run that was killed (kill -9, power cut) in these folders
-        for d in (self.work_dir, self.checkpoint_dir) + ((Path(self.output).parent,) if self.output else ()):
-            sweep_temp_files(d)
-        write_json_atomic(
-            self.work_dir / "train_config.json",
-            {
-                "config": self.config.to_dict(),
-                "data": self.data_fingerprint,
-                "base_model": getattr(self.backbone, "base_model", ""),
-                "output": str(self.output or ""),
-            },
-        )
+        if self.is_main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            # temp files left by a run that was killed (kill -9, power cut) in these folders
+            for d in (self.work_dir, self.checkpoint_dir) + ((Path(self.output).parent,) if self.output else ()):
+                sweep_temp_files(d)
+            write_json_atomic(
+                self.work_dir / "train_config.json",
+                {
+                    "config": self.config.to_dict(),
+                    "processes": self.world,
+                    "global_batch": self.global_batch,
+                    "data": self.data_fingerprint,
+                    "base_model": getattr(self.backbone, "base_model", ""),
+                    "output": str(self.output or ""),
+                },
+            )
         c = self.config
         stopped = False
         recent: list[float] = []
         while self.step < c.steps:
-            if self.should_stop():
+            stop = self.should_stop()
+            if self.data_parallel:  # a stop request on any process stops all of them at the same step
+                stop = dist.any_true(stop)
+            if stop:
                 stopped = True
                 break
             t0 = time.perf_counter()
@@ -751,20 +851,22 @@ class Trainer:
                 ckpt = self.save_checkpoint()
             recent = (recent + [dt])[-20:]
             rate = len(recent) / max(sum(recent), 1e-9)
-            if self.progress is not None:
+            if self.progress is not None and self.is_main:
                 self.progress(
                     TrainProgress(self.step, c.steps, loss, lr, rate, (c.steps - self.step) / rate, self.elapsed, ckpt)
                 )
         if self._last_checkpoint_step != self.step:
             self.save_checkpoint()
-        else:
+        elif self.is_main:
             self.write_history()
         completed = self.step >= c.steps
         weights = None
         if completed:
             weights = self.backbone.to_weights(self.weights_metadata())
-            if self.output is not None:
+            if self.output is not None and self.is_main:
                 weights.save(self.output)
+        if self.data_parallel:  # process 0 has written everything before any process returns
+            dist.barrier()
         return TrainResult(
             self.step,
             c.steps,
