@@ -441,21 +441,7 @@ def generate_dataset(
             writer, settings, n, batch_size, provenance, run_batches, load_pipe, contact_sheets, log
         )
         recs = [r for i, r in writer.records.items() if i < n] if _dist.is_main() else []
-        reasons = Counter(r.get("reason", "?") for r in recs)
-        acc = sum(1 for r in recs if r.get("accepted"))
-        return GenerateSummary(
-            Path(out),
-            category,
-            defect,
-            int(n),
-            already_n,
-            generated,
-            acc,
-            len(recs) - acc,
-            dict(reasons),
-            sheets,
-            list(writer.recovered),
-        )
+        return _summary(out, category, defect, n, already_n, generated, recs, sheets, writer.recovered)
 
     with writer:
         for line in writer.recovered:
@@ -470,6 +456,11 @@ def generate_dataset(
             generated = run_batches(loaded, writer, pending, len(already))
         sheets = writer.write_contact_sheets() if contact_sheets else []
         recs = [r for i, r in writer.records.items() if i < n]
+    return _summary(out, category, defect, n, len(already), generated, recs, sheets, writer.recovered)
+
+
+def _summary(out, category, defect, n, already_n, generated, recs, sheets, recovered) -> GenerateSummary:
+    """What a run did, counted from the manifest records of samples ``0..n-1``."""
     reasons = Counter(r.get("reason", "?") for r in recs)
     acc = sum(1 for r in recs if r.get("accepted"))
     return GenerateSummary(
@@ -477,13 +468,13 @@ def generate_dataset(
         category,
         defect,
         int(n),
-        len(already),
+        already_n,
         generated,
         acc,
         len(recs) - acc,
         dict(reasons),
         sheets,
-        list(writer.recovered),
+        list(recovered),
     )
 
 
