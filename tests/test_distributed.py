@@ -240,7 +240,13 @@ def test_sharded_generation_equals_one_process_and_a_killed_run_resumes(assets, 
     # the same command again (2 processes) finishes only what is missing
     log = _run(_torchrun(_gen_args(assets, sharded, count))).stderr
     assert f"({len(done)} already in the dataset)" in log, log
-    assert _records(sharded) == _records(single)
+    got, want = _records(sharded), _records(single)
+    differing = [
+        (a.get("index"), {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)})
+        for a, b in zip(got, want)
+        if a != b
+    ]
+    assert got == want, f"records that differ from one process (index, {{key: (sharded, single)}}): {differing}"
     assert _files(sharded) == _files(single)  # byte for byte, contact sheets included; no staging left
     procs = {json.loads(x)["process"]["rank"] for x in (sharded / MANIFEST).read_text().splitlines()}
     assert procs == {0, 1}
