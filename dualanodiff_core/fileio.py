@@ -246,6 +246,15 @@ def run_error_from(e: OSError, resume_hint: str = "") -> RunError:
     return err
 
 
+def masks_for(images: Iterable[Path], masks: Iterable[Path]) -> list[Path | None]:
+    """For each image, its mask among ``masks``: same stem, or the stem plus ``_mask`` (the first in order); None where
+    there is none."""
+    by_stem: dict[str, Path] = {}
+    for m in masks:
+        by_stem.setdefault(m.stem, m)
+    return [by_stem.get(img.stem) or by_stem.get(f"{img.stem}_mask") for img in images]
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes, read in chunks."""
     h = hashlib.sha256()

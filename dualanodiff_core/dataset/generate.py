@@ -26,7 +26,7 @@ from PIL import Image
 from .. import __version__
 from .. import distributed as _dist
 from ..errors import InputError, MissingInputError
-from ..fileio import IMAGE_SUFFIXES, open_image, pil_to_tensor, sha256_file, tensor_to_pil
+from ..fileio import IMAGE_SUFFIXES, masks_for, open_image, pil_to_tensor, sha256_file, tensor_to_pil
 from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL
 from ..sd15.scheduler import SAMPLERS
 from ..training.backgrounds import make_background
@@ -181,13 +181,9 @@ class BackgroundSet:
             mask_folder = Path(mask_folder)
             if not mask_folder.is_dir():
                 raise MissingInputError(f"object-mask folder {mask_folder} does not exist")
-            by_stem: dict[str, Path] = {}
-            for p in sorted(mask_folder.iterdir()):
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-                    by_stem.setdefault(p.stem, p)
+            found = sorted(p for p in mask_folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             masks = []
-            for img in images:
-                m = by_stem.get(img.stem) or by_stem.get(f"{img.stem}_mask")
+            for img, m in zip(images, masks_for(images, found)):
                 if m is None:
                     raise MissingInputError(
                         f"no object mask for background {img.name} in {mask_folder} (looked for {img.stem}.* and "

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..fileio import IMAGE_SUFFIXES
+from ..fileio import IMAGE_SUFFIXES, masks_for
 from ..method.placement import DEFAULT_FEATHER, DEFAULT_MAX_OUTSIDE, PlacementError, outside_fraction
 from .acceptance import FilterDecision
 
@@ -135,12 +135,8 @@ class PlacementSet:
             p = Path(placement)
             regions = _images_in(p, "--placement")
             if p.is_dir() and normals is not None:
-                by_stem: dict[str, Path] = {}
-                for m in regions:
-                    by_stem.setdefault(m.stem, m)
-                regions = []
-                for img in normals:
-                    m = by_stem.get(img.stem) or by_stem.get(f"{img.stem}_mask")
+                found, regions = regions, []
+                for img, m in zip(normals, masks_for(normals, found)):
                     if m is None:
                         raise PlacementError(
                             f"--placement {p}: no region mask for normal photo {img.name} (looked for {img.stem}.* "
