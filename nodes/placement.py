@@ -1,5 +1,6 @@
 """Placement control in ComfyUI (docs/placement.md): the DualAnoDiff Sampler's ``placement`` / ``normal`` inputs build
-an inpainting-style start latent, and DualAnoDiff Composite Onto Normal pastes the result into the photo."""
+an inpainting-style start latent (and, with a region, steer the defect into it: :func:`steered_sample`), and
+DualAnoDiff Composite Onto Normal pastes the result into the photo."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from ..dualanodiff_core.method.placement import (
     composite,
     feather_alpha,
     latent_region,
+    plan_steering,
+    ramp_anomaly_rows,
+    ramp_weight,
+    roll_pairs,
 )
 from .images import check_images, check_masks
 
@@ -26,10 +31,13 @@ def _rows(t: torch.Tensor, n: int, what: str) -> torch.Tensor:
     raise PlacementError(f"{what}: {t.shape[0]} in the batch for {n} pair(s); give 1 or {n}.")
 
 
-def placement_start(vae, pairs: int, width: int, height: int, placement=None, normal=None) -> tuple[dict, int]:
+def placement_start(
+    vae, pairs: int, width: int, height: int, placement=None, normal=None
+) -> tuple[dict, int, torch.Tensor]:
     """The sampler's start LATENT for a placement region and/or normal photos: rows ``[g, a, g, a, ...]`` hold the
     photo's latent (or zeros) and the mid-gray latent, and ``noise_mask`` (1 = generate) is the region on anomaly
-    rows and, with a photo, on global rows (everything elsewhere). Returns (latent, pairs)."""
+    rows and, with a photo, on global rows (everything elsewhere). Returns (latent, pairs, region on the latent grid
+    ``[pairs, 1, h, w]``)."""
     if vae is None:
         raise PlacementError("placement / normal need the vae input (to encode the photo and the gray background).")
     if normal is not None:
@@ -57,7 +65,62 @@ def placement_start(vae, pairs: int, width: int, height: int, placement=None, no
         g_mask = torch.ones_like(lat_region).to(photo.device)
     samples = interleave(photo.float(), gray.float().expand(pairs, -1, -1, -1).to(photo.device))
     mask = interleave(g_mask[:, 0], lat_region[:, 0].to(photo.device))
-    return {"samples": samples.contiguous(), "noise_mask": mask.contiguous()}, pairs
+    return {"samples": samples.contiguous(), "noise_mask": mask.contiguous()}, pairs, lat_region
+
+
+#: the DualAnoDiff Sampler's ``placement_steering`` choices: ``shift`` steers (probe, shift, ramped hold), ``hold``
+#: holds the anomaly branch at gray outside the region from the first step (the behaviour before steering)
+STEERING_CHOICES = ("shift", "hold")
+
+
+def steered_sample(
+    model, seed, steps, cfg, sampler_name, scheduler, positive, negative, start, denoise, region_latent, steering
+):
+    """What ``nodes.common_ksampler`` does, with steering (dualanodiff_core.method.placement.Steering): probe
+    the first ``steering.probe`` share of the steps with the anomaly rows free, let the core pick each pair's shift
+    from the anomaly branch's predicted clean latent, roll the starting noise of both rows, and sample with the
+    anomaly rows' hold outside the region ramped in (through ComfyUI's ``denoise_mask_function``). Pair ``j``'s
+    shift is picked by ``seed + j``, as the Python API does. Returns (samples, per-pair steering records)."""
+    import comfy.sample
+    import comfy.utils
+    import latent_preview
+
+    latent_image = comfy.sample.fix_empty_latent_channels(model, start["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed)
+    mask = start["noise_mask"]
+    pairs = latent_image.shape[0] // 2
+    records = None
+    k = steering.probe_steps(int(steps))
+    if k > 0:
+        seen = {}
+        comfy.sample.sample(
+            model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=denoise,
+            last_step=k, noise_mask=ramp_anomaly_rows(mask, 0.0, generate=True), disable_pbar=True, seed=seed,
+            callback=lambda step, x0, x, total: seen.__setitem__("x0", x0),
+        )  # fmt: skip
+        gray = model.model.process_latent_in(latent_image[1:2].to(seen["x0"].device))
+        seeds = [int(seed) + j for j in range(pairs)]
+        x0 = seen["x0"][1::2].float().cpu()
+        shifts, records = plan_steering(x0, gray.float().cpu(), region_latent.cpu(), seeds, steering, k, 8)
+        noise = roll_pairs(noise, shifts)
+    if steering.ramp > 0:
+        model = model.clone()
+        previous = model.model_options.get("denoise_mask_function")
+
+        def ramped(sigma, denoise_mask, extra_options):
+            if previous is not None:
+                denoise_mask = previous(sigma, denoise_mask, extra_options)
+            sigmas = extra_options["sigmas"]
+            i = int((sigmas - sigma.reshape(-1)[0].to(sigmas)).abs().argmin())
+            return ramp_anomaly_rows(denoise_mask, ramp_weight(i - 1, len(sigmas) - 1, steering.ramp), generate=True)
+
+        model.model_options["denoise_mask_function"] = ramped
+    callback = latent_preview.prepare_callback(model, steps)
+    samples = comfy.sample.sample(
+        model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=denoise,
+        noise_mask=mask, callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+    )  # fmt: skip
+    return samples, records
 
 
 class CompositeOnNormal(io.ComfyNode):
