@@ -9,12 +9,12 @@ nodes; no file handling here (see :mod:`dualanodiff_core.dataset.placement`).
   one (the gray background on anomaly rows, the normal photo on global rows) at every step;
 * :func:`feather_alpha` / :func:`composite` paste the decoded image into the normal photo through a feathered band
   around the region: outside the band the photo's pixels are kept exactly;
-* steering (:class:`Steering`): the UNet is convolutional, so where a defect forms follows the starting noise. A short
-  probe of the sampling shows where the anomaly branch starts to draw one (:func:`forming_defect`);
-  :func:`shift_scores` / :func:`choose_shifts` pick a circular shift of the starting noise that moves it into the
-  region (one of the best shifts, chosen by the sample's seed so that defects spread over the region), and
-  :func:`roll_pairs` applies it to both rows of the pair before the real sampling starts; the hold outside the region
-  then ramps in (:func:`ramp_weight`) instead of erasing, from the first step, a defect that is still moving in.
+* steering (:class:`Steering`): the anomaly branch runs free for the first steps; then its predicted clean latent
+  shows where a defect is forming (:func:`forming_defect`), :func:`shift_scores` / :func:`choose_shifts` pick a
+  circular shift that moves it into the region (one of the best shifts, chosen by the sample's seed so that defects
+  spread over the region), :func:`roll_pairs` applies it to both rows of the pair mid-sampling, and the hold outside
+  the region then ramps in (:func:`ramp_weight`) instead of erasing, from the first step, a defect that would have
+  formed outside. :func:`plan_steering` is what the Python API and the ComfyUI sampler share.
 """
 
 from __future__ import annotations
@@ -121,11 +121,13 @@ def outside_fraction(mask: np.ndarray, region: np.ndarray) -> float:
 class Steering:
     """How placement guidance steers a defect into the region (docs/placement.md, "How it works").
 
-    ``probe``: share of the sampling steps run from the starting noise to see where the defect forms (at least one
-    step; 0 = no probe and no shift, only the hold outside the region); ``ramp``: share of the sampling steps over
-    which the anomaly branch's hold at the gray background outside the region grows from 0 to full (0 = full from
-    the start, the behaviour before steering); ``slack``: every shift whose predicted share of the forming defect
-    inside the region is within this of the best one is a candidate, and the sample's seed picks among them."""
+    ``probe``: share of the sampling steps during which the anomaly branch runs free, before the latents of both
+    rows are rolled so that the defect forming in them lies inside the region (at least one step; 0 = no shift,
+    only the hold outside the region); ``ramp``: share of the sampling steps over which the anomaly branch's hold at
+    the gray background outside the region then grows from 0 to full (0 = full at once; with ``probe`` 0 too, full
+    from the start: the behaviour before steering, :data:`HOLD_ONLY`); ``slack``: every shift whose predicted share
+    of the forming defect inside the region is within this of the best one is a candidate, and the sample's seed
+    picks among them."""
 
     probe: float = 0.2
     ramp: float = 0.3
@@ -138,7 +140,7 @@ class Steering:
                 raise PlacementError(f"steering {k}={v}: a share in [0, 1]")
 
     def probe_steps(self, steps: int) -> int:
-        """Sampling steps the probe runs out of ``steps`` (0 = no steering)."""
+        """After how many of ``steps`` sampling steps the latents are rolled (0 = never)."""
         return 0 if self.probe <= 0 else max(1, min(int(steps), round(self.probe * steps)))
 
     def to_dict(self) -> dict:
@@ -149,12 +151,15 @@ class Steering:
 HOLD_ONLY = Steering(probe=0.0, ramp=0.0, slack=0.0)
 
 
-def ramp_weight(step: int, steps: int, ramp: float) -> float:
-    """Strength in [0, 1] of the hold outside the region after sampling step ``step`` (-1 = the start) of ``steps``:
-    grows linearly to 1 over the first ``ramp`` share of the steps; ``ramp`` 0 = 1 from the start."""
+def ramp_weight(step: int, steps: int, ramp: float, start: int = 0) -> float:
+    """Strength in [0, 1] of the anomaly branch's hold outside the region after sampling step ``step`` (-1 = the
+    start) of ``steps``: 0 before step ``start`` (steering lets the defect form freely until then), then growing
+    linearly to 1 over a ``ramp`` share of the steps; ``ramp`` 0 = 1 from ``start`` on."""
+    if step + 1 < start:
+        return 0.0
     if ramp <= 0:
         return 1.0
-    return float(min(1.0, max(0.0, (step + 1) / (ramp * steps))))
+    return float(min(1.0, max(0.0, (step + 1 - start) / (ramp * steps))))
 
 
 def forming_defect(x0_anomaly: torch.Tensor, gray: torch.Tensor) -> torch.Tensor:

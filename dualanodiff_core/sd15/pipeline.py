@@ -243,7 +243,8 @@ def _predicted_x0(scheduler, model_output: torch.Tensor, t, latents: torch.Tenso
 class _Hold:
     """Where the sampler pins the latents to known ones (docs/placement.md, "How it works"): ``keep_g`` (global rows:
     the photo outside the region) and ``keep_a`` (anomaly rows: the gray background outside the region), both
-    ``[2N, 1, h, w]`` over the interleaved rows, to ``known``; ``alpha`` is the pixel composite weight."""
+    ``[2N, 1, h, w]`` over the interleaved rows, to ``known``, noised with the samples' own starting noise;
+    ``alpha`` is the pixel composite weight."""
 
     keep_g: torch.Tensor
     keep_a: torch.Tensor
@@ -252,25 +253,41 @@ class _Hold:
     region_latent: torch.Tensor
     alpha: torch.Tensor | None
     scale: int
+    noise: torch.Tensor | None = None
 
-    def after_step(self, noise: torch.Tensor, scheduler, ramp: float, anomaly: bool = True):
-        """``after_step(i, latents)``: the latents pinned to ``known`` noised (with the sample's own starting
-        ``noise``) to the level they have after step ``i`` (-1 = the start); the anomaly rows' hold is weighted by
-        :func:`ramp_weight` (``anomaly=False``: not held at all)."""
+    def roll(self, shifts) -> None:
+        """Steering moved the pairs' latents: the noise the known latents are noised with moves with them."""
+        self.noise = roll_pairs(self.noise, shifts)
+
+    def after_step(self, noise: torch.Tensor, scheduler, ramp: float, ramp_start: int = 0):
+        """``after_step(i, latents)``: the latents pinned to ``known`` noised with ``noise`` to the level they have
+        after step ``i`` (-1 = the start); the anomaly rows' hold is weighted by :func:`ramp_weight`."""
         timesteps = scheduler.timesteps
         n = len(timesteps)
-        noise = noise.to(self.known.device, self.known.dtype)
+        self.noise = noise.to(self.known.device, self.known.dtype)
 
         def after_step(i: int, latents: torch.Tensor) -> torch.Tensor:
             if i + 1 < n:
                 t = timesteps[i + 1].reshape(1).expand(self.known.shape[0])
-                target = scheduler.add_noise(self.known, noise, t)
+                target = scheduler.add_noise(self.known, self.noise, t)
             else:
                 target = self.known
-            keep = self.keep_g + ramp_anomaly_rows(self.keep_a, ramp_weight(i, n, ramp) if anomaly else 0.0)
+            keep = self.keep_g + ramp_anomaly_rows(self.keep_a, ramp_weight(i, n, ramp, ramp_start))
             return latents * (1 - keep) + target.to(latents.dtype) * keep
 
         return after_step
+
+
+def _roll_scheduler_state(scheduler, shifts, shape) -> None:
+    """Steering rolls the latents mid-sampling: the scheduler's own memory of earlier steps (PNDM's ``ets`` and
+    ``cur_sample``, DPM-Solver's ``model_outputs``: every tensor of the latents' shape, alone or in a list) must move
+    with them, or the next multistep update would mix the old position into the new one."""
+    shape = tuple(shape)
+    for name, v in list(vars(scheduler).items()):
+        if isinstance(v, torch.Tensor) and tuple(v.shape) == shape:
+            setattr(scheduler, name, roll_pairs(v, shifts))
+        elif isinstance(v, list) and any(isinstance(e, torch.Tensor) and tuple(e.shape) == shape for e in v):
+            v[:] = [roll_pairs(e, shifts) if isinstance(e, torch.Tensor) and tuple(e.shape) == shape else e for e in v]
 
 
 class DualAnoDiffPipeline:
@@ -436,10 +453,11 @@ class DualAnoDiffPipeline:
         photo's pixels exactly outside a ``feather``-pixel band around it; with BCM weights and no ``background``
         the photo is also the BCM background.
 
-        ``steering`` (with a guided ``placement``): ``True`` = :class:`Steering` defaults: a short probe of the
-        sampling finds where each pair's defect forms, both rows' starting noise are rolled so that it forms inside
-        the region, and the hold outside the region ramps in; ``False`` = the hold at full strength from the first
-        step (no probe, no shift); or a :class:`Steering`. Among equally good shifts, pair ``j``'s is picked by
+        ``steering`` (with a guided ``placement``): ``True`` = :class:`Steering` defaults: the anomaly branch runs
+        free for the first steps, then the predicted clean latent shows where each pair's defect forms, both rows'
+        latents (and the scheduler's memory of them) are rolled so that it lies inside the region, and the hold
+        outside the region ramps in; ``False`` = the hold at full strength from the first step (no shift); or a
+        :class:`Steering`. Among equally good shifts, pair ``j``'s is picked by
         ``placement_seeds[j]`` (default: ``seed`` or the generator's initial seed, plus ``j``). What was done is in
         ``DualResult.steering``.
         """
@@ -478,24 +496,38 @@ class DualAnoDiffPipeline:
             noised_background = self._noised_background(
                 n_pairs, background, background_latents, bcm_noise, seed, generator, height, width, use_cfg
             )
-        steered = None
+        steered: list[dict] | None = None
+        k = steer.probe_steps(len(scheduler.timesteps))
+        steer_hook = None
+        if k > 0:
+            if placement_seeds is None:
+                base = int(seed) if seed is not None else int(generator.initial_seed())
+                placement_seeds = [base + j for j in range(n_pairs)]
+            seeds, steered = list(placement_seeds), []
+
+            def steer_hook(x, x0):
+                shifts, records = plan_steering(x0[1::2], hold.gray, hold.region_latent, seeds, steer, k, hold.scale)
+                _roll_scheduler_state(scheduler, shifts, x.shape)
+                hold.roll(shifts)
+                steered.extend(records)
+                return roll_pairs(x, shifts)
+
+        guide = None if hold is None else hold.after_step(latents, scheduler, steer.ramp, k)
+        latents = latents * scheduler.init_noise_sigma
+        if guide is not None:
+            latents = guide(-1, latents)
         with self.dual.control.using(
             mode=MODE_DUAL, lora_strength=tuple(lora_strength), saim_strength=saim_strength, bcm_strength=bcm_strength
         ):
-            if steer.probe_steps(steps) > 0:
-                if placement_seeds is None:
-                    base = int(seed) if seed is not None else int(generator.initial_seed())
-                    placement_seeds = [base + j for j in range(n_pairs)]
-                latents, steered = self._steer(
-                    latents, hold, steer, placement_seeds, context, sampler, steps, cfg if use_cfg else None,
-                    noised_background,
-                )  # fmt: skip
-            guide = None if hold is None else hold.after_step(latents, scheduler, steer.ramp)
-            latents = latents * scheduler.init_noise_sigma
-            if guide is not None:
-                latents = guide(-1, latents)
             latents = self._denoise(
-                latents, context, scheduler, cfg if use_cfg else None, noised_background, callback, after_step=guide
+                latents,
+                context,
+                scheduler,
+                cfg if use_cfg else None,
+                noised_background,
+                callback,
+                after_step=guide,
+                steer=None if steer_hook is None else (k, steer_hook),
             )
 
         g_lat, a_lat = layout.split(latents)
@@ -600,25 +632,10 @@ class DualAnoDiffPipeline:
         known = torch.stack([known_g, gray.expand(n_pairs, -1, -1, -1)], 1).reshape(2 * n_pairs, *gray.shape[1:])
         return _Hold(keep_g, keep_a, known, gray, region_lat.expand(n_pairs, -1, -1, -1), alpha, f)
 
-    def _steer(self, latents, hold, steer, seeds, context, sampler, steps, cfg, noised_background):
-        """Steering (:class:`Steering`): probe the first sampling steps from ``latents`` (global rows
-        held as in the real run, anomaly rows free), read where each pair's defect forms from the anomaly branch's
-        predicted clean latent, and roll both rows' starting noise so that it forms inside the region.
-        Returns ``(rolled latents, per-pair records)``."""
-        scheduler = make_scheduler(sampler, self.scheduler_config)
-        scheduler.set_timesteps(steps, device=self.device)
-        k = steer.probe_steps(len(scheduler.timesteps))
-        guide = hold.after_step(latents, scheduler, 0.0, anomaly=False)
-        x0 = self._denoise(
-            guide(-1, latents * scheduler.init_noise_sigma), context, scheduler, cfg, noised_background, None,
-            after_step=guide, probe=k,
-        )  # fmt: skip
-        shifts, records = plan_steering(x0[1::2], hold.gray, hold.region_latent, seeds, steer, k, hold.scale)
-        return roll_pairs(latents, shifts), records
-
-    def _denoise(self, latents, context, scheduler, cfg, noised_background, callback, after_step=None, probe=None):
+    def _denoise(self, latents, context, scheduler, cfg, noised_background, callback, after_step=None, steer=None):
         """The sampling loop: one UNet call per step (two, record + main, with BCM), then CFG (``cfg`` None: off).
-        ``probe=k``: stop at the ``k``-th UNet call and return the clean latents it predicts instead."""
+        ``steer=(k, fn)``: after the ``k``-th step the latents become ``fn(latents, x0)``, ``x0`` the clean latents
+        predicted at that step (placement steering)."""
         bg_context = context[0::2]
         for i, t in enumerate(scheduler.timesteps):
             x = torch.cat([latents, latents]) if cfg is not None else latents
@@ -630,9 +647,10 @@ class DualAnoDiffPipeline:
             if cfg is not None:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + cfg * (eps_c - eps_u)
-            if probe is not None and i + 1 >= probe:
-                return _predicted_x0(scheduler, eps, t, latents)
+            x0 = _predicted_x0(scheduler, eps, t, latents) if steer is not None and i + 1 == steer[0] else None
             latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+            if x0 is not None:
+                latents = steer[1](latents, x0)
             if after_step is not None:
                 latents = after_step(i, latents)
             if callback is not None:
