@@ -226,6 +226,35 @@ def test_steering_moves_the_defect_into_the_region_on_a_known_case():
     assert erased >= 4, "holding alone mostly erases these defects instead of moving them"
 
 
+@pytest.mark.parametrize("sampler", ["pndm", "dpmpp"])
+def test_steering_rolls_the_multistep_schedulers_memory(pipe, sampler):
+    """PNDM and DPM-Solver remember earlier steps; steering must roll that memory with the latents: with the blob
+    model the defect still lands inside the region and the result is deterministic."""
+    p = make_pipe()
+    gray = gray_latent(p)
+    _blob_unet(p, gray)
+    region = box_region(0, 6, 0, 6)
+    inside = latent_region(region, (8, 8))[0, 0].bool()
+    kw = dict(steps=8, height=S, width=S, sampler=sampler, cfg=1.0, placement=region, decode=False)
+    for s in range(3):
+        res = p.generate(1, seed=s, **kw)
+        assert inside[_defect_cell(res.anomaly_latents, gray)[0]]
+        assert torch.equal(p.generate(1, seed=s, **kw).anomaly_latents, res.anomaly_latents)
+    sched = make_scheduler(sampler, p.scheduler_config)
+    sched.set_timesteps(4)
+    x = torch.randn(2, 4, 8, 8)
+    for t in sched.timesteps[:3]:
+        x = sched.step(torch.randn_like(x), t, x, return_dict=False)[0]
+    memory = [v for v in vars(sched).values() if isinstance(v, list) and v and torch.is_tensor(v[-1])]
+    before = [t.clone() for t in memory[0] if t is not None]
+    from dualanodiff_core.sd15.pipeline import _roll_scheduler_state
+
+    _roll_scheduler_state(sched, [(1, 2)], x.shape)
+    after = [t for t in memory[0] if t is not None]
+    assert before and all(torch.equal(torch.roll(b, (1, 2), (-2, -1)), a) for b, a in zip(before, after))
+    assert torch.equal(sched.alphas_cumprod, make_scheduler(sampler, p.scheduler_config).alphas_cumprod)
+
+
 def test_hold_only_steering_is_the_earlier_behaviour(pipe):
     region = box_region(0, 8, 0, 8)
     kw = dict(steps=3, seed=2, height=S, width=S, placement=region)
@@ -343,6 +372,31 @@ def test_cli_generates_onto_photos_with_region_and_records_it(assets, tmp_path):
         image = np.asarray(Image.open(out / r["files"]["image" if r["accepted"] else "rejected_image"]))
         photo = np.asarray(Image.open(r["normal"]).convert("RGB"))
         assert np.array_equal(image[alpha == 0], photo[alpha == 0])
+
+
+def test_cli_steering_option_and_manifest_fields(assets, tmp_path, capsys):
+    out = tmp_path / "steered"
+    assert gen(assets, out, "--placement", str(assets / "region.png"), n=2) == 0
+    records = sorted(iter_records(out), key=lambda r: r["index"])
+    for r in records:
+        st = r["placement_steering"]
+        assert set(st) == {"probe_steps", "shift_px", "inside_predicted_before", "inside_predicted_after"}
+        assert st["probe_steps"] == 1 and all(v % 2 == 0 and abs(v) <= S // 2 for v in st["shift_px"])
+        assert r["settings"]["placement"]["steering"] == {"probe": 0.2, "ramp": 0.3, "slack": 0.05}
+    again = tmp_path / "again"
+    assert gen(assets, again, "--placement", str(assets / "region.png"), n=2) == 0
+    assert [r["placement_steering"] for r in sorted(iter_records(again), key=lambda r: r["index"])] == [
+        r["placement_steering"] for r in records
+    ], "same seed, same steering"
+    held = tmp_path / "held"
+    assert gen(assets, held, "--placement", str(assets / "region.png"), "--placement-steering", "hold", n=2) == 0
+    for r in iter_records(held):
+        assert r["placement_steering"] is None and r["placement_guidance"] is True
+        assert r["settings"]["placement"]["steering"] is None
+    with pytest.raises(SystemExit) as e:
+        gen(assets, tmp_path / "bad", "--placement", str(assets / "region.png"), "--placement-steering", "up")
+    assert e.value.code == 2 and "invalid choice: 'up'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cli_rejects_masks_outside_the_region(assets, tmp_path):
