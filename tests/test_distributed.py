@@ -252,6 +252,59 @@ def test_sharded_generation_equals_one_process_and_a_killed_run_resumes(assets, 
     assert procs == {0, 1}
 
 
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker to kill through /proc")
+def test_a_process_killed_between_two_samples_of_a_batch_resumes_to_the_one_process_result(assets, tmp_path):
+    """Process 1 (batch [2, 3]) is killed right after staging sample 2, once process 0 has merged its batch [0, 1]:
+    the rerun must make sample 3 in the batch a single process makes it in ([2, 3]), not alone."""
+    count = 4
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert cli.main(_gen_args(assets, single, count)) == 0
+    flag = tmp_path / "paused"
+    env = dict(
+        _env(),
+        DUALANODIFF_TEST_PAUSE="shard_staged",
+        DUALANODIFF_TEST_PAUSE_RANK="1",
+        DUALANODIFF_TEST_PAUSE_FILE=str(flag),
+        DUALANODIFF_TEST_PAUSE_SECONDS="600",
+    )
+    proc = subprocess.Popen(
+        _torchrun(_gen_args(assets, sharded, count)),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    killed = False
+    deadline = time.monotonic() + 300
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            merged = (sharded / MANIFEST).read_text().count("\n") if (sharded / MANIFEST).is_file() else 0
+            if flag.is_file() and merged >= 2:  # process 1 paused after staging 2; process 0 merged 0 and 1
+                workers = _worker_pids(proc.pid)
+                if 1 in workers:
+                    os.kill(workers[1], signal.SIGKILL)
+                    killed = True
+                    break
+            time.sleep(0.05)
+        log = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert killed, log
+    assert flag.read_text().split() == ["shard_staged"], log  # only process 1 paused, once
+    done = [r["index"] for r in _records(sharded)]
+    staged = (sharded / ".shards" / "object" / "defect" / "002" / "sample.json").is_file()
+    assert done == [0, 1, 2] or (done == [0, 1] and staged), (done, log)
+
+    _run(_torchrun(_gen_args(assets, sharded, count)))
+    got, want = _records(sharded), _records(single)
+    assert [r["batch_size"] for r in got] == [2] * count
+    assert got == want
+    assert _files(sharded) == _files(single)
+
+
 # ---- training ---------------------------------------------------------------------------------------------------
 def _train_args(data, assets, out, batch, steps, *extra):
     return [

@@ -286,6 +286,45 @@ def test_interrupted_runs_leave_no_half_sample_and_resume(assets, tmp_path, monk
     assert not (out / ".staging").exists()
 
 
+def test_a_run_stopped_mid_batch_resumes_to_the_uninterrupted_result(assets, tmp_path, monkeypatch):
+    """Stopped after sample 2 of batch [2, 3]: the resume makes 3 in the same batch [2, 3] (2 again, not written), so
+    its record (batch_size included) and files equal an uninterrupted run's; cutting the missing [3, 4, 5] into
+    [3, 4], [5] would not."""
+    ref = tmp_path / "ref"
+    assert gen(assets, ref, *LOOSE, n=6) == 0
+    from dualanodiff_core.dataset import export
+
+    real_write = export.DatasetWriter.write
+
+    def write_then_stop(self, sample):
+        rec = real_write(self, sample)
+        if sample.index == 2:
+            raise KeyboardInterrupt
+        return rec
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(export.DatasetWriter, "write", write_then_stop)
+    assert gen(assets, out, *LOOSE, n=6) == 130
+    monkeypatch.undo()
+    assert [r["index"] for r in iter_records(out)] == [0, 1, 2]
+    written = []
+
+    def write_and_note(self, sample):
+        written.append(sample.index)
+        return real_write(self, sample)
+
+    monkeypatch.setattr(export.DatasetWriter, "write", write_and_note)
+    assert gen(assets, out, *LOOSE, n=6) == 0
+    assert written == [3, 4, 5]  # sample 2 is made again with 3 but not written twice
+
+    def records(root):
+        return [{k: v for k, v in r.items() if k != "created"} for r in iter_records(root)]
+
+    assert [r["batch_size"] for r in records(out)] == [2] * 6
+    assert records(out) == records(ref)
+    assert pngs(out) == pngs(ref)
+
+
 def test_changed_settings_are_refused(assets, tmp_path, capsys):
     out = tmp_path / "out"
     assert gen(assets, out, *LOOSE, n=1) == 0

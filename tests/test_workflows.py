@@ -422,3 +422,115 @@ def test_several_servers_none_answering_is_exit_2_and_one_address_twice_counts_o
     assert qb.run([str(wf), "--server", a, "--server", f"http://{a}/", "--count", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: cannot reach the ComfyUI server"), err
+
+
+class _FakeComfy:
+    """A stand-in for ComfyUI's /object_info, /prompt and /history on a free port: every prompt finishes 0.2 s after
+    it is queued. ``slow_history``: the first /history answer comes that late (a busy server); ``cut_queue``: the
+    first GET /prompt answer is cut off (as when a server dies mid-answer); ``die_after_prompt``: the server is gone
+    (refuses connections) right after it accepted its first prompt."""
+
+    def __init__(self, slow_history=0.0, cut_queue=False, die_after_prompt=False):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.seeds: list[int] = []
+        self.queued: dict[str, tuple[float, int]] = {}
+        lock, fake, died = threading.Lock(), self, threading.Event()
+        once = {"history": slow_history > 0, "queue": cut_queue}
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, body, cut=False):
+                raw = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw) + (100 if cut else 0)))
+                self.end_headers()
+                self.wfile.write(raw)
+                self.wfile.flush()
+                if cut:
+                    self.close_connection = True
+
+            def do_GET(self):
+                import time
+
+                if self.path == "/object_info":
+                    return self._send({"X": {"input": {"required": {"seed": ["INT", {}]}}}})
+                now = time.monotonic()
+                with lock:
+                    running = sum(1 for t, _ in fake.queued.values() if now < t + 0.2)
+                    stall = self.path.startswith("/history/") and once["history"]
+                    cut = self.path == "/prompt" and once["queue"]
+                    once["history"] = once["history"] and not stall
+                    once["queue"] = once["queue"] and not cut
+                if self.path == "/prompt":
+                    return self._send({"exec_info": {"queue_remaining": running}}, cut=cut)
+                if stall:
+                    time.sleep(slow_history)
+                pid = self.path.rsplit("/", 1)[-1]
+                with lock:
+                    t, seed = fake.queued.get(pid, (None, None))
+                if t is None or time.monotonic() < t + 0.2:
+                    return self._send({})
+                status = {"completed": True, "status_str": "success", "messages": []}
+                images = [{"filename": f"out_{seed}.png", "subfolder": "", "type": "output"}]
+                try:
+                    self._send({pid: {"status": status, "outputs": {"9": {"images": images}}}})
+                except OSError:
+                    pass  # the client gave up waiting
+
+            def do_POST(self):
+                import time
+                import uuid
+
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                pid = uuid.uuid4().hex
+                with lock:
+                    fake.seeds.append(body["prompt"]["1"]["inputs"]["seed"])
+                    fake.queued[pid] = (time.monotonic() + (3600 if die_after_prompt else 0), fake.seeds[-1])
+                self._send({"prompt_id": pid, "number": len(fake.seeds)})
+                if die_after_prompt:
+                    died.set()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.address = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+        def kill():
+            died.wait()
+            self.close()
+
+        threading.Thread(target=kill, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_several_servers_a_slow_answer_is_not_a_dead_server(tmp_path, capsys, monkeypatch):
+    """A busy server (an answer later than the request timeout, one cut off) keeps its prompts; one that refuses
+    connections has its prompt queued again on the other. Before, the busy one counted as down too and, with the
+    other gone, the run failed (or crashed on the cut-off answer)."""
+    monkeypatch.setattr(qb, "REQUEST_TIMEOUT", 0.5)
+    busy = _FakeComfy(slow_history=2.0, cut_queue=True)
+    gone = _FakeComfy(die_after_prompt=True)
+    wf, summary = tmp_path / "wf.json", tmp_path / "report.json"
+    wf.write_text(json.dumps({"1": {"class_type": "X", "inputs": {"seed": 1}}}))
+    try:
+        argv = [str(wf), "--server", busy.address, "--server", gone.address, "--seed", "10", "--count", "3"]
+        code = qb.run([*argv, "--per-server", "1", "--timeout", "60", "--summary", str(summary)])
+    finally:
+        busy.close()
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "Traceback" not in err
+    report = json.loads(summary.read_text())
+    assert report["went_down"] == [f"http://{gone.address}"], err
+    assert f"server http://{gone.address} went down (connection refused)" in err
+    assert [p["status"] for p in report["prompts"]] == ["success"] * 3
+    assert {p["server"] for p in report["prompts"]} == {f"http://{busy.address}"}
+    assert [p["tries"] for p in report["prompts"] if p["tries"]] == [[f"http://{gone.address}"]]
+    assert sorted(busy.seeds) == [10, 11, 12] and len(gone.seeds) == 1  # each prompt ran once on the busy server

@@ -20,8 +20,8 @@ Standard library only: copy it anywhere and run it with any Python >= 3.9.
 * ``--server`` takes HOST, HOST:PORT or http(s)://HOST:PORT (the port defaults to 8188, ComfyUI's own).
 * Several servers (``--server A --server B ...``, e.g. one ComfyUI per GPU): each prompt goes to the server with the
   shortest queue, at most ``--per-server`` of ours waiting on each; all are followed (by polling /history); when a
-  server stops answering, its unfinished prompts are queued again on the others. The report names the server of
-  every prompt and output.
+  server goes down (refuses connections, or no usable answer for 120 s), its unfinished prompts are queued again on
+  the others. The report names the server of every prompt and output.
 * Progress comes from the server's websocket (/ws); ``--poll`` polls /history instead.
 * At the end every output file is listed as ``<type>/<subfolder>/<filename>`` (``output/...`` is under the server's
   output directory) with its /view URL; ``--download DIR`` fetches them and ``--summary FILE`` writes a JSON report.
@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import http.client
 import json
 import os
 import socket
@@ -61,11 +62,26 @@ class UsageError(Exception):
     """Nothing was queued: the message says why."""
 
 
+class NoAnswer(UsageError):
+    """A request got no usable answer. ``refused``: nothing listens on the server's port any more (the server is
+    gone); otherwise a timeout or an answer cut off, which a busy but working server also gives under load."""
+
+    def __init__(self, message: str, refused: bool = False):
+        super().__init__(message)
+        self.refused = refused
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # HTTP
 
 
 DEFAULT_PORT = 8188
+#: seconds one HTTP request may take
+REQUEST_TIMEOUT = 30.0
+#: with several servers: how long a server may go without a usable answer (timeouts, cut-off answers) before its
+#: prompts are queued again elsewhere; a server that refuses connections is given up at once. A server that only
+#: answers slowly (its machine is busy) keeps its prompts: queueing them again would run them twice.
+DOWN_AFTER = 120.0
 
 
 def parse_server(text: str) -> tuple[str, str, int]:
@@ -105,11 +121,11 @@ def parse_server(text: str) -> tuple[str, str, int]:
 
 
 class Server:
-    def __init__(self, address: str, timeout: float = 30.0):
+    def __init__(self, address: str, timeout: float | None = None):
         self.scheme, self.host, self.port = parse_server(address)
         shown = f"[{self.host}]" if ":" in self.host else self.host
         self.base = f"{self.scheme}://{shown}:{self.port}"
-        self.timeout = timeout
+        self.timeout = REQUEST_TIMEOUT if timeout is None else timeout
 
     def request(self, method: str, path: str, body=None):
         data = None if body is None else json.dumps(body).encode("utf-8")
@@ -126,12 +142,18 @@ class Server:
             except ValueError:
                 payload = raw.decode("utf-8", "replace")
             raise HTTPError(e.code, payload) from None
-        except (urllib.error.URLError, OSError) as e:
-            raise UsageError(
-                f"cannot reach the ComfyUI server at {self.base} ({getattr(e, 'reason', e)}): is it running? "
-                "Start it (python main.py) or give its address with --server HOST:PORT."
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            # HTTPException: an answer cut off (IncompleteRead, BadStatusLine) when the server dies while answering
+            reason = getattr(e, "reason", e)
+            raise NoAnswer(
+                f"cannot reach the ComfyUI server at {self.base} ({reason or type(reason).__name__}): is it running? "
+                "Start it (python main.py) or give its address with --server HOST:PORT.",
+                refused=isinstance(reason, ConnectionRefusedError),
             ) from None
-        return json.loads(raw) if raw else None
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            raise NoAnswer(f"the server at {self.base} answered {path} with something that is not JSON") from None
 
     def get(self, path: str):
         return self.request("GET", path)
@@ -143,8 +165,11 @@ class Server:
         query = urllib.parse.urlencode({k: image.get(k, "") for k in ("filename", "subfolder", "type")})
         target = os.path.join(folder, image.get("subfolder", ""), image["filename"])
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        with urllib.request.urlopen(f"{self.base}/view?{query}", timeout=self.timeout) as resp:
-            data = resp.read()
+        try:
+            with urllib.request.urlopen(f"{self.base}/view?{query}", timeout=self.timeout) as resp:
+                data = resp.read()
+        except http.client.HTTPException as e:  # cut off: reported like the other download failures
+            raise OSError(f"{self.base}: {type(e).__name__}: {e}") from None
         tmp = target + ".part"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -746,15 +771,25 @@ def run_many(args, workflow, addresses: list[str]) -> int:
         if args.per_server < 1:
             raise UsageError(f"--per-server {args.per_server}: give at least 1")
         alive, object_info = [], None
+        failing_since: dict[str, float] = {}  # server -> when its requests started failing (see DOWN_AFTER)
         for srv in servers:
             try:
                 info = srv.get("/object_info")
-            except UsageError as e:
-                _log(quiet, f"warning: {e} Going on without it.")
+            except NoAnswer as e:
+                if e.refused:
+                    _log(quiet, f"warning: {e} Going on without it.")
+                    continue
+                # slow, not gone (its /object_info is the slowest answer of all): tried again while running
+                _log(quiet, f"warning: {srv.base} did not answer in time ({e}); trying it again while running")
+                failing_since[srv.base] = time.monotonic()
+                alive.append(srv)
+                continue
+            except HTTPError as e:
+                _log(quiet, f"warning: {srv.base} answered /object_info with HTTP {e.status}. Going on without it.")
                 continue
             object_info = object_info or info
             alive.append(srv)
-        if not alive:
+        if object_info is None:
             raise UsageError("none of the servers answers: " + ", ".join(s.base for s in servers))
         workflow, targets, plans = prepare(args, workflow, object_info)
     except UsageError as e:
@@ -785,6 +820,16 @@ def run_many(args, workflow, addresses: list[str]) -> int:
             + (f"queueing {len(back)} prompt(s) again on the others" if back else "none of ours was on it"),
         )
 
+    def no_answer(srv: Server, e: UsageError) -> None:
+        """A request to ``srv`` failed: it is down when it refuses connections, or after DOWN_AFTER seconds without
+        a usable answer; until then it keeps its prompts (a server that is only slow would run them twice)."""
+        since = failing_since.setdefault(srv.base, time.monotonic())
+        if getattr(e, "refused", False) or time.monotonic() - since >= DOWN_AFTER:
+            down(srv, "connection refused" if getattr(e, "refused", False) else f"no answer for {DOWN_AFTER:.0f} s")
+
+    def answered(srv: Server) -> None:
+        failing_since.pop(srv.base, None)
+
     def prompt_for(i: int) -> dict:
         prompt = json.loads(json.dumps(workflow))
         for (key, name), value in plans[i].items():
@@ -807,20 +852,21 @@ def run_many(args, workflow, addresses: list[str]) -> int:
             for srv in room:
                 try:
                     lengths[srv.base] = queue_length(srv)
-                except UsageError:
-                    down(srv, "no answer")
+                    answered(srv)
+                except UsageError as e:
+                    no_answer(srv, e)
                 except HTTPError:
                     lengths[srv.base] = len(flying[srv.base])
             room = [s for s in room if s.base in lengths]
             if not room:
-                continue
+                break  # none answered: follow what is running, try again after the pause
             srv = min(room, key=lambda s: (lengths[s.base], len(flying[s.base]), alive.index(s)))
             i = todo[0]
             try:
                 answer = srv.post("/prompt", {"prompt": prompt_for(i), "client_id": client_id})
-            except UsageError:
-                down(srv, "no answer")
-                continue
+            except UsageError as e:
+                no_answer(srv, e)
+                break  # try again after the pause (on another server if this one is down now)
             except HTTPError as e:
                 _log(quiet, f"{label(i)} rejected by {srv.base}:\n{describe_rejection(e.payload)}")
                 if all(j is None for j in jobs):
@@ -844,8 +890,9 @@ def run_many(args, workflow, addresses: list[str]) -> int:
             for prompt_id, (i, job) in list(flying.get(srv.base, {}).items()):
                 try:
                     finished = _collect(srv, job)
-                except UsageError:
-                    down(srv, "no answer")
+                    answered(srv)
+                except (UsageError, HTTPError) as e:
+                    no_answer(srv, e)
                     break
                 if finished:
                     del flying[srv.base][prompt_id]

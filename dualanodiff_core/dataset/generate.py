@@ -5,6 +5,12 @@ Determinism: sample ``i`` is drawn from its own seed ``sample_seed(seed, i)`` (i
 branches, and with BCM its background encoding and background noise), so a resumed run, or one with another
 ``batch_size``, draws the same noise for sample ``i``. The images are then the same up to floating-point
 differences between batched kernels (bit-identical with the same batch size on the same machine and software).
+
+Batches: sample ``i`` is always generated in batch ``i // batch_size`` with the same partners (:func:`grid_batches`),
+also when a run was interrupted in the middle of a batch, or when several processes share the work: the rest of a
+cut batch is generated again with it and only the missing samples are written. Cutting the missing indices into
+consecutive batches instead would change the partners and the size of later batches (and the ``batch_size`` in
+their records), so a resumed run would no longer equal an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -60,6 +66,16 @@ def sample_seed(base_seed: int, index: int) -> int:
     share samples, and sample ``i`` does not depend on which other samples are generated with it."""
     h = hashlib.sha256(f"dualanodiff-sample:{int(base_seed)}:{int(index)}".encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def grid_batches(indices, batch_size: int) -> list[list[int]]:
+    """``indices`` grouped by the batch an uninterrupted run generates them in (batch ``k`` = samples
+    ``k*batch_size .. (k+1)*batch_size-1``), in index order. A batch whose other samples are already done keeps only
+    its missing ones here; :func:`_run` generates the whole batch again and writes those."""
+    groups: dict[int, list[int]] = {}
+    for i in sorted(set(int(i) for i in indices)):
+        groups.setdefault(i // batch_size, []).append(i)
+    return list(groups.values())
 
 
 def zero_mean_anomaly_rows(latents: torch.Tensor) -> torch.Tensor:
@@ -528,9 +544,13 @@ def _run(
         total=n, initial=n_done, desc=f"{category}/{defect}", unit="img", disable=not progress, dynamic_ncols=True
     )
     generated = 0
+    wanted = set(pending)
     try:
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start : start + batch_size]
+        for group in grid_batches(pending, batch_size):
+            # the whole batch as an uninterrupted run makes it: the same partners and batch size, hence the same
+            # bytes and records, also after a run was stopped between two samples of this batch
+            first = group[0] // batch_size * batch_size
+            batch = list(range(first, min(first + batch_size, n)))
             seeds = [sample_seed(seed, i) for i in batch]
             gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
             latents = torch.cat([torch.randn((2, channels, H // f, W // f), generator=g) for g in gens])
@@ -573,6 +593,8 @@ def _run(
             images = tensor_to_pil(result.global_images)
             parts = tensor_to_pil(result.anomaly_images)
             for j, i in enumerate(batch):
+                if i not in wanted:
+                    continue  # already in the dataset (or staged): generated again only to keep the batch whole
                 it = items[j]
                 compare = {}
                 if it is not None and (filter_against_background or refine_mask):

@@ -62,7 +62,11 @@ def test_prompts_spread_over_two_servers_and_survive_one_going_down(server, env,
         summary = tmp_path / "down.json"
         slow = ["--set", "KSampler.steps=12"]  # long enough to be killed mid-prompt
         cmd = _fanout_cmd(server, second, summary, "--count", "3", "--seed", "800", "--per-server", "1", *slow)
-        qb = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # stderr is read by the watcher alone (communicate() would read it too and could take the line it waits
+        # for); stdout, the report, goes to a file
+        stdout = tmp_path / "down.out"
+        with open(stdout, "w") as out_file:
+            qb = subprocess.Popen(cmd, stdout=out_file, stderr=subprocess.PIPE, text=True)
         lines = []
         killed = threading.Event()
 
@@ -75,9 +79,13 @@ def test_prompts_spread_over_two_servers_and_survive_one_going_down(server, env,
 
         t = threading.Thread(target=watch, daemon=True)
         t.start()
-        out, _ = qb.communicate(timeout=700)
-        t.join(timeout=10)
-        log = "".join(lines)
+        try:
+            qb.wait(timeout=700)
+        finally:
+            if qb.poll() is None:
+                qb.kill()
+        t.join(timeout=30)
+        out, log = stdout.read_text(), "".join(lines)
         assert killed.is_set(), log
         assert qb.returncode == 0, out + log
         report = json.loads(summary.read_text())
