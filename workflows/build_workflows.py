@@ -130,8 +130,8 @@ LATER_INPUTS = {
     "DualAnoDiffSaveDataset": [("placement", "MASK", True)],
 }
 #: widgets added to a node type later, with their defaults: the frontend shows them (with the default) on every such
-#: node, so the API files list them everywhere; the UI files only on the nodes that set them, so the older workflows
-#: stay exactly as they were saved
+#: node and saves their values, so both files list them everywhere (the workflows as saved before they existed are
+#: kept in tests/comfyui/old_workflows/ and still load)
 LATER_WIDGETS = {
     "DualAnoDiffSampler": [("placement_steering", "shift")],
 }
@@ -572,9 +572,7 @@ def to_ui(nodes) -> dict:
                 widget_values.append(n["controls"].get(name, "randomize"))
             elif extra == "upload":
                 widget_values.append("image")
-        later_widgets = LATER_WIDGETS.get(n["type"], [])
-        if any(name in n["widgets"] for name, _ in later_widgets):
-            widget_values += [n["widgets"].get(name, default) for name, default in later_widgets]
+        widget_values += [n["widgets"].get(name, default) for name, default in LATER_WIDGETS.get(n["type"], [])]
         for slot, entry in enumerate(inputs):
             if entry["name"] in n["links"]:
                 src, src_slot = n["links"][entry["name"]]
