@@ -163,6 +163,19 @@ def test_steering_settings_are_checked(kw):
         Steering(**kw)
 
 
+def test_bad_steering_values_are_refused(pipe, tmp_path):
+    kw = dict(steps=2, seed=0, height=S, width=S, placement=box_region(0, 8, 0, 8))
+    with pytest.raises(PlacementError, match="steering='shift'"):
+        pipe.generate(1, steering="shift", **kw)
+    with pytest.raises(PlacementError, match="placement_seeds: 1 seeds for 2 pair"):
+        pipe.generate(2, placement_seeds=[3], **kw)
+    region = tmp_path / "r.png"
+    Image.fromarray(np.full((S, S), 255, np.uint8)).save(region)
+    with pytest.raises(PlacementError, match="placement steering=1"):
+        PlacementSet.from_paths(None, region, steering=1)
+    assert PlacementSet.from_paths(None, region, steering=False).steering == HOLD_ONLY
+
+
 def test_probe_steps_is_a_share_of_the_schedule():
     assert Steering(probe=0.2).probe_steps(25) == 5 and Steering(probe=0.2).probe_steps(100) == 20
     assert Steering(probe=0.01).probe_steps(10) == 1, "at least one step"

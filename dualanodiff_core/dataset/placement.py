@@ -26,9 +26,9 @@ from ..fileio import IMAGE_SUFFIXES, masks_for
 from ..method.placement import (
     DEFAULT_FEATHER,
     DEFAULT_MAX_OUTSIDE,
-    HOLD_ONLY,
     PlacementError,
     Steering,
+    as_steering,
     outside_fraction,
 )
 from .acceptance import FilterDecision
@@ -126,10 +126,8 @@ class PlacementSet:
         if not (0.0 <= max_outside <= 1.0):
             raise PlacementError(f"--max-outside-region {max_outside}: a share in [0, 1] (1 = off)")
         self.feather, self.max_outside, self.guide = int(feather), float(max_outside), bool(guide)
-        if not isinstance(steering, Steering):
-            steering = Steering() if steering else HOLD_ONLY
         #: how guidance steers defects into the region (only with regions and ``guide``)
-        self.steering = steering
+        self.steering = as_steering(steering, "placement steering")
         self._cache: dict[tuple, PlacementItem] = {}
 
     @classmethod

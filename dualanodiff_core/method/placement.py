@@ -151,6 +151,15 @@ class Steering:
 HOLD_ONLY = Steering(probe=0.0, ramp=0.0, slack=0.0)
 
 
+def as_steering(value, what: str = "steering") -> Steering:
+    """``True`` = the :class:`Steering` defaults, ``False`` = :data:`HOLD_ONLY`, or a :class:`Steering`."""
+    if isinstance(value, Steering):
+        return value
+    if isinstance(value, bool):
+        return Steering() if value else HOLD_ONLY
+    raise PlacementError(f"{what}={value!r}: give True (steer), False (hold only) or a Steering(...)")
+
+
 def ramp_weight(step: int, steps: int, ramp: float, start: int = 0) -> float:
     """Strength in [0, 1] of the anomaly branch's hold outside the region after sampling step ``step`` (-1 = the
     start) of ``steps``: 0 before step ``start`` (steering lets the defect form freely until then), then growing

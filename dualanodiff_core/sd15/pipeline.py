@@ -36,6 +36,7 @@ from ..method.placement import (
     PlacementError,
     Steering,
     as_region,
+    as_steering,
     composite,
     feather_alpha,
     keep_mask,
@@ -483,11 +484,13 @@ class DualAnoDiffPipeline:
         scheduler = make_scheduler(sampler, self.scheduler_config)
         scheduler.set_timesteps(steps, device=device)
         hold = None
-        steer = HOLD_ONLY
+        steer = as_steering(steering)
+        if placement_seeds is not None and len(placement_seeds) != n_pairs:
+            raise PlacementError(f"placement_seeds: {len(placement_seeds)} seeds for {n_pairs} pair(s); give one each")
+        if placement is None or not guide_placement:
+            steer = HOLD_ONLY
         if placement is not None or normal is not None:
             hold = self._placement_guide(n_pairs, placement, normal, guide_placement, height, width, feather)
-            if placement is not None and guide_placement:
-                steer = steering if isinstance(steering, Steering) else (Steering() if steering else HOLD_ONLY)
             if self.dual.config["bcm"] and background is None and background_latents is None and normal is not None:
                 background = normal
 
