@@ -9,11 +9,15 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..dualanodiff_core.dataset.acceptance import FilterOptions
+from ..dualanodiff_core.dataset.acceptance import DEFAULT_MIN_ALIGNMENT, FilterOptions
 from ..dualanodiff_core.errors import DualAnoDiffError
 from .dataset_io import dataset_dir, save_pairs, upstream_settings
 
 log = logging.getLogger("DualAnoDiff")
+
+#: ``min_alignment`` when a prompt does not give it: workflows saved before the widget existed ran without the
+#: alignment check, so they keep running without it (the widget's own default, for new nodes, is the CLI's)
+MIN_ALIGNMENT_WHEN_MISSING = 0.0
 
 
 class SaveDataset(io.ComfyNode):
@@ -29,7 +33,8 @@ class SaveDataset(io.ComfyNode):
                 "0000_mask.png (single-channel, exactly 0/255), the anomaly part in fg/, and one line per sample in "
                 "manifest.jsonl (mask and filter numbers, the upstream settings of the workflow). Each run continues "
                 "after the samples already there. Pairs the quality filter rejects (empty mask, mask too large, "
-                "anomaly branch not on gray) never enter the MVTec tree; they go to rejected/ with their reason. "
+                "anomaly branch not on gray, image not showing the defect under the mask) never enter the MVTec "
+                "tree; they go to rejected/ with their reason. "
                 "anomalib's MVTec and Folder loaders read the result unchanged."
             ),
             inputs=[
@@ -93,6 +98,21 @@ class SaveDataset(io.ComfyNode):
                     tooltip="The placement region given to the sampler (one mask or one per image): a pair with "
                     "more than 5% of its mask outside it is rejected (reason outside_region).",
                 ),
+                # added after the others (widget order is an API); optional so that prompts saved before it
+                # existed still validate, and they run without the check as they did (MIN_ALIGNMENT_WHEN_MISSING)
+                io.Float.Input(
+                    "min_alignment",
+                    default=DEFAULT_MIN_ALIGNMENT,
+                    min=0.0,
+                    max=100.0,
+                    step=0.01,
+                    optional=True,
+                    tooltip="Reject a pair whose image does not show the defect its mask marks (reason "
+                    "misaligned): the alignment contrast (how much the image's colour inside the mask differs "
+                    "from a 3-pixel ring around it, in units of the ring's own spread) must reach this. 0 = off; "
+                    f"default {DEFAULT_MIN_ALIGNMENT}, as dualanodiff generate --min-alignment. Workflows saved "
+                    "without this input run without the check.",
+                ),
             ],
             outputs=[],
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
@@ -123,10 +143,13 @@ class SaveDataset(io.ComfyNode):
         anomaly=None,
         mask=None,
         placement=None,
+        min_alignment=MIN_ALIGNMENT_WHEN_MISSING,
     ) -> io.NodeOutput:
         root = Path(folder_paths.get_output_directory()).resolve()
         out = dataset_dir(root, dataset)
-        fo = FilterOptions(max_area=float(max_area), max_gray_offset=float(max_gray_offset))
+        fo = FilterOptions(
+            max_area=float(max_area), max_gray_offset=float(max_gray_offset), min_alignment=float(min_alignment)
+        )
         hidden = cls.hidden
         workflow = upstream_settings(getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None))
         records = save_pairs(

@@ -191,7 +191,7 @@ def save_pairs(
             else:
                 result = extract_mask(an)
             fg = to_pil(anomaly[i]) if anomaly is not None else defect_on_gray(img, result.mask > 0)
-            decision = check_pair(result, fo)
+            decision = check_pair(result, fo, global_image=img)  # the alignment check (off at min_alignment 0)
             info = {"source": "ComfyUI", "batch_index": i, "batch_size": b, "mask_source": mask_source}
             if regions is not None:
                 decision, outside = check_region(

@@ -91,7 +91,7 @@ TYPES = {
     ),
     "DualAnoDiffSaveDataset": (
         [("images", "IMAGE", False), ("anomaly", "IMAGE", True), ("mask", "MASK", True)],
-        ["dataset", "category", "defect", "max_area", "max_gray_offset", "keep_rejected"],
+        ["dataset", "category", "defect", "max_area", "max_gray_offset", "keep_rejected", "min_alignment"],
         [],
     ),
     "DualAnoDiffTrainer": (
@@ -316,6 +316,7 @@ def _decode_mask_save(first_id, latent_global, latent_anomaly, x, vae=(1, 2), sa
                     "max_area": 0.5,
                     "max_gray_offset": 0.2,
                     "keep_rejected": True,
+                    "min_alignment": 0.57,  # the node's default (the CLI's --min-alignment)
                 },
                 links={"images": (d_g, 0), "anomaly": (d_a, 0), "mask": (mask, 0)},
             )

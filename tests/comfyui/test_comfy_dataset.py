@@ -143,6 +143,40 @@ def test_save_dataset_writes_an_anomalib_tree_and_appends(env, dirs):
         _save(env, images[:1], anomaly[:1], max_area=0.9)
 
 
+def _records(root):
+    return [json.loads(x) for x in (root / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_save_dataset_alignment_check_rejects_a_mask_the_image_does_not_show(env, dirs):
+    images, anomaly = _pairs()
+    masks, _, _ = _mask(env, anomaly, images)
+    # pair 0: the image shows the dark square its mask marks; pair 1: the same mask on an image of plain noise
+    shown = torch.stack([images[0], images[1]])
+    square = torch.stack([masks[0], masks[0]])
+    _save(env, shown, mask=square, dataset="aligned", min_alignment=0.57)
+    root = dirs.output / "aligned"
+    recs = _records(root)
+    assert [(r["accepted"], r["reason"]) for r in recs] == [(True, "ok"), (False, "misaligned")]
+    assert recs[0]["filter"]["alignment"] > 0.57 > recs[1]["filter"]["alignment"]
+    assert "does not show the defect" in recs[1]["filter"]["detail"]
+    assert all(r["settings"]["filter"]["min_alignment"] == 0.57 for r in recs)
+    assert len(load_mvtec(root, "bottle")) == 1 and (root / "rejected/bottle/crack/0001.png").is_file()
+    # the widget's default is the CLI's --min-alignment default
+    from dualanodiff_pack.dualanodiff_core.dataset.acceptance import DEFAULT_MIN_ALIGNMENT
+
+    spec = env.dataset.SaveDataset.INPUT_TYPES()["optional"]["min_alignment"]
+    assert spec[0] == "FLOAT" and spec[1]["default"] == DEFAULT_MIN_ALIGNMENT
+    # 0 turns the check off: both kept, the contrast still recorded
+    _save(env, shown, mask=square, dataset="unchecked", min_alignment=0.0)
+    recs = _records(dirs.output / "unchecked")
+    assert [(r["accepted"], r["reason"]) for r in recs] == [(True, "ok"), (True, "ok")]
+    assert recs[1]["filter"]["alignment"] < 0.57
+    # a prompt saved before the widget existed (no min_alignment) runs without the check, as it did
+    _save(env, shown, mask=square, dataset="old_prompt")
+    recs = _records(dirs.output / "old_prompt")
+    assert [r["accepted"] for r in recs] == [True, True] and recs[0]["settings"]["filter"]["min_alignment"] == 0.0
+
+
 def test_save_dataset_with_a_mask_only_and_input_errors(env, dirs):
     images, anomaly = _pairs()
     masks, _, _ = _mask(env, anomaly)

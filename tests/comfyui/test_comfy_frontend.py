@@ -91,8 +91,8 @@ BUILD = _build()
 MIN_THUMB_SCALE = 0.8
 
 
-def _load(page, name: str) -> dict:
-    workflow = json.loads(BUILD.ui_path(name).read_text())
+def _load(page, name: str, workflow: dict | None = None) -> dict:
+    workflow = workflow or json.loads(BUILD.ui_path(name).read_text())
     return page.evaluate(f"""(async () => {{
         await app.loadGraphData({json.dumps(workflow)}, true, true, {json.dumps(name)},
                                 {{showMissingModelsDialog: false}});
@@ -104,7 +104,7 @@ def _load(page, name: str) -> dict:
                      registered: !!LiteGraph.registered_node_types[n.type],
                      title_width: ctx.measureText(n.getTitle()).width,
                      title_room: n.size[0] - LiteGraph.NODE_TITLE_HEIGHT * 2,
-                     widgets: (n.widgets || []).map(w => ({{name: w.name, label: w.label || w.name,
+                     widgets: (n.widgets || []).map(w => ({{name: w.name, label: w.label || w.name, value: w.value,
                                                               precision: w.options && w.options.precision}})),
                      inputs: (n.inputs || []).map(i => ({{name: i.name,
                                                            label: i.label || i.localized_name || i.name}}))}};
@@ -200,6 +200,8 @@ def test_workflow_loads_in_the_frontend_with_no_missing_nodes_and_runs(server, p
         assert labels[("DualAnoDiffMaskFromAnomalyBranch", "threshold")]["label"] == "threshold (0 = auto, Otsu)"
     if ("DualAnoDiffTrainer", "learning_rate") in labels:
         assert labels[("DualAnoDiffTrainer", "learning_rate")]["precision"] == 6  # 0.000020, not 0.0000200
+    if ("DualAnoDiffSaveDataset", "min_alignment") in labels:
+        assert labels[("DualAnoDiffSaveDataset", "min_alignment")]["label"] == "min_alignment (0 = off)"
     if ("DualAnoDiffPairConditioning", "global_prompt") in inputs:
         assert inputs[("DualAnoDiffPairConditioning", "global_prompt")] == "global conditioning"
         assert inputs[("DualAnoDiffPairConditioning", "anomaly_prompt")] == "anomaly conditioning"
@@ -249,3 +251,19 @@ def test_workflow_loads_in_the_frontend_with_no_missing_nodes_and_runs(server, p
         assert any(sub.startswith(dataset) for _, sub, _ in files)
     if name == "dualanodiff_train":
         assert (server.base / "models" / "dualanodiff" / "frontend_trained.safetensors").is_file()
+
+
+def test_old_workflow_in_the_frontend_gets_the_new_widget_at_its_default(server, page):
+    # a UI workflow saved before Save Dataset had min_alignment: the frontend fills a widget missing from
+    # widgets_values with the widget's default, so the alignment check is on there (docs/comfyui.md says so); the
+    # rest of the node keeps its saved values
+    old = json.loads((ce.ROOT / "tests/comfyui/old_workflows/dualanodiff_generate.json").read_text())
+    saved = next(n for n in old["nodes"] if n["type"] == "DualAnoDiffSaveDataset")
+    assert len(saved["widgets_values"]) == 6
+    r = _load(page, "old_dualanodiff_generate", old)
+    (node,) = [n for n in r["nodes"] if n["type"] == "DualAnoDiffSaveDataset"]
+    values = {w["name"]: w["value"] for w in node["widgets"]}
+    assert [values[w["name"]] for w in node["widgets"][:6]] == saved["widgets_values"]
+    assert values["min_alignment"] == 0.57
+    (api,) = [v for v in r["api"].values() if v["class_type"] == "DualAnoDiffSaveDataset"]
+    assert api["inputs"]["min_alignment"] == 0.57

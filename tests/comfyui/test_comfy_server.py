@@ -92,8 +92,16 @@ SMALL_TRAIN = [
     "--set",
     "DualAnoDiffTrainer.learning_rate=0.001",
 ] + SMALL_SAMPLER
-# the random tiny checkpoint does not draw defects on gray: accept every non-empty mask to exercise the MVTec tree
-ACCEPT_ALL = ["--set", "DualAnoDiffSaveDataset.max_area=1.0", "--set", "DualAnoDiffSaveDataset.max_gray_offset=1.0"]
+# the random tiny checkpoint does not draw defects on gray, nor the same defect in both branches: accept every
+# non-empty mask to exercise the MVTec tree
+ACCEPT_ALL = [
+    "--set",
+    "DualAnoDiffSaveDataset.max_area=1.0",
+    "--set",
+    "DualAnoDiffSaveDataset.max_gray_offset=1.0",
+    "--set",
+    "DualAnoDiffSaveDataset.min_alignment=0",
+]
 
 
 def _queue_script():
@@ -214,8 +222,11 @@ def test_old_workflows_still_load_and_queue(server):
             k: (v["class_type"], v["inputs"]) for k, v in old_api.items()
         }, name
         new_api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
-        # the graphs themselves did not change, only their layout and titles (and widgets added since, at their
-        # defaults)
+        for node in new_api.values():  # an input added since: Save Dataset's alignment check, at its default
+            if node["class_type"] == "DualAnoDiffSaveDataset":
+                assert node["inputs"].pop("min_alignment") == 0.57, name
+        # otherwise the graphs themselves did not change, only their layout and titles (and the widgets in
+        # LATER_WIDGETS, at their defaults)
         assert _without_later_defaults(new_api) == {k: (v["class_type"], v["inputs"]) for k, v in old_api.items()}, name
     # queued as they are (with the tiny test models), the old files are accepted and run
     report, _ = _queue(
@@ -227,7 +238,10 @@ def test_old_workflows_still_load_and_queue(server):
         "--set",
         "DualAnoDiffSaveDataset.dataset=old_api",
     )
-    _dataset_saved(server, report, pairs=2, dataset="old_api")
+    _, records = _dataset_saved(server, report, pairs=2, dataset="old_api")
+    # saved without min_alignment, they run without the alignment check, as before (the contrast is recorded)
+    assert all(r["settings"]["filter"]["min_alignment"] == 0.0 and r["reason"] != "misaligned" for r in records)
+    assert all((r["filter"]["alignment"] is None) == r["mask"]["empty"] for r in records)
     report, _ = _queue(
         server, OLD_WORKFLOWS / "dualanodiff_generate_ksampler.json", "--seed", "5", "--poll", *SMALL_STOCK
     )
