@@ -8,12 +8,16 @@ For each product (metal/scratch, fabric/hole by default):
 1. MiniDefect (seed 0, 64 px) is written to ``WORK/minidefect`` and DualAnoDiff weights are trained like the demo's
    (the shipped MiniDefect base model, the first third of the defect's images, rank 8, lr 3e-4, batch 4;
    ``--train-steps``, demo default 800) unless ``WORK/weights/<product>_<defect>.safetensors`` exists;
-2. ``--n`` samples (DDIM, 25 steps, CFG 2.5, as the demo) are generated four ways into ``WORK/gen/<mode>``:
-   ``free`` (no region), ``filter`` (region, acceptance filter only), ``guided`` (region + guidance) and
-   ``normal`` (onto the product's ``train/good`` photos, region + guidance);
+2. ``--n`` samples (DDIM, 25 steps, CFG 2.5, as the demo) are generated five ways into ``WORK/gen/<mode>``:
+   ``free`` (no region), ``filter`` (region, acceptance filter only: ``--no-placement-guidance``), ``hold``
+   (region + the anomaly branch held at gray outside it from the first step: ``--placement-steering hold``, what
+   guidance did before steering), ``guided`` (region + guidance with steering, the default) and ``normal`` (onto
+   the product's ``train/good`` photos, region + guidance with steering);
 3. for each: the share of mask pixels inside the region, over the masks the filter passes on every other check
-   (before the region check) and over the accepted ones (after it), the acceptance rate, and for ``normal`` the
-   number of pixels outside the feathered band that differ from the photo (must be 0).
+   (before the region check) and over the accepted ones (after it), the acceptance rate, the rejection reasons, and
+   for ``normal`` the number of pixels outside the feathered band that differ from the photo (must be 0).
+
+The acceptance filter runs with its defaults (the alignment check on: ``--min-alignment``, default 0.57).
 
 The region (``--region``, default a 32 x 32 box = 25 % of the image) is written to ``WORK/region.png``.
 ``--sheet`` draws the contact sheet of docs/placement.md (photo, region, result, mask).
@@ -36,7 +40,7 @@ from dualanodiff_core.dataset.export import iter_records  # noqa: E402
 from dualanodiff_core.fileio import write_json_atomic  # noqa: E402
 from dualanodiff_core.minidefect import procedural as md  # noqa: E402
 
-MODES = ("free", "filter", "guided", "normal")
+MODES = ("free", "filter", "hold", "guided", "normal")
 SIZE = 64
 
 
@@ -77,7 +81,10 @@ def train(work: Path, data: Path, product: str, defect: str, steps: int, log) ->
     return weights
 
 
-def generate(work: Path, data: Path, weights, product: str, defect: str, mode: str, n: int, region: Path, log) -> Path:
+def generate(
+    work: Path, data: Path, weights, product: str, defect: str, mode: str, n: int, region: Path, min_alignment, log
+) -> Path:
+    from dualanodiff_core.dataset.acceptance import FilterOptions
     from dualanodiff_core.dataset.generate import SamplingOptions, generate_dataset
     from dualanodiff_core.dataset.placement import PlacementSet
     from dualanodiff_core.sd15.pipeline import DualAnoDiffPipeline
@@ -86,7 +93,7 @@ def generate(work: Path, data: Path, weights, product: str, defect: str, mode: s
     placement = None
     if mode != "free":
         normal = data / product / "train" / "good" if mode == "normal" else None
-        placement = PlacementSet.from_paths(normal, region, guide=mode != "filter")
+        placement = PlacementSet.from_paths(normal, region, guide=mode != "filter", steering=mode != "hold")
     t0 = time.time()
     generate_dataset(
         lambda: DualAnoDiffPipeline.from_pretrained(md.base_model_dir(), weights),
@@ -98,6 +105,7 @@ def generate(work: Path, data: Path, weights, product: str, defect: str, mode: s
         batch_size=8,
         sampling=SamplingOptions(sampler="ddim", steps=25, cfg=2.5, height=SIZE, width=SIZE),
         mask_options=md.mask_options(),
+        filter_options=FilterOptions(min_alignment=min_alignment),
         weights_path=weights,
         progress=False,
         log=log,
@@ -131,8 +139,13 @@ def measure(out: Path, product: str, defect: str, region: np.ndarray, feather: i
             photo = np.asarray(Image.open(r["normal"]).convert("RGB"))
             differing += int((img != photo).any(-1)[~band].sum())
             checked += 1
+    reasons: dict[str, int] = {}
+    for r in recs:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
     return {
         "samples": len(recs),
+        "reasons": dict(sorted(reasons.items())),
+        "steered": sum(1 for r in recs if r.get("placement_steering")),
         "pass_other_checks": len(before),
         "accepted": sum(1 for r in recs if r["accepted"]),
         "inside_before_region_filter": inside_b / total_b if total_b else None,
@@ -181,6 +194,12 @@ def main(argv=None) -> int:
     p.add_argument("--train-steps", type=int, default=800, help="training steps when no weights are there (demo: 800)")
     p.add_argument("--region", type=int, nargs=4, default=(24, 56, 8, 40), metavar=("Y0", "Y1", "X0", "X1"))
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument(
+        "--min-alignment",
+        type=float,
+        default=None,
+        help="acceptance filter alignment minimum (default: the filter's, 0.57; 0 = off)",
+    )
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--sheet", default=None, help="write the contact sheet here (needs the normal mode)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -188,7 +207,10 @@ def main(argv=None) -> int:
 
     import torch
 
+    from dualanodiff_core.dataset.acceptance import DEFAULT_MIN_ALIGNMENT
+
     torch.set_num_threads(max(1, a.threads))
+    min_alignment = DEFAULT_MIN_ALIGNMENT if a.min_alignment is None else a.min_alignment
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     targets = [tuple(t.split("/", 1)) for t in a.target] or [("metal", "scratch"), ("fabric", "hole")]
@@ -209,17 +231,30 @@ def main(argv=None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         weights = train(work, data, product, defect, a.train_steps, log)
         for mode in a.modes:
-            out = generate(work, data, weights, product, defect, mode, a.n, region_path, log)
+            out = generate(work, data, weights, product, defect, mode, a.n, region_path, min_alignment, log)
             results[f"{product}/{mode}"] = measure(out, product, defect, region, 8)
     fmt = lambda v: "-" if v is None else (f"{v:.1%}" if isinstance(v, float) else str(v))  # noqa: E731
-    cols = list(next(iter(results.values())))
-    print(f"region {region.mean():.1%} of the image; n = {a.n} per product and mode; train steps {a.train_steps}")
+    cols = [c for c in next(iter(results.values())) if c != "reasons"]
+    print(
+        f"region {region.mean():.1%} of the image; n = {a.n} per product and mode; train steps {a.train_steps}; "
+        f"min alignment {min_alignment}"
+    )
     print(f"{'product/mode':<16}" + "".join(f"{c[:28]:>30}" for c in cols))
     for k, r in results.items():
-        print(f"{k:<16}" + "".join(f"{fmt(r[c]):>30}" for c in cols))
+        print(f"{k:<16}" + "".join(f"{fmt(r[c]):>30}" for c in cols) + "   " + str(r["reasons"]))
     if a.json:
         write_json_atomic(
-            a.json, {"command": " ".join(sys.argv), "region_share": float(region.mean()), "results": results}
+            a.json,
+            {
+                "command": " ".join(sys.argv),
+                "region_share": float(region.mean()),
+                "region_box": list(a.region),
+                "n": a.n,
+                "train_steps": a.train_steps,
+                "min_alignment": min_alignment,
+                "threads": torch.get_num_threads(),
+                "results": results,
+            },
         )
     if a.sheet:
         contact_sheet(root, targets, region, Path(a.sheet))

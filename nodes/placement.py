@@ -1,5 +1,6 @@
 """Placement control in ComfyUI (docs/placement.md): the DualAnoDiff Sampler's ``placement`` / ``normal`` inputs build
-an inpainting-style start latent, and DualAnoDiff Composite Onto Normal pastes the result into the photo."""
+an inpainting-style start latent (and, with a region, steer the defect into it: :func:`steered_sample`), and
+DualAnoDiff Composite Onto Normal pastes the result into the photo."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from ..dualanodiff_core.method.placement import (
     composite,
     feather_alpha,
     latent_region,
+    plan_steering,
+    ramp_anomaly_rows,
+    ramp_weight,
+    roll_pairs,
 )
 from .images import check_images, check_masks
 
@@ -26,10 +31,13 @@ def _rows(t: torch.Tensor, n: int, what: str) -> torch.Tensor:
     raise PlacementError(f"{what}: {t.shape[0]} in the batch for {n} pair(s); give 1 or {n}.")
 
 
-def placement_start(vae, pairs: int, width: int, height: int, placement=None, normal=None) -> tuple[dict, int]:
+def placement_start(
+    vae, pairs: int, width: int, height: int, placement=None, normal=None
+) -> tuple[dict, int, torch.Tensor]:
     """The sampler's start LATENT for a placement region and/or normal photos: rows ``[g, a, g, a, ...]`` hold the
     photo's latent (or zeros) and the mid-gray latent, and ``noise_mask`` (1 = generate) is the region on anomaly
-    rows and, with a photo, on global rows (everything elsewhere). Returns (latent, pairs)."""
+    rows and, with a photo, on global rows (everything elsewhere). Returns (latent, pairs, region on the latent grid
+    ``[pairs, 1, h, w]``)."""
     if vae is None:
         raise PlacementError("placement / normal need the vae input (to encode the photo and the gray background).")
     if normal is not None:
@@ -57,7 +65,95 @@ def placement_start(vae, pairs: int, width: int, height: int, placement=None, no
         g_mask = torch.ones_like(lat_region).to(photo.device)
     samples = interleave(photo.float(), gray.float().expand(pairs, -1, -1, -1).to(photo.device))
     mask = interleave(g_mask[:, 0], lat_region[:, 0].to(photo.device))
-    return {"samples": samples.contiguous(), "noise_mask": mask.contiguous()}, pairs
+    return {"samples": samples.contiguous(), "noise_mask": mask.contiguous()}, pairs, lat_region
+
+
+#: the DualAnoDiff Sampler's ``placement_steering`` choices: ``shift`` steers (probe, shift, ramped hold), ``hold``
+#: holds the anomaly branch at gray outside the region from the first step (the behaviour before steering)
+STEERING_CHOICES = ("shift", "hold")
+
+
+def steered_sample(
+    model, seed, steps, cfg, sampler_name, scheduler, positive, negative, start, denoise, region_latent, steering
+):
+    """What ``nodes.common_ksampler`` does, with steering (dualanodiff_core.method.placement.Steering), as the core
+    sampler does it: the chosen sampler runs the first ``steering.probe`` share of the steps with the anomaly rows
+    free; the core (:func:`plan_steering`) picks each pair's shift from the anomaly branch's predicted clean latent;
+    the latents and the noise the held rows are noised with are rolled; the sampler runs the remaining steps (a
+    multistep sampler restarts its history there) with the anomaly rows' hold outside the region ramped in (through
+    ComfyUI's ``denoise_mask_function``). Pair ``j``'s shift is picked by ``seed + j``, as the Python API does.
+    Returns (samples, per-pair steering records or None)."""
+    import comfy.sample
+    import comfy.samplers
+    import comfy.utils
+    import latent_preview
+
+    latent_image = comfy.sample.fix_empty_latent_channels(model, start["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed)
+    mask = start["noise_mask"]
+    callback = latent_preview.prepare_callback(model, steps)
+    disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
+    sigmas = comfy.samplers.KSampler(
+        model, steps=steps, device=model.load_device, sampler=sampler_name, scheduler=scheduler, denoise=denoise,
+        model_options=model.model_options,
+    ).sigmas  # fmt: skip
+    n = len(sigmas) - 1
+    k = steering.probe_steps(n) if n > 1 else 0
+    k = k if k < n else 0
+    if k == 0 and steering.ramp <= 0:  # the hold alone: exactly common_ksampler
+        samples = comfy.sample.sample(
+            model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=denoise,
+            noise_mask=mask, callback=callback, disable_pbar=disable_pbar, seed=seed,
+        )  # fmt: skip
+        return samples, None
+    base = comfy.samplers.sampler_object(sampler_name)
+    pairs = latent_image.shape[0] // 2
+    records = [] if k > 0 else None
+    sampler = base
+    if k > 0:
+        inner = base.sampler_function
+        seeds = [int(seed) + j for j in range(pairs)]
+        gray = latent_image[1:2]
+
+        def steered(model_k, x, sigmas_, extra_args=None, callback=None, disable=None, **kw):
+            seen = {}
+
+            def first(d):
+                seen["x0"] = d["denoised"]
+                if callback is not None:
+                    callback(d)
+
+            def rest(d):
+                if callback is not None:
+                    callback({**d, "i": d["i"] + k})
+
+            x = inner(model_k, x, sigmas_[: k + 1], extra_args=extra_args, callback=first, disable=disable, **kw)
+            g = model.model.process_latent_in(gray.to(x.device)).float().cpu()
+            shifts, recs = plan_steering(seen["x0"][1::2].float().cpu(), g, region_latent.cpu(), seeds, steering, k, 8)
+            records.extend(recs)
+            model_k.noise = roll_pairs(model_k.noise, shifts)
+            x = roll_pairs(x, shifts)
+            return inner(model_k, x, sigmas_[k:], extra_args=extra_args, callback=rest, disable=disable, **kw)
+
+        sampler = comfy.samplers.KSAMPLER(steered, base.extra_options, base.inpaint_options)
+    model = model.clone()
+    previous = model.model_options.get("denoise_mask_function")
+
+    def ramped(sigma, denoise_mask, extra_options):
+        if previous is not None:
+            denoise_mask = previous(sigma, denoise_mask, extra_options)
+        all_sigmas = extra_options["sigmas"]
+        i = int((all_sigmas - sigma.reshape(-1)[0].to(all_sigmas)).abs().argmin())
+        # model call i: the core's weight after step i; 0 while the anomaly branch still runs free
+        w = 0.0 if i < k else ramp_weight(i, len(all_sigmas) - 1, steering.ramp, k)
+        return ramp_anomaly_rows(denoise_mask, w, generate=True)
+
+    model.model_options["denoise_mask_function"] = ramped
+    samples = comfy.sample.sample_custom(
+        model, noise, cfg, sampler, sigmas, positive, negative, latent_image, noise_mask=mask, callback=callback,
+        disable_pbar=disable_pbar, seed=seed,
+    )  # fmt: skip
+    return samples, records
 
 
 class CompositeOnNormal(io.ComfyNode):

@@ -10,9 +10,10 @@ from comfy_api.latest import io
 import nodes as comfy_nodes
 
 from ..dualanodiff_core.method.layout import split
+from ..dualanodiff_core.method.placement import HOLD_ONLY, Steering
 from . import comfy_backend as backend
 from .conditioning import check_negative, pair_conditioning, pair_latent, split_images, split_latent
-from .placement import PlacementError, placement_start
+from .placement import STEERING_CHOICES, PlacementError, placement_start, steered_sample
 
 CATEGORY = "DualAnoDiff/sampling"
 
@@ -129,6 +130,16 @@ class DualSampler(io.ComfyNode):
                 io.Vae.Input(
                     "vae", optional=True, tooltip="The VAE, to encode the normal photos and the gray background."
                 ),
+                io.Combo.Input(
+                    "placement_steering",
+                    options=list(STEERING_CHOICES),
+                    default="shift",
+                    optional=True,
+                    tooltip="With a placement region: 'shift' probes the first steps to see where each defect forms "
+                    "and shifts the starting noise so that it forms inside the region, then holds the anomaly branch "
+                    "at gray outside it (ramped in); 'hold' only holds it there from the first step (erases more "
+                    "defects than it moves).",
+                ),
             ],
             outputs=[
                 io.Latent.Output(display_name="global", tooltip="The whole images (one per pair)."),
@@ -164,6 +175,7 @@ class DualSampler(io.ComfyNode):
         placement=None,
         normal=None,
         vae=None,
+        placement_steering="shift",
     ) -> io.NodeOutput:
         if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
             raise ValueError(
@@ -172,13 +184,25 @@ class DualSampler(io.ComfyNode):
         backend.require_dual(model, "DualAnoDiff Sampler")
         positive = pair_conditioning(positive_global, positive_anomaly)
         check_negative(negative)
+        if placement_steering not in STEERING_CHOICES:
+            raise PlacementError(
+                f"placement_steering {placement_steering!r}: choose one of {', '.join(STEERING_CHOICES)}."
+            )
         if placement is not None or normal is not None:
             if latent is not None:
                 raise PlacementError("connect either a latent or placement / normal, not both.")
             if width % 8 or height % 8:
                 raise ValueError(f"width and height must be multiples of 8, got {width}x{height}.")
-            start, _ = placement_start(vae, pairs, width, height, placement, normal)
+            start, _, region = placement_start(vae, pairs, width, height, placement, normal)
             start = {k: v.to(comfy.model_management.intermediate_device()) for k, v in start.items()}
+            if placement is not None:
+                steering = Steering() if placement_steering == "shift" else HOLD_ONLY
+                samples, _ = steered_sample(
+                    model, seed, steps, cfg, sampler_name, scheduler, positive, negative, start, denoise, region,
+                    steering,
+                )  # fmt: skip
+                g, a = split(samples, "the sampled batch")
+                return io.NodeOutput({"samples": g.clone()}, {"samples": a.clone()})
         elif latent is not None:
             start = pair_latent(latent)
         else:

@@ -13,15 +13,25 @@ from dualanodiff_core.dataset.export import iter_records
 from dualanodiff_core.dataset.placement import OUTSIDE_REGION, PlacementSet, check_region
 from dualanodiff_core.fileio import tensor_to_pil
 from dualanodiff_core.method.placement import (
+    HOLD_ONLY,
     PlacementError,
+    Steering,
+    choose_shifts,
     composite,
     feather_alpha,
+    forming_defect,
     keep_mask,
     latent_region,
     outside_fraction,
+    ramp_anomaly_rows,
+    ramp_weight,
+    roll_pairs,
+    shift_scores,
+    signed_shift,
 )
 from dualanodiff_core.minidefect.tiny import save_tiny_model, tiny_components
 from dualanodiff_core.sd15.pipeline import DualAnoDiffPipeline
+from dualanodiff_core.sd15.scheduler import make_scheduler
 
 S = 16
 
@@ -98,6 +108,176 @@ def test_outside_fraction_and_region_rejection():
     assert dec.accepted
     rejected = FilterDecision(False, "empty_mask", "x", 0.0, 0.0)
     assert check_region(rejected, mask, region, 0.0)[0].reason == "empty_mask", "the first failing reason stays"
+
+
+# ---- steering helpers ---------------------------------------------------------------------------------------------
+def test_shift_scores_and_choose_shifts_move_a_forming_defect_into_the_region():
+    gray = torch.zeros(1, 4, 8, 8)
+    x0 = gray.clone()
+    x0[0, :, 1:3, 1:3] = 2.0  # a 2x2 defect forming at rows/cols 1-2
+    region = torch.zeros(1, 1, 8, 8)
+    region[..., 4:8, 4:8] = 1  # 4x4 region at rows/cols 4-7
+    weight = forming_defect(x0, gray)
+    assert torch.equal(weight[0] > 0, x0[0, 0] > 0), "only the defect deviates from the background"
+    scores = shift_scores(weight, region)
+    assert scores[0, 0, 0] == 0.0 and scores.max() == pytest.approx(1.0)
+    # the rolls that put the whole 2x2 defect inside: 3..5 in each direction (9 of them)
+    fits = {(dy, dx) for dy in (3, 4, 5) for dx in (3, 4, 5)}
+    assert {tuple(v) for v in torch.nonzero(scores[0] > 1 - 1e-6).tolist()} == fits
+    chosen = [choose_shifts(scores, [seed], slack=0.0)[0] for seed in range(200)]
+    assert set(chosen) == fits, "the seed spreads defects over every position that fits"
+    assert chosen == [choose_shifts(scores, [seed], slack=0.0)[0] for seed in range(200)], "deterministic"
+    for dy, dx in chosen[:5]:
+        moved = torch.roll(weight[0], (dy, dx), dims=(-2, -1))
+        assert float(moved[region[0, 0] == 0].sum()) == 0.0
+    # nothing forming: every shift scores 0 and the choice is still deterministic
+    flat = shift_scores(torch.zeros(1, 8, 8), region)
+    assert flat.abs().max() == 0 and choose_shifts(flat, [7], 0.05) == choose_shifts(flat, [7], 0.05)
+    with pytest.raises(PlacementError, match="2 seeds for 1 samples"):
+        choose_shifts(scores, [0, 1], 0.0)
+
+
+def test_roll_pairs_moves_both_rows_of_each_pair_and_signed_shift():
+    lat = torch.arange(4 * 1 * 4 * 4, dtype=torch.float32).reshape(4, 1, 4, 4)
+    out = roll_pairs(lat, [(1, 0), (0, 3)])
+    assert torch.equal(out[0], torch.roll(lat[0], (1, 0), (-2, -1)))
+    assert torch.equal(out[1], torch.roll(lat[1], (1, 0), (-2, -1)))
+    assert torch.equal(out[3], torch.roll(lat[3], (0, 3), (-2, -1)))
+    with pytest.raises(PlacementError, match="1 shifts for 2 pairs"):
+        roll_pairs(lat, [(0, 0)])
+    assert signed_shift((1, 3), (4, 4), 8) == [8, -8] and signed_shift((2, 0), (4, 4)) == [2, 0]
+
+
+def test_ramp_weight_and_ramped_rows():
+    assert ramp_weight(-1, 10, 0.0) == 1.0, "ramp 0: full hold from the start (the behaviour before steering)"
+    assert [ramp_weight(i, 10, 0.5) for i in (-1, 0, 1, 3, 4, 9)] == [0.0, 0.2, 0.4, 0.8, 1.0, 1.0]
+    keep = torch.ones(4, 1, 2, 2)
+    assert ramp_anomaly_rows(keep, 0.25)[1::2].eq(0.25).all() and ramp_anomaly_rows(keep, 0.25)[0::2].eq(1).all()
+    gen = torch.zeros(4, 1, 2, 2)  # ComfyUI's noise mask: 0 = held
+    assert ramp_anomaly_rows(gen, 0.25, generate=True)[1::2].eq(0.75).all()
+
+
+@pytest.mark.parametrize("kw", [dict(probe=-0.1), dict(probe="0.2"), dict(ramp=1.5), dict(slack=float("nan"))])
+def test_steering_settings_are_checked(kw):
+    with pytest.raises(PlacementError, match="steering"):
+        Steering(**kw)
+
+
+def test_bad_steering_values_are_refused(pipe, tmp_path):
+    kw = dict(steps=2, seed=0, height=S, width=S, placement=box_region(0, 8, 0, 8))
+    with pytest.raises(PlacementError, match="steering='shift'"):
+        pipe.generate(1, steering="shift", **kw)
+    with pytest.raises(PlacementError, match="placement_seeds: 1 seeds for 2 pair"):
+        pipe.generate(2, placement_seeds=[3], **kw)
+    region = tmp_path / "r.png"
+    Image.fromarray(np.full((S, S), 255, np.uint8)).save(region)
+    with pytest.raises(PlacementError, match="placement steering=1"):
+        PlacementSet.from_paths(None, region, steering=1)
+    assert PlacementSet.from_paths(None, region, steering=False).steering == HOLD_ONLY
+
+
+def test_probe_steps_is_a_share_of_the_schedule():
+    assert Steering(probe=0.2).probe_steps(25) == 5 and Steering(probe=0.2).probe_steps(100) == 20
+    assert Steering(probe=0.01).probe_steps(10) == 1, "at least one step"
+    assert Steering(probe=1.0).probe_steps(3) == 3 and HOLD_ONLY.probe_steps(50) == 0
+
+
+def _blob_unet(pipe, gray, strength=4.0):
+    """A stand-in UNet that is exactly translation-equivariant and whose answer is known: it predicts a clean latent
+    that is the gray background plus a one-cell "defect" where the channel sum of its input is largest."""
+    acp = make_scheduler("ddim", pipe.scheduler_config).alphas_cumprod
+
+    def forward(sample, timestep, encoder_hidden_states=None, return_dict=False, **_):
+        a = acp[int(timestep)]
+        x0 = gray.expand_as(sample).clone()
+        idx = sample.sum(1).flatten(1).argmax(1)
+        w = sample.shape[-1]
+        for r, k in enumerate(idx.tolist()):
+            x0[r, :, k // w, k % w] += strength
+        return ((sample - a.sqrt() * x0) / (1 - a).sqrt(),)
+
+    pipe.unet.forward = forward
+    return pipe
+
+
+def _defect_cell(latents, gray):
+    d = (latents - gray).norm(dim=1)  # [N, h, w]
+    k = d.flatten(1).argmax(1)
+    return [(int(i) // d.shape[-1], int(i) % d.shape[-1]) for i in k]
+
+
+def test_steering_moves_the_defect_into_the_region_on_a_known_case():
+    pipe = make_pipe()
+    gray = gray_latent(pipe)
+    _blob_unet(pipe, gray)
+    region = box_region(0, 6, 0, 6)  # latent cells rows/cols 0-2 of 8x8
+    inside = latent_region(region, (8, 8))[0, 0].bool()
+    kw = dict(steps=6, height=S, width=S, sampler="ddim", cfg=1.0, placement=region, decode=False)
+
+    def strength(res):
+        return float((res.anomaly_latents[0] - gray[0]).norm(dim=0).max())
+
+    free = {s: pipe.generate(1, seed=s, guide_placement=False, **kw) for s in range(16)}
+    outside = [s for s, r in free.items() if not inside[_defect_cell(r.anomaly_latents, gray)[0]]][:8]
+    assert len(outside) == 8 and all(strength(free[s]) > 4 for s in outside), "defects form outside without guidance"
+    erased = 0
+    for s in outside:
+        res = pipe.generate(1, seed=s, **kw)
+        (rec,) = res.steering
+        dy, dx = (v // 2 for v in rec["shift_px"])  # 2 px per latent cell
+        y, x = _defect_cell(free[s].anomaly_latents, gray)[0]
+        cell = _defect_cell(res.anomaly_latents, gray)[0]
+        assert cell == ((y + dy) % 8, (x + dx) % 8), "the defect moved by exactly the recorded shift"
+        assert inside[cell] and strength(res) > 4, f"seed {s}: a full defect inside the region"
+        assert rec["probe_steps"] == Steering().probe_steps(6)
+        assert rec["inside_predicted_before"] == 0.0 and rec["inside_predicted_after"] == 1.0
+        again = pipe.generate(1, seed=s, **kw)
+        assert torch.equal(again.anomaly_latents, res.anomaly_latents) and again.steering == res.steering
+        held = pipe.generate(1, seed=s, steering=False, **kw)
+        assert held.steering is None
+        erased += strength(held) < 1
+    assert erased >= 4, "holding alone mostly erases these defects instead of moving them"
+
+
+@pytest.mark.parametrize("sampler", ["pndm", "dpmpp"])
+def test_steering_rolls_the_multistep_schedulers_memory(pipe, sampler):
+    """PNDM and DPM-Solver remember earlier steps; steering must roll that memory with the latents: with the blob
+    model the defect still lands inside the region and the result is deterministic."""
+    p = make_pipe()
+    gray = gray_latent(p)
+    _blob_unet(p, gray)
+    region = box_region(0, 6, 0, 6)
+    inside = latent_region(region, (8, 8))[0, 0].bool()
+    kw = dict(steps=8, height=S, width=S, sampler=sampler, cfg=1.0, placement=region, decode=False)
+    for s in range(3):
+        res = p.generate(1, seed=s, **kw)
+        assert inside[_defect_cell(res.anomaly_latents, gray)[0]]
+        assert torch.equal(p.generate(1, seed=s, **kw).anomaly_latents, res.anomaly_latents)
+    sched = make_scheduler(sampler, p.scheduler_config)
+    sched.set_timesteps(4)
+    x = torch.randn(2, 4, 8, 8)
+    for t in sched.timesteps[:3]:
+        x = sched.step(torch.randn_like(x), t, x, return_dict=False)[0]
+    memory = [v for v in vars(sched).values() if isinstance(v, list) and v and torch.is_tensor(v[-1])]
+    before = [t.clone() for t in memory[0] if t is not None]
+    from dualanodiff_core.sd15.pipeline import _roll_scheduler_state
+
+    _roll_scheduler_state(sched, [(1, 2)], x.shape)
+    after = [t for t in memory[0] if t is not None]
+    assert before and all(torch.equal(torch.roll(b, (1, 2), (-2, -1)), a) for b, a in zip(before, after))
+    assert torch.equal(sched.alphas_cumprod, make_scheduler(sampler, p.scheduler_config).alphas_cumprod)
+
+
+def test_hold_only_steering_is_the_earlier_behaviour(pipe):
+    region = box_region(0, 8, 0, 8)
+    kw = dict(steps=3, seed=2, height=S, width=S, placement=region)
+    a = pipe.generate(1, steering=False, **kw)
+    b = pipe.generate(1, steering=HOLD_ONLY, **kw)
+    c = pipe.generate(1, **kw)
+    assert torch.equal(a.anomaly_latents, b.anomaly_latents) and a.steering is None
+    assert c.steering is not None and not torch.equal(a.anomaly_latents, c.anomaly_latents)
+    d = pipe.generate(1, placement_seeds=[12345], **kw)
+    assert torch.equal(pipe.generate(1, placement_seeds=[12345], **kw).anomaly_latents, d.anomaly_latents)
 
 
 # ---- sampler ------------------------------------------------------------------------------------------------------
@@ -205,6 +385,31 @@ def test_cli_generates_onto_photos_with_region_and_records_it(assets, tmp_path):
         image = np.asarray(Image.open(out / r["files"]["image" if r["accepted"] else "rejected_image"]))
         photo = np.asarray(Image.open(r["normal"]).convert("RGB"))
         assert np.array_equal(image[alpha == 0], photo[alpha == 0])
+
+
+def test_cli_steering_option_and_manifest_fields(assets, tmp_path, capsys):
+    out = tmp_path / "steered"
+    assert gen(assets, out, "--placement", str(assets / "region.png"), n=2) == 0
+    records = sorted(iter_records(out), key=lambda r: r["index"])
+    for r in records:
+        st = r["placement_steering"]
+        assert set(st) == {"probe_steps", "shift_px", "inside_predicted_before", "inside_predicted_after"}
+        assert st["probe_steps"] == 1 and all(v % 2 == 0 and abs(v) <= S // 2 for v in st["shift_px"])
+        assert r["settings"]["placement"]["steering"] == {"probe": 0.2, "ramp": 0.3, "slack": 0.05}
+    again = tmp_path / "again"
+    assert gen(assets, again, "--placement", str(assets / "region.png"), n=2) == 0
+    assert [r["placement_steering"] for r in sorted(iter_records(again), key=lambda r: r["index"])] == [
+        r["placement_steering"] for r in records
+    ], "same seed, same steering"
+    held = tmp_path / "held"
+    assert gen(assets, held, "--placement", str(assets / "region.png"), "--placement-steering", "hold", n=2) == 0
+    for r in iter_records(held):
+        assert r["placement_steering"] is None and r["placement_guidance"] is True
+        assert r["settings"]["placement"]["steering"] is None
+    with pytest.raises(SystemExit) as e:
+        gen(assets, tmp_path / "bad", "--placement", str(assets / "region.png"), "--placement-steering", "up")
+    assert e.value.code == 2 and "invalid choice: 'up'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cli_rejects_masks_outside_the_region(assets, tmp_path):

@@ -129,6 +129,12 @@ LATER_INPUTS = {
     "DualAnoDiffSampler": [("placement", "MASK", True), ("normal", "IMAGE", True), ("vae", "VAE", True)],
     "DualAnoDiffSaveDataset": [("placement", "MASK", True)],
 }
+#: widgets added to a node type later, with their defaults: the frontend shows them (with the default) on every such
+#: node and saves their values, so both files list them everywhere (the workflows as saved before they existed are
+#: kept in tests/comfyui/old_workflows/ and still load)
+LATER_WIDGETS = {
+    "DualAnoDiffSampler": [("placement_steering", "shift")],
+}
 MASK_DEFAULTS = {
     "gray": "median",
     "threshold": 0.0,
@@ -480,6 +486,7 @@ def graph_generate_placement():
     ]
     sampler = _dual_sampler((3, 0), 2.5)
     sampler["links"].update(placement=(22, 0), normal=(20, 0), vae=(1, 2))
+    sampler["widgets"]["placement_steering"] = "shift"
     nodes.append(sampler)
     tail = _decode_mask_save(8, (7, 0), (7, 1), 1570)
     composite = node(
@@ -566,6 +573,7 @@ def to_ui(nodes) -> dict:
                 widget_values.append(n["controls"].get(name, "randomize"))
             elif extra == "upload":
                 widget_values.append("image")
+        widget_values += [n["widgets"].get(name, default) for name, default in LATER_WIDGETS.get(n["type"], [])]
         for slot, entry in enumerate(inputs):
             if entry["name"] in n["links"]:
                 src, src_slot = n["links"][entry["name"]]
@@ -620,6 +628,8 @@ def to_api(nodes) -> dict:
         for w in widgets_def:
             name = w if isinstance(w, str) else w[0]
             inputs[name] = n["widgets"][name]
+        for name, default in LATER_WIDGETS.get(n["type"], []):
+            inputs[name] = n["widgets"].get(name, default)
         for name, (src, slot) in n["links"].items():
             inputs[name] = [str(src), slot]
         entry = {"inputs": inputs, "class_type": n["type"]}

@@ -346,6 +346,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --placement: do not hold the anomaly branch at gray outside the region (filter only)",
     )
+    pl.add_argument(
+        "--placement-steering",
+        choices=("shift", "hold"),
+        default="shift",
+        help="with --placement: 'shift' probes the first sampling steps to see where each defect forms and shifts "
+        "the starting noise so that it forms inside the region, then holds the anomaly branch at gray outside it "
+        "(ramped in); 'hold' only holds it there from the first step (the earlier behaviour; it erases more defects "
+        "than it moves into the region)",
+    )
 
 
 def _device(name: str):
@@ -440,7 +449,12 @@ def run(args: argparse.Namespace) -> int:
         from ..dataset.placement import PlacementSet
 
         placement = PlacementSet.from_paths(
-            args.normal, args.placement, args.feather, args.max_outside_region, not args.no_placement_guidance
+            args.normal,
+            args.placement,
+            args.feather,
+            args.max_outside_region,
+            not args.no_placement_guidance,
+            steering=args.placement_steering == "shift",
         )
     device = _device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]

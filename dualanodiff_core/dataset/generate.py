@@ -571,6 +571,7 @@ def _run(
             pitems = [None] * len(batch)
             if placement is not None:
                 pitems = _placement_kwargs(pipe, placement, batch, gens, (W, H), has_bcm, kwargs)
+                kwargs["placement_seeds"] = seeds
             result = pipe.generate(
                 len(batch),
                 prompt_global=prompt_g,
@@ -606,7 +607,8 @@ def _run(
                 decision = check_pair(mres, filter_options, mask_options=mask_options, **against)
                 placed = {}
                 if pitems[j] is not None:
-                    decision, placed = _placement_record(pitems[j], decision, mres.mask, placement)
+                    steered = result.steering[j] if result.steering is not None else None
+                    decision, placed = _placement_record(pitems[j], decision, mres.mask, placement, steered)
                 info = dict(
                     seed=seeds[j],
                     base_seed=int(seed),
@@ -642,7 +644,7 @@ def _placement_kwargs(pipe, placement: PlacementSet, batch, gens, size, has_bcm:
     """The batch's photos / regions as :meth:`DualAnoDiffPipeline.generate` arguments (into ``kwargs``); with BCM
     weights (and no ``--backgrounds``) each photo is also its sample's BCM background. Returns the items."""
     items = [placement.get(i, size) for i in batch]
-    kwargs.update(guide_placement=placement.guide, feather=placement.feather)
+    kwargs.update(guide_placement=placement.guide, feather=placement.feather, steering=placement.steering)
     if placement.regions is not None:
         kwargs["placement"] = torch.stack([torch.from_numpy(it.region.astype("float32"))[None] for it in items])
     if placement.normals is not None:
@@ -656,12 +658,15 @@ def _placement_kwargs(pipe, placement: PlacementSet, batch, gens, size, has_bcm:
     return items
 
 
-def _placement_record(item, decision, mask, placement: PlacementSet):
-    """Region check of one pair and its manifest fields (which photo and region it used)."""
+def _placement_record(item, decision, mask, placement: PlacementSet, steered: dict | None = None):
+    """Region check of one pair and its manifest fields (which photo and region it used, and how it was steered:
+    ``placement_steering`` is the probe's shift of the starting noise in pixels and the share of the forming defect
+    it predicted inside the region before and after, or null when not steered)."""
     info: dict[str, Any] = dict(
         normal=None if item.normal_path is None else str(item.normal_path),
         placement=None if item.region_path is None else str(item.region_path),
         placement_guidance=placement.guide,
+        placement_steering=steered,
         feather=placement.feather if item.normal_path is not None else None,
         outside_region=None,
     )

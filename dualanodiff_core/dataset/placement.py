@@ -23,7 +23,14 @@ import numpy as np
 from PIL import Image
 
 from ..fileio import IMAGE_SUFFIXES, masks_for
-from ..method.placement import DEFAULT_FEATHER, DEFAULT_MAX_OUTSIDE, PlacementError, outside_fraction
+from ..method.placement import (
+    DEFAULT_FEATHER,
+    DEFAULT_MAX_OUTSIDE,
+    PlacementError,
+    Steering,
+    as_steering,
+    outside_fraction,
+)
 from .acceptance import FilterDecision
 
 #: the acceptance filter's reason for a mask that leaves the placement region
@@ -103,6 +110,7 @@ class PlacementSet:
         feather: int = DEFAULT_FEATHER,
         max_outside: float = DEFAULT_MAX_OUTSIDE,
         guide: bool = True,
+        steering: Steering | bool = True,
     ):
         self.normals = [Path(p) for p in normals] if normals else None
         self.regions = [Path(p) for p in regions] if regions else None
@@ -118,6 +126,8 @@ class PlacementSet:
         if not (0.0 <= max_outside <= 1.0):
             raise PlacementError(f"--max-outside-region {max_outside}: a share in [0, 1] (1 = off)")
         self.feather, self.max_outside, self.guide = int(feather), float(max_outside), bool(guide)
+        #: how guidance steers defects into the region (only with regions and ``guide``)
+        self.steering = as_steering(steering, "placement steering")
         self._cache: dict[tuple, PlacementItem] = {}
 
     @classmethod
@@ -128,6 +138,7 @@ class PlacementSet:
         feather: int = DEFAULT_FEATHER,
         max_outside: float = DEFAULT_MAX_OUTSIDE,
         guide: bool = True,
+        steering: Steering | bool = True,
     ) -> PlacementSet:
         normals = _images_in(Path(normal), "--normal") if normal is not None else None
         regions = None
@@ -143,7 +154,7 @@ class PlacementSet:
                             f"and {img.stem}_mask.*); give one mask per photo, or a single mask file for all"
                         )
                     regions.append(m)
-        return cls(normals, regions, feather, max_outside, guide)
+        return cls(normals, regions, feather, max_outside, guide, steering)
 
     def __len__(self) -> int:
         return len(self.normals) if self.normals is not None else len(self.regions)
@@ -176,7 +187,13 @@ class PlacementSet:
             "feather": self.feather,
             "max_outside_region": self.max_outside,
             "guide": self.guide,
+            "steering": self.steering.to_dict() if self.steers else None,
         }
+
+    @property
+    def steers(self) -> bool:
+        """Whether sampling probes and shifts the starting noise (regions, guidance on, a probe)."""
+        return self.regions is not None and self.guide and self.steering.probe > 0
 
 
 def check_region(decision: FilterDecision, mask: np.ndarray, region: np.ndarray, max_outside: float):

@@ -30,7 +30,21 @@ from ..method.attention import (
     run_with_background,
 )
 from ..method.fused import clear_fast_cache
-from ..method.placement import DEFAULT_FEATHER, PlacementError, as_region, composite, feather_alpha, keep_mask
+from ..method.placement import (
+    DEFAULT_FEATHER,
+    HOLD_ONLY,
+    PlacementError,
+    Steering,
+    as_region,
+    as_steering,
+    composite,
+    feather_alpha,
+    keep_mask,
+    plan_steering,
+    ramp_anomaly_rows,
+    ramp_weight,
+    roll_pairs,
+)
 from ..method.placement import latent_region as _latent_region
 from ..method.weights import (
     DEFAULT_PROMPT_ANOMALY,
@@ -181,12 +195,14 @@ class DualUNet:
 
 @dataclasses.dataclass
 class DualResult:
-    """Images in [0, 1], ``[N, 3, H, W]`` (N pairs), and the final latents (scaled as the UNet sees them)."""
+    """Images in [0, 1], ``[N, 3, H, W]`` (N pairs), and the final latents (scaled as the UNet sees them).
+    ``steering``: with a steered placement region, what was done per pair (:meth:`DualAnoDiffPipeline.generate`)."""
 
     global_images: torch.Tensor
     anomaly_images: torch.Tensor
     global_latents: torch.Tensor
     anomaly_latents: torch.Tensor
+    steering: list[dict] | None = None
 
     def to_pil(self):
         return tensor_to_pil(self.global_images), tensor_to_pil(self.anomaly_images)
@@ -211,6 +227,68 @@ def _noise_fn(source, shape, device, dtype, seed_fallback: int | None):
     return lambda i: torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32).to(
         device=device, dtype=dtype
     )
+
+
+def _predicted_x0(scheduler, model_output: torch.Tensor, t, latents: torch.Tensor) -> torch.Tensor:
+    """The clean latents the model predicts at timestep ``t`` (epsilon or v prediction)."""
+    a = scheduler.alphas_cumprod.to(latents.device)[int(t)].to(latents.dtype)
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "epsilon":
+        return (latents - (1 - a).sqrt() * model_output) / a.sqrt()
+    if kind == "v_prediction":
+        return a.sqrt() * latents - (1 - a).sqrt() * model_output
+    return model_output  # "sample"
+
+
+@dataclasses.dataclass
+class _Hold:
+    """Where the sampler pins the latents to known ones (docs/placement.md, "How it works"): ``keep_g`` (global rows:
+    the photo outside the region) and ``keep_a`` (anomaly rows: the gray background outside the region), both
+    ``[2N, 1, h, w]`` over the interleaved rows, to ``known``, noised with the samples' own starting noise;
+    ``alpha`` is the pixel composite weight."""
+
+    keep_g: torch.Tensor
+    keep_a: torch.Tensor
+    known: torch.Tensor
+    gray: torch.Tensor
+    region_latent: torch.Tensor
+    alpha: torch.Tensor | None
+    scale: int
+    noise: torch.Tensor | None = None
+
+    def roll(self, shifts) -> None:
+        """Steering moved the pairs' latents: the noise the known latents are noised with moves with them."""
+        self.noise = roll_pairs(self.noise, shifts)
+
+    def after_step(self, noise: torch.Tensor, scheduler, ramp: float, ramp_start: int = 0):
+        """``after_step(i, latents)``: the latents pinned to ``known`` noised with ``noise`` to the level they have
+        after step ``i`` (-1 = the start); the anomaly rows' hold is weighted by :func:`ramp_weight`."""
+        timesteps = scheduler.timesteps
+        n = len(timesteps)
+        self.noise = noise.to(self.known.device, self.known.dtype)
+
+        def after_step(i: int, latents: torch.Tensor) -> torch.Tensor:
+            if i + 1 < n:
+                t = timesteps[i + 1].reshape(1).expand(self.known.shape[0])
+                target = scheduler.add_noise(self.known, self.noise, t)
+            else:
+                target = self.known
+            keep = self.keep_g + ramp_anomaly_rows(self.keep_a, ramp_weight(i, n, ramp, ramp_start))
+            return latents * (1 - keep) + target.to(latents.dtype) * keep
+
+        return after_step
+
+
+def _roll_scheduler_state(scheduler, shifts, shape) -> None:
+    """Steering rolls the latents mid-sampling: the scheduler's own memory of earlier steps (PNDM's ``ets`` and
+    ``cur_sample``, DPM-Solver's ``model_outputs``: every tensor of the latents' shape, alone or in a list) must move
+    with them, or the next multistep update would mix the old position into the new one."""
+    shape = tuple(shape)
+    for name, v in list(vars(scheduler).items()):
+        if isinstance(v, torch.Tensor) and tuple(v.shape) == shape:
+            setattr(scheduler, name, roll_pairs(v, shifts))
+        elif isinstance(v, list) and any(isinstance(e, torch.Tensor) and tuple(e.shape) == shape for e in v):
+            v[:] = [roll_pairs(e, shifts) if isinstance(e, torch.Tensor) and tuple(e.shape) == shape else e for e in v]
 
 
 class DualAnoDiffPipeline:
@@ -359,6 +437,8 @@ class DualAnoDiffPipeline:
         normal: torch.Tensor | None = None,
         guide_placement: bool = True,
         feather: int = DEFAULT_FEATHER,
+        steering: Steering | bool = True,
+        placement_seeds: Sequence[int] | None = None,
     ) -> DualResult:
         """Sample ``n_pairs`` pairs.
 
@@ -373,6 +453,14 @@ class DualAnoDiffPipeline:
         is held at the normal photo (noised to the current step) outside the region, and the decoded image keeps the
         photo's pixels exactly outside a ``feather``-pixel band around it; with BCM weights and no ``background``
         the photo is also the BCM background.
+
+        ``steering`` (with a guided ``placement``): ``True`` = :class:`Steering` defaults: the anomaly branch runs
+        free for the first steps, then the predicted clean latent shows where each pair's defect forms, both rows'
+        latents (and the scheduler's memory of them) are rolled so that it lies inside the region, and the hold
+        outside the region ramps in; ``False`` = the hold at full strength from the first step (no shift); or a
+        :class:`Steering`. Among equally good shifts, pair ``j``'s is picked by
+        ``placement_seeds[j]`` (default: ``seed`` or the generator's initial seed, plus ``j``). What was done is in
+        ``DualResult.steering``.
         """
         if n_pairs < 1:
             raise ValueError("n_pairs must be at least 1")
@@ -395,27 +483,54 @@ class DualAnoDiffPipeline:
 
         scheduler = make_scheduler(sampler, self.scheduler_config)
         scheduler.set_timesteps(steps, device=device)
-        guide = alpha = None
+        hold = None
+        steer = as_steering(steering)
+        if placement_seeds is not None and len(placement_seeds) != n_pairs:
+            raise PlacementError(f"placement_seeds: {len(placement_seeds)} seeds for {n_pairs} pair(s); give one each")
+        if placement is None or not guide_placement:
+            steer = HOLD_ONLY
         if placement is not None or normal is not None:
-            guide, alpha = self._placement_guide(
-                n_pairs, placement, normal, guide_placement, latents, scheduler, height, width, feather
-            )
+            hold = self._placement_guide(n_pairs, placement, normal, guide_placement, height, width, feather)
             if self.dual.config["bcm"] and background is None and background_latents is None and normal is not None:
                 background = normal
-        latents = latents * scheduler.init_noise_sigma
-        if guide is not None:
-            latents = guide(-1, latents)
 
         noised_background = None
         if background is not None or background_latents is not None:
             noised_background = self._noised_background(
                 n_pairs, background, background_latents, bcm_noise, seed, generator, height, width, use_cfg
             )
+        steered: list[dict] | None = None
+        k = steer.probe_steps(len(scheduler.timesteps))
+        steer_hook = None
+        if k > 0:
+            if placement_seeds is None:
+                base = int(seed) if seed is not None else int(generator.initial_seed())
+                placement_seeds = [base + j for j in range(n_pairs)]
+            seeds, steered = list(placement_seeds), []
+
+            def steer_hook(x, x0):
+                shifts, records = plan_steering(x0[1::2], hold.gray, hold.region_latent, seeds, steer, k, hold.scale)
+                _roll_scheduler_state(scheduler, shifts, x.shape)
+                hold.roll(shifts)
+                steered.extend(records)
+                return roll_pairs(x, shifts)
+
+        guide = None if hold is None else hold.after_step(latents, scheduler, steer.ramp, k)
+        latents = latents * scheduler.init_noise_sigma
+        if guide is not None:
+            latents = guide(-1, latents)
         with self.dual.control.using(
             mode=MODE_DUAL, lora_strength=tuple(lora_strength), saim_strength=saim_strength, bcm_strength=bcm_strength
         ):
             latents = self._denoise(
-                latents, context, scheduler, cfg if use_cfg else None, noised_background, callback, after_step=guide
+                latents,
+                context,
+                scheduler,
+                cfg if use_cfg else None,
+                noised_background,
+                callback,
+                after_step=guide,
+                steer=None if steer_hook is None else (k, steer_hook),
             )
 
         g_lat, a_lat = layout.split(latents)
@@ -423,10 +538,10 @@ class DualAnoDiffPipeline:
             images = self.decode(latents)
             g_img, a_img = layout.split(images)
             if normal is not None:
-                g_img = composite(g_img, (normal.float().to(g_img.device) + 1) / 2, alpha)
+                g_img = composite(g_img, (normal.float().to(g_img.device) + 1) / 2, hold.alpha)
         else:
             g_img = a_img = torch.empty(0)
-        return DualResult(g_img, a_img, g_lat, a_lat)
+        return DualResult(g_img, a_img, g_lat, a_lat, steered)
 
     def _prompt_context(self, n_pairs, prompt_global, prompt_anomaly, negative_prompt, text_strength, use_cfg):
         """The UNet's text context: ``[g, a, g, a, ...]`` (prompts default to the weights' own), with the negative
@@ -482,10 +597,9 @@ class DualAnoDiffPipeline:
 
         return noised
 
-    def _placement_guide(self, n_pairs, placement, normal, guide_anomaly, noise, scheduler, height, width, feather):
-        """Placement / normal photo: ``(after_step, alpha)``; ``after_step(i, latents)`` pins the latent to the known
-        one (gray on anomaly rows, the photo on global rows), noised to the level the latents have after step ``i``
-        (``i = -1``: the start), where :func:`keep_mask` says so; ``alpha``: the pixel composite weight."""
+    def _placement_guide(self, n_pairs, placement, normal, guide_anomaly, height, width, feather) -> _Hold:
+        """Placement / normal photo: checks the inputs and builds the :class:`_Hold` (what the latents are pinned to,
+        and where)."""
         device, dtype = self.device, self.dtype
         f = self.vae_scale_factor
         if normal is not None:
@@ -506,9 +620,9 @@ class DualAnoDiffPipeline:
                     f"placement: {tuple(placement.shape)} does not fit {n_pairs} pair(s) of {width}x{height} "
                     f"(give 1 or {n_pairs} masks of exactly {width}x{height})"
                 )
-        keep = keep_mask(
-            _latent_region(region, (height // f, width // f)), n_pairs, normal is not None, guide_anomaly
-        ).to(device, dtype)
+        region_lat = _latent_region(region, (height // f, width // f))
+        keep_g = keep_mask(region_lat, n_pairs, normal is not None, False).to(device, dtype)
+        keep_a = keep_mask(region_lat, n_pairs, False, guide_anomaly).to(device, dtype)
         alpha = feather_alpha(region, feather=feather) if normal is not None else None
 
         def encode_mean(images):
@@ -519,21 +633,12 @@ class DualAnoDiffPipeline:
         known_g = encode_mean(normal.float()) if normal is not None else gray
         known_g = known_g.expand(n_pairs, -1, -1, -1)
         known = torch.stack([known_g, gray.expand(n_pairs, -1, -1, -1)], 1).reshape(2 * n_pairs, *gray.shape[1:])
-        noise = noise.to(device, dtype)
-        timesteps = scheduler.timesteps
+        return _Hold(keep_g, keep_a, known, gray, region_lat.expand(n_pairs, -1, -1, -1), alpha, f)
 
-        def after_step(i: int, latents: torch.Tensor) -> torch.Tensor:
-            if i + 1 < len(timesteps):
-                t = timesteps[i + 1].reshape(1).expand(known.shape[0])
-                target = scheduler.add_noise(known, noise, t)
-            else:
-                target = known
-            return latents * (1 - keep) + target.to(latents.dtype) * keep
-
-        return after_step, alpha
-
-    def _denoise(self, latents, context, scheduler, cfg, noised_background, callback, after_step=None):
-        """The sampling loop: one UNet call per step (two, record + main, with BCM), then CFG (``cfg`` None: off)."""
+    def _denoise(self, latents, context, scheduler, cfg, noised_background, callback, after_step=None, steer=None):
+        """The sampling loop: one UNet call per step (two, record + main, with BCM), then CFG (``cfg`` None: off).
+        ``steer=(k, fn)``: after the ``k``-th step the latents become ``fn(latents, x0)``, ``x0`` the clean latents
+        predicted at that step (placement steering)."""
         bg_context = context[0::2]
         for i, t in enumerate(scheduler.timesteps):
             x = torch.cat([latents, latents]) if cfg is not None else latents
@@ -545,7 +650,10 @@ class DualAnoDiffPipeline:
             if cfg is not None:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + cfg * (eps_c - eps_u)
+            x0 = _predicted_x0(scheduler, eps, t, latents) if steer is not None and i + 1 == steer[0] else None
             latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+            if x0 is not None:
+                latents = steer[1](latents, x0)
             if after_step is not None:
                 latents = after_step(i, latents)
             if callback is not None:

@@ -2,6 +2,7 @@
 Onto Normal (exact photo pixels outside the band) and Save Dataset's placement check (tiny in-process models)."""
 
 import asyncio
+import importlib
 import json
 
 import comfy_env as ce
@@ -26,8 +27,9 @@ def test_new_nodes_and_inputs_are_registered(env):
     ids = [n.GET_SCHEMA().node_id for n in nodes]
     assert "DualAnoDiffCompositeOnNormal" in ids
     opt = env.sampler.DualSampler.INPUT_TYPES()["optional"]
-    assert list(opt) == ["latent", "placement", "normal", "vae"], "new inputs come after the old ones"
-    assert opt["placement"][0] == "MASK" and opt["normal"][0] == "IMAGE" and opt["vae"][0] == "VAE"
+    assert list(opt) == ["latent", "placement", "normal", "vae", "placement_steering"], "new inputs at the end"
+    assert opt["placement_steering"][0] == "COMBO" and opt["placement_steering"][1]["options"] == ["shift", "hold"]
+    assert opt["placement_steering"][1]["default"] == "shift"
     assert env.dataset.SaveDataset.INPUT_TYPES()["optional"]["placement"][0] == "MASK"
 
 
@@ -131,3 +133,52 @@ def test_save_dataset_rejects_masks_outside_the_region(env, dirs):
     assert [r["reason"] for r in recs] == ["ok", "outside_region"]
     assert recs[0]["outside_region"] == 0.0 and recs[1]["outside_region"] == 1.0
     assert recs[1]["placement"] == "MASK input"
+
+
+def test_sampler_steering_shift_and_hold(env, tiny, wdir):
+    """'hold' is the sampler as it was (common_ksampler with the region as noise mask); 'shift' (the default) rolls
+    the latents mid-sampling, is deterministic, and still ends with the anomaly rows at gray outside the region."""
+    import nodes as comfy_nodes
+
+    model, _, _, _ = _loaded(env, tiny, wdir, ce.random_weights(env, tiny.model, seed=2))
+    prompts = _prompts(tiny)
+    region = _region(0, 16, 0, 16)
+    kw = dict(**_kwargs(model, prompts, pairs=2), placement=region, vae=tiny.vae)
+    kw["steps"] = 6
+    hold_g, hold_a = _run(env.sampler.DualSampler, **kw, placement_steering="hold")
+    start, _, _ = env.placement.placement_start(tiny.vae, 2, 32, 32, region)
+    with torch.inference_mode():
+        (old,) = comfy_nodes.common_ksampler(
+            model, kw["seed"], 6, kw["cfg"], "euler", "normal", env.conditioning.pair_conditioning(*prompts[:2]),
+            prompts[2], start,
+        )  # fmt: skip
+    assert torch.equal(hold_a["samples"], old["samples"][1::2]) and torch.equal(hold_g["samples"], old["samples"][0::2])
+    g, a = _run(env.sampler.DualSampler, **kw)
+    g2, a2 = _run(env.sampler.DualSampler, **kw, placement_steering="shift")
+    assert torch.equal(a["samples"], a2["samples"]) and torch.equal(g["samples"], g2["samples"]), "deterministic"
+    assert not torch.equal(a["samples"], hold_a["samples"])
+    gray = tiny.vae.encode(torch.full((1, 32, 32, 3), 0.5))
+    out = torch.ones(4, 4, dtype=torch.bool)
+    out[:2, :2] = False
+    assert torch.allclose(a["samples"][..., out], gray.expand(2, -1, -1, -1)[..., out].float(), atol=1e-4)
+    with pytest.raises(ValueError, match="placement_steering 'sideways'"):
+        _run(env.sampler.DualSampler, **kw, placement_steering="sideways")
+
+
+def test_steered_sample_records_one_shift_per_pair(env, tiny, wdir):
+    Steering = importlib.import_module(f"{ce.PACK}.dualanodiff_core.method.placement").Steering
+    model, _, _, _ = _loaded(env, tiny, wdir, ce.random_weights(env, tiny.model, seed=2))
+    prompts = _prompts(tiny)
+    region = _region(16, 32, 16, 32)
+    start, _, lat_region = env.placement.placement_start(tiny.vae, 3, 32, 32, region)
+    positive = env.conditioning.pair_conditioning(*prompts[:2])
+    args = (model, 5, 10, 2.5, "dpmpp_2m", "karras", positive, prompts[2], start, 1.0, lat_region)
+    with torch.inference_mode():
+        samples, records = env.placement.steered_sample(*args, Steering())
+        again, records2 = env.placement.steered_sample(*args, Steering())
+        _, none = env.placement.steered_sample(*args, Steering(probe=0.0, ramp=0.0))
+    assert torch.equal(samples, again) and records == records2 and none is None
+    assert len(records) == 3 and all(r["probe_steps"] == 2 for r in records)
+    for r in records:
+        assert all(-16 <= v <= 16 and v % 8 == 0 for v in r["shift_px"]), "whole latent cells of 8 px"
+        assert r["inside_predicted_after"] >= r["inside_predicted_before"]
