@@ -579,7 +579,10 @@ def _run(
                     if it.object_mask is not None:
                         region = Image.eval(it.object_mask, lambda v: 255 if v < 128 else 0)
                     compare = dict(global_image=images[j], normal_image=it.normal, known_region=region)
-                mres = extract_mask(parts[j], mask_options, **(compare if refine_mask else {}))
+                refine = dict(compare) if refine_mask else {}
+                if mask_options.visible_min_deviation > 0:  # cut the mask down to what the global image shows
+                    refine["global_image"] = images[j]
+                mres = extract_mask(parts[j], mask_options, **refine)
                 against = compare if filter_against_background else {"global_image": images[j]}
                 decision = check_pair(mres, filter_options, mask_options=mask_options, **against)
                 placed = {}
