@@ -187,7 +187,16 @@ def pick_image(masks: list[np.ndarray]) -> int:
     return best
 
 
-def build_trainer(data: Path, product: str, defect: str, indices: list[int] | None, steps: int, work: Path):
+def build_trainer(
+    data: Path,
+    product: str,
+    defect: str,
+    indices: list[int] | None,
+    steps: int,
+    work: Path,
+    lr: float | None = None,
+    saim_zero_init: bool = False,
+):
     from dualanodiff_core.minidefect.bench import RunSettings, train_config
     from dualanodiff_core.sd15.training import DiffusersTrainingBackbone, load_base_components
     from dualanodiff_core.training.data import DefectDataset, find_defect_set
@@ -196,8 +205,9 @@ def build_trainer(data: Path, product: str, defect: str, indices: list[int] | No
     ds = find_defect_set(data / product, defect).select("strict")
     if indices is not None:
         ds = dataclasses.replace(ds, samples=[ds.samples[i] for i in indices])
+    run = RunSettings(recipe="reference", train_steps=steps)
     tc = dataclasses.replace(
-        train_config(RunSettings(recipe="reference", train_steps=steps), product, 64), checkpoint_every=0
+        train_config(run, product, 64), checkpoint_every=0, learning_rate=lr or run.lr, saim_zero_init=saim_zero_init
     )
     dataset = DefectDataset(ds, tc.resolution, flips=tc.flips, crop=tc.crop)
     bb = DiffusersTrainingBackbone.build(load_base_components(md.base_model_dir()), tc)
@@ -216,7 +226,8 @@ def eval_batch(dataset, indices):
 
 
 @torch.no_grad()
-def branch_losses(bb, tc, batch, n_timesteps: int = 8, seed: int = 0) -> dict:
+def branch_losses(bb, tc, batch, n_timesteps: int = 8, seed: int = 0, plain: bool = False) -> dict:
+    """``plain``: the base model alone (LoRAs and SAIM off): what the DualAnoDiff layers start from."""
     from dualanodiff_core.method import layout
     from dualanodiff_core.training.trainer import add_noise
 
@@ -228,18 +239,27 @@ def branch_losses(bb, tc, batch, n_timesteps: int = 8, seed: int = 0) -> dict:
     emb = bb.encode_prompts([tc.prompt_global, tc.prompt_anomaly])
     ctx = emb.repeat(n, 1, 1)
     T = len(bb.alphas_cumprod)
-    acc = {k: [0.0, 0.0] for k in ("global_in", "global_out", "anomaly_in", "anomaly_out")}
+    keys = ("global_in", "global_out", "anomaly_in", "anomaly_out")
+    acc = {k: [0.0, 0.0] for k in keys + tuple(f"{k}_high_t" for k in keys)}
     for k in range(n_timesteps):
-        t = torch.full((2 * n,), min(T - 1, int((k + 0.5) * T / n_timesteps)), dtype=torch.long)
+        t_ = min(T - 1, int((k + 0.5) * T / n_timesteps))
+        t = torch.full((2 * n,), t_, dtype=torch.long)
         noise = torch.randn(x0.shape, generator=gen)
-        pred = bb.denoise(add_noise(x0, noise, t, bb.alphas_cumprod), t, ctx).float()
+        x_t = add_noise(x0, noise, t, bb.alphas_cumprod)
+        if plain:
+            with bb.pipe.dual.control.using(mode="off"):
+                pred = bb.pipe.dual(x_t, t, ctx).float()
+        else:
+            pred = bb.denoise(x_t, t, ctx).float()
         err = ((pred - noise) ** 2).mean(1, keepdim=True)  # [2n, 1, h, w]
         g, a = err[0::2], err[1::2]
-        for name, e in (("global", g), ("anomaly", a)):
-            acc[f"{name}_in"][0] += float((e * m).sum())
-            acc[f"{name}_in"][1] += float(m.sum())
-            acc[f"{name}_out"][0] += float((e * (1 - m)).sum())
-            acc[f"{name}_out"][1] += float((1 - m).sum())
+        # the high-noise half (t >= T/2) separately: there the layout (and where the defect goes) is decided
+        for suffix in ("", "_high_t") if t_ >= T // 2 else ("",):
+            for name, e in (("global", g), ("anomaly", a)):
+                acc[f"{name}_in{suffix}"][0] += float((e * m).sum())
+                acc[f"{name}_in{suffix}"][1] += float(m.sum())
+                acc[f"{name}_out{suffix}"][0] += float((e * (1 - m)).sum())
+                acc[f"{name}_out{suffix}"][1] += float((1 - m).sum())
     out = {k: v[0] / max(v[1], 1e-9) for k, v in acc.items()}
     for name in ("global", "anomaly"):
         ws = acc[f"{name}_in"][1] + acc[f"{name}_out"][1]
@@ -284,8 +304,9 @@ def sample(pipe, n: int, seed: int = 0, cfg: float = 2.5, saim_strength: float =
     return np.concatenate(out_g), np.concatenate(out_a), latents
 
 
-def sample_metrics(globals_, anomalies, detector, true_masks: list[np.ndarray] | None) -> dict:
-    """``true_masks``: the training masks (one per training image, unflipped) for the flip analysis, or None."""
+def sample_metrics(globals_, anomalies, detector, true_masks: list[np.ndarray] | None, train_images=None) -> dict:
+    """``true_masks``: the training masks (one per training image, unflipped) for the flip analysis, or None;
+    ``train_images`` (uint8, the same order): also how close each global image is to the nearest flip of one."""
     opts = md.mask_options()
     thr = acceptance.DEFAULT_MIN_ALIGNMENT
     det = detector.detect(globals_)
@@ -328,6 +349,10 @@ def sample_metrics(globals_, anomalies, detector, true_masks: list[np.ndarray] |
         "anomaly_gray_distance_outside": float(np.mean(rec["gray_out"])),
         "anomaly_median_offset": float(np.mean(rec["gray_median"])),
     }
+    if train_images is not None:
+        flipped = np.stack([flip(t, h, v) for t in train_images for h, v in FLIPS]).astype(np.float32)
+        near = [float(np.abs(flipped - g.astype(np.float32)).mean(axis=(1, 2, 3)).min() / 255) for g in globals_]
+        out["global_mae_to_training_image"] = float(np.median(near))
     if true_masks is not None:
         agree = [g == a for g, a in zip(flips_g, flips_a)]
         out.update(
@@ -356,6 +381,8 @@ def fmt_sample(s: dict) -> str:
         f"empty {s['anomaly_mask_empty']}/{s['n']}",
         f"gray dist {s['anomaly_gray_distance_outside']:.3f} median off {s['anomaly_median_offset']:.3f}",
     ]
+    if "global_mae_to_training_image" in s:
+        parts.append(f"global MAE to training image {s['global_mae_to_training_image']:.3f}")
     if "flip_agreement" in s:
         parts += [
             f"global shows defect {s['global_shows_training_defect']:.2f}",
@@ -375,11 +402,11 @@ VARIANTS = (
 )
 
 
-def sampling_variants(pipe, n, detector, true_masks) -> dict:
+def sampling_variants(pipe, n, detector, true_masks, train_images=None) -> dict:
     out = {}
     for name, cfg, saim, shared in VARIANTS:
         g, a, _ = sample(pipe, n, cfg=cfg, saim_strength=saim, shared=shared)
-        out[name] = sample_metrics(g, a, detector, true_masks)
+        out[name] = sample_metrics(g, a, detector, true_masks, train_images)
         log(f"    {name:<24}{fmt_sample(out[name])}")
     return out
 
@@ -524,34 +551,57 @@ def print_coupling(c: dict) -> None:
 # (a)-(d) for one type
 
 
-def overfit(data: Path, target: str, steps: int, eval_every: int, n_samples: int, work: Path) -> dict:
+def overfit(
+    data: Path,
+    target: str,
+    steps: int,
+    eval_every: int,
+    n_samples: int,
+    work: Path,
+    lr: float | None = None,
+    saim_zero_init: bool = False,
+) -> dict:
     product, defect = target.split("/", 1)
     from dualanodiff_core.training.data import find_defect_set
 
     few = find_defect_set(data / product, defect).select("strict")
     masks = [ev.read_mask_array(s.mask) for s in few.samples]
     idx = pick_image(masks)
-    trainer, tc = build_trainer(data, product, defect, [idx], steps, work / f"overfit_{product}_{defect}")
+    tag = f"overfit_{product}_{defect}" + ("" if lr is None else f"_lr{lr:g}") + ("_saim0" if saim_zero_init else "")
+    trainer, tc = build_trainer(data, product, defect, [idx], steps, work / tag, lr, saim_zero_init)
     bb, pipe = trainer.backbone, trainer.backbone.pipe
     detector = ev.TextureDetector().fit(ev.load_images(data / product / "train" / "good"))
     batch = eval_batch(trainer.dataset, [0])
     true = [masks[idx]]
+    train_img = [ev.read_rgb(few.samples[idx].image)]
     res = {"image": few.samples[idx].image.name, "steps": steps, "config": tc.to_dict(), "points": []}
-    log(f"\n(a)-(d) overfitting {target} image {res['image']} (reference recipe, {steps} steps, flips h/v)")
+    log(
+        f"\n(a)-(d) overfitting {target} image {res['image']} (reference recipe, lr {tc.learning_rate:g}, {steps} "
+        f"steps, flips h/v{', SAIM starts at zero' if saim_zero_init else ''})"
+    )
     cfg = 2.5
     t0 = time.time()
 
     def evaluate(step):
         bl = branch_losses(bb, tc, batch)
         g, a, _ = sample(pipe, n_samples, cfg=cfg)
-        sm = sample_metrics(g, a, detector, true)
+        sm = sample_metrics(g, a, detector, true, train_img)
         res["points"].append({"step": step, "losses": bl, "samples": sm, "seconds": round(time.time() - t0, 1)})
         log(
             f"  step {step:>5}: loss global {bl['global']:.4f} (in {bl['global_in']:.4f} out {bl['global_out']:.4f}) "
-            f"anomaly {bl['anomaly']:.4f} (in {bl['anomaly_in']:.4f} out {bl['anomaly_out']:.4f})"
+            f"anomaly {bl['anomaly']:.4f} (in {bl['anomaly_in']:.4f} out {bl['anomaly_out']:.4f}); t >= 500: "
+            f"global in {bl['global_in_high_t']:.4f} out {bl['global_out_high_t']:.4f}, anomaly in "
+            f"{bl['anomaly_in_high_t']:.4f} out {bl['anomaly_out_high_t']:.4f}"
         )
         log(f"              {fmt_sample(sm)}")
 
+    res["losses_base_model"] = bl0 = branch_losses(bb, tc, batch, plain=True)
+    log(
+        f"  base model alone (DualAnoDiff layers off): loss global {bl0['global']:.4f} (in {bl0['global_in']:.4f} out "
+        f"{bl0['global_out']:.4f}) anomaly {bl0['anomaly']:.4f} (in {bl0['anomaly_in']:.4f} out "
+        f"{bl0['anomaly_out']:.4f}); t >= 500: global in {bl0['global_in_high_t']:.4f} out "
+        f"{bl0['global_out_high_t']:.4f}, anomaly in {bl0['anomaly_in_high_t']:.4f} out {bl0['anomaly_out_high_t']:.4f}"
+    )
     evaluate(0)
     res["saim_step0"] = saim_stats(bb, tc, batch)
     while trainer.step < steps:
@@ -559,11 +609,11 @@ def overfit(data: Path, target: str, steps: int, eval_every: int, n_samples: int
         trainer.step += 1
         if trainer.step % eval_every == 0 or trainer.step == steps:
             evaluate(trainer.step)
-    wpath = work / f"overfit_{product}_{defect}.safetensors"
+    wpath = work / f"{tag}.safetensors"
     bb.to_weights({"prompt_global": tc.prompt_global, "prompt_anomaly": tc.prompt_anomaly}).save(wpath)
     res["weights"] = str(wpath)
     log(f"  sampling variants after {steps} steps (weights: {wpath}):")
-    res["variants"] = sampling_variants(pipe, n_samples, detector, true)
+    res["variants"] = sampling_variants(pipe, n_samples, detector, true, train_img)
     res["saim"] = saim_stats(bb, tc, batch)
     log("  (d) SAIM at step 0:")
     print_saim(res["saim_step0"])
@@ -597,12 +647,13 @@ def trained(data: Path, target: str, weights: Path, n_samples: int, image: str |
     if bb.pipe.text_lora is not None and w.has_text:
         bb.pipe.text_lora.load_weights(w)
     ds = find_defect_set(data / product, defect).select("strict")
-    true = None
+    true = train_img = None
     if image is not None:
         ds = dataclasses.replace(ds, samples=[s for s in ds.samples if s.image.name == image])
         if not ds.samples:
             raise SystemExit(f"{image}: not in the few-shot split of {target}")
         true = [ev.read_mask_array(ds.samples[0].mask)]
+        train_img = [ev.read_rgb(ds.samples[0].image)]
     dataset = DefectDataset(ds, 64, flips=tc.flips, crop=tc.crop)
     batch = eval_batch(dataset, range(len(dataset)))
     detector = ev.TextureDetector().fit(ev.load_images(data / product / "train" / "good"))
@@ -613,7 +664,7 @@ def trained(data: Path, target: str, weights: Path, n_samples: int, image: str |
         f"  loss global {bl['global']:.4f} (in {bl['global_in']:.4f} out {bl['global_out']:.4f}) anomaly "
         f"{bl['anomaly']:.4f} (in {bl['anomaly_in']:.4f} out {bl['anomaly_out']:.4f})"
     )
-    var = sampling_variants(bb.pipe, n_samples, detector, true)
+    var = sampling_variants(bb.pipe, n_samples, detector, true, train_img)
     st = saim_stats(bb, tc, batch)
     print_saim(st)
     cp = coupling(bb.pipe, n_samples, cfg=cfg)
@@ -628,6 +679,10 @@ def main(argv=None) -> int:
     p.add_argument("--overfit", nargs="*", default=["fabric/hole", "metal/scratch"], metavar="CATEGORY/DEFECT")
     p.add_argument("--steps", type=int, default=1000, help="overfitting steps per type")
     p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--lr", type=float, help="overfitting learning rate (default: the benchmark's, 3e-4)")
+    p.add_argument(
+        "--saim-zero-init", action="store_true", help="overfit with SAIM started as a no-op (not the reference)"
+    )
     p.add_argument("--samples", type=int, default=16, help="pairs sampled at each evaluation")
     p.add_argument(
         "--weights",
@@ -662,7 +717,9 @@ def main(argv=None) -> int:
         save()
     out["overfit"] = {}
     for target in a.overfit:
-        out["overfit"][target] = overfit(data, target, a.steps, a.eval_every, a.samples, Path(a.work))
+        out["overfit"][target] = overfit(
+            data, target, a.steps, a.eval_every, a.samples, Path(a.work), a.lr, a.saim_zero_init
+        )
         save()
     out["trained"] = {}
     for spec in a.weights:

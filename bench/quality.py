@@ -77,6 +77,19 @@ def main(argv=None) -> int:
         "by more than STD ring standard deviations (0 = off, the anomaly branch's mask as drawn)",
     )
     p.add_argument(
+        "--noise-share",
+        type=float,
+        default=d.noise_share,
+        metavar="RHO",
+        help="correlation of the anomaly branch's starting noise with the global branch's (0 = independent)",
+    )
+    p.add_argument(
+        "--zero-mean-noise",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="zero-mean anomaly starting noise (default: the recipe's)",
+    )
+    p.add_argument(
         "--accept-target",
         type=int,
         default=d.accept_target,
@@ -140,6 +153,8 @@ def main(argv=None) -> int:
         cfg=a.cfg,
         mask_visible=a.mask_visible,
         accept_target=a.accept_target,
+        noise_share=a.noise_share,
+        zero_mean_noise=a.zero_mean_noise,
     )
     end_to_end = not a.generated and not a.reference_only
     run_dir = work / f"{a.recipe}-seed{a.dataset_seed}"

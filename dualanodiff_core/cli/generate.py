@@ -191,6 +191,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "reference)",
     )
     s.add_argument(
+        "--anomaly-noise-share",
+        type=_finite,
+        default=0.0,
+        metavar="RHO",
+        help="start the anomaly branch from noise correlated RHO with its global branch's (1 = the same noise; "
+        "default 0: independent, the reference); the branches then place the defect alike (docs/quality.md)",
+    )
+    s.add_argument(
         "--lora-strength",
         type=_finite,
         nargs=2,
@@ -408,6 +416,7 @@ def run(args: argparse.Namespace) -> int:
         zero_mean = get_recipe(args.recipe).zero_mean_anomaly_noise
     sampling = SamplingOptions(
         zero_mean_anomaly_noise=zero_mean,
+        anomaly_noise_share=args.anomaly_noise_share,
         sampler=args.sampler,
         steps=args.steps,
         cfg=args.cfg,

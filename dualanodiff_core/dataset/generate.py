@@ -62,6 +62,16 @@ def sample_seed(base_seed: int, index: int) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
+def share_anomaly_noise(latents: torch.Tensor, share: float) -> torch.Tensor:
+    """Interleaved starting latents ``[g0, a0, g1, a1, ...]`` with each anomaly row replaced by
+    ``share * g + sqrt(1 - share**2) * a`` (still standard normal, correlation ``share`` with its global row); the
+    global rows unchanged. Returns a new tensor."""
+    out = latents.clone()
+    s = float(share)
+    out[1::2] = s * latents[0::2] + math.sqrt(max(0.0, 1.0 - s * s)) * latents[1::2]
+    return out
+
+
 def zero_mean_anomaly_rows(latents: torch.Tensor) -> torch.Tensor:
     """Interleaved starting latents ``[g0, a0, g1, a1, ...]`` with each anomaly row's per-channel spatial mean
     removed (the global rows unchanged). Returns a new tensor."""
@@ -89,6 +99,10 @@ class SamplingOptions:
     #: remove the per-channel spatial mean of each anomaly-branch starting latent (not the reference: on a small
     #: latent the noise's mean tints the anomaly branch's gray background; see dualanodiff_core.method.recipes)
     zero_mean_anomaly_noise: bool = True
+    #: correlation of each anomaly-branch starting latent with its pair's global-branch one (0 = independent, the
+    #: reference; 1 = the same noise). Not the reference: the two branches decide where a defect goes largely from
+    #: their own starting noise, and the same noise makes them decide alike (docs/quality.md, "Diagnosis")
+    anomaly_noise_share: float = 0.0
 
     def __post_init__(self):
 
@@ -109,6 +123,11 @@ class SamplingOptions:
             v = getattr(self, k)
             if not all(math.isfinite(float(x)) for x in (v if isinstance(v, tuple) else (v,))):
                 raise InputError(f"{k}={v}: must be a finite number (1.0 is the trained strength)")
+        if not (0.0 <= float(self.anomaly_noise_share) <= 1.0):
+            raise InputError(
+                f"anomaly_noise_share={self.anomaly_noise_share}: must lie in [0, 1] (0 = independent noise, the "
+                "reference; 1 = the global branch's noise)"
+            )
         for k in ("prompt_global", "prompt_anomaly"):
             v = getattr(self, k)
             if v is not None and not str(v).strip():
@@ -120,6 +139,8 @@ class SamplingOptions:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["lora_strength"] = list(self.lora_strength)
+        if not self.anomaly_noise_share:  # left out at its default: older datasets' recorded settings still match
+            del d["anomaly_noise_share"]
         return d
 
 
@@ -534,6 +555,8 @@ def _run(
             seeds = [sample_seed(seed, i) for i in batch]
             gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
             latents = torch.cat([torch.randn((2, channels, H // f, W // f), generator=g) for g in gens])
+            if sampling.anomaly_noise_share:
+                latents = share_anomaly_noise(latents, sampling.anomaly_noise_share)
             if sampling.zero_mean_anomaly_noise:
                 latents = zero_mean_anomaly_rows(latents)
             kwargs: dict[str, Any] = {}

@@ -139,7 +139,16 @@ class MaskOptions:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.visible_min_deviation:
+            # the refinement by the global image is off: its settings are left out, so that the settings recorded by
+            # a dataset written before they existed still match (``dualanodiff generate`` resumes such a folder)
+            for k in VISIBLE_FIELDS:
+                del d[k]
+        return d
+
+
+VISIBLE_FIELDS = ("visible_min_deviation", "visible_search", "visible_ring", "visible_min_difference")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,19 +38,35 @@ class RunSettings:
     mask_visible: float = 0.0
     #: generate more samples (in steps, up to 4 x ``samples``) until this many are accepted (0 = exactly ``samples``)
     accept_target: int = 0
+    #: correlation of the anomaly branch's starting noise with the global branch's (``SamplingOptions``; 0 = the
+    #: reference's independent noise)
+    noise_share: float = 0.0
+    #: None = the recipe's (``ours``: zero-mean anomaly starting noise; ``reference``: plain)
+    zero_mean_noise: bool | None = None
 
     #: settings that change the trained weights / the generated set: a run that differs from the defaults in any of
     #: them gets its own weights file / generated folder (:meth:`suffix`), so variants never overwrite each other
     TRAINING = ("train_steps", "rank", "lr", "batch_size", "train_seed")
-    SAMPLING = ("samples", "sampler", "sampling_steps", "cfg", "gen_seed", "mask_visible", "accept_target")
+    SAMPLING = (
+        "samples",
+        "sampler",
+        "sampling_steps",
+        "cfg",
+        "gen_seed",
+        "mask_visible",
+        "accept_target",
+        "noise_share",
+        "zero_mean_noise",
+    )
 
     def suffix(self, fields: tuple[str, ...]) -> str:
         """``""`` when ``fields`` hold their defaults, else ``-name=value...`` of those that differ."""
         d = RunSettings()
-        parts = [f"{k}={getattr(self, k):g}" for k in fields if getattr(self, k) != getattr(d, k) and k != "sampler"]
-        if self.sampler != d.sampler and "sampler" in fields:
-            parts.insert(0, self.sampler)
-        return "".join(f"-{p}" for p in parts)
+
+        def text(v) -> str:
+            return v if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else format(v, "g")
+
+        return "".join(f"-{k}={text(getattr(self, k))}" for k in fields if getattr(self, k) != getattr(d, k))
 
     def resolved_cfg(self) -> float:
         from ..method.recipes import get_recipe
@@ -103,7 +119,12 @@ def sampling_options(settings: RunSettings, size: int):
         cfg=settings.resolved_cfg(),
         height=size,
         width=size,
-        zero_mean_anomaly_noise=get_recipe(settings.recipe).zero_mean_anomaly_noise,
+        zero_mean_anomaly_noise=(
+            get_recipe(settings.recipe).zero_mean_anomaly_noise
+            if settings.zero_mean_noise is None
+            else settings.zero_mean_noise
+        ),
+        anomaly_noise_share=settings.noise_share,
     )
 
 
