@@ -84,6 +84,13 @@ def main(argv=None) -> int:
         help="correlation of the anomaly branch's starting noise with the global branch's (0 = independent)",
     )
     p.add_argument(
+        "--train-noise-share",
+        type=float,
+        default=d.train_noise_share,
+        metavar="RHO",
+        help="the same in training: the anomaly rows' noise correlated RHO with the global rows' (0 = independent)",
+    )
+    p.add_argument(
         "--zero-mean-noise",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -154,6 +161,7 @@ def main(argv=None) -> int:
         mask_visible=a.mask_visible,
         accept_target=a.accept_target,
         noise_share=a.noise_share,
+        train_noise_share=a.train_noise_share,
         zero_mean_noise=a.zero_mean_noise,
     )
     end_to_end = not a.generated and not a.reference_only

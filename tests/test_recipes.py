@@ -255,6 +255,18 @@ def test_offset_noise_shifts_only_the_anomaly_rows_by_a_constant(data_root, tmp_
     assert ref_loss == pytest.approx(float(torch.nn.functional.mse_loss(ref["pred"], noise)), rel=1e-4)
 
 
+def test_shared_training_noise_correlates_the_anomaly_rows_with_the_global_rows(data_root, tmp_path):
+    _, ref, _ = _loss(data_root, tmp_path)
+    _, same, _ = _loss(data_root, tmp_path, anomaly_noise_share=1.0)
+    n_ref, n_same = _noise(ref), _noise(same)
+    assert torch.allclose(n_same[0::2], n_ref[0::2], atol=1e-5)  # global rows: the draws of the reference
+    assert torch.allclose(n_same[1::2], n_ref[0::2], atol=1e-5)  # anomaly rows: their pair's global noise
+    _, half, _ = _loss(data_root, tmp_path, anomaly_noise_share=0.6)
+    assert torch.allclose(_noise(half)[1::2], 0.6 * n_ref[0::2] + 0.8 * n_ref[1::2], atol=1e-5)
+    with pytest.raises(ValueError, match="anomaly noise share"):
+        TrainConfig(anomaly_noise_share=2).validate()
+
+
 def _noise(seen):
     """The training noise, recovered from x_t = sqrt(abar) x0 + sqrt(1 - abar) noise."""
     abar = seen["ac"][seen["t"]].view(-1, 1, 1, 1)
@@ -298,6 +310,9 @@ def test_train_cli_recipe_and_overrides():
     assert (ref.anomaly_offset_noise, ref.mask_loss_weight) == (0.0, 1.0)
     d = TrainConfig()
     assert (d.anomaly_offset_noise, d.mask_loss_weight) == (0.0, 1.0)  # the Python default: the reference
+    assert default.anomaly_noise_share == 0.0 and d.anomaly_noise_share == 0.0
+    shared = cmd_train.config_from_args(p.parse_args(base + ["--anomaly-noise-share", "1"]))
+    assert shared.anomaly_noise_share == 1.0
     mixed = cmd_train.config_from_args(p.parse_args(base + ["--recipe", "reference", "--mask-loss-weight", "5"]))
     assert (mixed.anomaly_offset_noise, mixed.mask_loss_weight) == (0.0, 5.0)
 

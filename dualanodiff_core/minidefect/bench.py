@@ -41,12 +41,14 @@ class RunSettings:
     #: correlation of the anomaly branch's starting noise with the global branch's (``SamplingOptions``; 0 = the
     #: reference's independent noise)
     noise_share: float = 0.0
+    #: the same in training (``TrainConfig.anomaly_noise_share``)
+    train_noise_share: float = 0.0
     #: None = the recipe's (``ours``: zero-mean anomaly starting noise; ``reference``: plain)
     zero_mean_noise: bool | None = None
 
     #: settings that change the trained weights / the generated set: a run that differs from the defaults in any of
     #: them gets its own weights file / generated folder (:meth:`suffix`), so variants never overwrite each other
-    TRAINING = ("train_steps", "rank", "lr", "batch_size", "train_seed")
+    TRAINING = ("train_steps", "rank", "lr", "batch_size", "train_seed", "train_noise_share")
     SAMPLING = (
         "samples",
         "sampler",
@@ -105,6 +107,7 @@ def train_config(settings: RunSettings, product: str, size: int):
         checkpoint_weights=False,
         prompt_global=pg,
         prompt_anomaly=pa,
+        anomaly_noise_share=settings.train_noise_share,
         **recipe.train_settings(),
     ).validate()
 
