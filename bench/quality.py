@@ -10,7 +10,9 @@ End to end, every defect type, one command (train on the few-shot third, generat
 * For each target, unless ``--generated`` or ``--reference-only`` is given: DualAnoDiff weights are trained on the
   few-shot split (the first third of ``<category>/test/<defect>``, rounded down) from the shipped MiniDefect base
   model with the demo's settings under ``--recipe`` (:mod:`dualanodiff_core.method.recipes`), pairs are generated, and
-  everything is measured. Weights and generated sets stay in ``<work>/<recipe>-seed<N>/`` and are reused by a rerun.
+  everything is measured. Weights and generated sets stay in ``<work>/<recipe>-seed<N>/`` and are reused by a rerun;
+  settings other than the defaults (``--train-steps``, ``--lr``, ``--mask-visible``, ...) get their own weights file
+  and/or generated folder there, named after them.
 * ``--generated``: instead, the ``--out`` folder of ``dualanodiff generate`` for the same category/defect.
   ``--reference-only``: only the real and synthetic reference rows.
 * ``--target CATEGORY/DEFECT`` (repeatable); ``--all`` = the six MiniDefect defect types.
@@ -64,6 +66,43 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=d.samples, help="generated pairs per type")
     p.add_argument("--sampling-steps", type=int, default=d.sampling_steps, help="denoising steps per sample")
     p.add_argument("--cfg", type=float, help="guidance scale (default: the recipe's; ours 1.0, reference 2.5)")
+    p.add_argument("--lr", type=float, default=d.lr, help="DualAnoDiff learning rate")
+    p.add_argument("--sampler", default=d.sampler, choices=("pndm", "ddim", "dpmpp"), help="sampler of the pairs")
+    p.add_argument(
+        "--mask-visible",
+        type=float,
+        default=d.mask_visible,
+        metavar="STD",
+        help="cut each mask down to what the global image shows: pixels near it that differ from a ring around it "
+        "by more than STD ring standard deviations (0 = off, the anomaly branch's mask as drawn)",
+    )
+    p.add_argument(
+        "--noise-share",
+        type=float,
+        default=d.noise_share,
+        metavar="RHO",
+        help="correlation of the anomaly branch's starting noise with the global branch's (0 = independent)",
+    )
+    p.add_argument(
+        "--train-noise-share",
+        type=float,
+        default=d.train_noise_share,
+        metavar="RHO",
+        help="the same in training: the anomaly rows' noise correlated RHO with the global rows' (0 = independent)",
+    )
+    p.add_argument(
+        "--zero-mean-noise",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="zero-mean anomaly starting noise (default: the recipe's)",
+    )
+    p.add_argument(
+        "--accept-target",
+        type=int,
+        default=d.accept_target,
+        metavar="N",
+        help="generate more pairs (up to 4 x --samples) until N are accepted (0 = exactly --samples)",
+    )
     p.add_argument("--json", default="quality.json", help="where to write the results")
     p.add_argument("--markdown", help="also write the summary table (Markdown) here")
     p.add_argument(
@@ -112,7 +151,18 @@ def main(argv=None) -> int:
         cache_dir=cache,
     )
     run = RunSettings(
-        recipe=a.recipe, train_steps=a.train_steps, samples=a.samples, sampling_steps=a.sampling_steps, cfg=a.cfg
+        recipe=a.recipe,
+        train_steps=a.train_steps,
+        lr=a.lr,
+        samples=a.samples,
+        sampler=a.sampler,
+        sampling_steps=a.sampling_steps,
+        cfg=a.cfg,
+        mask_visible=a.mask_visible,
+        accept_target=a.accept_target,
+        noise_share=a.noise_share,
+        train_noise_share=a.train_noise_share,
+        zero_mean_noise=a.zero_mean_noise,
     )
     end_to_end = not a.generated and not a.reference_only
     run_dir = work / f"{a.recipe}-seed{a.dataset_seed}"

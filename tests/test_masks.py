@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dualanodiff_core.dataset.acceptance import FilterOptions, check_pair, mask_change_agreement
+from dualanodiff_core.dataset.acceptance import FilterOptions, alignment_contrast, check_pair, mask_change_agreement
 from dualanodiff_core.dataset.masks import (
     MaskOptions,
     change_mask,
@@ -18,6 +18,7 @@ from dualanodiff_core.dataset.masks import (
     fill_holes,
     label_components,
     otsu_threshold,
+    refine_visible,
     refine_with_change,
 )
 
@@ -292,6 +293,89 @@ def test_change_mask_and_refinement_drop_unsupported_components():
     assert dropped == 0 and iou(kept, TWO) >= 0.95
     with pytest.raises(ValueError, match="both"):
         extract_mask(fg, global_image=glob)
+
+
+# ---- refinement by what the generated global image shows ------------------------------------------------------------
+DISK_HALO = (YY - 40) ** 2 + (XX - 50) ** 2 < 19**2  # what a halo-drawing anomaly branch marks around DISK
+VISIBLE = MaskOptions(visible_min_deviation=2.0)
+
+
+def _textured(*shown):
+    """A fine woven-like texture (gray, +-0.06) with a dark defect at every mask in ``shown``, uint8."""
+    rng = np.random.default_rng(7)
+    tex = 0.5 + 0.04 * np.sin(XX * 1.9)[..., None] * np.cos(YY * 1.7)[..., None]
+    tex = tex + rng.normal(0, 0.02, (H, W, 3))
+    for m in shown:
+        tex[m] = 0.12
+    return (np.clip(tex, 0, 1) * 255).round().astype(np.uint8)
+
+
+def test_visible_refinement_cuts_a_halo_back_to_what_the_image_shows():
+    glob = _textured(DISK)
+    fg = render(DISK_HALO, COLORS["dark"])  # the anomaly branch drew the hole 4 px too large
+    plain = extract_mask(fg)
+    assert iou(plain.mask, DISK_HALO) > 0.9 and iou(plain.mask, DISK) < 0.7
+    res = extract_mask(fg, VISIBLE, global_image=glob)
+    assert_valid(res, (H, W))
+    assert iou(res.mask, DISK) >= 0.9
+    # the image shows about (15/19)^2 = 0.62 of what was drawn (texture pixels at the hole's rim may join it)
+    assert DISK.sum() / res.drawn.sum() - 0.03 < res.visible_share < DISK.sum() / res.drawn.sum() + 0.1
+    assert iou(res.drawn, DISK_HALO) > 0.9  # the mask as drawn is kept for the alignment check
+    assert res.to_record()["visible_share"] == pytest.approx(res.visible_share, abs=1e-6)
+    # the final dilation comes after the refinement
+    grown = extract_mask(fg, VISIBLE.replace(dilate=2), global_image=glob)
+    assert np.array_equal(grown.mask > 0, dilate(res.mask > 0, 2))
+
+
+def test_visible_refinement_drops_parts_the_image_does_not_show_and_reaches_a_little_beyond():
+    glob = _textured(DISK)
+    res = extract_mask(render(TWO, COLORS["dark"]), VISIBLE, global_image=glob)  # drawn: DISK and RECT
+    assert res.components == 1 and iou(res.mask, DISK) >= 0.9
+    assert DISK.sum() / res.drawn.sum() - 0.03 < res.visible_share < DISK.sum() / res.drawn.sum() + 0.1
+    assert iou(res.drawn, TWO) > 0.9
+    # drawn 2 px too small: the refinement looks up to visible_search (2) px beyond the mask
+    small = erode(DISK, 2)
+    res = extract_mask(render(small, COLORS["dark"]), VISIBLE, global_image=glob)
+    assert iou(small, DISK) < 0.8 and iou(res.mask, DISK) >= 0.9
+    # a second defect in the image that the anomaly branch did not draw is not picked up
+    glob2 = _textured(DISK, RECT)
+    assert iou(refine_visible(glob2, DISK, VISIBLE), DISK) >= 0.9
+    assert not (refine_visible(glob2, DISK, VISIBLE) & RECT).any()
+
+
+def test_visible_refinement_of_a_defect_the_image_does_not_show_is_misaligned():
+    glob = _textured()  # texture only
+    res = extract_mask(render(DISK, COLORS["dark"]), VISIBLE, global_image=glob)
+    assert res.empty and res.area == 0 and res.visible_share == 0.0
+    assert "does not show the defect" in res.note
+    d = check_pair(res, global_image=glob)
+    assert not d.accepted and d.reason == "misaligned"
+    # without the refinement the same pair fails the alignment check instead (the image shows nothing there)
+    d0 = check_pair(extract_mask(render(DISK, COLORS["dark"])), global_image=glob)
+    assert d0.reason == "misaligned"
+
+
+def test_alignment_check_runs_on_the_mask_as_drawn():
+    glob = _textured(DISK)
+    res = extract_mask(render(DISK_HALO, COLORS["dark"]), VISIBLE, global_image=glob)
+    d = check_pair(res, global_image=glob)
+    assert d.accepted
+    assert d.alignment == pytest.approx(alignment_contrast(glob, res.drawn))
+    assert d.alignment < alignment_contrast(glob, res.mask)  # the refined mask would score higher (chosen so)
+
+
+def test_visible_refinement_options_and_errors():
+    with pytest.raises(ValueError, match="visible_min_deviation"):
+        MaskOptions(visible_min_deviation=-1)
+    with pytest.raises(ValueError, match="visible_ring"):
+        MaskOptions(visible_ring=0)
+    with pytest.raises(ValueError, match="visible_search"):
+        MaskOptions(visible_search=-1)
+    fg = render(DISK, COLORS["dark"])
+    with pytest.raises(ValueError, match="both"):
+        extract_mask(fg, global_image=_textured(DISK))  # the refinement is off: a global image alone is a mistake
+    # off by default: the mask is the anomaly branch's
+    assert extract_mask(fg).visible_share is None and extract_mask(fg).drawn is None
 
 
 # ---- quality filter ------------------------------------------------------------------------------------------------

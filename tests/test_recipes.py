@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 from defect_data import make_flat
 
 from dualanodiff_core.dataset.acceptance import REASONS, FilterOptions, alignment_contrast, check_pair
-from dualanodiff_core.dataset.generate import SamplingOptions, zero_mean_anomaly_rows
+from dualanodiff_core.dataset.generate import SamplingOptions, share_anomaly_noise, zero_mean_anomaly_rows
 from dualanodiff_core.dataset.masks import extract_mask
 from dualanodiff_core.evaluation import benchmark as ev
 from dualanodiff_core.method.recipes import get_recipe, minidefect_prompts
@@ -156,6 +157,47 @@ def test_generate_cli_recipe_sets_the_starting_noise():
     assert get_recipe("reference").zero_mean_anomaly_noise is False and get_recipe("ours").zero_mean_anomaly_noise
 
 
+def test_shared_anomaly_noise_is_correlated_with_the_global_rows_and_still_standard_normal():
+    g = torch.Generator().manual_seed(1)
+    lat = torch.randn(2 * 400, 4, 8, 8, generator=g)
+    same = share_anomaly_noise(lat, 1.0)
+    assert torch.equal(same[0::2], lat[0::2]) and torch.equal(same[1::2], lat[0::2])
+    assert torch.equal(share_anomaly_noise(lat, 0.0), lat)
+    half = share_anomaly_noise(lat, 0.6)
+    assert torch.equal(half[0::2], lat[0::2])
+    a, b = half[0::2].flatten(), half[1::2].flatten()
+    assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) == pytest.approx(0.6, abs=0.02)
+    assert float(b.std()) == pytest.approx(1.0, abs=0.02)
+    # off by default, and left out of the recorded settings then (older datasets' settings still match)
+    assert SamplingOptions().anomaly_noise_share == 0.0 and "anomaly_noise_share" not in SamplingOptions().to_dict()
+    assert SamplingOptions(anomaly_noise_share=1.0).to_dict()["anomaly_noise_share"] == 1.0
+    with pytest.raises(ValueError, match="anomaly_noise_share"):
+        SamplingOptions(anomaly_noise_share=1.5)
+
+
+def test_generate_cli_noise_share_and_visible_mask_options():
+    from dualanodiff_core.cli import generate as cmd_generate
+
+    p = argparse.ArgumentParser()
+    cmd_generate.add_arguments(p)
+    base = ["--weights", "w", "--base", "b", "--out", "o"]
+    a = p.parse_args(base)
+    assert a.anomaly_noise_share == 0.0 and a.mask_visible == 0.0
+    a = p.parse_args(base + ["--anomaly-noise-share", "1", "--mask-visible", "2"])
+    assert a.anomaly_noise_share == 1.0 and a.mask_visible == 2.0
+
+
+def test_run_settings_variants_get_their_own_folders():
+    from dualanodiff_core.minidefect.bench import RunSettings
+
+    d = RunSettings()
+    assert d.suffix(d.TRAINING + d.SAMPLING) == ""  # the defaults keep the folders used so far
+    v = RunSettings(lr=1e-3, mask_visible=2.0, noise_share=1.0)
+    assert v.suffix(v.TRAINING) == "-lr=0.001"
+    assert v.suffix(v.TRAINING + v.SAMPLING) == "-lr=0.001-mask_visible=2-noise_share=1"
+    assert v.mask_options().visible_min_deviation == 2.0 and d.mask_options().visible_min_deviation == 0.0
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # training: offset noise on the anomaly rows, mask-weighted global loss
 
@@ -213,6 +255,18 @@ def test_offset_noise_shifts_only_the_anomaly_rows_by_a_constant(data_root, tmp_
     assert ref_loss == pytest.approx(float(torch.nn.functional.mse_loss(ref["pred"], noise)), rel=1e-4)
 
 
+def test_shared_training_noise_correlates_the_anomaly_rows_with_the_global_rows(data_root, tmp_path):
+    _, ref, _ = _loss(data_root, tmp_path)
+    _, same, _ = _loss(data_root, tmp_path, anomaly_noise_share=1.0)
+    n_ref, n_same = _noise(ref), _noise(same)
+    assert torch.allclose(n_same[0::2], n_ref[0::2], atol=1e-5)  # global rows: the draws of the reference
+    assert torch.allclose(n_same[1::2], n_ref[0::2], atol=1e-5)  # anomaly rows: their pair's global noise
+    _, half, _ = _loss(data_root, tmp_path, anomaly_noise_share=0.6)
+    assert torch.allclose(_noise(half)[1::2], 0.6 * n_ref[0::2] + 0.8 * n_ref[1::2], atol=1e-5)
+    with pytest.raises(ValueError, match="anomaly noise share"):
+        TrainConfig(anomaly_noise_share=2).validate()
+
+
 def _noise(seen):
     """The training noise, recovered from x_t = sqrt(abar) x0 + sqrt(1 - abar) noise."""
     abar = seen["ac"][seen["t"]].view(-1, 1, 1, 1)
@@ -256,6 +310,9 @@ def test_train_cli_recipe_and_overrides():
     assert (ref.anomaly_offset_noise, ref.mask_loss_weight) == (0.0, 1.0)
     d = TrainConfig()
     assert (d.anomaly_offset_noise, d.mask_loss_weight) == (0.0, 1.0)  # the Python default: the reference
+    assert default.anomaly_noise_share == 0.0 and d.anomaly_noise_share == 0.0
+    shared = cmd_train.config_from_args(p.parse_args(base + ["--anomaly-noise-share", "1"]))
+    assert shared.anomaly_noise_share == 1.0
     mixed = cmd_train.config_from_args(p.parse_args(base + ["--recipe", "reference", "--mask-loss-weight", "5"]))
     assert (mixed.anomaly_offset_noise, mixed.mask_loss_weight) == (0.0, 5.0)
 
@@ -345,10 +402,7 @@ def test_train_and_generate_under_each_recipe(tmp_path):
         info = train_and_generate(data, "fabric", "stain", tmp_path / recipe, s, log=logs.append)
         meta = DualAnoDiffWeights.load(info["weights"]).metadata
         training = json.loads(meta["training"])
-        recs = [
-            json.loads(x)
-            for x in (tmp_path / recipe / "generated" / "fabric_stain" / "manifest.jsonl").read_text().splitlines()
-        ]
+        recs = [json.loads(x) for x in (Path(info["generated"]) / "manifest.jsonl").read_text().splitlines()]
         assert len(recs) == 2 and info["accepted"] + info["rejected"] == 2
         if recipe == "ours":
             assert meta["prompt_global"] == "woven fabric with sks"
@@ -369,6 +423,19 @@ def test_train_and_generate_under_each_recipe(tmp_path):
         log=logs.append,
     )
     assert again["accepted"] + again["rejected"] == 2 and any("reusing" in x for x in logs)
+    # a sampling variant reuses the weights and writes its own folder; it oversamples towards accept_target
+    v = RunSettings(train_steps=2, samples=2, sampling_steps=2, accept_target=3, mask_visible=2.0, noise_share=1.0)
+    info = train_and_generate(data, "fabric", "stain", tmp_path / "reference", v, log=logs.append)
+    assert info["weights"] == again["weights"] and info["generated"] != again["generated"]
+    assert info["generated"].endswith(
+        "fabric_stain-train_steps=2-samples=2-sampling_steps=2-mask_visible=2-accept_target=3-noise_share=1"
+    )
+    assert info["weights"].endswith("fabric_stain-train_steps=2.safetensors")
+    n = info["generated_samples"]
+    assert info["accepted"] + info["rejected"] == n and (info["accepted"] >= 3 or n == 8) and 2 < n <= 8
+    recs = [json.loads(x) for x in (Path(info["generated"]) / "manifest.jsonl").read_text().splitlines()]
+    assert len(recs) == n and all(r["settings"]["sampling"]["anomaly_noise_share"] == 1.0 for r in recs)
+    assert all(r["mask"]["visible_share"] is not None for r in recs if r["reason"] != "empty_mask")
 
 
 def test_demo_recipe_option():

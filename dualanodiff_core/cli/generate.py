@@ -191,6 +191,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "reference)",
     )
     s.add_argument(
+        "--anomaly-noise-share",
+        type=_finite,
+        default=0.0,
+        metavar="RHO",
+        help="start the anomaly branch from noise correlated RHO with its global branch's (1 = the same noise; "
+        "default 0: independent, the reference); the branches then place the defect alike (docs/quality.md)",
+    )
+    s.add_argument(
         "--lora-strength",
         type=_finite,
         nargs=2,
@@ -273,6 +281,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--mask-min-area", type=int, default=20, metavar="PX", help="drop components smaller than this")
     m.add_argument("--mask-dilate", type=int, default=0, metavar="R", help="dilate the final mask")
     m.add_argument("--mask-keep-holes", action="store_true", help="do not fill holes inside the mask")
+    m.add_argument(
+        "--mask-visible",
+        type=_finite,
+        default=0.0,
+        metavar="STD",
+        help="cut the mask down to what the generated image shows: pixels within 2 px of it that differ from a 3 px "
+        "ring around it by more than STD of the ring's standard deviations (e.g. 2; 0 = off: the mask as the anomaly "
+        "branch drew it). Pairs with nothing left are rejected as misaligned",
+    )
 
     f = p.add_argument_group("quality filter (rejected samples stay out of the MVTec tree, recorded in the manifest)")
     f.add_argument("--max-area", type=_finite, default=0.5, help="reject masks covering more than this share")
@@ -408,6 +425,7 @@ def run(args: argparse.Namespace) -> int:
         zero_mean = get_recipe(args.recipe).zero_mean_anomaly_noise
     sampling = SamplingOptions(
         zero_mean_anomaly_noise=zero_mean,
+        anomaly_noise_share=args.anomaly_noise_share,
         sampler=args.sampler,
         steps=args.steps,
         cfg=args.cfg,
@@ -433,6 +451,7 @@ def run(args: argparse.Namespace) -> int:
         fill_holes=not args.mask_keep_holes,
         min_area=args.mask_min_area,
         dilate=args.mask_dilate,
+        visible_min_deviation=args.mask_visible,
     )
     filter_options = FilterOptions(
         max_area=args.max_area,

@@ -157,6 +157,14 @@ def add_arguments(p: argparse.ArgumentParser, one_defect: bool = True) -> None:
         "(default: 0.1 with --recipe ours, 0 with reference)",
     )
     g.add_argument(
+        "--anomaly-noise-share",
+        type=float,
+        default=0.0,
+        metavar="RHO",
+        help="correlate the anomaly rows' training noise RHO with their global rows' (1 = the same noise; default 0: "
+        "independent, the reference); pair it with the same --anomaly-noise-share in generate (docs/quality.md)",
+    )
+    g.add_argument(
         "--mask-loss-weight",
         type=float,
         metavar="W",
@@ -288,6 +296,7 @@ def config_from_args(args: argparse.Namespace):
         gradient_checkpointing=args.gradient_checkpointing,
         prompt_global=args.prompt_global,
         prompt_anomaly=args.prompt_anomaly,
+        anomaly_noise_share=getattr(args, "anomaly_noise_share", 0.0),
         resolution=args.resolution,
         split=args.split,
         flips=args.flips,

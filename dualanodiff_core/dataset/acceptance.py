@@ -19,6 +19,9 @@ Checks, in this order (the first failing one is the reason):
     only when the generated global image is given: the image does not differ, inside the mask, from a ring of
     ``alignment_ring`` pixels around it (:func:`alignment_contrast` below ``min_alignment``): the anomaly branch drew a
     defect that the global image does not show, and such a mask would teach a detector to fire on normal texture.
+    When the mask was refined by the global image (``MaskOptions.visible_min_deviation``) the contrast is measured
+    on the mask as drawn (``MaskResult.drawn``), and a pair whose refined mask is empty is ``misaligned`` too (this
+    check then comes before ``empty_mask``).
 """
 
 from __future__ import annotations
@@ -170,7 +173,9 @@ def check_pair(
     if normal_image is not None and global_image is None:
         raise ValueError("the agreement check needs global_image as well as normal_image")
     if global_image is not None and not mask.empty:
-        aligned = alignment_contrast(global_image, mask.mask, o.alignment_ring)
+        # on the mask as the anomaly branch drew it when the mask was refined by the global image (see MaskResult)
+        shown = mask.mask if mask.drawn is None else mask.drawn
+        aligned = alignment_contrast(global_image, shown, o.alignment_ring)
     if normal_image is not None:
         h, w = mask.mask.shape
         region = None if known_region is None else to_bool_mask(known_region, "known_region", (h, w))
@@ -192,6 +197,9 @@ def check_pair(
             f"(limit {o.max_gray_offset:.2f}): "
             "the anomaly branch did not draw the defect on gray",
         )
+    if mask.empty and mask.visible_share is not None:
+        # the anomaly branch drew a defect, but the refinement by the global image found none of it in the image
+        return decide("misaligned", f"empty mask: {mask.note}")
     if mask.empty:
         return decide("empty_mask", f"empty mask: {mask.note or 'no defect found in the anomaly image'}")
     if area > o.max_area:

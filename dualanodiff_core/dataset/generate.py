@@ -78,6 +78,16 @@ def grid_batches(indices, batch_size: int) -> list[list[int]]:
     return list(groups.values())
 
 
+def share_anomaly_noise(latents: torch.Tensor, share: float) -> torch.Tensor:
+    """Interleaved starting latents ``[g0, a0, g1, a1, ...]`` with each anomaly row replaced by
+    ``share * g + sqrt(1 - share**2) * a`` (still standard normal, correlation ``share`` with its global row); the
+    global rows unchanged. Returns a new tensor."""
+    out = latents.clone()
+    s = float(share)
+    out[1::2] = s * latents[0::2] + math.sqrt(max(0.0, 1.0 - s * s)) * latents[1::2]
+    return out
+
+
 def zero_mean_anomaly_rows(latents: torch.Tensor) -> torch.Tensor:
     """Interleaved starting latents ``[g0, a0, g1, a1, ...]`` with each anomaly row's per-channel spatial mean
     removed (the global rows unchanged). Returns a new tensor."""
@@ -105,6 +115,10 @@ class SamplingOptions:
     #: remove the per-channel spatial mean of each anomaly-branch starting latent (not the reference: on a small
     #: latent the noise's mean tints the anomaly branch's gray background; see dualanodiff_core.method.recipes)
     zero_mean_anomaly_noise: bool = True
+    #: correlation of each anomaly-branch starting latent with its pair's global-branch one (0 = independent, the
+    #: reference; 1 = the same noise). Not the reference: the two branches decide where a defect goes largely from
+    #: their own starting noise, and the same noise makes them decide alike (docs/quality.md, "Diagnosis")
+    anomaly_noise_share: float = 0.0
 
     def __post_init__(self):
 
@@ -125,6 +139,11 @@ class SamplingOptions:
             v = getattr(self, k)
             if not all(math.isfinite(float(x)) for x in (v if isinstance(v, tuple) else (v,))):
                 raise InputError(f"{k}={v}: must be a finite number (1.0 is the trained strength)")
+        if not (0.0 <= float(self.anomaly_noise_share) <= 1.0):
+            raise InputError(
+                f"anomaly_noise_share={self.anomaly_noise_share}: must lie in [0, 1] (0 = independent noise, the "
+                "reference; 1 = the global branch's noise)"
+            )
         for k in ("prompt_global", "prompt_anomaly"):
             v = getattr(self, k)
             if v is not None and not str(v).strip():
@@ -136,6 +155,8 @@ class SamplingOptions:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["lora_strength"] = list(self.lora_strength)
+        if not self.anomaly_noise_share:  # left out at its default: older datasets' recorded settings still match
+            del d["anomaly_noise_share"]
         return d
 
 
@@ -554,6 +575,8 @@ def _run(
             seeds = [sample_seed(seed, i) for i in batch]
             gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
             latents = torch.cat([torch.randn((2, channels, H // f, W // f), generator=g) for g in gens])
+            if sampling.anomaly_noise_share:
+                latents = share_anomaly_noise(latents, sampling.anomaly_noise_share)
             if sampling.zero_mean_anomaly_noise:
                 latents = zero_mean_anomaly_rows(latents)
             kwargs: dict[str, Any] = {}
@@ -602,7 +625,10 @@ def _run(
                     if it.object_mask is not None:
                         region = Image.eval(it.object_mask, lambda v: 255 if v < 128 else 0)
                     compare = dict(global_image=images[j], normal_image=it.normal, known_region=region)
-                mres = extract_mask(parts[j], mask_options, **(compare if refine_mask else {}))
+                refine = dict(compare) if refine_mask else {}
+                if mask_options.visible_min_deviation > 0:  # cut the mask down to what the global image shows
+                    refine["global_image"] = images[j]
+                mres = extract_mask(parts[j], mask_options, **refine)
                 against = compare if filter_against_background else {"global_image": images[j]}
                 decision = check_pair(mres, filter_options, mask_options=mask_options, **against)
                 placed = {}

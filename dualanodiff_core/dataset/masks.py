@@ -69,6 +69,17 @@ class MaskOptions:
     refine_tolerance: int = 3
     #: refinement: a component is kept if at least this share of its (comparable) pixels lies on a change
     refine_min_overlap: float = 0.5
+    #: refinement by the generated global image (0 = off): keep only the pixels, near the anomaly-branch mask, that
+    #: the global image shows: they differ from a ring around them by more than this many of the ring's standard
+    #: deviations (:func:`refine_visible`); the mask then marks what the image shows, not what the anomaly branch drew
+    visible_min_deviation: float = 0.0
+    #: refinement by the global image: how far (px) outside the anomaly-branch mask a visible pixel may lie
+    visible_search: int = 2
+    #: refinement by the global image: width (px) of the ring whose colour statistics are the local background
+    visible_ring: int = 3
+    #: refinement by the global image: a visible pixel also differs from the ring's mean by at least this much
+    #: (image units), so that on a very flat surface sensor-level noise does not count as a defect
+    visible_min_difference: float = 0.03
 
     def __post_init__(self):
         self.validate()
@@ -104,7 +115,18 @@ class MaskOptions:
             raise ValueError(f"mask option hysteresis={self.hysteresis}: must lie in (0, 1]; 1 turns it off")
         if self.blur_sigma < 0 or not math.isfinite(self.blur_sigma):
             raise ValueError(f"mask option blur_sigma={self.blur_sigma}: must be >= 0 (0 = no smoothing)")
-        for name in ("open_radius", "close_radius", "min_area", "dilate", "refine_tolerance"):
+        if not (0.0 <= self.visible_min_deviation <= 100.0) or self.visible_min_deviation != self.visible_min_deviation:
+            raise ValueError(
+                f"mask option visible_min_deviation={self.visible_min_deviation}: must lie in [0, 100] (0 = off, "
+                "e.g. 1.5 ring standard deviations)"
+            )
+        if not (0.0 <= self.visible_min_difference < 1.0):
+            raise ValueError(
+                f"mask option visible_min_difference={self.visible_min_difference}: must lie in [0, 1), e.g. 0.03"
+            )
+        if int(self.visible_ring) != self.visible_ring or self.visible_ring < 1:
+            raise ValueError(f"mask option visible_ring={self.visible_ring}: a whole number of pixels >= 1")
+        for name in ("open_radius", "close_radius", "min_area", "dilate", "refine_tolerance", "visible_search"):
             v = getattr(self, name)
             if int(v) != v or v < 0:
                 raise ValueError(f"mask option {name}={v}: must be a whole number >= 0")
@@ -117,7 +139,16 @@ class MaskOptions:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.visible_min_deviation:
+            # the refinement by the global image is off: its settings are left out, so that the settings recorded by
+            # a dataset written before they existed still match (``dualanodiff generate`` resumes such a folder)
+            for k in VISIBLE_FIELDS:
+                del d[k]
+        return d
+
+
+VISIBLE_FIELDS = ("visible_min_deviation", "visible_search", "visible_ring", "visible_min_difference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +171,13 @@ class MaskResult:
     components: int
     #: why the mask is empty, or what the refinement removed; "" otherwise
     note: str = ""
+    #: with the refinement by the global image: the share of the anomaly-branch mask's pixels that the global image
+    #: shows (0 = none: the image does not show the defect); None when that refinement was off
+    visible_share: float | None = None
+    #: with the refinement by the global image: the mask as drawn by the anomaly branch, before the refinement (bool
+    #: ``[H, W]``). The acceptance filter's alignment check runs on it: checked on the refined mask, which was chosen
+    #: for differing from its surroundings, texture would pass it too. Not stored in records.
+    drawn: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def area(self) -> int:
@@ -165,6 +203,7 @@ class MaskResult:
             "max_contrast": r(self.max_contrast),
             "components": int(self.components),
             "note": self.note,
+            "visible_share": None if self.visible_share is None else r(self.visible_share),
         }
 
 
@@ -528,7 +567,9 @@ def extract_mask(
     ``options`` (or keyword overrides of :class:`MaskOptions`) set the steps. With ``global_image`` *and*
     ``normal_image`` (a normal image aligned with the generated one) the mask is refined: components whose
     pixels in ``known_region`` (bool/PIL mask, default everywhere; e.g. "outside the object") do not coincide with
-    a change between the global and the normal image are dropped (:func:`refine_with_change`).
+    a change between the global and the normal image are dropped (:func:`refine_with_change`). With
+    ``global_image`` and ``options.visible_min_deviation > 0`` the mask is then cut down to what the global image
+    shows (:func:`refine_visible`); ``visible_share`` in the result says how much of it did.
     """
     options = (options or MaskOptions()).replace(**overrides) if overrides else (options or MaskOptions())
     dist, raw, gray, median = distance_from_gray(anomaly_image, options)
@@ -536,7 +577,9 @@ def extract_mask(
     peak = float(dist.max())
     floor = float(options.min_contrast)
 
-    def result(mask: np.ndarray, thr: float, low: float, note: str, n: int) -> MaskResult:
+    visible = options.visible_min_deviation > 0 and global_image is not None
+
+    def result(mask, thr, low, note, n, share=None, drawn=None) -> MaskResult:
         area = float(np.count_nonzero(mask)) / float(h * w)
         return MaskResult(
             mask=np.where(mask, np.uint8(255), np.uint8(0)).astype(np.uint8),
@@ -549,6 +592,8 @@ def extract_mask(
             max_contrast=peak,
             components=n,
             note=note,
+            visible_share=share,
+            drawn=drawn,
         )
 
     if peak < floor:
@@ -560,7 +605,10 @@ def extract_mask(
             f"flat anomaly image: strongest difference from gray {peak:.3f} is under min_contrast {floor:.3f}",
             0,
         )
-    mask, thr, low, note = _binarize(dist, raw, options)
+    # with the refinement by the global image, the final dilation comes after it (it would be cut away)
+    mask, thr, low, note = _binarize(dist, raw, options.replace(dilate=0) if visible else options)
+    if normal_image is not None and global_image is None:
+        raise ValueError("mask refinement with normal_image needs global_image as well")
     if global_image is not None and normal_image is not None and mask.any():
         change = change_mask(global_image, normal_image, options, known_region=known_region)
         region = None if known_region is None else to_bool_mask(known_region, "known_region", (h, w))
@@ -569,12 +617,25 @@ def extract_mask(
         )
         if dropped:
             note = f"refinement dropped {dropped} component(s) the normal image does not support"
-    elif (global_image is None) != (normal_image is None):
-        raise ValueError("mask refinement needs both global_image and normal_image (or neither)")
+    elif global_image is not None and not visible:
+        raise ValueError(
+            "mask refinement needs both global_image and normal_image, or global_image with visible_min_deviation > 0"
+        )
+    share = drawn = None
+    if visible and mask.any():
+        drawn = mask
+        mask = refine_visible(global_image, drawn, options)
+        share = float(np.count_nonzero(mask & drawn)) / float(np.count_nonzero(drawn))
+        if not mask.any():
+            note = (
+                "the generated image does not show the defect: nothing near the anomaly-branch mask differs from its "
+                f"surroundings by {options.visible_min_deviation:g} standard deviations"
+            )
+        mask = dilate(mask, options.dilate)
     n = count_components(mask, options.connectivity) if mask.any() else 0
     if n == 0 and not note:
         note = "no component left after refinement"
-    return result(mask, thr, low, note, n)
+    return result(mask, thr, low, note, n, share, drawn)
 
 
 def change_mask(global_image, normal_image, options: MaskOptions | None = None, known_region=None) -> np.ndarray:
@@ -627,6 +688,69 @@ def refine_with_change(
     keep = frac >= min_overlap
     keep[0] = False
     return keep[labels], int(n - keep[1:].sum())
+
+
+def visible_deviation(global_image, mask, options: MaskOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(deviation [H, W], search region [H, W])``: how far each pixel of the (smoothed) global image near ``mask``
+    lies from its local background, in units of that background's spread.
+
+    The search region is ``mask`` dilated by ``visible_search`` pixels; each of its connected parts gets its own
+    background: a ring of ``visible_ring`` pixels around it (other parts excluded). The deviation of a pixel is
+    ``|colour - ring mean| / (rms of the ring's per-channel std * sqrt(C))`` (the per-pixel form of
+    :func:`dualanodiff_core.dataset.acceptance.alignment_contrast`), the smaller of the values for the smoothed
+    (``blur_sigma``) and the unsmoothed colour, or 0 where the absolute difference ``|colour - ring mean| /
+    sqrt(C)`` is under ``visible_min_difference``. 0 outside the search region."""
+    options = options or MaskOptions()
+    img = to_float_image(global_image, "global image")
+    h, w, c = img.shape
+    m = to_bool_mask(mask, "mask", (h, w))
+    region = dilate(m, options.visible_search)
+    dev = np.zeros((h, w), dtype=np.float32)
+    if not m.any():
+        return dev, region
+    smooth = gaussian_blur(img, options.blur_sigma)
+    labels, n = label_components(region, options.connectivity)
+    for k in range(1, n + 1):
+        part = labels == k
+        ring = dilate(part, options.visible_ring) & ~region
+        if int(ring.sum()) < 4:  # the part covers (almost) the whole image: no surroundings to compare with
+            continue
+        bg = smooth[ring]
+        mean = bg.mean(0)
+        spread = float(np.sqrt(bg.var(0).mean())) + 1e-3
+        diff = np.linalg.norm(smooth[part] - mean, axis=1) / math.sqrt(c)
+        # the smoothed image decides whether a pixel stands out (noise averages out); its own colour must stand out
+        # too, or smoothing would spread a strong edge a pixel outwards (as in the extraction, see _binarize)
+        own = np.linalg.norm(img[part] - mean, axis=1) / math.sqrt(c)
+        diff = np.minimum(diff, own)
+        dev[part] = np.where(diff >= options.visible_min_difference, diff / spread, 0.0)
+    return dev, region
+
+
+def refine_visible(global_image, mask, options: MaskOptions | None = None) -> np.ndarray:
+    """Bool ``[H, W]``: the part of an anomaly-branch ``mask`` that the generated global image shows.
+
+    Keeps the pixels within ``visible_search`` px of ``mask`` whose :func:`visible_deviation` exceeds
+    ``visible_min_deviation``, and of those only the connected groups that touch ``mask`` (texture beside the
+    defect is not picked up); then closing (``close_radius``), hole filling and removal of groups under
+    ``min_area`` px, as in the extraction. The criterion is local (each pixel against a ring around the mask in the
+    same image), not a model of normal texture. An empty result means the image does not show the defect."""
+    options = options or MaskOptions()
+    m = to_bool_mask(mask, "mask")
+    dev, _region = visible_deviation(global_image, m, options)
+    keep = dev > float(options.visible_min_deviation)
+    if not keep.any():
+        return keep
+    labels, n = label_components(keep, options.connectivity)
+    touching = np.zeros(n + 1, dtype=bool)
+    touching[np.unique(labels[keep & m])] = True
+    touching[0] = False
+    keep = touching[labels]
+    keep = binary_close(keep, options.close_radius) & dilate(m, options.visible_search)
+    if options.fill_holes:
+        keep = fill_holes(keep, options.connectivity)
+    keep, _ = remove_small(keep, options.min_area, options.connectivity)
+    return keep
 
 
 def mask_to_pil(mask: np.ndarray) -> Image.Image:

@@ -86,7 +86,7 @@ class ShardStager:
             im.save(tmp / f"{name}.png", format="PNG")
         mask_to_pil(sample.mask.mask).save(tmp / "mask.png", format="PNG")
         mask_fields = {f.name: _jsonable(getattr(sample.mask, f.name)) for f in dataclasses.fields(MaskResult)}
-        del mask_fields["mask"]
+        del mask_fields["mask"], mask_fields["drawn"]  # pixels: the mask is stored as a PNG, drawn is not needed
         decision = {f.name: _jsonable(getattr(sample.decision, f.name)) for f in dataclasses.fields(FilterDecision)}
         meta = {
             "index": idx,

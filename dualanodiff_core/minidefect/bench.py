@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +34,41 @@ class RunSettings:
     #: None = the recipe's MiniDefect guidance scale
     cfg: float | None = None
     gen_seed: int = 0
+    #: refine each mask by what the global image shows (``MaskOptions.visible_min_deviation``; 0 = off)
+    mask_visible: float = 0.0
+    #: generate more samples (in steps, up to 4 x ``samples``) until this many are accepted (0 = exactly ``samples``)
+    accept_target: int = 0
+    #: correlation of the anomaly branch's starting noise with the global branch's (``SamplingOptions``; 0 = the
+    #: reference's independent noise)
+    noise_share: float = 0.0
+    #: the same in training (``TrainConfig.anomaly_noise_share``)
+    train_noise_share: float = 0.0
+    #: None = the recipe's (``ours``: zero-mean anomaly starting noise; ``reference``: plain)
+    zero_mean_noise: bool | None = None
+
+    #: settings that change the trained weights / the generated set: a run that differs from the defaults in any of
+    #: them gets its own weights file / generated folder (:meth:`suffix`), so variants never overwrite each other
+    TRAINING = ("train_steps", "rank", "lr", "batch_size", "train_seed", "train_noise_share")
+    SAMPLING = (
+        "samples",
+        "sampler",
+        "sampling_steps",
+        "cfg",
+        "gen_seed",
+        "mask_visible",
+        "accept_target",
+        "noise_share",
+        "zero_mean_noise",
+    )
+
+    def suffix(self, fields: tuple[str, ...]) -> str:
+        """``""`` when ``fields`` hold their defaults, else ``-name=value...`` of those that differ."""
+        d = RunSettings()
+
+        def text(v) -> str:
+            return v if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else format(v, "g")
+
+        return "".join(f"-{k}={text(getattr(self, k))}" for k in fields if getattr(self, k) != getattr(d, k))
 
     def resolved_cfg(self) -> float:
         from ..method.recipes import get_recipe
@@ -43,6 +79,11 @@ class RunSettings:
         d = dataclasses.asdict(self)
         d["cfg"] = self.resolved_cfg()
         return d
+
+    def mask_options(self):
+        from . import procedural as md
+
+        return md.mask_options(visible_min_deviation=self.mask_visible)
 
 
 def train_config(settings: RunSettings, product: str, size: int):
@@ -66,6 +107,7 @@ def train_config(settings: RunSettings, product: str, size: int):
         checkpoint_weights=False,
         prompt_global=pg,
         prompt_anomaly=pa,
+        anomaly_noise_share=settings.train_noise_share,
         **recipe.train_settings(),
     ).validate()
 
@@ -80,7 +122,12 @@ def sampling_options(settings: RunSettings, size: int):
         cfg=settings.resolved_cfg(),
         height=size,
         width=size,
-        zero_mean_anomaly_noise=get_recipe(settings.recipe).zero_mean_anomaly_noise,
+        zero_mean_anomaly_noise=(
+            get_recipe(settings.recipe).zero_mean_anomaly_noise
+            if settings.zero_mean_noise is None
+            else settings.zero_mean_noise
+        ),
+        anomaly_noise_share=settings.noise_share,
     )
 
 
@@ -108,8 +155,8 @@ def train_and_generate(
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     data, work = Path(data), Path(work)
     name = f"{product}_{defect}"
-    weights = work / "weights" / f"{name}.safetensors"
-    generated = work / "generated" / name
+    weights = work / "weights" / f"{name}{settings.suffix(settings.TRAINING)}.safetensors"
+    generated = work / "generated" / f"{name}{settings.suffix(settings.TRAINING + settings.SAMPLING)}"
     done_file = generated / "run.json"
     size = int(read_rgb(next(iter(sorted((data / product / "train" / "good").glob("*.png"))))).shape[0])
     model = md.base_model_dir() if model is None else model
@@ -123,7 +170,7 @@ def train_and_generate(
     t0 = time.time()
     if not weights.is_file():
         log(f"{name}: training {settings.train_steps} steps ({settings.recipe} recipe, prompt {tc.prompt_global!r})")
-        work_dir = work / "weights" / f"{name}_train"
+        work_dir = weights.with_name(weights.stem + "_train")
         res = train_from_folder(
             find_defect_set(data / product, defect),
             model,
@@ -142,22 +189,39 @@ def train_and_generate(
     def load():
         return DualAnoDiffPipeline.from_pretrained(model, weights, device=device)
 
-    summary = generate_dataset(
-        load,
-        generated,
-        settings.samples,
-        category=product,
-        defect=defect,
-        seed=settings.gen_seed,
-        batch_size=8,
-        sampling=sampling_options(settings, size),
-        mask_options=md.mask_options(),
-        weights_path=weights,
-        base_model=str(model),
-        progress=False,
-        log=log,
-    )
+    pipe = None
+
+    def load_once():
+        nonlocal pipe
+        if pipe is None:
+            pipe = load()
+        return pipe
+
+    n = settings.samples
+    while True:
+        summary = generate_dataset(
+            load_once,
+            generated,
+            n,
+            category=product,
+            defect=defect,
+            seed=settings.gen_seed,
+            batch_size=8,
+            sampling=sampling_options(settings, size),
+            mask_options=settings.mask_options(),
+            weights_path=weights,
+            base_model=str(model),
+            progress=False,
+            log=log,
+        )
+        missing = settings.accept_target - summary.accepted
+        if missing <= 0 or n >= 4 * settings.samples:
+            break
+        # the next samples at the acceptance rate seen so far (at least one batch), never more than 4 x samples
+        rate = max(summary.accepted, 1) / n
+        n = min(4 * settings.samples, n + max(8, math.ceil(missing / rate)))
     info.update(
+        generated_samples=n,
         generate_seconds=round(time.time() - t0, 1),
         accepted=summary.accepted,
         rejected=summary.rejected,

@@ -116,6 +116,8 @@ class TrainConfig:
     # not the reference (see dualanodiff_core.method.recipes; the defaults here are the reference's):
     anomaly_offset_noise: float = 0.0  # std of a per-channel constant added to the anomaly rows' noise
     mask_loss_weight: float = 1.0  # weight of the global branch's loss inside the defect mask
+    # correlation of each anomaly row's training noise with its global row's (0 = independent; see SamplingOptions)
+    anomaly_noise_share: float = 0.0
     # data
     resolution: int = 512
     split: str = "all"
@@ -154,6 +156,10 @@ class TrainConfig:
         need(
             0.0 <= self.anomaly_offset_noise <= 1.0,
             f"anomaly offset noise must lie in [0, 1] (0 = off), got {self.anomaly_offset_noise}",
+        )
+        need(
+            0.0 <= self.anomaly_noise_share <= 1.0,
+            f"anomaly noise share must lie in [0, 1] (0 = independent noise), got {self.anomaly_noise_share}",
         )
         need(
             1.0 <= self.mask_loss_weight <= 1000.0 and math.isfinite(self.mask_loss_weight),
@@ -561,6 +567,12 @@ class Trainer:
                 offset = torch.randn((n_pairs, x0.shape[1], 1, 1), generator=gen, dtype=torch.float32).to(dev)
             noise = noise.clone()
             noise[1 :: layout.BRANCHES] += c.anomaly_offset_noise * offset
+        if c.anomaly_noise_share > 0:  # the anomaly rows' noise correlated with their global rows' (no new draws)
+            s_ = float(c.anomaly_noise_share)
+            noise = noise.clone()
+            noise[1 :: layout.BRANCHES] = (
+                s_ * noise[0 :: layout.BRANCHES] + math.sqrt(max(0.0, 1.0 - s_ * s_)) * noise[1 :: layout.BRANCHES]
+            )
         t, t_pair = t.to(dev), t_pair.to(dev)
         x_t = add_noise(x0, noise, t, ac)
         emb = bb.encode_prompts([c.prompt_global, c.prompt_anomaly])  # [2, tokens, dim]
