@@ -194,16 +194,17 @@ def _worker_pids(launcher_pid: int) -> dict[int, int]:
     return out
 
 
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker to kill through /proc")
-def test_sharded_generation_equals_one_process_and_a_killed_run_resumes(assets, tmp_path):
-    count = 14
-    single, sharded = tmp_path / "single", tmp_path / "sharded"
-    assert cli.main(_gen_args(assets, single, count)) == 0
+def _merged(out: Path) -> int:
+    """Manifest lines the merging process has written so far."""
+    return (out / MANIFEST).read_text().count("\n") if (out / MANIFEST).is_file() else 0
 
-    # 2 processes; process 1 is killed once the first samples are in: nothing partial may be left in the dataset
+
+def _launch_and_kill_rank1(args: list[str], env: dict, ready) -> tuple[bool, subprocess.Popen, str]:
+    """Run ``generate`` under torchrun with 2 processes and SIGKILL process 1 as soon as ``ready()`` holds;
+    returns (killed, the launcher, its output). The launcher's process group is killed if it outlives the test."""
     proc = subprocess.Popen(
-        _torchrun(_gen_args(assets, sharded, count)),
-        env=_env(),
+        _torchrun(args),
+        env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -214,7 +215,7 @@ def test_sharded_generation_equals_one_process_and_a_killed_run_resumes(assets, 
     deadline = time.monotonic() + 300
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            if (sharded / MANIFEST).is_file() and (sharded / MANIFEST).read_text().count("\n") >= 1:
+            if ready():
                 workers = _worker_pids(proc.pid)
                 if 1 in workers:
                     os.kill(workers[1], signal.SIGKILL)
@@ -225,6 +226,17 @@ def test_sharded_generation_equals_one_process_and_a_killed_run_resumes(assets, 
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    return killed, proc, log
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker to kill through /proc")
+def test_sharded_generation_equals_one_process_and_a_killed_run_resumes(assets, tmp_path):
+    count = 14
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert cli.main(_gen_args(assets, single, count)) == 0
+
+    # 2 processes; process 1 is killed once the first samples are in: nothing partial may be left in the dataset
+    killed, proc, log = _launch_and_kill_rank1(_gen_args(assets, sharded, count), _env(), lambda: _merged(sharded) >= 1)
     assert killed, log
     assert proc.returncode != 0, log
     done = _records(sharded)
@@ -267,31 +279,10 @@ def test_a_process_killed_between_two_samples_of_a_batch_resumes_to_the_one_proc
         DUALANODIFF_TEST_PAUSE_FILE=str(flag),
         DUALANODIFF_TEST_PAUSE_SECONDS="600",
     )
-    proc = subprocess.Popen(
-        _torchrun(_gen_args(assets, sharded, count)),
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+    # process 1 paused after staging 2; process 0 merged 0 and 1
+    killed, proc, log = _launch_and_kill_rank1(
+        _gen_args(assets, sharded, count), env, lambda: flag.is_file() and _merged(sharded) >= 2
     )
-    killed = False
-    deadline = time.monotonic() + 300
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            merged = (sharded / MANIFEST).read_text().count("\n") if (sharded / MANIFEST).is_file() else 0
-            if flag.is_file() and merged >= 2:  # process 1 paused after staging 2; process 0 merged 0 and 1
-                workers = _worker_pids(proc.pid)
-                if 1 in workers:
-                    os.kill(workers[1], signal.SIGKILL)
-                    killed = True
-                    break
-            time.sleep(0.05)
-        log = proc.communicate(timeout=120)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert killed, log
     assert flag.read_text().split() == ["shard_staged"], log  # only process 1 paused, once
     done = [r["index"] for r in _records(sharded)]
