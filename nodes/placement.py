@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..dualanodiff_core.dataset.generate import share_anomaly_noise
 from ..dualanodiff_core.method.layout import interleave
 from ..dualanodiff_core.method.placement import (
     DEFAULT_FEATHER,
@@ -73,23 +74,39 @@ def placement_start(
 STEERING_CHOICES = ("shift", "hold")
 
 
+def pair_noise(latent_image: torch.Tensor, seed: int, anomaly_noise_share: float = 0.0) -> torch.Tensor:
+    """The starting noise of the interleaved rows ``[g0, a0, g1, a1, ...]``: ComfyUI's own
+    (``comfy.sample.prepare_noise``, as KSampler makes it; our start latents have no ``batch_index``), with each
+    anomaly row then correlated ``anomaly_noise_share`` with its global row's as the CLI and the Python API do it
+    (``share_anomaly_noise``). Share 0 returns ComfyUI's noise untouched, so prompts without the input sample exactly
+    as before."""
+    import comfy.sample
+
+    noise = comfy.sample.prepare_noise(latent_image, seed)
+    if anomaly_noise_share:
+        noise = share_anomaly_noise(noise, anomaly_noise_share)
+    return noise
+
+
 def steered_sample(
-    model, seed, steps, cfg, sampler_name, scheduler, positive, negative, start, denoise, region_latent, steering
-):
+    model, seed, steps, cfg, sampler_name, scheduler, positive, negative, start, denoise, region_latent, steering,
+    anomaly_noise_share=0.0,
+):  # fmt: skip
     """What ``nodes.common_ksampler`` does, with steering (dualanodiff_core.method.placement.Steering), as the core
     sampler does it: the chosen sampler runs the first ``steering.probe`` share of the steps with the anomaly rows
     free; the core (:func:`plan_steering`) picks each pair's shift from the anomaly branch's predicted clean latent;
     the latents and the noise the held rows are noised with are rolled; the sampler runs the remaining steps (a
     multistep sampler restarts its history there) with the anomaly rows' hold outside the region ramped in (through
     ComfyUI's ``denoise_mask_function``). Pair ``j``'s shift is picked by ``seed + j``, as the Python API does.
-    Returns (samples, per-pair steering records or None)."""
+    The starting noise is :func:`pair_noise` (``anomaly_noise_share``). Returns (samples, per-pair steering records
+    or None)."""
     import comfy.sample
     import comfy.samplers
     import comfy.utils
     import latent_preview
 
     latent_image = comfy.sample.fix_empty_latent_channels(model, start["samples"])
-    noise = comfy.sample.prepare_noise(latent_image, seed)
+    noise = pair_noise(latent_image, seed, anomaly_noise_share)
     mask = start["noise_mask"]
     callback = latent_preview.prepare_callback(model, steps)
     disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED

@@ -2,20 +2,60 @@
 
 from __future__ import annotations
 
+import math
+
 import comfy.model_management
+import comfy.sample
 import comfy.samplers
+import comfy.utils
+import latent_preview
 import torch
 from comfy_api.latest import io
 
 import nodes as comfy_nodes
 
+from ..dualanodiff_core.errors import InputError
 from ..dualanodiff_core.method.layout import split
 from ..dualanodiff_core.method.placement import HOLD_ONLY, Steering
 from . import comfy_backend as backend
 from .conditioning import check_negative, pair_conditioning, pair_latent, split_images, split_latent
-from .placement import STEERING_CHOICES, PlacementError, placement_start, steered_sample
+from .placement import STEERING_CHOICES, PlacementError, pair_noise, placement_start, steered_sample
 
 CATEGORY = "DualAnoDiff/sampling"
+
+#: the ``anomaly_noise_share`` widget's default on a new node: 1 = each anomaly row starts from its global row's noise
+#: (``dualanodiff generate --anomaly-noise-share``; on MiniDefect the two branches then place the defect alike)
+DEFAULT_ANOMALY_NOISE_SHARE = 1.0
+#: ``anomaly_noise_share`` when a prompt does not give it: prompts saved before the input existed sampled with
+#: independent noise, so they keep doing so (the widget's default is only for new nodes)
+ANOMALY_NOISE_SHARE_WHEN_MISSING = 0.0
+
+
+def check_noise_share(value) -> float:
+    """``anomaly_noise_share`` as a float in [0, 1], or one clear error naming the input."""
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        share = math.nan
+    if not 0.0 <= share <= 1.0:  # also refuses NaN
+        raise InputError(
+            f"anomaly_noise_share {value!r}: must lie in [0, 1] (0 = independent noise for the two branches, "
+            "1 = each anomaly row starts from its global row's noise)."
+        )
+    return share
+
+
+def sample_pairs(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, start, denoise, share):
+    """What ``nodes.common_ksampler`` does with the start LATENTs this node builds (no ``batch_index``), with the
+    starting noise from :func:`pair_noise` so that each anomaly row can share its global row's noise. Returns the
+    sampled rows."""
+    latent_image = comfy.sample.fix_empty_latent_channels(model, start["samples"])
+    noise = pair_noise(latent_image, seed, share)
+    return comfy.sample.sample(
+        model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=denoise,
+        noise_mask=start.get("noise_mask"), callback=latent_preview.prepare_callback(model, steps),
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+    )  # fmt: skip
 
 
 class DualSampler(io.ComfyNode):
@@ -140,6 +180,22 @@ class DualSampler(io.ComfyNode):
                     "at gray outside it (ramped in); 'hold' only holds it there from the first step (erases more "
                     "defects than it moves).",
                 ),
+                # added after the others (widget order is an API); optional so that prompts saved before it
+                # existed still validate, and they sample as they did (ANOMALY_NOISE_SHARE_WHEN_MISSING)
+                io.Float.Input(
+                    "anomaly_noise_share",
+                    default=DEFAULT_ANOMALY_NOISE_SHARE,
+                    min=0.0,
+                    max=1.0,
+                    step=0.05,
+                    optional=True,
+                    tooltip="How much each pair's anomaly row starts from the same noise as its global row: its "
+                    "starting noise is share x the global row's + sqrt(1 - share^2) x its own (1 = the same noise, "
+                    "so both branches tend to put the defect at the same spot; 0 = independent, the reference and "
+                    "this node before the input existed). As dualanodiff generate --anomaly-noise-share. Only the "
+                    "starting noise: the fresh noise that ancestral and SDE samplers add at each step stays "
+                    "independent. Workflows saved without this input sample with 0.",
+                ),
             ],
             outputs=[
                 io.Latent.Output(display_name="global", tooltip="The whole images (one per pair)."),
@@ -176,6 +232,7 @@ class DualSampler(io.ComfyNode):
         normal=None,
         vae=None,
         placement_steering="shift",
+        anomaly_noise_share=ANOMALY_NOISE_SHARE_WHEN_MISSING,
     ) -> io.NodeOutput:
         if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
             raise ValueError(
@@ -188,6 +245,7 @@ class DualSampler(io.ComfyNode):
             raise PlacementError(
                 f"placement_steering {placement_steering!r}: choose one of {', '.join(STEERING_CHOICES)}."
             )
+        share = check_noise_share(anomaly_noise_share)
         if placement is not None or normal is not None:
             if latent is not None:
                 raise PlacementError("connect either a latent or placement / normal, not both.")
@@ -199,7 +257,7 @@ class DualSampler(io.ComfyNode):
                 steering = Steering() if placement_steering == "shift" else HOLD_ONLY
                 samples, _ = steered_sample(
                     model, seed, steps, cfg, sampler_name, scheduler, positive, negative, start, denoise, region,
-                    steering,
+                    steering, anomaly_noise_share=share,
                 )  # fmt: skip
                 g, a = split(samples, "the sampled batch")
                 return io.NodeOutput({"samples": g.clone()}, {"samples": a.clone()})
@@ -213,10 +271,10 @@ class DualSampler(io.ComfyNode):
                     [2 * pairs, 4, height // 8, width // 8], device=comfy.model_management.intermediate_device()
                 )
             }
-        (out,) = comfy_nodes.common_ksampler(
-            model, seed, steps, cfg, sampler_name, scheduler, positive, negative, start, denoise=denoise
+        samples = sample_pairs(
+            model, seed, steps, cfg, sampler_name, scheduler, positive, negative, start, denoise, share
         )
-        g, a = split(out["samples"], "the sampled batch")
+        g, a = split(samples, "the sampled batch")
         out_g = dict(latent) if latent is not None else {}
         out_g.pop("batch_index", None)
         out_g["samples"] = g.clone()

@@ -133,7 +133,8 @@ LATER_INPUTS = {
 #: node and saves their values, so both files list them everywhere (the workflows as saved before they existed are
 #: kept in tests/comfyui/old_workflows/ and still load)
 LATER_WIDGETS = {
-    "DualAnoDiffSampler": [("placement_steering", "shift")],
+    # anomaly_noise_share: nodes/sampler.py's DEFAULT_ANOMALY_NOISE_SHARE (a ComfyUI test checks they agree)
+    "DualAnoDiffSampler": [("placement_steering", "shift"), ("anomaly_noise_share", 1.0)],
 }
 MASK_DEFAULTS = {
     "gray": "median",

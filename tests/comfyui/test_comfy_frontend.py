@@ -267,3 +267,9 @@ def test_old_workflow_in_the_frontend_gets_the_new_widget_at_its_default(server,
     assert values["min_alignment"] == 0.57
     (api,) = [v for v in r["api"].values() if v["class_type"] == "DualAnoDiffSaveDataset"]
     assert api["inputs"]["min_alignment"] == 0.57
+    # the same for the sampler's anomaly_noise_share: the frontend gives it the widget's default (docs/comfyui.md)
+    (sampler,) = [v for v in r["api"].values() if v["class_type"] == "DualAnoDiffSampler"]
+    assert (
+        sampler["inputs"]["anomaly_noise_share"]
+        == dict(BUILD.LATER_WIDGETS["DualAnoDiffSampler"])["anomaly_noise_share"]
+    )

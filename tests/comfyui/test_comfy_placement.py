@@ -27,7 +27,9 @@ def test_new_nodes_and_inputs_are_registered(env):
     ids = [n.GET_SCHEMA().node_id for n in nodes]
     assert "DualAnoDiffCompositeOnNormal" in ids
     opt = env.sampler.DualSampler.INPUT_TYPES()["optional"]
-    assert list(opt) == ["latent", "placement", "normal", "vae", "placement_steering"], "new inputs at the end"
+    assert list(opt) == ["latent", "placement", "normal", "vae", "placement_steering", "anomaly_noise_share"], (
+        "new inputs at the end"
+    )
     assert opt["placement_steering"][0] == "COMBO" and opt["placement_steering"][1]["options"] == ["shift", "hold"]
     assert opt["placement_steering"][1]["default"] == "shift"
     assert env.dataset.SaveDataset.INPUT_TYPES()["optional"]["placement"][0] == "MASK"

@@ -209,6 +209,17 @@ def _without_later_defaults(api: dict) -> dict:
     return out
 
 
+def test_later_widgets_are_written_at_the_nodes_defaults(server):
+    # build_workflows.py cannot import the nodes (no ComfyUI there): the defaults it writes for widgets added later
+    # must be the ones the live nodes declare, or the shipped workflows would not start as a new node does
+    info = server.get("/object_info")
+    for class_type, widgets in BUILD.LATER_WIDGETS.items():
+        spec = info[class_type]["input"]
+        for name, default in widgets:
+            declared = {**spec.get("required", {}), **spec.get("optional", {})}[name]
+            assert declared[1]["default"] == default, (class_type, name)
+
+
 def test_old_workflows_still_load_and_queue(server):
     # the workflows as shipped before (old file names, old titles and layout): converted with the live node
     # definitions they give the same API prompt as before, and the server accepts it
