@@ -175,6 +175,30 @@ def test_shared_anomaly_noise_is_correlated_with_the_global_rows_and_still_stand
         SamplingOptions(anomaly_noise_share=1.5)
 
 
+def test_pipeline_draws_shared_anomaly_noise_when_asked():
+    """``DualAnoDiffPipeline.generate(anomaly_noise_share=...)`` starts from the seed's noise with the anomaly rows
+    replaced as :func:`share_anomaly_noise` says; 0 is the reference's independent noise; given latents are kept."""
+    from dualanodiff_core.sd15.pipeline import DualAnoDiffPipeline
+
+    c = tiny_components(seed=0)
+    pipe = DualAnoDiffPipeline(c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"], rank=4)
+    kw = dict(steps=2, sampler="ddim", height=16, width=16, decode=False)
+    h = 16 // pipe.vae_scale_factor
+    lat = torch.randn((4, pipe.unet.config.in_channels, h, h), generator=torch.Generator().manual_seed(5))
+
+    def run(**extra):
+        r = pipe.generate(2, seed=5, **kw, **extra)
+        return torch.cat([r.global_latents, r.anomaly_latents])
+
+    shared = run(anomaly_noise_share=1.0)
+    assert torch.equal(shared, run(latents=share_anomaly_noise(lat, 1.0)))
+    assert torch.equal(run(anomaly_noise_share=0.0), run(latents=lat))
+    assert not torch.equal(shared, run(latents=lat))
+    assert torch.equal(run(latents=lat, anomaly_noise_share=1.0), run(latents=lat))
+    with pytest.raises(ValueError, match="anomaly_noise_share"):
+        run(anomaly_noise_share=1.5)
+
+
 def test_generate_cli_noise_share_and_visible_mask_options():
     from dualanodiff_core.cli import generate as cmd_generate
 
