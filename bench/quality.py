@@ -81,7 +81,8 @@ def main(argv=None) -> int:
         type=float,
         default=d.noise_share,
         metavar="RHO",
-        help="correlation of the anomaly branch's starting noise with the global branch's (0 = independent)",
+        help="correlation of the anomaly branch's starting noise with the global branch's (0 = independent; "
+        "default: the recipe's)",
     )
     p.add_argument(
         "--train-noise-share",

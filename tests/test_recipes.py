@@ -175,6 +175,30 @@ def test_shared_anomaly_noise_is_correlated_with_the_global_rows_and_still_stand
         SamplingOptions(anomaly_noise_share=1.5)
 
 
+def test_pipeline_draws_shared_anomaly_noise_when_asked():
+    """``DualAnoDiffPipeline.generate(anomaly_noise_share=...)`` starts from the seed's noise with the anomaly rows
+    replaced as :func:`share_anomaly_noise` says; 0 is the reference's independent noise; given latents are kept."""
+    from dualanodiff_core.sd15.pipeline import DualAnoDiffPipeline
+
+    c = tiny_components(seed=0)
+    pipe = DualAnoDiffPipeline(c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"], rank=4)
+    kw = dict(steps=2, sampler="ddim", height=16, width=16, decode=False)
+    h = 16 // pipe.vae_scale_factor
+    lat = torch.randn((4, pipe.unet.config.in_channels, h, h), generator=torch.Generator().manual_seed(5))
+
+    def run(**extra):
+        r = pipe.generate(2, seed=5, **kw, **extra)
+        return torch.cat([r.global_latents, r.anomaly_latents])
+
+    shared = run(anomaly_noise_share=1.0)
+    assert torch.equal(shared, run(latents=share_anomaly_noise(lat, 1.0)))
+    assert torch.equal(run(anomaly_noise_share=0.0), run(latents=lat))
+    assert not torch.equal(shared, run(latents=lat))
+    assert torch.equal(run(latents=lat, anomaly_noise_share=1.0), run(latents=lat))
+    with pytest.raises(ValueError, match="anomaly_noise_share"):
+        run(anomaly_noise_share=1.5)
+
+
 def test_generate_cli_noise_share_and_visible_mask_options():
     from dualanodiff_core.cli import generate as cmd_generate
 
@@ -182,9 +206,33 @@ def test_generate_cli_noise_share_and_visible_mask_options():
     cmd_generate.add_arguments(p)
     base = ["--weights", "w", "--base", "b", "--out", "o"]
     a = p.parse_args(base)
-    assert a.anomaly_noise_share == 0.0 and a.mask_visible == 0.0
+    assert a.mask_visible == 0.0
     a = p.parse_args(base + ["--anomaly-noise-share", "1", "--mask-visible", "2"])
     assert a.anomaly_noise_share == 1.0 and a.mask_visible == 2.0
+
+
+def test_generate_cli_noise_settings_follow_the_recipe_unless_given():
+    from dualanodiff_core.cli import generate as cmd_generate
+    from dualanodiff_core.method.recipes import DEFAULT_RECIPE, get_recipe
+
+    p = argparse.ArgumentParser()
+    cmd_generate.add_arguments(p)
+    base = ["--weights", "w", "--base", "b", "--out", "o"]
+
+    def noise(*extra):
+        return cmd_generate.recipe_noise(p.parse_args(base + list(extra)))
+
+    default = get_recipe(DEFAULT_RECIPE)
+    assert noise() == (default.zero_mean_anomaly_noise, default.anomaly_noise_share)
+    assert noise("--recipe", "reference") == (False, 0.0)  # the paper: independent, plain Gaussian noise
+    assert noise("--recipe", "ours") == (True, 0.0)
+    assert noise("--recipe", "shared-noise") == (False, 1.0)
+    assert noise("--recipe", "shared-noise", "--anomaly-noise-share", "0.5") == (False, 0.5)
+    assert noise("--recipe", "reference", "--anomaly-noise-share", "1", "--zero-mean-anomaly-noise") == (True, 1.0)
+    # shared-noise trains exactly like the reference recipe: the same weights serve both
+    ref, shared = get_recipe("reference"), get_recipe("shared-noise")
+    assert shared.train_settings() == ref.train_settings()
+    assert (shared.product_prompts, shared.minidefect_cfg) == (ref.product_prompts, ref.minidefect_cfg)
 
 
 def test_run_settings_variants_get_their_own_folders():
@@ -195,6 +243,12 @@ def test_run_settings_variants_get_their_own_folders():
     v = RunSettings(lr=1e-3, mask_visible=2.0, noise_share=1.0)
     assert v.suffix(v.TRAINING) == "-lr=0.001"
     assert v.suffix(v.TRAINING + v.SAMPLING) == "-lr=0.001-mask_visible=2-noise_share=1"
+    # a recipe's own noise share is no variant of it; another value is
+    s = RunSettings(recipe="shared-noise")
+    assert s.suffix(s.SAMPLING) == "" and s.resolved_noise_share() == 1.0 and s.to_dict()["noise_share"] == 1.0
+    assert RunSettings(recipe="shared-noise", noise_share=1.0).suffix(s.SAMPLING) == ""
+    assert RunSettings(recipe="shared-noise", noise_share=0.0).suffix(s.SAMPLING) == "-noise_share=0"
+    assert RunSettings(recipe="reference", noise_share=0.0).suffix(s.SAMPLING) == ""
     assert v.mask_options().visible_min_deviation == 2.0 and d.mask_options().visible_min_deviation == 0.0
 
 

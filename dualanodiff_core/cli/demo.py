@@ -135,8 +135,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=RECIPES,
         default=d.recipe,
         help="ours: product prompts, offset noise on the anomaly rows, mask-weighted global loss, zero-mean anomaly "
-        "starting noise, cfg 1.0 (docs/quality.md); reference: the paper's recipe "
-        f"(default: {d.recipe})",
+        "starting noise, cfg 1.0 (docs/quality.md); reference: the paper's recipe; shared-noise: the reference "
+        f"recipe, the anomaly branch started from its global branch's noise (default: {d.recipe})",
     )
     opt("--rank", "LoRA rank")
     opt("--lr", "learning rate")

@@ -181,7 +181,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=RECIPES,
         default=DEFAULT_RECIPE,
         help="ours: zero-mean starting noise on the anomaly branch (a gray, untinted background; docs/quality.md); "
-        "reference: the paper's sampling exactly",
+        "reference: the paper's sampling exactly; shared-noise: the anomaly branch starts from its global branch's "
+        "noise (--anomaly-noise-share 1), so both place the defect at the same spot",
     )
     s.add_argument(
         "--zero-mean-anomaly-noise",
@@ -193,10 +194,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--anomaly-noise-share",
         type=_finite,
-        default=0.0,
+        default=None,
         metavar="RHO",
-        help="start the anomaly branch from noise correlated RHO with its global branch's (1 = the same noise; "
-        "default 0: independent, the reference); the branches then place the defect alike (docs/quality.md)",
+        help="start the anomaly branch from noise correlated RHO with its global branch's (1 = the same noise, "
+        "0 = independent; default: the recipe's, 1 with shared-noise, 0 with reference and ours); the branches then "
+        "place the defect alike (docs/quality.md)",
     )
     s.add_argument(
         "--lora-strength",
@@ -393,6 +395,16 @@ def _device(name: str):
     return name
 
 
+def recipe_noise(args: argparse.Namespace) -> tuple[bool, float]:
+    """(zero-mean anomaly starting noise, anomaly noise share): each option's value when given, else the recipe's."""
+    from ..method.recipes import get_recipe
+
+    recipe = get_recipe(args.recipe)
+    zero_mean = recipe.zero_mean_anomaly_noise if args.zero_mean_anomaly_noise is None else args.zero_mean_anomaly_noise
+    share = recipe.anomaly_noise_share if args.anomaly_noise_share is None else float(args.anomaly_noise_share)
+    return bool(zero_mean), share
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -401,7 +413,6 @@ def run(args: argparse.Namespace) -> int:
     from ..dataset.masks import MaskOptions
     from ..errors import DualAnoDiffError, MissingInputError, RunError
     from ..fileio import check_output_dir, os_error_message
-    from ..method.recipes import get_recipe
     from ..method.weights import DualAnoDiffWeights
     from ..sd15.loading import check_base_model, check_weights_fit
 
@@ -420,12 +431,10 @@ def run(args: argparse.Namespace) -> int:
         raise DualAnoDiffError(f"--max-size {args.max_size}: give a size in pixels, e.g. {MAX_SIDE}")
     width, height = args.size
     check_size(width, height, args.max_size)
-    zero_mean = args.zero_mean_anomaly_noise
-    if zero_mean is None:
-        zero_mean = get_recipe(args.recipe).zero_mean_anomaly_noise
+    zero_mean, share = recipe_noise(args)
     sampling = SamplingOptions(
         zero_mean_anomaly_noise=zero_mean,
-        anomaly_noise_share=args.anomaly_noise_share,
+        anomaly_noise_share=share,
         sampler=args.sampler,
         steps=args.steps,
         cfg=args.cfg,

@@ -146,8 +146,9 @@ def add_arguments(p: argparse.ArgumentParser, one_defect: bool = True) -> None:
         "--recipe",
         choices=RECIPES,
         default=DEFAULT_RECIPE,
-        help="ours: offset noise on the anomaly rows and a mask-weighted global-branch loss (measured better on "
-        "MiniDefect, docs/quality.md); reference: the paper's code exactly. The two options below override it",
+        help="ours: offset noise on the anomaly rows and a mask-weighted global-branch loss (docs/quality.md); "
+        "reference: the paper's code exactly; shared-noise: trains exactly like reference (it differs only in "
+        "generate). The two options below override it",
     )
     g.add_argument(
         "--anomaly-offset-noise",

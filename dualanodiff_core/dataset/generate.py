@@ -33,6 +33,7 @@ from .. import __version__
 from .. import distributed as _dist
 from ..errors import InputError, MissingInputError
 from ..fileio import IMAGE_SUFFIXES, masks_for, open_image, pil_to_tensor, sha256_file, tensor_to_pil
+from ..method.layout import share_anomaly_noise, zero_mean_anomaly_rows  # noqa: F401  (also served here)
 from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL
 from ..sd15.scheduler import SAMPLERS
 from ..training.backgrounds import make_background
@@ -76,25 +77,6 @@ def grid_batches(indices, batch_size: int) -> list[list[int]]:
     for i in sorted(set(int(i) for i in indices)):
         groups.setdefault(i // batch_size, []).append(i)
     return list(groups.values())
-
-
-def share_anomaly_noise(latents: torch.Tensor, share: float) -> torch.Tensor:
-    """Interleaved starting latents ``[g0, a0, g1, a1, ...]`` with each anomaly row replaced by
-    ``share * g + sqrt(1 - share**2) * a`` (still standard normal, correlation ``share`` with its global row); the
-    global rows unchanged. Returns a new tensor."""
-    out = latents.clone()
-    s = float(share)
-    out[1::2] = s * latents[0::2] + math.sqrt(max(0.0, 1.0 - s * s)) * latents[1::2]
-    return out
-
-
-def zero_mean_anomaly_rows(latents: torch.Tensor) -> torch.Tensor:
-    """Interleaved starting latents ``[g0, a0, g1, a1, ...]`` with each anomaly row's per-channel spatial mean
-    removed (the global rows unchanged). Returns a new tensor."""
-    out = latents.clone()
-    a = out[1::2]
-    out[1::2] = a - a.mean(dim=(-2, -1), keepdim=True)
-    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ straddles the CFG halves.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -75,3 +76,22 @@ def split(x: torch.Tensor, what: str = "batch") -> tuple[torch.Tensor, torch.Ten
     """Inverse of :func:`interleave`: ``(global_rows, anomaly_rows)`` (views, no copy)."""
     validate_pairs(x.shape[0], what)
     return x[GLOBAL::BRANCHES], x[ANOMALY::BRANCHES]
+
+
+def share_anomaly_noise(latents: torch.Tensor, share: float) -> torch.Tensor:
+    """Interleaved starting latents ``[g0, a0, g1, a1, ...]`` with each anomaly row replaced by
+    ``share * g + sqrt(1 - share**2) * a`` (still standard normal, correlation ``share`` with its global row); the
+    global rows unchanged. Returns a new tensor."""
+    out = latents.clone()
+    s = float(share)
+    out[1::2] = s * latents[0::2] + math.sqrt(max(0.0, 1.0 - s * s)) * latents[1::2]
+    return out
+
+
+def zero_mean_anomaly_rows(latents: torch.Tensor) -> torch.Tensor:
+    """Interleaved starting latents ``[g0, a0, g1, a1, ...]`` with each anomaly row's per-channel spatial mean
+    removed (the global rows unchanged). Returns a new tensor."""
+    out = latents.clone()
+    a = out[1::2]
+    out[1::2] = a - a.mean(dim=(-2, -1), keepdim=True)
+    return out

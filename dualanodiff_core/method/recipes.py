@@ -18,13 +18,19 @@ docs/quality.md; it is not the default because it did not make the generated dat
 also trains with product prompts (``woven fabric with sks`` instead of ``a vfx with sks``: the base model knows the
 product words) and samples without classifier-free guidance (cfg 1.0 aligned masks and images better than 2.5);
 ``reference`` keeps ``a vfx with sks`` / ``sks`` and cfg 2.5.
+
+``shared-noise`` is ``reference`` (same training, prompts and guidance) with one sampling change: each pair's anomaly
+row starts from the same noise as its global row (``anomaly_noise_share`` 1). The two branches then place the defect
+at the same spot: with independent starting noise the global image's defect follows the global branch's own noise
+and the anomaly branch draws its defect somewhere else (SAIM couples them too weakly to move it; measured with
+``bench/diagnose.py``, docs/quality.md). Its weights are the reference recipe's: only ``generate`` differs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-RECIPES = ("ours", "reference")
+RECIPES = ("ours", "reference", "shared-noise")
 DEFAULT_RECIPE = "reference"
 
 
@@ -41,6 +47,9 @@ class Recipe:
     product_prompts: bool
     #: MiniDefect (demo, benchmark): classifier-free guidance scale
     minidefect_cfg: float
+    #: sampling: correlation of each anomaly row's starting noise with its global row's (0 = independent, the
+    #: reference; 1 = the same noise)
+    anomaly_noise_share: float = 0.0
 
     def train_settings(self) -> dict:
         """The :class:`~dualanodiff_core.train.TrainConfig` fields this recipe sets."""
@@ -50,6 +59,7 @@ class Recipe:
 _RECIPES = {
     "ours": Recipe("ours", 0.1, 20.0, True, True, 1.0),
     "reference": Recipe("reference", 0.0, 1.0, False, False, 2.5),
+    "shared-noise": Recipe("shared-noise", 0.0, 1.0, False, False, 2.5, anomaly_noise_share=1.0),
 }
 
 

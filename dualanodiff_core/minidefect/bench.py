@@ -39,8 +39,8 @@ class RunSettings:
     #: generate more samples (in steps, up to 4 x ``samples``) until this many are accepted (0 = exactly ``samples``)
     accept_target: int = 0
     #: correlation of the anomaly branch's starting noise with the global branch's (``SamplingOptions``; 0 = the
-    #: reference's independent noise)
-    noise_share: float = 0.0
+    #: reference's independent noise); None = the recipe's
+    noise_share: float | None = None
     #: the same in training (``TrainConfig.anomaly_noise_share``)
     train_noise_share: float = 0.0
     #: None = the recipe's (``ours``: zero-mean anomaly starting noise; ``reference``: plain)
@@ -63,21 +63,31 @@ class RunSettings:
 
     def suffix(self, fields: tuple[str, ...]) -> str:
         """``""`` when ``fields`` hold their defaults, else ``-name=value...`` of those that differ."""
-        d = RunSettings()
+        d = RunSettings(recipe=self.recipe)
 
         def text(v) -> str:
             return v if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else format(v, "g")
 
-        return "".join(f"-{k}={text(getattr(self, k))}" for k in fields if getattr(self, k) != getattr(d, k))
+        def value(s: RunSettings, k: str):
+            # the noise share compares resolved: the recipe's own value is no variant of it (the folders are per recipe)
+            return s.resolved_noise_share() if k == "noise_share" else getattr(s, k)
+
+        return "".join(f"-{k}={text(getattr(self, k))}" for k in fields if value(self, k) != value(d, k))
 
     def resolved_cfg(self) -> float:
         from ..method.recipes import get_recipe
 
         return get_recipe(self.recipe).minidefect_cfg if self.cfg is None else float(self.cfg)
 
+    def resolved_noise_share(self) -> float:
+        from ..method.recipes import get_recipe
+
+        return get_recipe(self.recipe).anomaly_noise_share if self.noise_share is None else float(self.noise_share)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["cfg"] = self.resolved_cfg()
+        d["noise_share"] = self.resolved_noise_share()
         return d
 
     def mask_options(self):
@@ -127,7 +137,7 @@ def sampling_options(settings: RunSettings, size: int):
             if settings.zero_mean_noise is None
             else settings.zero_mean_noise
         ),
-        anomaly_noise_share=settings.noise_share,
+        anomaly_noise_share=settings.resolved_noise_share(),
     )
 
 

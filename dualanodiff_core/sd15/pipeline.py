@@ -439,6 +439,7 @@ class DualAnoDiffPipeline:
         feather: int = DEFAULT_FEATHER,
         steering: Steering | bool = True,
         placement_seeds: Sequence[int] | None = None,
+        anomaly_noise_share: float = 0.0,
     ) -> DualResult:
         """Sample ``n_pairs`` pairs.
 
@@ -461,9 +462,16 @@ class DualAnoDiffPipeline:
         :class:`Steering`. Among equally good shifts, pair ``j``'s is picked by
         ``placement_seeds[j]`` (default: ``seed`` or the generator's initial seed, plus ``j``). What was done is in
         ``DualResult.steering``.
+
+        ``anomaly_noise_share``: when the starting ``latents`` are drawn here, each pair's anomaly row starts from
+        ``share * g + sqrt(1 - share**2) * a`` (``g`` its global row's noise): 0 = independent noise, the reference;
+        1 = the same noise, so both branches place the defect at the same spot (docs/quality.md, recipe
+        ``shared-noise``). Given ``latents`` are used as they are.
         """
         if n_pairs < 1:
             raise ValueError("n_pairs must be at least 1")
+        if not 0.0 <= float(anomaly_noise_share) <= 1.0:
+            raise ValueError(f"anomaly_noise_share={anomaly_noise_share}: must lie in [0, 1] (0 = independent noise)")
         f = self.vae_scale_factor
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
@@ -477,6 +485,8 @@ class DualAnoDiffPipeline:
         shape = (2 * n_pairs, self.unet.config.in_channels, height // f, width // f)
         if latents is None:
             latents = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+            if anomaly_noise_share:
+                latents = layout.share_anomaly_noise(latents, anomaly_noise_share)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} (interleaved pairs), got {tuple(latents.shape)}")
         latents = latents.to(device=device, dtype=dtype)
