@@ -151,7 +151,7 @@ def test_generate_cli_recipe_sets_the_starting_noise():
     p = argparse.ArgumentParser()
     cmd_generate.add_arguments(p)
     base = ["--weights", "w", "--base", "b", "--out", "o"]
-    assert p.parse_args(base).recipe == "reference"
+    assert p.parse_args(base).recipe == "shared-noise"  # the default: the reference's training and zero-mean setting
     assert p.parse_args(base + ["--recipe", "reference"]).zero_mean_anomaly_noise is None
     assert p.parse_args(base + ["--no-zero-mean-anomaly-noise"]).zero_mean_anomaly_noise is False
     assert get_recipe("reference").zero_mean_anomaly_noise is False and get_recipe("ours").zero_mean_anomaly_noise
@@ -169,8 +169,9 @@ def test_shared_anomaly_noise_is_correlated_with_the_global_rows_and_still_stand
     assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) == pytest.approx(0.6, abs=0.02)
     assert float(b.std()) == pytest.approx(1.0, abs=0.02)
     # off by default, and left out of the recorded settings then (older datasets' settings still match)
-    assert SamplingOptions().anomaly_noise_share == 0.0 and "anomaly_noise_share" not in SamplingOptions().to_dict()
-    assert SamplingOptions(anomaly_noise_share=1.0).to_dict()["anomaly_noise_share"] == 1.0
+    # the default (recipe shared-noise) is recorded; 0 is left out, as datasets from before the option recorded it
+    assert SamplingOptions().anomaly_noise_share == 1.0 and SamplingOptions().to_dict()["anomaly_noise_share"] == 1.0
+    assert "anomaly_noise_share" not in SamplingOptions(anomaly_noise_share=0.0).to_dict()
     with pytest.raises(ValueError, match="anomaly_noise_share"):
         SamplingOptions(anomaly_noise_share=1.5)
 
@@ -240,7 +241,7 @@ def test_run_settings_variants_get_their_own_folders():
 
     d = RunSettings()
     assert d.suffix(d.TRAINING + d.SAMPLING) == ""  # the defaults keep the folders used so far
-    v = RunSettings(lr=1e-3, mask_visible=2.0, noise_share=1.0)
+    v = RunSettings(recipe="reference", lr=1e-3, mask_visible=2.0, noise_share=1.0)
     assert v.suffix(v.TRAINING) == "-lr=0.001"
     assert v.suffix(v.TRAINING + v.SAMPLING) == "-lr=0.001-mask_visible=2-noise_share=1"
     # a recipe's own noise share is no variant of it; another value is
@@ -451,7 +452,7 @@ def test_train_and_generate_under_each_recipe(tmp_path):
         tmp_path / "data", md.MiniDefectSpec(seed=1, train_good=4, test_good=2, test_defect=6, products=("fabric",))
     )
     logs = []
-    for recipe in ("ours", "reference"):
+    for recipe in ("ours", "reference", "shared-noise"):
         s = RunSettings(recipe=recipe, train_steps=2, samples=2, sampling_steps=2)
         info = train_and_generate(data, "fabric", "stain", tmp_path / recipe, s, log=logs.append)
         meta = DualAnoDiffWeights.load(info["weights"]).metadata
@@ -462,10 +463,12 @@ def test_train_and_generate_under_each_recipe(tmp_path):
             assert meta["prompt_global"] == "woven fabric with sks"
             assert (training["anomaly_offset_noise"], training["mask_loss_weight"]) == (0.1, 20.0)
             assert all(r["cfg"] == 1.0 and r["zero_mean_anomaly_noise"] for r in recs)
-        else:
+        else:  # shared-noise trains exactly like reference; only its starting noise differs
             assert meta["prompt_global"] == "a vfx with sks"
             assert (training["anomaly_offset_noise"], training["mask_loss_weight"]) == (0.0, 1.0)
             assert all(r["cfg"] == 2.5 and not r["zero_mean_anomaly_noise"] for r in recs)
+            share = 1.0 if recipe == "shared-noise" else 0.0
+            assert all(r["anomaly_noise_share"] == share for r in recs)
         assert all(r["filter"]["alignment"] is not None or r["reason"] == "empty_mask" for r in recs)
     # a second call reuses what is there
     again = train_and_generate(
@@ -473,12 +476,20 @@ def test_train_and_generate_under_each_recipe(tmp_path):
         "fabric",
         "stain",
         tmp_path / "reference",
-        RunSettings(train_steps=2, samples=2, sampling_steps=2),  # the default recipe: reference
+        RunSettings(recipe="reference", train_steps=2, samples=2, sampling_steps=2),
         log=logs.append,
     )
     assert again["accepted"] + again["rejected"] == 2 and any("reusing" in x for x in logs)
     # a sampling variant reuses the weights and writes its own folder; it oversamples towards accept_target
-    v = RunSettings(train_steps=2, samples=2, sampling_steps=2, accept_target=3, mask_visible=2.0, noise_share=1.0)
+    v = RunSettings(
+        recipe="reference",
+        train_steps=2,
+        samples=2,
+        sampling_steps=2,
+        accept_target=3,
+        mask_visible=2.0,
+        noise_share=1.0,
+    )
     info = train_and_generate(data, "fabric", "stain", tmp_path / "reference", v, log=logs.append)
     assert info["weights"] == again["weights"] and info["generated"] != again["generated"]
     assert info["generated"].endswith(
