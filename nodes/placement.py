@@ -7,8 +7,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..dualanodiff_core.dataset.generate import share_anomaly_noise
-from ..dualanodiff_core.method.layout import interleave
+from ..dualanodiff_core.method.layout import interleave, share_anomaly_noise
 from ..dualanodiff_core.method.placement import (
     DEFAULT_FEATHER,
     PlacementError,
