@@ -212,3 +212,58 @@ def test_bench_cli_writes_table_and_json(tmp_path):
     assert set(out["results"][0]["usefulness"]) == {"texture_detector (no training)", "real", "cutpaste"}
     assert len(list((tmp_path / "work" / "cache").glob("*.json"))) == 2  # the reference rows' scores, cached
     assert "| metal/hole |" in r.stdout  # the summary table
+
+
+def test_sampler_cost_compares_settings_on_the_same_weights(tmp_path):
+    """bench/sampler_cost.py end to end on tiny data: one weights file, one generated set per sampler setting,
+    one row per (setting, target) with that setting's own generation time and counts."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    md.write_minidefect(
+        tmp_path / "data", md.MiniDefectSpec(seed=3, train_good=6, test_good=2, test_defect=3, products=("metal",))
+    )
+    work = tmp_path / "work"
+    cmd = [sys.executable, "bench/sampler_cost.py", "--target", "metal/hole", "--settings", "ddim:2", "dpmpp:3"]
+    cmd += ["--work", str(work), "--seeds", "0", "--steps", "2", "--json", str(tmp_path / "cost.json")]
+    cmd += ["--markdown", str(tmp_path / "cost.md"), "--train-steps", "2", "--samples", "2"]
+    cmd += ["--data", str(tmp_path / "data")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "cost.json").read_text())
+    assert [(x["sampler"], x["steps"], x["target"]) for x in out["rows"]] == [
+        ("ddim", 2, "metal/hole"),
+        ("dpmpp", 3, "metal/hole"),
+    ]
+    for row in out["rows"]:
+        assert row["samples"] == 2 and row["generate_seconds"] > 0
+    # both settings' full quality JSONs are kept, and they differ in the sampler they ran
+    parts = {k: json.loads((tmp_path / v).read_text()) for k, v in out["parts"].items()}
+    assert {k: p["run_settings"]["sampler"] for k, p in parts.items()} == {"ddim:2": "ddim", "dpmpp:3": "dpmpp"}
+    assert [p["run_settings"]["sampling_steps"] for p in parts.values()] == [2, 3]
+    # trained once: one weights file, two generated sets
+    assert len(list(work.rglob("*.safetensors"))) == 1
+    assert len([d for d in work.rglob("generated/metal_hole*") if d.is_dir()]) == 2
+    table = (tmp_path / "cost.md").read_text()
+    assert "| metal/hole | ddim 2 |" in table and "| metal/hole | dpmpp 3 |" in table
+
+
+def test_sampler_cost_rejects_a_bad_setting():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "bench/sampler_cost.py", "--target", "metal/hole", "--settings", "euler:20"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 2 and "SAMPLER:STEPS" in r.stderr and "euler:20" in r.stderr

@@ -236,6 +236,30 @@ def test_generate_cli_noise_settings_follow_the_recipe_unless_given():
     assert (shared.product_prompts, shared.minidefect_cfg) == (ref.product_prompts, ref.minidefect_cfg)
 
 
+@pytest.mark.parametrize("recipe", ["reference", "ours", "shared-noise"])
+@pytest.mark.parametrize("zero_mean, share", [(None, None), (True, None), (None, 0.5), (False, 0.0)])
+def test_generate_cli_and_benchmark_resolve_the_recipe_alike(recipe, zero_mean, share):
+    """`dualanodiff generate` and bench/quality.py fall back to the recipe through the same method: the same
+    (unset or given) options give the same sampling noise in both."""
+    from dualanodiff_core.cli import generate as cmd_generate
+    from dualanodiff_core.minidefect.bench import RunSettings, sampling_options
+
+    p = argparse.ArgumentParser()
+    cmd_generate.add_arguments(p)
+    argv = ["--weights", "w", "--base", "b", "--out", "o", "--recipe", recipe]
+    if zero_mean is not None:
+        argv.append("--zero-mean-anomaly-noise" if zero_mean else "--no-zero-mean-anomaly-noise")
+    if share is not None:
+        argv += ["--anomaly-noise-share", str(share)]
+    cli = cmd_generate.recipe_noise(p.parse_args(argv))
+    opts = sampling_options(RunSettings(recipe=recipe, zero_mean_noise=zero_mean, noise_share=share), 64)
+    assert cli == (opts.zero_mean_anomaly_noise, opts.anomaly_noise_share)
+    if share is not None:
+        assert cli[1] == share
+    if zero_mean is not None:
+        assert cli[0] is zero_mean
+
+
 def test_run_settings_variants_get_their_own_folders():
     from dualanodiff_core.minidefect.bench import RunSettings
 
@@ -505,11 +529,15 @@ def test_train_and_generate_under_each_recipe(tmp_path):
 
 def test_demo_recipe_option():
     from dualanodiff_core.cli import demo as cmd_demo
+    from dualanodiff_core.method.recipes import DEFAULT_RECIPE
+    from dualanodiff_core.minidefect.bench import sampling_options
 
     p = argparse.ArgumentParser()
     cmd_demo.add_arguments(p)
     default = cmd_demo.config_from_args(p.parse_args([]))
-    assert default.recipe == "reference" and default.cfg == 2.5
+    # the demo runs what `dualanodiff generate` runs by default: the shared-noise recipe, its noise in every sample
+    assert default.recipe == DEFAULT_RECIPE == "shared-noise" and default.cfg == 2.5
+    assert sampling_options(cmd_demo._run_settings(default), default.size).anomaly_noise_share == 1.0
     ours = cmd_demo.config_from_args(p.parse_args(["--recipe", "ours"]))
     assert ours.recipe == "ours" and ours.cfg == 1.0
     ref = cmd_demo.config_from_args(p.parse_args(["--recipe", "reference"]))

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..method.recipes import DEFAULT_RECIPE
+
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
 
 #: settings whose change makes earlier results in OUT invalid (compared with OUT/demo.json)
@@ -69,8 +71,9 @@ class DemoConfig:
     #: None = the recipe's (ours 1.0: masks and images aligned better than with 2.5; reference 2.5)
     cfg: float | None = None
     gen_seed: int = 0
-    #: training/sampling recipe (dualanodiff_core.method.recipes): "reference" (default) or "ours"
-    recipe: str = "reference"
+    #: training/sampling recipe (dualanodiff_core.method.recipes): the default recipe (shared-noise), "reference"
+    #: (the paper's) or "ours"
+    recipe: str = DEFAULT_RECIPE
     seg_steps: int = 150  # segmentation-network training steps per usefulness row; 0 = skip usefulness
     sources: tuple[str, ...] = ("generated", "real", "cutpaste", "perlin")
     threads: int = 0  # 0 = torch's default
@@ -404,9 +407,10 @@ def _stage_generate(run: _DemoRun) -> str:
     if run.stages.done("generate"):
         log(f"[3/{N_STAGES}] generate: reusing {generated}")
         return run.stages.state["stages"]["generate"].get("summary", "")
+    sampling = sampling_options(_run_settings(config), config.size)
     log(
         f"[3/{N_STAGES}] generate: {config.samples} pairs, {config.sampler} {config.sampling_steps} steps, "
-        f"cfg {config.cfg}"
+        f"cfg {config.cfg}, recipe {config.recipe} (anomaly noise share {sampling.anomaly_noise_share:g})"
     )
 
     def load():
@@ -420,7 +424,7 @@ def _stage_generate(run: _DemoRun) -> str:
         defect=config.defect,
         seed=config.gen_seed,
         batch_size=8,
-        sampling=sampling_options(_run_settings(config), config.size),
+        sampling=sampling,
         mask_options=md.mask_options(),
         weights_path=run.weights,
         base_model=str(run.model),
@@ -535,7 +539,7 @@ def _report_markdown(report: dict[str, Any], table: str) -> str:
             f"batch {c['batch_size']}, recipe {c.get('recipe', 'reference')})",
             f"- generated dataset: `{files['generated']}` ({c['samples']} samples, "
             f"{c['sampler']} {c['sampling_steps']} "
-            f"steps, cfg {c['cfg']})",
+            f"steps, cfg {c['cfg']}, recipe {c.get('recipe', 'reference')})",
             f"- contact sheet: `{files['contact_sheet']}`",
             f"- time per stage (m:ss): {secs}; {report['threads']} torch thread(s)",
             "",

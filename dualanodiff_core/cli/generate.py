@@ -399,10 +399,7 @@ def recipe_noise(args: argparse.Namespace) -> tuple[bool, float]:
     """(zero-mean anomaly starting noise, anomaly noise share): each option's value when given, else the recipe's."""
     from ..method.recipes import get_recipe
 
-    recipe = get_recipe(args.recipe)
-    zero_mean = recipe.zero_mean_anomaly_noise if args.zero_mean_anomaly_noise is None else args.zero_mean_anomaly_noise
-    share = recipe.anomaly_noise_share if args.anomaly_noise_share is None else float(args.anomaly_noise_share)
-    return bool(zero_mean), share
+    return get_recipe(args.recipe).sampling_noise(args.zero_mean_anomaly_noise, args.anomaly_noise_share)
 
 
 def run(args: argparse.Namespace) -> int:

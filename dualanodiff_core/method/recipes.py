@@ -52,6 +52,16 @@ class Recipe:
     #: reference; 1 = the same noise)
     anomaly_noise_share: float = 0.0
 
+    def sampling_noise(self, zero_mean: bool | None = None, share: float | None = None) -> tuple[bool, float]:
+        """(zero-mean anomaly starting noise, anomaly noise share): each value given, else this recipe's.
+
+        The one place where an option left unset (the CLI's ``None`` defaults, the benchmark's ``RunSettings``)
+        falls back to the recipe, so ``generate`` and the benchmark cannot resolve it differently."""
+        return (
+            bool(self.zero_mean_anomaly_noise if zero_mean is None else zero_mean),
+            float(self.anomaly_noise_share if share is None else share),
+        )
+
     def train_settings(self) -> dict:
         """The :class:`~dualanodiff_core.train.TrainConfig` fields this recipe sets."""
         return {"anomaly_offset_noise": self.anomaly_offset_noise, "mask_loss_weight": self.mask_loss_weight}

@@ -82,7 +82,7 @@ class RunSettings:
     def resolved_noise_share(self) -> float:
         from ..method.recipes import get_recipe
 
-        return get_recipe(self.recipe).anomaly_noise_share if self.noise_share is None else float(self.noise_share)
+        return get_recipe(self.recipe).sampling_noise(share=self.noise_share)[1]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -126,18 +126,15 @@ def sampling_options(settings: RunSettings, size: int):
     from ..dataset.generate import SamplingOptions
     from ..method.recipes import get_recipe
 
+    zero_mean, share = get_recipe(settings.recipe).sampling_noise(settings.zero_mean_noise, settings.noise_share)
     return SamplingOptions(
         sampler=settings.sampler,
         steps=settings.sampling_steps,
         cfg=settings.resolved_cfg(),
         height=size,
         width=size,
-        zero_mean_anomaly_noise=(
-            get_recipe(settings.recipe).zero_mean_anomaly_noise
-            if settings.zero_mean_noise is None
-            else settings.zero_mean_noise
-        ),
-        anomaly_noise_share=settings.resolved_noise_share(),
+        zero_mean_anomaly_noise=zero_mean,
+        anomaly_noise_share=share,
     )
 
 
