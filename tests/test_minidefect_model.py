@@ -88,3 +88,42 @@ def test_pretraining_is_deterministic():
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     fresh = mp.build_models(0)[1].state_dict()
     assert any(not torch.equal(fresh[k], states[0]["u." + k]) for k in fresh), "training changed nothing"
+
+
+def test_pretraining_another_architecture_end_to_end(tmp_path):
+    """The pre-training script with a wider VAE (the capacity lever): a tiny run writes a complete model folder
+    with that architecture, recorded in pretrain.json, that DualAnoDiffPipeline loads and samples from."""
+    torch.set_num_threads(1)
+    out = tmp_path / "model"
+    argv = ["--out", str(out), "--pool", "3", "--clutter", "4", "--vae-steps", "2", "--vae-batch", "2"]
+    argv += ["--unet-steps", "2", "--unet-batch", "2", "--warmup", "1", "--log-every", "100"]
+    argv += ["--vae-channels", "48,96,96", "--vae-layers", "2"]
+    assert mp.main(argv) == 0
+    record = json.loads((out / "pretrain.json").read_text())
+    assert record["vae_config"]["block_out_channels"] == [48, 96, 96] and record["vae_config"]["layers_per_block"] == 2
+    assert record["unet_config"]["block_out_channels"] == [32, 64, 64]  # the shipped UNet unless told otherwise
+    assert record["config"]["vae_channels"] == "48,96,96" and "--vae-channels 48,96,96" in record["command"]
+    assert record["device"] == "cpu" and record["device_name"] == "cpu"
+    for rel, digest in record["sha256"].items():
+        assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == digest, rel
+    vae_config = json.loads((out / "vae" / "config.json").read_text())
+    assert vae_config["block_out_channels"] == [48, 96, 96] and vae_config["layers_per_block"] == 2
+    p = DualAnoDiffPipeline.from_pretrained(out, rank=4)
+    assert p.vae_scale_factor == 4
+    r = p.generate(1, steps=2, height=64, width=64, seed=0, sampler="ddim")
+    assert r.global_images.shape == r.anomaly_images.shape == (1, 3, 64, 64)
+    assert torch.isfinite(r.global_images).all() and torch.isfinite(r.anomaly_images).all()
+    # the default architecture is still the shipped one
+    assert mp.PretrainConfig().vae_config() == mp.VAE_CONFIG and mp.PretrainConfig().unet_config() == mp.UNET_CONFIG
+
+
+@pytest.mark.parametrize(
+    "option, value", [("--vae-channels", "32,64"), ("--unet-channels", "32,60,64"), ("--vae-layers", "0")]
+)
+def test_pretraining_rejects_a_bad_architecture(tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as e:
+        mp.main(["--out", str(tmp_path / "m"), option, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and value in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()

@@ -97,9 +97,46 @@ class PretrainConfig:
     uncond_prob: float = 0.1
     min_snr: float = 5.0
     log_every: int = 50
+    #: architecture (defaults = the shipped model): block widths of the VAE and the UNet, comma-separated, and
+    #: resnet layers per block. A wider VAE is the lever for small high-contrast detail (docs/quality.md, capacity);
+    #: the UNet sets the CPU cost of every DualAnoDiff training step and sample, the VAE barely does.
+    vae_channels: str = "32,64,64"
+    vae_layers: int = 1
+    unet_channels: str = "32,64,64"
+    unet_layers: int = 1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def vae_config(self) -> dict:
+        """The ``AutoencoderKL`` config of this run (the shipped :data:`VAE_CONFIG` with the defaults)."""
+        ch = _widths("vae_channels", self.vae_channels, len(VAE_CONFIG["block_out_channels"]))
+        return dict(VAE_CONFIG, block_out_channels=ch, layers_per_block=_at_least_one("vae_layers", self.vae_layers))
+
+    def unet_config(self) -> dict:
+        """The ``UNet2DConditionModel`` config of this run (the shipped :data:`UNET_CONFIG` with the defaults)."""
+        ch = _widths("unet_channels", self.unet_channels, len(UNET_CONFIG["block_out_channels"]))
+        return dict(UNET_CONFIG, block_out_channels=ch, layers_per_block=_at_least_one("unet_layers", self.unet_layers))
+
+
+def _widths(name: str, text: str, n: int) -> tuple[int, ...]:
+    """``"32,64,64"`` -> (32, 64, 64): ``n`` widths, each a positive multiple of the 16 normalisation groups."""
+    try:
+        ch = tuple(int(x) for x in str(text).split(","))
+    except ValueError:
+        ch = ()
+    if len(ch) != n or any(c < 16 or c % 16 for c in ch):
+        raise ValueError(
+            f"--{name.replace('_', '-')} {text!r}: give {n} comma-separated block widths, each a multiple of 16 "
+            f"(the shipped model: {','.join(str(c) for c in VAE_CONFIG['block_out_channels'])})"
+        )
+    return ch
+
+
+def _at_least_one(name: str, v: int) -> int:
+    if int(v) < 1:
+        raise ValueError(f"--{name.replace('_', '-')} {v}: give 1 or more layers per block")
+    return int(v)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -193,15 +230,17 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 # models
 
 
-def build_models(seed: int = 0):
+def build_models(seed: int = 0, config: PretrainConfig | None = None):
+    """Fresh (VAE, UNet, text encoder, tokenizer) of ``config``'s architecture (default: the shipped one)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    config = config or PretrainConfig()
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**VAE_CONFIG)
+    vae = AutoencoderKL(**config.vae_config())
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = UNet2DConditionModel(**config.unet_config())
     torch.manual_seed(seed + 2)
     v = len(tokenizer)
     text = CLIPTextModel(
@@ -461,16 +500,25 @@ def pretrain(
     log: Callable[[str], None] | None = None,
     grid: str | os.PathLike | None = None,
     device: str = "cpu",
+    command: str | None = None,
 ) -> Path:
-    """Run both stages and write the model folder ``out``. Returns it."""
+    """Run both stages and write the model folder ``out``. Returns it.
+
+    On CUDA, deterministic algorithms are switched on (and cuBLAS is given a fixed workspace) so that a rerun on
+    the same GPU and software reproduces the files bit for bit, as a CPU run with one thread does."""
     config = config or PretrainConfig()
+    config.vae_config(), config.unet_config()  # a bad architecture option fails before any work
+    if str(device).startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
     t_start = time.time()
     log(f"MiniDefect base model pre-training, {torch.get_num_threads()} thread(s), config {config.to_dict()}")
     normals, products, params = normal_pool(config, log)
     clutter = clutter_pool(config, normals)
-    vae, unet, text, tokenizer = build_models(config.seed)
+    vae, unet, text, tokenizer = build_models(config.seed, config)
     with torch.no_grad():  # start with a small posterior std (the decoder sees the code, not mostly noise)
         vae.quant_conv.bias[vae.config.latent_channels :].fill_(config.vae_logvar_init)
     vae, unet, text = vae.to(device), unet.to(device), text.to(device)
@@ -502,16 +550,17 @@ def pretrain(
         rec_l1 = float((vae.decode(vae.encode(sub).latent_dist.mean).sample - sub).abs().mean() / 2)
     record = {
         "what": "MiniDefect base model (SD1.x architecture), pre-trained on MiniDefect normal images",
-        "command": "OMP_NUM_THREADS=1 python scripts/pretrain_minidefect.py "
-        "--out dualanodiff_core/assets/minidefect-sd",
+        "command": command
+        or "OMP_NUM_THREADS=1 python scripts/pretrain_minidefect.py --out dualanodiff_core/assets/minidefect-sd",
         "config": config.to_dict(),
-        "vae_config": _jsonable(VAE_CONFIG),
-        "unet_config": _jsonable(UNET_CONFIG),
+        "vae_config": _jsonable(config.vae_config()),
+        "unet_config": _jsonable(config.unet_config()),
         "text_config": TEXT_CONFIG,
         "scaling_factor": scaling,
         "seconds": {"vae": round(vae_time, 1), "unet": round(unet_time, 1), "total": round(time.time() - t_start, 1)},
         "threads": torch.get_num_threads(),
         "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "cpu",
         "torch": torch.__version__,
         "diffusers": _version("diffusers"),
         "transformers": _version("transformers"),
@@ -543,12 +592,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Pre-train the MiniDefect base model (CPU; see module doc).")
     p.add_argument("--out", required=True, help="model folder to write (replaced if it exists)")
     p.add_argument("--grid", help="also write a sample grid PNG here")
-    p.add_argument("--device", default="cpu", help="torch device (the shipped model was made on CPU)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (the shipped model was made on CPU)")
     for f in dataclasses.fields(PretrainConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     a = p.parse_args(argv)
     cfg = PretrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(PretrainConfig)})
-    pretrain(a.out, cfg, grid=a.grid, device=a.device)
+    try:
+        cfg.vae_config(), cfg.unet_config()
+    except ValueError as e:
+        p.error(str(e))
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = " ".join(
+        [f"OMP_NUM_THREADS={torch.get_num_threads()}", "python", "scripts/pretrain_minidefect.py", *args]
+    )
+    pretrain(a.out, cfg, grid=a.grid, device=a.device, command=command)
     return 0
 
 
