@@ -267,3 +267,29 @@ def test_sampler_cost_rejects_a_bad_setting():
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert r.returncode == 2 and "SAMPLER:STEPS" in r.stderr and "euler:20" in r.stderr
+
+
+def test_vae_capacity_compares_a_trained_vae_with_the_shipped_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    md.write_minidefect(tmp_path / "data", md.MiniDefectSpec(seed=4, train_good=4, test_good=2, test_defect=3))
+    cmd = [sys.executable, "bench/vae_capacity.py", "--data", str(tmp_path / "data")]
+    cmd += ["--json", str(tmp_path / "v.json")]
+    cmd += ["--vae-channels", "16,32,32", "--vae-steps", "2", "--vae-batch", "2", "--pool", "2", "--clutter", "2"]
+    cmd += ["--warmup", "1", "--save", str(tmp_path / "vae")]
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "v.json").read_text())
+    assert out["vae_config"]["block_out_channels"] == [16, 32, 32]
+    assert out["parameters"]["trained"] < out["parameters"]["shipped"]
+    types = {f"{p}/{d}" for p, ds in md.PRODUCTS.items() for d in ds}
+    assert set(out["capacity"]["shipped"]) == set(out["capacity"]["trained"]) == types
+    # two steps of training reconstruct far worse than the shipped VAE, on every type
+    for t in types:
+        assert out["capacity"]["trained"][t]["mae_outside"] > out["capacity"]["shipped"][t]["mae_outside"]
+    assert (tmp_path / "vae" / "config.json").is_file()
+    assert "fabric/thread" in r.stdout and "hit rec/rec shipped" in r.stdout
