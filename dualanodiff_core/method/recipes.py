@@ -24,7 +24,10 @@ product words) and samples without classifier-free guidance (cfg 1.0 aligned mas
 row starts from the same noise as its global row (``anomaly_noise_share`` 1). The two branches then place the defect
 at the same spot: with independent starting noise the global image's defect follows the global branch's own noise
 and the anomaly branch draws its defect somewhere else (SAIM couples them too weakly to move it; measured with
-``bench/diagnose.py``, docs/quality.md). Its weights are the reference recipe's: only ``generate`` differs.
+``bench/diagnose.py``, docs/quality.md). Its weights are the reference recipe's: only ``generate`` differs. It also
+samples with DDIM, 50 steps, by default instead of the reference's PNDM, 100: half the denoising steps, and within
+the segmentation seeds' spread of PNDM 100 in usefulness and alignment on MiniDefect (``bench/sampler_cost.py``,
+docs/quality.md, "Cost at equal quality"); ``reference`` and ``ours`` keep PNDM 100.
 """
 
 from __future__ import annotations
@@ -51,6 +54,13 @@ class Recipe:
     #: sampling: correlation of each anomaly row's starting noise with its global row's (0 = independent, the
     #: reference; 1 = the same noise)
     anomaly_noise_share: float = 0.0
+    #: sampling: scheduler and denoising steps of ``dualanodiff generate`` when not given (the reference: PNDM, 100)
+    sampler: str = "pndm"
+    steps: int = 100
+
+    def schedule(self, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
+        """(sampler, steps): each value given, else this recipe's (the CLI's ``None`` defaults)."""
+        return (self.sampler if sampler is None else sampler, int(self.steps if steps is None else steps))
 
     def sampling_noise(self, zero_mean: bool | None = None, share: float | None = None) -> tuple[bool, float]:
         """(zero-mean anomaly starting noise, anomaly noise share): each value given, else this recipe's.
@@ -70,7 +80,9 @@ class Recipe:
 _RECIPES = {
     "ours": Recipe("ours", 0.1, 20.0, True, True, 1.0),
     "reference": Recipe("reference", 0.0, 1.0, False, False, 2.5),
-    "shared-noise": Recipe("shared-noise", 0.0, 1.0, False, False, 2.5, anomaly_noise_share=1.0),
+    "shared-noise": Recipe(
+        "shared-noise", 0.0, 1.0, False, False, 2.5, anomaly_noise_share=1.0, sampler="ddim", steps=50
+    ),
 }
 
 
