@@ -413,3 +413,22 @@ def test_generate_samples_with_the_recipes_sampler_and_steps_when_not_given(asse
     assert cli.main(argv) == 0
     records, _ = read_manifest(out / MANIFEST)
     assert [(r["sampler"], r["steps"]) for r in records] == [expected]
+
+
+def test_a_folder_sampled_with_the_old_defaults_resumes_with_recipe_reference(assets, tmp_path, capsys):
+    """Before shared-noise and DDIM 50 were the defaults, `generate` sampled as the reference (independent noise,
+    PNDM 100): resuming such a folder with the new defaults stops naming what differs; `--recipe reference` resumes
+    it unchanged."""
+    out = tmp_path / "out"
+    argv = ["generate", "--weights", str(assets["plain"]), "--base", str(assets["model"]), "--out", str(out)]
+    argv += ["--size", "16", "--device", "cpu", "--no-progress", "--category", "w", "--defect", "d", *LOOSE]
+    assert cli.main(argv + ["--n", "1", "--recipe", "reference"]) == 0
+    before = (out / MANIFEST).read_bytes()
+    capsys.readouterr()
+    assert cli.main(argv + ["--n", "2"]) != 0
+    err = capsys.readouterr().err
+    assert "other settings" in err and "sampler" in err and "steps" in err and "anomaly_noise_share" in err
+    assert "Traceback" not in err and (out / MANIFEST).read_bytes() == before  # nothing written
+    assert cli.main(argv + ["--n", "2", "--recipe", "reference"]) == 0
+    records, _ = read_manifest(out / MANIFEST)
+    assert [(r["index"], r["sampler"], r["steps"]) for r in records] == [(0, "pndm", 100), (1, "pndm", 100)]
