@@ -1,8 +1,8 @@
 """Recipes: named sets of training and sampling settings, so that the reference recipe stays one option away.
 
 ``shared-noise`` (the default of ``dualanodiff train``, ``generate`` and ``demo``; below) is ``reference`` with the
-anomaly branch started from its global branch's noise. ``reference`` is the paper's published code. ``ours``
-adds three changes to it, each aimed at a failure seen on MiniDefect and measured with ``bench/quality.py`` (see
+anomaly branch started from its global branch's noise (and ``generate`` sampling with DDIM 50). ``reference`` is the
+paper's published code. ``ours`` adds three changes to it, each aimed at a failure seen on MiniDefect and measured with ``bench/quality.py`` (see
 docs/quality.md; it is not the default because it did not make the generated data more useful there):
 
 * **offset noise on the anomaly rows in training** (``anomaly_offset_noise``, 0.1): the training noise of each
@@ -20,14 +20,14 @@ also trains with product prompts (``woven fabric with sks`` instead of ``a vfx w
 product words) and samples without classifier-free guidance (cfg 1.0 aligned masks and images better than 2.5);
 ``reference`` keeps ``a vfx with sks`` / ``sks`` and cfg 2.5.
 
-``shared-noise`` is ``reference`` (same training, prompts and guidance) with one sampling change: each pair's anomaly
-row starts from the same noise as its global row (``anomaly_noise_share`` 1). The two branches then place the defect
-at the same spot: with independent starting noise the global image's defect follows the global branch's own noise
-and the anomaly branch draws its defect somewhere else (SAIM couples them too weakly to move it; measured with
-``bench/diagnose.py``, docs/quality.md). Its weights are the reference recipe's: only ``generate`` differs. It also
-samples with DDIM, 50 steps, by default instead of the reference's PNDM, 100: half the denoising steps, and within
-the segmentation seeds' spread of PNDM 100 in usefulness and alignment on MiniDefect (``bench/sampler_cost.py``,
-docs/quality.md, "Cost at equal quality"); ``reference`` and ``ours`` keep PNDM 100.
+``shared-noise`` is ``reference`` (same training, prompts and guidance) with two sampling changes. Each pair's
+anomaly row starts from the same noise as its global row (``anomaly_noise_share`` 1): the two branches then place the
+defect at the same spot; with independent starting noise the global image's defect follows the global branch's own
+noise and the anomaly branch draws its defect somewhere else (SAIM couples them too weakly to move it; measured with
+``bench/diagnose.py``, docs/quality.md). And it samples with DDIM, 50 steps, instead of PNDM, 100: half the
+denoising steps for the same mean usefulness on MiniDefect (two types, two dataset seeds; worse on one of the four;
+``bench/sampler_cost.py``, docs/quality.md "Cost at equal quality"). Its weights are the reference recipe's: only
+``generate`` differs.
 """
 
 from __future__ import annotations
