@@ -2,8 +2,9 @@
 
 ``shared-noise`` (the default of ``dualanodiff train``, ``generate`` and ``demo``; below) is ``reference`` with the
 anomaly branch started from its global branch's noise (and ``generate`` sampling with DDIM 50). ``reference`` is the
-paper's published code. ``ours`` adds three changes to it, each aimed at a failure seen on MiniDefect and measured with ``bench/quality.py`` (see
-docs/quality.md; it is not the default because it did not make the generated data more useful there):
+paper's published code. ``ours`` adds three changes to it, each aimed at a failure seen on MiniDefect and measured
+with ``bench/quality.py`` (see docs/quality.md; it is not the default because it did not make the generated data
+more useful there):
 
 * **offset noise on the anomaly rows in training** (``anomaly_offset_noise``, 0.1): the training noise of each
   anomaly-branch latent gets a random per-channel constant added, so the branch learns to put its background back to
