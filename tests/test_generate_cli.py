@@ -104,7 +104,7 @@ def test_help_explains_everything(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["generate", "--help"])
     assert e.value.code == 0
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal's width
     for word in (
         "--weights",
         "--base",
@@ -127,6 +127,7 @@ def test_help_explains_everything(capsys):
         "ground_truth",
         "BCM reference uses 50",
         "pndm",
+        "pndm with reference and ours",
     ):
         assert word in text, word
 
@@ -141,7 +142,7 @@ def test_generate_end_to_end(assets, tmp_path, capsys):
     sha = sha256_file(assets["plain"])
     for r in records:
         assert r["seed"] == sample_seed(0, r["index"])
-        assert (r["sampler"], r["steps"], r["cfg"], r["width"], r["height"]) == ("pndm", 2, 2.5, 16, 16)
+        assert (r["sampler"], r["steps"], r["cfg"], r["width"], r["height"]) == ("ddim", 2, 2.5, 16, 16)
         assert r["weights_sha256"] == sha and r["base_model"] == str(assets["model"].resolve())
         assert r["prompt_global"] == "a vfx with sks" and r["prompt_anomaly"] == "sks"
         assert isinstance(r["mask_area"], float) and r["reason"] and "accepted" in r
@@ -399,3 +400,35 @@ def test_errors_are_one_clear_line(assets, tmp_path, capsys, extra, kwargs, mess
     rc = gen(assets, tmp_path / "out", *extra, n=1, **kwargs)
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("recipe, expected", [(None, ("ddim", 50)), ("reference", ("pndm", 100))])
+def test_generate_samples_with_the_recipes_sampler_and_steps_when_not_given(assets, tmp_path, recipe, expected):
+    """Without --sampler/--steps a run samples, and records in the manifest, the recipe's schedule: DDIM 50 by
+    default, the paper's PNDM 100 with --recipe reference."""
+    out = tmp_path / "out"
+    argv = ["generate", "--weights", str(assets["plain"]), "--base", str(assets["model"]), "--out", str(out)]
+    argv += ["--n", "1", "--size", "16", "--device", "cpu", "--no-progress", "--category", "w", "--defect", "d"]
+    argv += LOOSE + (["--recipe", recipe] if recipe else [])
+    assert cli.main(argv) == 0
+    records, _ = read_manifest(out / MANIFEST)
+    assert [(r["sampler"], r["steps"]) for r in records] == [expected]
+
+
+def test_a_folder_sampled_with_the_old_defaults_resumes_with_recipe_reference(assets, tmp_path, capsys):
+    """Before shared-noise and DDIM 50 were the defaults, `generate` sampled as the reference (independent noise,
+    PNDM 100): resuming such a folder with the new defaults stops naming what differs; `--recipe reference` resumes
+    it unchanged."""
+    out = tmp_path / "out"
+    argv = ["generate", "--weights", str(assets["plain"]), "--base", str(assets["model"]), "--out", str(out)]
+    argv += ["--size", "16", "--device", "cpu", "--no-progress", "--category", "w", "--defect", "d", *LOOSE]
+    assert cli.main(argv + ["--n", "1", "--recipe", "reference"]) == 0
+    before = (out / MANIFEST).read_bytes()
+    capsys.readouterr()
+    assert cli.main(argv + ["--n", "2"]) != 0
+    err = capsys.readouterr().err
+    assert "other settings" in err and "sampler" in err and "steps" in err and "anomaly_noise_share" in err
+    assert "Traceback" not in err and (out / MANIFEST).read_bytes() == before  # nothing written
+    assert cli.main(argv + ["--n", "2", "--recipe", "reference"]) == 0
+    records, _ = read_manifest(out / MANIFEST)
+    assert [(r["index"], r["sampler"], r["steps"]) for r in records] == [(0, "pndm", 100), (1, "pndm", 100)]

@@ -236,6 +236,31 @@ def test_generate_cli_noise_settings_follow_the_recipe_unless_given():
     assert (shared.product_prompts, shared.minidefect_cfg) == (ref.product_prompts, ref.minidefect_cfg)
 
 
+def test_generate_cli_sampler_and_steps_follow_the_recipe_unless_given():
+    """The default recipe samples DDIM 50 (measured against PNDM 100 by bench/sampler_cost.py); the reference recipe
+    keeps the paper's PNDM 100; given options win; the Python default (SamplingOptions) is the default recipe's."""
+    from dualanodiff_core.cli import generate as cmd_generate
+    from dualanodiff_core.dataset.generate import REFERENCE_SAMPLER, REFERENCE_STEPS, SamplingOptions
+    from dualanodiff_core.method.recipes import DEFAULT_RECIPE, get_recipe
+
+    p = argparse.ArgumentParser()
+    cmd_generate.add_arguments(p)
+    base = ["--weights", "w", "--base", "b", "--out", "o"]
+
+    def schedule(*extra):
+        return cmd_generate.recipe_schedule(p.parse_args(base + list(extra)))
+
+    assert schedule() == ("ddim", 50) == get_recipe(DEFAULT_RECIPE).schedule()
+    assert schedule("--recipe", "reference") == ("pndm", 100) == (REFERENCE_SAMPLER, REFERENCE_STEPS)
+    assert schedule("--recipe", "ours") == ("pndm", 100)
+    assert schedule("--recipe", "reference", "--steps", "30") == ("pndm", 30)
+    assert schedule("--sampler", "dpmpp", "--steps", "20") == ("dpmpp", 20)
+    assert schedule("--recipe", "reference", "--sampler", "ddim") == ("ddim", 100)
+    opts = SamplingOptions()
+    assert (opts.sampler, opts.steps) == get_recipe(DEFAULT_RECIPE).schedule()
+    assert opts.anomaly_noise_share == get_recipe(DEFAULT_RECIPE).anomaly_noise_share
+
+
 @pytest.mark.parametrize("recipe", ["reference", "ours", "shared-noise"])
 @pytest.mark.parametrize("zero_mean, share", [(None, None), (True, None), (None, 0.5), (False, 0.0)])
 def test_generate_cli_and_benchmark_resolve_the_recipe_alike(recipe, zero_mean, share):

@@ -17,6 +17,8 @@ from ..dataset.generate import (
     DEFAULT_STEPS,
     DEFAULT_SWITCH_EVERY,
     MAX_SIDE,
+    REFERENCE_SAMPLER,
+    REFERENCE_STEPS,
 )
 from ..method.recipes import DEFAULT_RECIPE, RECIPES
 
@@ -138,12 +140,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = p.add_argument_group("sampling (reference: PNDM, 100 steps, CFG 2.5)")
-    s.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=("pndm", "ddim", "dpmpp"), help="scheduler")
+    s.add_argument(
+        "--sampler",
+        default=None,
+        choices=("pndm", "ddim", "dpmpp"),
+        help=f"scheduler (default: the recipe's; {DEFAULT_SAMPLER} with {DEFAULT_RECIPE}, {REFERENCE_SAMPLER} with "
+        "reference and ours)",
+    )
     s.add_argument(
         "--steps",
         type=int,
-        default=DEFAULT_STEPS,
-        help=f"denoising steps (the BCM reference uses {BCM_REFERENCE_STEPS})",
+        default=None,
+        help=f"denoising steps (default: the recipe's; {DEFAULT_STEPS} with {DEFAULT_RECIPE}, {REFERENCE_STEPS} "
+        f"with reference and ours; the BCM reference uses {BCM_REFERENCE_STEPS})",
     )
     s.add_argument(
         "--cfg",
@@ -395,6 +404,13 @@ def _device(name: str):
     return name
 
 
+def recipe_schedule(args: argparse.Namespace) -> tuple[str, int]:
+    """(sampler, steps): each option's value when given, else the recipe's."""
+    from ..method.recipes import get_recipe
+
+    return get_recipe(args.recipe).schedule(args.sampler, args.steps)
+
+
 def recipe_noise(args: argparse.Namespace) -> tuple[bool, float]:
     """(zero-mean anomaly starting noise, anomaly noise share): each option's value when given, else the recipe's."""
     from ..method.recipes import get_recipe
@@ -429,11 +445,12 @@ def run(args: argparse.Namespace) -> int:
     width, height = args.size
     check_size(width, height, args.max_size)
     zero_mean, share = recipe_noise(args)
+    sampler, steps = recipe_schedule(args)
     sampling = SamplingOptions(
         zero_mean_anomaly_noise=zero_mean,
         anomaly_noise_share=share,
-        sampler=args.sampler,
-        steps=args.steps,
+        sampler=sampler,
+        steps=steps,
         cfg=args.cfg,
         height=height,
         width=width,

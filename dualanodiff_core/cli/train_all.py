@@ -67,7 +67,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="generate N image/mask pairs with each job's weights into CATEGORY/DEFECT/generated (0 = train only)",
     )
-    g.add_argument("--generate-steps", type=int, default=100, metavar="S", help="denoising steps")
+    g.add_argument(
+        "--generate-steps",
+        type=int,
+        default=100,
+        metavar="S",
+        help="denoising steps (PNDM, as the reference; `dualanodiff generate` offers the other samplers)",
+    )
     g.add_argument("--generate-size", type=int, default=None, metavar="PX", help="image size (default: --resolution)")
     g.add_argument("--generate-batch-size", type=int, default=1, metavar="B", help="pairs sampled together")
     p.description = DESCRIPTION
@@ -165,7 +171,7 @@ def run_job(args, category: str, defect: str, folder: Path, out: Path, device: s
         state["final_loss"] = result.history[-1]["loss"] if result.history else None
     state["weights"] = str(weights)
     if args.generate:
-        from ..dataset.generate import SamplingOptions, generate_dataset
+        from ..dataset.generate import REFERENCE_SAMPLER, SamplingOptions, generate_dataset
         from ..sd15.pipeline import DualAnoDiffPipeline
 
         size = args.generate_size or args.resolution
@@ -178,7 +184,8 @@ def run_job(args, category: str, defect: str, folder: Path, out: Path, device: s
             defect=defect,
             seed=args.seed,
             batch_size=args.generate_batch_size,
-            sampling=SamplingOptions(steps=args.generate_steps, height=size, width=size),
+            # PNDM as before the default sampler changed: a rerun must resume jobs with the settings they began with
+            sampling=SamplingOptions(sampler=REFERENCE_SAMPLER, steps=args.generate_steps, height=size, width=size),
             weights_path=weights,
             base_model=str(args.model),
             progress=False,

@@ -42,9 +42,13 @@ from .export import DatasetWriter, ExportSample, check_name, digits_for
 from .masks import MaskOptions, extract_mask
 from .placement import PlacementSet, check_region
 
-#: reference defaults (docs/method.md, "Inference"): dual model PNDM / 100 steps / CFG 2.5; the BCM reference uses
+#: reference settings (docs/method.md, "Inference"): dual model PNDM / 100 steps / CFG 2.5; the BCM reference uses
 #: 50 / 2.0
-DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_CFG = "pndm", 100, 2.5
+REFERENCE_SAMPLER, REFERENCE_STEPS, DEFAULT_CFG = "pndm", 100, 2.5
+#: the default recipe's (``shared-noise``) scheduler and steps: DDIM 50 matched PNDM 100's mean usefulness on
+#: MiniDefect at half the steps (``bench/sampler_cost.py``, docs/quality.md "Cost at equal quality");
+#: ``--recipe reference`` keeps PNDM 100
+DEFAULT_SAMPLER, DEFAULT_STEPS = "ddim", 50
 BCM_REFERENCE_STEPS, BCM_REFERENCE_CFG = 50, 2.0
 DEFAULT_SWITCH_EVERY = 50  # the reference switches the BCM background every 50 samples (10 for screw)
 #: largest image side generated unless raised (``max_side``, ``--max-size``): SD1.5 is made for 512 px, and memory

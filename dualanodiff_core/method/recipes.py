@@ -1,9 +1,10 @@
 """Recipes: named sets of training and sampling settings, so that the reference recipe stays one option away.
 
 ``shared-noise`` (the default of ``dualanodiff train``, ``generate`` and ``demo``; below) is ``reference`` with the
-anomaly branch started from its global branch's noise. ``reference`` is the paper's published code. ``ours``
-adds three changes to it, each aimed at a failure seen on MiniDefect and measured with ``bench/quality.py`` (see
-docs/quality.md; it is not the default because it did not make the generated data more useful there):
+anomaly branch started from its global branch's noise (and ``generate`` sampling with DDIM 50). ``reference`` is the
+paper's published code. ``ours`` adds three changes to it, each aimed at a failure seen on MiniDefect and measured
+with ``bench/quality.py`` (see docs/quality.md; it is not the default because it did not make the generated data
+more useful there):
 
 * **offset noise on the anomaly rows in training** (``anomaly_offset_noise``, 0.1): the training noise of each
   anomaly-branch latent gets a random per-channel constant added, so the branch learns to put its background back to
@@ -20,11 +21,14 @@ also trains with product prompts (``woven fabric with sks`` instead of ``a vfx w
 product words) and samples without classifier-free guidance (cfg 1.0 aligned masks and images better than 2.5);
 ``reference`` keeps ``a vfx with sks`` / ``sks`` and cfg 2.5.
 
-``shared-noise`` is ``reference`` (same training, prompts and guidance) with one sampling change: each pair's anomaly
-row starts from the same noise as its global row (``anomaly_noise_share`` 1). The two branches then place the defect
-at the same spot: with independent starting noise the global image's defect follows the global branch's own noise
-and the anomaly branch draws its defect somewhere else (SAIM couples them too weakly to move it; measured with
-``bench/diagnose.py``, docs/quality.md). Its weights are the reference recipe's: only ``generate`` differs.
+``shared-noise`` is ``reference`` (same training, prompts and guidance) with two sampling changes. Each pair's
+anomaly row starts from the same noise as its global row (``anomaly_noise_share`` 1): the two branches then place the
+defect at the same spot; with independent starting noise the global image's defect follows the global branch's own
+noise and the anomaly branch draws its defect somewhere else (SAIM couples them too weakly to move it; measured with
+``bench/diagnose.py``, docs/quality.md). And it samples with DDIM, 50 steps, instead of PNDM, 100: half the
+denoising steps for the same mean usefulness on MiniDefect (two types, two dataset seeds; worse on one of the four;
+``bench/sampler_cost.py``, docs/quality.md "Cost at equal quality"). Its weights are the reference recipe's: only
+``generate`` differs.
 """
 
 from __future__ import annotations
@@ -51,6 +55,13 @@ class Recipe:
     #: sampling: correlation of each anomaly row's starting noise with its global row's (0 = independent, the
     #: reference; 1 = the same noise)
     anomaly_noise_share: float = 0.0
+    #: sampling: scheduler and denoising steps of ``dualanodiff generate`` when not given (the reference: PNDM, 100)
+    sampler: str = "pndm"
+    steps: int = 100
+
+    def schedule(self, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
+        """(sampler, steps): each value given, else this recipe's (the CLI's ``None`` defaults)."""
+        return (self.sampler if sampler is None else sampler, int(self.steps if steps is None else steps))
 
     def sampling_noise(self, zero_mean: bool | None = None, share: float | None = None) -> tuple[bool, float]:
         """(zero-mean anomaly starting noise, anomaly noise share): each value given, else this recipe's.
@@ -70,7 +81,9 @@ class Recipe:
 _RECIPES = {
     "ours": Recipe("ours", 0.1, 20.0, True, True, 1.0),
     "reference": Recipe("reference", 0.0, 1.0, False, False, 2.5),
-    "shared-noise": Recipe("shared-noise", 0.0, 1.0, False, False, 2.5, anomaly_noise_share=1.0),
+    "shared-noise": Recipe(
+        "shared-noise", 0.0, 1.0, False, False, 2.5, anomaly_noise_share=1.0, sampler="ddim", steps=50
+    ),
 }
 
 
