@@ -15,6 +15,10 @@ End to end, every defect type, one command (train on the few-shot third, generat
   and/or generated folder there, named after them.
 * ``--generated``: instead, the ``--out`` folder of ``dualanodiff generate`` for the same category/defect.
   ``--reference-only``: only the real and synthetic reference rows.
+* ``--base-model DIR``: train and generate from another MiniDefect-sized base model (a diffusers folder, e.g. one
+  written by ``scripts/pretrain_minidefect.py`` with other architecture options) instead of the shipped one; its
+  weights and generated sets go to ``<work>/<recipe>-seed<N>-base-<folder name>-<hash of its path>/``, so they never
+  mix with the shipped model's, and the JSON records the folder and its ``pretrain.json`` file hashes.
 * ``--target CATEGORY/DEFECT`` (repeatable); ``--all`` = the six MiniDefect defect types.
 * The real / CutPaste / Perlin rows do not depend on the generated data: their scores are cached per (data,
   source, segmentation seed, settings) in ``--cache-dir`` (default ``<work>/cache``), so a second recipe on the same
@@ -28,7 +32,10 @@ number means.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -38,6 +45,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dualanodiff_core.evaluation import benchmark as ev  # noqa: E402
 from dualanodiff_core.fileio import write_json_atomic, write_text_atomic  # noqa: E402
 from dualanodiff_core.minidefect import procedural as md  # noqa: E402
+
+
+def base_suffix(base: Path | None) -> str:
+    """The run folder's suffix for a base model other than the shipped one (``""`` for the shipped one)."""
+    if base is None:
+        return ""
+    h = hashlib.sha256(str(base.resolve()).encode()).hexdigest()[:8]
+    return f"-base-{re.sub(r'[^A-Za-z0-9_.-]', '_', base.resolve().name)}-{h}"
+
+
+def base_record(base: Path | None) -> dict:
+    """What the JSON says of the base model: its folder and, when it has one, its ``pretrain.json`` file hashes."""
+    folder = base if base is not None else md.base_model_dir()
+    info = {"folder": str(Path(folder).resolve()), "shipped": base is None}
+    pre = Path(folder) / "pretrain.json"
+    if pre.is_file():
+        rec = json.loads(pre.read_text(encoding="utf-8"))
+        info.update(sha256=rec.get("sha256"), config=rec.get("config"))
+    return info
 
 
 def main(argv=None) -> int:
@@ -113,6 +139,11 @@ def main(argv=None) -> int:
         choices=list(ev.SOURCES),
         help="training sources for the usefulness test",
     )
+    p.add_argument(
+        "--base-model",
+        metavar="DIR",
+        help="base model folder to train and generate from (default: the shipped MiniDefect model)",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="segmentation training seeds")
     p.add_argument("--steps", type=int, default=ev.SegConfig.steps, help="segmentation training steps")
     p.add_argument("--width", type=int, default=ev.SegConfig.width, help="segmentation network width")
@@ -125,6 +156,18 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="1 seed, 200 steps (a first look)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")), help="torch CPU threads")
     a = p.parse_args(argv)
+    base = None
+    if a.base_model:
+        from dualanodiff_core.errors import DualAnoDiffError
+        from dualanodiff_core.sd15.loading import check_base_model
+
+        base = Path(a.base_model)
+        try:
+            check_base_model(base)
+        except DualAnoDiffError as e:
+            p.error(f"--base-model: {e}")
+        if a.generated or a.reference_only:
+            p.error("--base-model is for end-to-end runs (it trains and generates); drop --generated/--reference-only")
 
     import torch
 
@@ -166,14 +209,14 @@ def main(argv=None) -> int:
         zero_mean_noise=a.zero_mean_noise,
     )
     end_to_end = not a.generated and not a.reference_only
-    run_dir = work / f"{a.recipe}-seed{a.dataset_seed}"
+    run_dir = work / f"{a.recipe}-seed{a.dataset_seed}{base_suffix(base)}"
     results, rows = [], []
     t0 = time.time()
     for category, defect in targets:
         gen = a.generated
         info = None
         if end_to_end:
-            info = train_and_generate(data, category, defect, run_dir, run)
+            info = train_and_generate(data, category, defect, run_dir, run, model=base)
             gen = info["generated"]
         elif gen is not None and not (Path(gen) / category / "test" / defect).is_dir():
             print(f"note: {gen} holds no {category}/{defect}; reference rows only", file=sys.stderr)
@@ -194,6 +237,7 @@ def main(argv=None) -> int:
                 "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
                 "dataset_seed": a.dataset_seed if not a.data else None,
                 "recipe": a.recipe if end_to_end else None,
+                "base_model": base_record(base) if end_to_end else None,
                 "run_settings": run.to_dict() if end_to_end else None,
                 "summary": rows,
                 "results": results,

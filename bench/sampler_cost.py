@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         default=["generated", "real+generated"],
         help="bench/quality.py --sources (the reference rows do not depend on the sampler)",
     )
+    p.add_argument("--base-model", help="bench/quality.py --base-model (default: the shipped MiniDefect model)")
     p.add_argument("--threads", default=os.environ.get("OMP_NUM_THREADS", "1"), help="torch CPU threads")
     p.add_argument("--json", default="sampler_cost.json", help="where to write the combined results")
     p.add_argument("--markdown", help="also write the table (Markdown) here")
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         args += ["--sampler", sampler, "--sampling-steps", str(steps), "--threads", str(a.threads)]
         args += ["--seeds", *a.seeds, "--steps", str(a.steps), "--sources", *a.sources]
         args += [x for t in a.target for x in ("--target", t)]
-        for opt in ("data", "recipe", "train_steps", "samples"):
+        for opt in ("data", "recipe", "train_steps", "samples", "base_model"):
             if getattr(a, opt) is not None:
                 args += ["--" + opt.replace("_", "-"), str(getattr(a, opt))]
         quality.main(args)

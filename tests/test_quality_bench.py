@@ -293,3 +293,38 @@ def test_vae_capacity_compares_a_trained_vae_with_the_shipped_one(tmp_path):
         assert out["capacity"]["trained"][t]["mae_outside"] > out["capacity"]["shipped"][t]["mae_outside"]
     assert (tmp_path / "vae" / "config.json").is_file()
     assert "fabric/thread" in r.stdout and "hit rec/rec shipped" in r.stdout
+
+
+def test_quality_bench_trains_and_generates_from_another_base_model(tmp_path):
+    """--base-model: the weights and pairs come from the given folder (recorded in the JSON and in the generated
+    manifest), in a run folder of their own; a folder that is not a model is refused with one message."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dualanodiff_core.dataset.export import MANIFEST, read_manifest
+    from dualanodiff_core.minidefect.tiny import save_tiny_model
+
+    root = Path(__file__).resolve().parents[1]
+    md.write_minidefect(
+        tmp_path / "data", md.MiniDefectSpec(seed=3, train_good=6, test_good=2, test_defect=3, products=("metal",))
+    )
+    base = save_tiny_model(tmp_path / "tiny base")
+    work = tmp_path / "work"
+    cmd = [sys.executable, "bench/quality.py", "--target", "metal/hole", "--data", str(tmp_path / "data")]
+    cmd += ["--work", str(work), "--seeds", "0", "--steps", "2", "--train-steps", "2", "--samples", "2"]
+    cmd += ["--sources", "generated", "--json", str(tmp_path / "q.json"), "--base-model", str(base)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "q.json").read_text())
+    assert out["base_model"]["folder"] == str(base.resolve()) and out["base_model"]["shipped"] is False
+    (run_dir,) = [d for d in work.iterdir() if d.name.startswith("shared-noise-seed0")]
+    assert run_dir.name.startswith("shared-noise-seed0-base-tiny_base-")
+    assert [p.name for p in (run_dir / "weights").glob("*.safetensors")] == ["metal_hole-train_steps=2.safetensors"]
+    records, _ = read_manifest(Path(out["results"][0]["run"]["generated"]) / MANIFEST)
+    assert records and {r["base_model"] for r in records} == {str(base.resolve())}
+
+    bad = subprocess.run(cmd[:-1] + [str(tmp_path / "data")], cwd=root, capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "--base-model" in bad.stderr and "Traceback" not in bad.stderr
