@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,14 +45,9 @@ def train(config: pt.PretrainConfig, device: str, log) -> tuple[object, list[flo
     """Stage 1 of :func:`dualanodiff_core.minidefect.pretrain.pretrain` alone: (VAE, loss history, seconds)."""
     normals, _, _ = pt.normal_pool(config, log)
     clutter = pt.clutter_pool(config, normals)
-    vae = pt.build_models(config.seed, config)[0]
-    with torch.no_grad():
-        vae.quant_conv.bias[vae.config.latent_channels :].fill_(config.vae_logvar_init)
-    vae = vae.to(device)
-    data = pt.to_tensor(np.concatenate([normals, clutter])).to(device)
-    t0 = time.time()
-    hist = pt.train_vae(vae, data, config, log)
-    return vae.cpu().eval(), hist, time.time() - t0
+    vae = pt.build_models(config.seed, config)[0].to(device)
+    hist, seconds = pt.vae_stage(vae, normals, clutter, config, log)
+    return vae.cpu().eval(), hist, seconds
 
 
 def table(results: dict[str, dict]) -> str:
@@ -108,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "command": " ".join(["vae_capacity.py", *(sys.argv[1:] if argv is None else argv)]),
             "config": config.to_dict(),
-            "vae_config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.vae_config().items()},
+            "vae_config": pt._jsonable(config.vae_config()),
             "parameters": {
                 "shipped": sum(x.numel() for x in shipped.parameters()),
                 "trained": sum(x.numel() for x in vae.parameters()),

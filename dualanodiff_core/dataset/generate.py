@@ -34,6 +34,7 @@ from .. import distributed as _dist
 from ..errors import InputError, MissingInputError
 from ..fileio import IMAGE_SUFFIXES, masks_for, open_image, pil_to_tensor, sha256_file, tensor_to_pil
 from ..method.layout import share_anomaly_noise, zero_mean_anomaly_rows  # noqa: F401  (also served here)
+from ..method.recipes import DEFAULT_RECIPE, get_recipe
 from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL
 from ..sd15.scheduler import SAMPLERS
 from ..training.backgrounds import make_background
@@ -43,12 +44,12 @@ from .masks import MaskOptions, extract_mask
 from .placement import PlacementSet, check_region
 
 #: reference settings (docs/method.md, "Inference"): dual model PNDM / 100 steps / CFG 2.5; the BCM reference uses
-#: 50 / 2.0
-REFERENCE_SAMPLER, REFERENCE_STEPS, DEFAULT_CFG = "pndm", 100, 2.5
-#: the default recipe's (``shared-noise``) scheduler and steps: DDIM 50 matched PNDM 100's mean usefulness on
-#: MiniDefect at half the steps (``bench/sampler_cost.py``, docs/quality.md "Cost at equal quality");
-#: ``--recipe reference`` keeps PNDM 100
-DEFAULT_SAMPLER, DEFAULT_STEPS = "ddim", 50
+#: 50 / 2.0. The recipes are the one place that sets the schedules: ``reference`` keeps the paper's, the default
+#: recipe (``shared-noise``) samples DDIM 50, which matched PNDM 100's mean usefulness on MiniDefect at half the
+#: steps (``bench/sampler_cost.py``, docs/quality.md "Cost at equal quality")
+REFERENCE_SAMPLER, REFERENCE_STEPS = get_recipe("reference").schedule()
+DEFAULT_SAMPLER, DEFAULT_STEPS = get_recipe(DEFAULT_RECIPE).schedule()
+DEFAULT_CFG = 2.5
 BCM_REFERENCE_STEPS, BCM_REFERENCE_CFG = 50, 2.0
 DEFAULT_SWITCH_EVERY = 50  # the reference switches the BCM background every 50 samples (10 for screw)
 #: largest image side generated unless raised (``max_side``, ``--max-size``): SD1.5 is made for 512 px, and memory

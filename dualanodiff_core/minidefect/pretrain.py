@@ -313,6 +313,17 @@ def train_vae(vae, data: torch.Tensor, config: PretrainConfig, log) -> list[floa
     return history
 
 
+def vae_stage(vae, normals: np.ndarray, clutter: np.ndarray, config: PretrainConfig, log) -> tuple[list[float], float]:
+    """Stage 1 on a freshly built VAE (already on its device): (loss history, seconds). Shared by :func:`pretrain`
+    and ``bench/vae_capacity.py``, so the VAE that benchmark measures is the one a whole run would train."""
+    with torch.no_grad():  # start with a small posterior std (the decoder sees the code, not mostly noise)
+        vae.quant_conv.bias[vae.config.latent_channels :].fill_(config.vae_logvar_init)
+    data = to_tensor(np.concatenate([normals, clutter])).to(next(vae.parameters()).device)
+    t0 = time.time()
+    history = train_vae(vae, data, config, log)
+    return history, time.time() - t0
+
+
 @torch.no_grad()
 def encode_pool(vae, data: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
@@ -519,14 +530,8 @@ def pretrain(
     normals, products, params = normal_pool(config, log)
     clutter = clutter_pool(config, normals)
     vae, unet, text, tokenizer = build_models(config.seed, config)
-    with torch.no_grad():  # start with a small posterior std (the decoder sees the code, not mostly noise)
-        vae.quant_conv.bias[vae.config.latent_channels :].fill_(config.vae_logvar_init)
     vae, unet, text = vae.to(device), unet.to(device), text.to(device)
-    vae_data = to_tensor(np.concatenate([normals, clutter])).to(device)
-    t0 = time.time()
-    vae_hist = train_vae(vae, vae_data, config, log)
-    vae_time = time.time() - t0
-    del vae_data
+    vae_hist, vae_time = vae_stage(vae, normals, clutter, config, log)
     means, stds = encode_pool(vae, to_tensor(normals).to(device))
     std = float(
         (
