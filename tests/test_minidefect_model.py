@@ -127,3 +127,57 @@ def test_pretraining_rejects_a_bad_architecture(tmp_path, capsys, option, value)
     err = capsys.readouterr().err
     assert option in err and value in err and "Traceback" not in err
     assert not (tmp_path / "m").exists()
+
+
+def _tiny_pretrain_argv(out) -> list[str]:
+    argv = ["--out", str(out), "--pool", "3", "--clutter", "4", "--vae-steps", "2", "--vae-batch", "2"]
+    return argv + ["--unet-steps", "2", "--unet-batch", "2", "--warmup", "1", "--log-every", "100"]
+
+
+def test_pretraining_reuses_a_vae_stage_bit_exactly(tmp_path, capsys):
+    """--vae-from skips stage 1: with the same settings the model files are those of the whole run, bit for bit;
+    with another UNet stage the VAE is kept and the record names where it came from."""
+    torch.set_num_threads(1)
+    whole, again, longer = tmp_path / "whole", tmp_path / "again", tmp_path / "longer"
+    assert mp.main(_tiny_pretrain_argv(whole)) == 0
+    assert mp.main(_tiny_pretrain_argv(again) + ["--vae-from", str(whole)]) == 0
+    first = json.loads((whole / "pretrain.json").read_text())
+    second = json.loads((again / "pretrain.json").read_text())
+    assert first["sha256"] == second["sha256"]  # every file of the model, the VAE and the UNet stage's
+    assert "vae_reused_from" not in first
+    assert second["vae_reused_from"]["folder"] == str(whole)
+    assert second["vae_reused_from"]["sha256"] == first["sha256"][mp.VAE_WEIGHTS]
+    assert second["scaling_factor"] == first["scaling_factor"] and "--vae-from" in second["command"]
+    argv = _tiny_pretrain_argv(longer)
+    argv[argv.index("--unet-steps") + 1] = "3"
+    assert mp.main(argv + ["--vae-from", str(whole)]) == 0
+    third = json.loads((longer / "pretrain.json").read_text())
+    assert third["sha256"][mp.VAE_WEIGHTS] == first["sha256"][mp.VAE_WEIGHTS]
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert third["sha256"][unet] != first["sha256"][unet]
+
+
+def test_pretraining_refuses_a_vae_from_other_settings(tmp_path, capsys):
+    torch.set_num_threads(1)
+    whole = tmp_path / "whole"
+    assert mp.main(_tiny_pretrain_argv(whole)) == 0
+    capsys.readouterr()
+    cases = [
+        (["--vae-steps", "3"], "vae_steps 2 (this run: 3)"),
+        (["--vae-channels", "48,96,96"], "vae_channels '32,64,64' (this run: '48,96,96')"),
+    ]
+    for extra, said in cases:
+        with pytest.raises(SystemExit) as e:
+            mp.main(_tiny_pretrain_argv(tmp_path / "x") + extra + ["--vae-from", str(whole)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert said in err and str(whole) in err and "Traceback" not in err
+    # not a pre-training folder; an edited VAE file
+    for folder, said in ((tmp_path, "not a model folder"), (whole, "does not match the sha256")):
+        if folder == whole:
+            w = whole / mp.VAE_WEIGHTS
+            w.write_bytes(w.read_bytes()[:-1] + bytes([w.read_bytes()[-1] ^ 1]))
+        with pytest.raises(SystemExit) as e:
+            mp.main(_tiny_pretrain_argv(tmp_path / "x") + ["--vae-from", str(folder)])
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -27,6 +27,7 @@ Command (the shipped weights were made with it; the MiniDefect page in docs/ say
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -455,6 +456,60 @@ GRID_PROMPTS = (
 # saving
 
 
+#: the settings that decide stage 1 (the VAE): a VAE reused with ``--vae-from`` must have been made with these
+VAE_STAGE_FIELDS = (
+    "seed", "size", "pool", "clutter", "vae_steps", "vae_batch", "vae_crop", "vae_lr", "vae_grad_weight",
+    "vae_logvar_init", "warmup", "vae_channels", "vae_layers",
+)  # fmt: skip
+
+VAE_WEIGHTS = "vae/diffusion_pytorch_model.safetensors"
+
+
+def load_vae_stage(folder: str | os.PathLike, vae, config: PretrainConfig) -> dict:
+    """Load stage 1's result from a model folder this script wrote into the freshly built ``vae``, in place of
+    training it, and return what the record says of it.
+
+    Why: the VAE stage is most of a run's time on a CPU (46 of 55 minutes for the wider VAE), and the UNet stage does
+    not depend on anything else of it, so trying another UNet stage on the same VAE need not train that VAE again.
+    The result is the same file a whole run would write only if the reused VAE is: the folder's ``pretrain.json``
+    must record the same stage-1 settings as this run and the VAE file's sha256 must match its record."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    rec_path, weights = folder / "pretrain.json", folder / VAE_WEIGHTS
+    if not rec_path.is_file() or not weights.is_file():
+        raise ValueError(
+            f"--vae-from {folder}: not a model folder written by this script (it needs pretrain.json and "
+            f"{VAE_WEIGHTS}); give the --out folder of an earlier pre-training"
+        )
+    try:
+        record = json.loads(rec_path.read_text())
+        theirs, digest = record["config"], record["sha256"][VAE_WEIGHTS]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"--vae-from {folder}: {rec_path.name} is unreadable or has no config/sha256 record") from None
+    ours = config.to_dict()
+    differ = [f"{k} {theirs.get(k)!r} (this run: {ours[k]!r})" for k in VAE_STAGE_FIELDS if theirs.get(k) != ours[k]]
+    if differ:
+        raise ValueError(
+            f"--vae-from {folder}: its VAE was trained with other stage-1 settings: {'; '.join(differ)}. "
+            "Give this run the same settings, or leave --vae-from out to train the VAE"
+        )
+    if sha256_file(weights) != digest:
+        raise ValueError(f"--vae-from {folder}: {VAE_WEIGHTS} does not match the sha256 in its pretrain.json")
+    state = load_file(str(weights))
+    own = vae.state_dict()
+    if state.keys() != own.keys() or any(state[k].shape != own[k].shape for k in own):
+        raise ValueError(f"--vae-from {folder}: its VAE weights do not fit this run's VAE architecture")
+    vae.load_state_dict(state)
+    vae.eval()
+    return {
+        "folder": str(folder),
+        "sha256": digest,
+        "seconds": (record.get("seconds") or {}).get("vae"),
+        "final_loss": (record.get("final_loss") or {}).get("vae"),
+    }
+
+
 def save_model(folder: Path, vae, unet, text, tokenizer, record: dict) -> None:
     """A diffusers Stable Diffusion folder (fp32 safetensors) + ``pretrain.json`` (how it was made)."""
     from diffusers import PNDMScheduler
@@ -512,8 +567,12 @@ def pretrain(
     grid: str | os.PathLike | None = None,
     device: str = "cpu",
     command: str | None = None,
+    vae_from: str | os.PathLike | None = None,
 ) -> Path:
     """Run both stages and write the model folder ``out``. Returns it.
+
+    ``vae_from``: take stage 1 (the VAE) from that earlier model folder instead of training it
+    (:func:`load_vae_stage`: same stage-1 settings, verified file); the record names it.
 
     On CUDA, deterministic algorithms are switched on (and cuBLAS is given a fixed workspace) so that a rerun on
     the same GPU and software reproduces the files bit for bit, as a CPU run with one thread does."""
@@ -531,7 +590,13 @@ def pretrain(
     clutter = clutter_pool(config, normals)
     vae, unet, text, tokenizer = build_models(config.seed, config)
     vae, unet, text = vae.to(device), unet.to(device), text.to(device)
-    vae_hist, vae_time = vae_stage(vae, normals, clutter, config, log)
+    reused = None
+    if vae_from is not None:
+        reused = load_vae_stage(vae_from, vae, config)
+        vae_hist, vae_time = [reused["final_loss"]] if reused["final_loss"] is not None else [float("nan")], 0.0
+        log(f"vae stage reused from {vae_from} (sha256 {reused['sha256'][:12]}...)")
+    else:
+        vae_hist, vae_time = vae_stage(vae, normals, clutter, config, log)
     means, stds = encode_pool(vae, to_tensor(normals).to(device))
     std = float(
         (
@@ -574,6 +639,8 @@ def pretrain(
         "vae_reconstruction_l1_normals": round(rec_l1, 5),
         "prompts": {p: md.PRODUCT_PROMPTS[p] for p in md.PRODUCTS},
     }
+    if reused is not None:
+        record["vae_reused_from"] = reused
     vae, unet, text = vae.cpu(), unet.cpu(), text.cpu()
     save_model(out, vae, unet, text, tokenizer, record)
     log(
@@ -598,19 +665,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="model folder to write (replaced if it exists)")
     p.add_argument("--grid", help="also write a sample grid PNG here")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (the shipped model was made on CPU)")
+    p.add_argument(
+        "--vae-from",
+        help="reuse the VAE of an earlier pre-training (its --out folder, made with the same stage-1 settings) "
+        "instead of training it: only the UNet stage runs",
+    )
     for f in dataclasses.fields(PretrainConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     a = p.parse_args(argv)
     cfg = PretrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(PretrainConfig)})
     try:
         cfg.vae_config(), cfg.unet_config()
+        if a.vae_from is not None:  # a bad folder fails here, before the data is built
+            load_vae_stage(a.vae_from, build_models(cfg.seed, cfg)[0], cfg)
     except ValueError as e:
         p.error(str(e))
     args = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(
         [f"OMP_NUM_THREADS={torch.get_num_threads()}", "python", "scripts/pretrain_minidefect.py", *args]
     )
-    pretrain(a.out, cfg, grid=a.grid, device=a.device, command=command)
+    pretrain(a.out, cfg, grid=a.grid, device=a.device, command=command, vae_from=a.vae_from)
     return 0
 
 
