@@ -12,6 +12,10 @@ Sections (each prints measured figures; everything also goes to ``--json``):
     on the original and on the reconstruction; the share of images in which the independent texture detector of
     the benchmark finds the defect under the mask, on originals and reconstructions; and the anomaly-branch target
     (the defect on mid-gray) through the VAE: does it stay gray outside the mask?
+    ``--capacity-usefulness TYPE ...`` adds the **ceiling** of a generator working in that latent space: the
+    benchmark's segmentation network (``--seg-seeds``, ``--seg-steps``: the quality tables' 3 seeds x 150 steps)
+    trained on the ten real few-shot pairs, and on the same pairs with their images passed through the VAE (masks
+    unchanged), both scored on the held-out defects and normal test images like bench/quality.py's rows.
 (a) **overfitting one real defect image** per ``--overfit`` type with the reference recipe (the benchmark's demo
     settings: rank 8, lr 3e-4, batch 4, random h/v flips) for ``--steps`` steps. The image is the few-shot image
     whose four flips overlap least, so each flip puts the defect somewhere else. Every ``--eval-every`` steps,
@@ -34,6 +38,9 @@ Sections (each prints measured figures; everything also goes to ``--json``):
     branch (relative to the attention output). And the coupling at sampling: with the global branch's starting
     noise fixed, how much the global image changes when only the anomaly branch's starting noise changes (mean
     absolute pixel change), relative to the change when the global noise changes.
+
+``--base-model DIR`` runs every section on another MiniDefect base model (a folder written by
+``scripts/pretrain_minidefect.py``) instead of the shipped one.
 
 ``--weights CATEGORY/DEFECT=PATH`` (repeatable) measures (a)-(d) also for weights trained elsewhere, e.g. by
 ``bench/quality.py`` on the ten few-shot images (no training; their sampling alignment against the anomaly-branch
@@ -66,6 +73,14 @@ from dualanodiff_core.minidefect import procedural as md  # noqa: E402
 
 FLIPS = ((False, False), (True, False), (False, True), (True, True))  # (hflip, vflip)
 SAIM_TIMESTEPS = (900, 500, 100)
+
+
+#: the base model every section loads (``--base-model``; None = the shipped one)
+BASE_MODEL: Path | None = None
+
+
+def base_model() -> Path:
+    return md.base_model_dir() if BASE_MODEL is None else BASE_MODEL
 
 
 def log(s: str) -> None:
@@ -172,6 +187,32 @@ def capacity(data: Path, vae) -> dict:
     return res
 
 
+def capacity_usefulness(data: Path, vae, targets: list[str], seeds: list[int], steps: int) -> dict:
+    """Segmentation pixel AP from the real few-shot pairs, as they are and after a VAE round trip: the most that
+    any generator decoding through this VAE can hand a detector (it cannot draw what the decoder cannot)."""
+    res = {}
+    seg = ev.SegConfig(steps=steps)
+    log(f"(e) usefulness ceiling: segmentation on the few-shot pairs, original vs through the VAE ({steps} steps)")
+    for target in targets:
+        product, defect = target.split("/")
+        real = ev.load_real(data, product, defect)
+        decoded = ev.PairSet(vae_roundtrip(vae, real.few_shot.images), real.few_shot.masks, real.few_shot.names)
+        imgs, masks, labels = ev.held_out_test_set(real)
+        r = {}
+        for name, pairs in (("real", real.few_shot), ("real_through_vae", decoded)):
+            aps = []
+            for seed in seeds:
+                net = ev.train_segnet(real.normals_train, pairs, seg, seed)
+                aps.append(ev.segmentation_scores(ev.predict(net, imgs), masks, labels)["pixel_ap"])
+            r[name] = {"per_seed": aps, "pixel_ap": list(metrics.mean_std(aps))}
+        res[target] = r
+        log(
+            f"    {target:<15} real {r['real']['pixel_ap'][0]:.3f} +- {r['real']['pixel_ap'][1]:.3f}   "
+            f"through the VAE {r['real_through_vae']['pixel_ap'][0]:.3f} +- {r['real_through_vae']['pixel_ap'][1]:.3f}"
+        )
+    return res
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # training set-up
 
@@ -210,7 +251,7 @@ def build_trainer(
         train_config(run, product, 64), checkpoint_every=0, learning_rate=lr or run.lr, saim_zero_init=saim_zero_init
     )
     dataset = DefectDataset(ds, tc.resolution, flips=tc.flips, crop=tc.crop)
-    bb = DiffusersTrainingBackbone.build(load_base_components(md.base_model_dir()), tc)
+    bb = DiffusersTrainingBackbone.build(load_base_components(base_model()), tc)
     return Trainer(bb, dataset, tc, work), tc
 
 
@@ -642,7 +683,7 @@ def trained(data: Path, target: str, weights: Path, n_samples: int, image: str |
         prompt_anomaly=meta.get("prompt_anomaly", "sks"),
         rank=w.rank,
     )
-    bb = DiffusersTrainingBackbone.build(load_base_components(md.base_model_dir()), tc)
+    bb = DiffusersTrainingBackbone.build(load_base_components(base_model()), tc)
     bb.pipe.dual.load_weights(w)
     if bb.pipe.text_lora is not None and w.has_text:
         bb.pipe.text_lora.load_weights(w)
@@ -692,17 +733,42 @@ def main(argv=None) -> int:
         help="also measure these weights (IMAGE: the one few-shot image they were overfitted on)",
     )
     p.add_argument("--skip-capacity", action="store_true")
+    p.add_argument(
+        "--capacity-usefulness",
+        nargs="*",
+        default=[],
+        metavar="CATEGORY/DEFECT",
+        help="also the usefulness ceiling of the VAE for these types (segmentation on the few-shot pairs, original "
+        "vs through the VAE)",
+    )
+    p.add_argument("--seg-seeds", type=int, nargs="+", default=[0, 1, 2], help="segmentation seeds (ceiling)")
+    p.add_argument("--seg-steps", type=int, default=150, help="segmentation steps (ceiling; the quality tables' 150)")
+    p.add_argument("--base-model", help="a MiniDefect base model folder instead of the shipped one")
     p.add_argument("--work", default="quality_work/diagnose", help="scratch folder for the overfitting runs")
     p.add_argument("--json", default="diagnose.json")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     a = p.parse_args(argv)
+    known = {f"{c}/{d}" for c, ds in md.PRODUCTS.items() for d in ds}
+    for t in a.capacity_usefulness:
+        if t not in known:
+            p.error(f"--capacity-usefulness {t}: choose from {', '.join(sorted(known))}")
+    if a.base_model is not None:
+        from dualanodiff_core.errors import DualAnoDiffError
+        from dualanodiff_core.sd15.loading import check_base_model
+
+        try:
+            check_base_model(Path(a.base_model))
+        except DualAnoDiffError as e:
+            p.error(f"--base-model: {e}")
+        global BASE_MODEL
+        BASE_MODEL = Path(a.base_model)
     torch.set_num_threads(max(1, a.threads))
     data = Path(a.data)
     if not data.exists():
         md.write_minidefect(data, md.MiniDefectSpec(seed=a.dataset_seed))
     t0 = time.time()
     args = argv if argv is not None else sys.argv[1:]
-    out = {"command": " ".join(["diagnose.py", *args]), "torch": torch.__version__}
+    out = {"command": " ".join(["diagnose.py", *args]), "torch": torch.__version__, "base_model": str(base_model())}
 
     def save():
         out["seconds"] = round(time.time() - t0, 1)
@@ -712,8 +778,14 @@ def main(argv=None) -> int:
     if not a.skip_capacity:
         from dualanodiff_core.sd15.loading import load_diffusers_components
 
-        vae = load_diffusers_components(md.base_model_dir())["vae"]
+        vae = load_diffusers_components(base_model())["vae"]
         out["capacity"] = capacity(data, vae)
+        save()
+    if a.capacity_usefulness:
+        from dualanodiff_core.sd15.loading import load_diffusers_components
+
+        vae = load_diffusers_components(base_model())["vae"]
+        out["capacity_usefulness"] = capacity_usefulness(data, vae, a.capacity_usefulness, a.seg_seeds, a.seg_steps)
         save()
     out["overfit"] = {}
     for target in a.overfit:

@@ -328,3 +328,42 @@ def test_quality_bench_trains_and_generates_from_another_base_model(tmp_path):
 
     bad = subprocess.run(cmd[:-1] + [str(tmp_path / "data")], cwd=root, capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "--base-model" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_diagnose_usefulness_ceiling_on_another_base_model(tmp_path):
+    """bench/diagnose.py --capacity-usefulness --base-model: the real row is the benchmark's own segmentation run
+    (same seed and steps, same number), the through-the-VAE row uses that model's VAE; bad options exit 2."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dualanodiff_core.minidefect.tiny import save_tiny_model
+
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    md.write_minidefect(data, md.MiniDefectSpec(seed=3, train_good=6, test_good=2, test_defect=3, products=("metal",)))
+    base = save_tiny_model(tmp_path / "tiny base")
+    cmd = [sys.executable, "bench/diagnose.py", "--data", str(data), "--overfit", "--skip-capacity"]
+    cmd += ["--capacity-usefulness", "metal/hole", "--seg-seeds", "0", "--seg-steps", "3"]
+    cmd += ["--json", str(tmp_path / "d.json"), "--base-model", str(base)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "d.json").read_text())
+    assert out["base_model"] == str(base)
+    row = out["capacity_usefulness"]["metal/hole"]
+    torch.set_num_threads(1)
+    real = ev.load_real(data, "metal", "hole")
+    imgs, masks, labels = ev.held_out_test_set(real)
+    net = ev.train_segnet(real.normals_train, real.few_shot, ev.SegConfig(steps=3), 0)
+    expected = ev.segmentation_scores(ev.predict(net, imgs), masks, labels)["pixel_ap"]
+    assert row["real"]["per_seed"] == [pytest.approx(expected, abs=1e-6)]
+    # the random tiny VAE turns the images into something else: a different network, a different score
+    assert row["real_through_vae"]["per_seed"][0] != pytest.approx(expected, abs=1e-6)
+    for bad, said in (
+        (["--capacity-usefulness", "metal/dent"], "--capacity-usefulness metal/dent"),
+        (["--base-model", str(data)], "--base-model"),
+    ):
+        b = subprocess.run(cmd + bad, cwd=root, capture_output=True, text=True, env=env)
+        assert b.returncode == 2 and said in b.stderr and "Traceback" not in b.stderr
