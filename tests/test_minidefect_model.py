@@ -1,6 +1,7 @@
 """The shipped MiniDefect base model: complete, small, loads offline with DualAnoDiffPipeline, generates, follows
 its prompts; and the pre-training code is deterministic."""
 
+import dataclasses
 import hashlib
 import json
 
@@ -84,6 +85,14 @@ def test_pretraining_is_deterministic():
                 **{f"u.{k}": v for k, v in unet.state_dict().items()},
             }
         )
+    # offset noise in the UNet stage is a different run (and off by default)
+    assert mp.PretrainConfig().unet_offset_noise == 0
+    vae, unet, text, tok = mp.build_models(0)
+    mp.train_vae(vae, data, cfg, log=lambda s: None)
+    means, stds = mp.encode_pool(vae, data)
+    off = dataclasses.replace(cfg, unet_offset_noise=0.1)
+    mp.train_unet(unet, text, tok, means, stds, lambda i, rng: "brushed metal", off, 0.33, log=lambda s: None)
+    assert any(not torch.equal(v, states[0]["u." + k]) for k, v in unet.state_dict().items())
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     fresh = mp.build_models(0)[1].state_dict()

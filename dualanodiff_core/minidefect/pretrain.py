@@ -97,6 +97,11 @@ class PretrainConfig:
     ema: float = 0.999
     uncond_prob: float = 0.1
     min_snr: float = 5.0
+    #: std of a per-sample, per-channel constant added to the UNet stage's training noise ("offset noise"; 0 = off,
+    #: the shipped model). Why: with SD's noise schedule the last timestep still holds a little of the image, so a
+    #: model trained on plain noise never learns to set an image's mean colour; sampling from pure noise then leaves
+    #: that colour to the noise's own mean, and gray ``brushed metal`` comes out tinted.
+    unet_offset_noise: float = 0.0
     log_every: int = 50
     #: architecture (defaults = the shipped model): block widths of the VAE and the UNet, comma-separated, and
     #: resnet layers per block. A wider VAE is the lever for small high-contrast detail (docs/quality.md, capacity);
@@ -368,6 +373,9 @@ def train_unet(unet, text, tokenizer, means, stds, captions_fn, config: Pretrain
         ctx = text(ids)[0]
         t = torch.randint(0, len(abar), (config.unet_batch,), generator=g).to(dev)
         eps = torch.randn(z0.shape, generator=g).to(dev)
+        if config.unet_offset_noise > 0:  # drawn only when on: the default run's random stream is unchanged
+            offset = torch.randn((z0.shape[0], z0.shape[1], 1, 1), generator=g).to(dev)
+            eps = eps + config.unet_offset_noise * offset
         a = abar[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         pred = unet(zt, t, encoder_hidden_states=ctx).sample
