@@ -103,6 +103,14 @@ def main(argv=None) -> int:
         "by more than STD ring standard deviations (0 = off, the anomaly branch's mask as drawn)",
     )
     p.add_argument(
+        "--mask-min-contrast",
+        type=float,
+        default=d.mask_min_contrast,
+        metavar="D",
+        help="the masks' contrast floor: the least distance from mid-gray (0-1) an anomaly-branch pixel needs to be "
+        "marked (default: the MiniDefect mask default)",
+    )
+    p.add_argument(
         "--noise-share",
         type=float,
         default=d.noise_share,
@@ -194,6 +202,8 @@ def main(argv=None) -> int:
         train_count=a.train_count,
         cache_dir=cache,
     )
+    if a.mask_min_contrast is not None and not 0 < a.mask_min_contrast < 1:
+        p.error(f"--mask-min-contrast {a.mask_min_contrast}: give a distance from mid-gray in (0, 1), e.g. 0.05")
     run = RunSettings(
         recipe=a.recipe,
         train_steps=a.train_steps,
@@ -203,6 +213,7 @@ def main(argv=None) -> int:
         sampling_steps=a.sampling_steps,
         cfg=a.cfg,
         mask_visible=a.mask_visible,
+        mask_min_contrast=a.mask_min_contrast,
         accept_target=a.accept_target,
         noise_share=a.noise_share,
         train_noise_share=a.train_noise_share,

@@ -300,6 +300,13 @@ def test_run_settings_variants_get_their_own_folders():
     assert RunSettings(recipe="shared-noise", noise_share=0.0).suffix(s.SAMPLING) == "-noise_share=0"
     assert RunSettings(recipe="reference", noise_share=0.0).suffix(s.SAMPLING) == ""
     assert v.mask_options().visible_min_deviation == 2.0 and d.mask_options().visible_min_deviation == 0.0
+    # the mask floor: the MiniDefect default unless given; another floor is another generated set
+    from dualanodiff_core.minidefect import procedural as md
+
+    f = RunSettings(mask_min_contrast=0.05)
+    assert d.mask_options().min_contrast == md.mask_options().min_contrast != 0.05
+    assert f.mask_options().min_contrast == 0.05 and f.suffix(f.SAMPLING) == "-mask_min_contrast=0.05"
+    assert f.suffix(f.TRAINING) == ""  # same weights
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ class RunSettings:
     train_noise_share: float = 0.0
     #: None = the recipe's (``ours``: zero-mean anomaly starting noise; ``reference``: plain)
     zero_mean_noise: bool | None = None
+    #: the mask's contrast floor (``MaskOptions.min_contrast``); None = the MiniDefect default (:func:`mask_options`)
+    mask_min_contrast: float | None = None
 
     #: settings that change the trained weights / the generated set: a run that differs from the defaults in any of
     #: them gets its own weights file / generated folder (:meth:`suffix`), so variants never overwrite each other
@@ -59,6 +61,7 @@ class RunSettings:
         "accept_target",
         "noise_share",
         "zero_mean_noise",
+        "mask_min_contrast",
     )
 
     def suffix(self, fields: tuple[str, ...]) -> str:
@@ -93,7 +96,8 @@ class RunSettings:
     def mask_options(self):
         from . import procedural as md
 
-        return md.mask_options(visible_min_deviation=self.mask_visible)
+        floor = {} if self.mask_min_contrast is None else {"min_contrast": float(self.mask_min_contrast)}
+        return md.mask_options(visible_min_deviation=self.mask_visible, **floor)
 
 
 def train_config(settings: RunSettings, product: str, size: int):
