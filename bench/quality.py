@@ -11,8 +11,8 @@ End to end, every defect type, one command (train on the few-shot third, generat
   few-shot split (the first third of ``<category>/test/<defect>``, rounded down) from the shipped MiniDefect base
   model with the demo's settings under ``--recipe`` (:mod:`dualanodiff_core.method.recipes`), pairs are generated, and
   everything is measured. Weights and generated sets stay in ``<work>/<recipe>-seed<N>/`` and are reused by a rerun;
-  settings other than the defaults (``--train-steps``, ``--lr``, ``--mask-visible``, ...) get their own weights file
-  and/or generated folder there, named after them.
+  settings other than the defaults (``--train-steps``, ``--lr``, ``--mask-visible``, ``--mask-min-contrast``, ...)
+  get their own weights file and/or generated folder there, named after them.
 * ``--generated``: instead, the ``--out`` folder of ``dualanodiff generate`` for the same category/defect.
   ``--reference-only``: only the real and synthetic reference rows.
 * ``--base-model DIR``: train and generate from another MiniDefect-sized base model (a diffusers folder, e.g. one
@@ -25,8 +25,8 @@ End to end, every defect type, one command (train on the few-shot third, generat
   data costs only the generated rows.
 
 Prints one report per target, a summary table (``--markdown`` writes it to a file), and writes all results as JSON
-(after every target, so a partial run keeps what it measured). See dualanodiff_core/evaluation.py for what each
-number means.
+(after every target, so a partial run keeps what it measured). See dualanodiff_core/evaluation/benchmark.py for
+what each number means.
 """
 
 from __future__ import annotations
