@@ -157,6 +157,8 @@ def test_pretraining_reuses_a_vae_stage_bit_exactly(tmp_path, capsys):
     assert second["vae_reused_from"]["folder"] == str(whole)
     assert second["vae_reused_from"]["sha256"] == first["sha256"][mp.VAE_WEIGHTS]
     assert second["scaling_factor"] == first["scaling_factor"] and "--vae-from" in second["command"]
+    assert second["final_loss"]["vae"] == first["final_loss"]["vae"]  # strict JSON: no NaN for the skipped stage
+    json.loads((again / "pretrain.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in pretrain.json"))
     argv = _tiny_pretrain_argv(longer)
     argv[argv.index("--unet-steps") + 1] = "3"
     assert mp.main(argv + ["--vae-from", str(whole)]) == 0

@@ -601,7 +601,7 @@ def pretrain(
     reused = None
     if vae_from is not None:
         reused = load_vae_stage(vae_from, vae, config)
-        vae_hist, vae_time = [reused["final_loss"]] if reused["final_loss"] is not None else [float("nan")], 0.0
+        vae_hist, vae_time = [], 0.0  # its loss is in its own record (``vae_reused_from``)
         log(f"vae stage reused from {vae_from} (sha256 {reused['sha256'][:12]}...)")
     else:
         vae_hist, vae_time = vae_stage(vae, normals, clutter, config, log)
@@ -643,7 +643,10 @@ def pretrain(
         "diffusers": _version("diffusers"),
         "transformers": _version("transformers"),
         "numpy": np.__version__,
-        "final_loss": {"vae": float(np.mean(vae_hist[-100:])), "unet": float(np.mean(unet_hist[-200:]))},
+        "final_loss": {
+            "vae": float(np.mean(vae_hist[-100:])) if vae_hist else (reused or {}).get("final_loss"),
+            "unet": float(np.mean(unet_hist[-200:])),
+        },
         "vae_reconstruction_l1_normals": round(rec_l1, 5),
         "prompts": {p: md.PRODUCT_PROMPTS[p] for p in md.PRODUCTS},
     }
