@@ -1,4 +1,4 @@
-"""Mask halo: generated vs real mask area, with the old and the current MiniDefect mask defaults, side by side.
+"""Mask halo: generated vs real mask area, with the earlier and the current MiniDefect mask defaults, side by side.
 
     python bench/mask_halo.py --data quality_work/minidefect-seed0 \\
         --generated quality_work/ours-seed0/generated/fabric_hole --target fabric/hole
@@ -26,8 +26,9 @@ from dualanodiff_core.evaluation import benchmark as ev  # noqa: E402
 from dualanodiff_core.minidefect import procedural as md  # noqa: E402
 
 OPTION_SETS = {
-    "before (floor 0.05, hysteresis 0.5)": md.mask_options(min_contrast=0.05, hysteresis=0.5),
-    "now (floor 0.08, no hysteresis)": md.mask_options(),
+    "first (floor 0.05, hysteresis 0.5)": md.mask_options(min_contrast=0.05, hysteresis=0.5),
+    "base model v1 (floor 0.08, no hyst.)": md.mask_options(min_contrast=0.08),
+    "now (floor 0.05, no hysteresis)": md.mask_options(),
 }
 
 

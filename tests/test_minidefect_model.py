@@ -29,6 +29,20 @@ def test_shipped_model_is_complete_and_small():
     assert record["config"]["seed"] == 0 and record["seconds"]["total"] > 0
 
 
+def test_docs_give_the_command_that_made_the_shipped_model():
+    """docs/minidefect.md tells how to reproduce the shipped files: that command must be the one pretrain.json
+    records (the shipped model is v2: the wider VAE and offset noise), and the mask floor the docs pair with it is
+    the MiniDefect default."""
+    record = json.loads((MODEL / "pretrain.json").read_text())
+    docs = (MODEL.parents[2] / "docs" / "minidefect.md").read_text()
+    commands = [" ".join(block.replace("\\\n", " ").split()) for block in docs.split("```bash")[1:]]
+    commands = [c.split("```")[0].strip() for c in commands]
+    assert " ".join(record["command"].split()) in commands
+    assert "vae_reused_from" not in record  # one run of the script, not a stage reused from elsewhere
+    assert record["config"]["vae_channels"] == "48,96,96" and record["config"]["unet_offset_noise"] == 0.1
+    assert md.mask_options().min_contrast == 0.05
+
+
 @pytest.fixture(scope="module")
 def pipe():
     torch.manual_seed(0)

@@ -113,8 +113,8 @@ def test_generate_cli_exposes_the_alignment_threshold():
 
 def test_minidefect_mask_defaults_leave_out_a_faint_halo():
     """A generated anomaly image: a clear defect (0.3 from gray) inside a faint rim (0.065 from gray) -- the rim is
-    not in the global image. The new defaults mark the defect only; the old ones (floor 0.05, hysteresis 0.5) grew
-    into the rim."""
+    not in the global image. The defaults mark the defect only (the Otsu threshold, not grown); hysteresis growth
+    (0.5, the earlier default) grew into the rim."""
     size = 64
     yy, xx = np.mgrid[:size, :size]
     r = np.hypot(yy - 32, xx - 32)
@@ -123,11 +123,23 @@ def test_minidefect_mask_defaults_leave_out_a_faint_halo():
     fg[r < 5] = 0.2  # defect
     core = r < 5
     new = md.mask_options()
-    assert new.min_contrast == 0.08 and new.hysteresis == 1.0
+    assert new.min_contrast == 0.05 and new.hysteresis == 1.0
     m_new = extract_mask(fg, new).bool_mask()
-    m_old = extract_mask(fg, new.replace(min_contrast=0.05, hysteresis=0.5)).bool_mask()
+    m_old = extract_mask(fg, new.replace(hysteresis=0.5)).bool_mask()
     assert m_new.sum() <= 1.2 * core.sum() and (m_new & core).sum() >= 0.9 * core.sum()
     assert m_old.sum() > 2 * core.sum()
+
+
+def test_minidefect_mask_floor_keeps_a_faint_gray_defect():
+    """A gray-metal defect drawn on the anomaly branch's mid-gray: 0.06 from gray. The shipped model's floor (0.05)
+    keeps it; the first model's (0.08) emptied such masks."""
+    fg = np.full((64, 64, 3), 0.5, np.float32)
+    fg[30:34, 10:50] = 0.44  # a scratch, 4 px wide
+    truth = np.zeros((64, 64), bool)
+    truth[30:34, 10:50] = True
+    m = extract_mask(fg, md.mask_options()).bool_mask()
+    assert (m & truth).sum() >= 0.9 * truth.sum() and m.sum() <= 1.3 * truth.sum()
+    assert not extract_mask(fg, md.mask_options(min_contrast=0.08)).bool_mask().any()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -303,9 +315,9 @@ def test_run_settings_variants_get_their_own_folders():
     # the mask floor: the MiniDefect default unless given; another floor is another generated set
     from dualanodiff_core.minidefect import procedural as md
 
-    f = RunSettings(mask_min_contrast=0.05)
-    assert d.mask_options().min_contrast == md.mask_options().min_contrast != 0.05
-    assert f.mask_options().min_contrast == 0.05 and f.suffix(f.SAMPLING) == "-mask_min_contrast=0.05"
+    f = RunSettings(mask_min_contrast=0.08)
+    assert d.mask_options().min_contrast == md.mask_options().min_contrast != 0.08
+    assert f.mask_options().min_contrast == 0.08 and f.suffix(f.SAMPLING) == "-mask_min_contrast=0.08"
     assert f.suffix(f.TRAINING) == ""  # same weights
 
 

@@ -478,12 +478,14 @@ def mask_options(**changes):
     no opening (a 1-2 px scratch would vanish), a 3 px minimum area and a lower contrast floor (metal is gray, so a
     metal defect drawn on the anomaly branch's mid-gray differs from it only a little). On ideal anomaly-branch
     images (the real defect pasted on mid-gray) they recover the true masks with IoU 0.87-0.99 per defect type,
-    the core defaults with 0.33-0.99. On generated anomaly-branch images, whose backgrounds carry faint texture
-    around the defect, the contrast floor 0.08 (was 0.05) and no hysteresis growth (was 0.5) keep the mask to what
-    the global image shows (generated/real mask area: see docs/quality.md)."""
+    the core defaults with 0.33-0.99. No hysteresis growth (was 0.5): it grew masks into the faint texture that
+    generated anomaly-branch backgrounds carry around a defect. The contrast floor belongs to the base model: 0.05
+    with the shipped model (v2), whose gray metal defects differ from mid-gray only a little (at 0.08 most metal
+    scratch and stain masks came out empty); the first base model (v1) drew a tinted rim around its defects and
+    needed 0.08 to leave it out (measured on all six types and two dataset seeds: docs/quality.md)."""
 
     return MaskOptions(
-        blur_sigma=0.5, open_radius=0, close_radius=1, min_area=3, min_contrast=0.08, hysteresis=1.0
+        blur_sigma=0.5, open_radius=0, close_radius=1, min_area=3, min_contrast=0.05, hysteresis=1.0
     ).replace(**changes)
 
 
