@@ -77,10 +77,18 @@ SAIM_TIMESTEPS = (900, 500, 100)
 
 #: the base model every section loads (``--base-model``; None = the shipped one)
 BASE_MODEL: Path | None = None
+# --mask-min-contrast: the mask floor of the sample metrics (None: the MiniDefect default); a table measured with
+# another base model's floor is reproduced with that floor
+MASK_MIN_CONTRAST: float | None = None
 
 
 def base_model() -> Path:
     return md.base_model_dir() if BASE_MODEL is None else BASE_MODEL
+
+
+def mask_options():
+    """The MiniDefect mask settings of the sample metrics, with the --mask-min-contrast floor when given."""
+    return md.mask_options() if MASK_MIN_CONTRAST is None else md.mask_options(min_contrast=MASK_MIN_CONTRAST)
 
 
 def log(s: str) -> None:
@@ -348,7 +356,7 @@ def sample(pipe, n: int, seed: int = 0, cfg: float = 2.5, saim_strength: float =
 def sample_metrics(globals_, anomalies, detector, true_masks: list[np.ndarray] | None, train_images=None) -> dict:
     """``true_masks``: the training masks (one per training image, unflipped) for the flip analysis, or None;
     ``train_images`` (uint8, the same order): also how close each global image is to the nearest flip of one."""
-    opts = md.mask_options()
+    opts = mask_options()
     thr = acceptance.DEFAULT_MIN_ALIGNMENT
     det = detector.detect(globals_)
     rec = {k: [] for k in ("align", "iou_det", "hit_anywhere", "hit_mask", "empty", "gray_out", "gray_median")}
@@ -744,6 +752,11 @@ def main(argv=None) -> int:
     p.add_argument("--seg-seeds", type=int, nargs="+", default=[0, 1, 2], help="segmentation seeds (ceiling)")
     p.add_argument("--seg-steps", type=int, default=150, help="segmentation steps (ceiling; the quality tables' 150)")
     p.add_argument("--base-model", help="a MiniDefect base model folder instead of the shipped one")
+    p.add_argument(
+        "--mask-min-contrast",
+        type=float,
+        help="mask floor of the sample metrics (default: the MiniDefect default; 0.08 for tables measured on v1)",
+    )
     p.add_argument("--work", default="quality_work/diagnose", help="scratch folder for the overfitting runs")
     p.add_argument("--json", default="diagnose.json")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -752,6 +765,11 @@ def main(argv=None) -> int:
     for t in a.capacity_usefulness:
         if t not in known:
             p.error(f"--capacity-usefulness {t}: choose from {', '.join(sorted(known))}")
+    if a.mask_min_contrast is not None:
+        if not 0 < a.mask_min_contrast < 1:
+            p.error(f"--mask-min-contrast {a.mask_min_contrast}: give a distance from mid-gray in (0, 1), e.g. 0.08")
+        global MASK_MIN_CONTRAST
+        MASK_MIN_CONTRAST = a.mask_min_contrast
     if a.base_model is not None:
         from dualanodiff_core.errors import DualAnoDiffError
         from dualanodiff_core.sd15.loading import check_base_model

@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         help="bench/quality.py --sources (the reference rows do not depend on the sampler)",
     )
     p.add_argument("--base-model", help="bench/quality.py --base-model (default: the shipped MiniDefect model)")
+    p.add_argument("--mask-min-contrast", help="bench/quality.py --mask-min-contrast (default: its default)")
     p.add_argument("--threads", default=os.environ.get("OMP_NUM_THREADS", "1"), help="torch CPU threads")
     p.add_argument("--json", default="sampler_cost.json", help="where to write the combined results")
     p.add_argument("--markdown", help="also write the table (Markdown) here")
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         args += ["--sampler", sampler, "--sampling-steps", str(steps), "--threads", str(a.threads)]
         args += ["--seeds", *a.seeds, "--steps", str(a.steps), "--sources", *a.sources]
         args += [x for t in a.target for x in ("--target", t)]
-        for opt in ("data", "recipe", "train_steps", "samples", "base_model"):
+        for opt in ("data", "recipe", "train_steps", "samples", "base_model", "mask_min_contrast"):
             if getattr(a, opt) is not None:
                 args += ["--" + opt.replace("_", "-"), str(getattr(a, opt))]
         quality.main(args)

@@ -230,7 +230,7 @@ def test_sampler_cost_compares_settings_on_the_same_weights(tmp_path):
     cmd = [sys.executable, "bench/sampler_cost.py", "--target", "metal/hole", "--settings", "ddim:2", "dpmpp:3"]
     cmd += ["--work", str(work), "--seeds", "0", "--steps", "2", "--json", str(tmp_path / "cost.json")]
     cmd += ["--markdown", str(tmp_path / "cost.md"), "--train-steps", "2", "--samples", "2"]
-    cmd += ["--data", str(tmp_path / "data")]
+    cmd += ["--data", str(tmp_path / "data"), "--mask-min-contrast", "0.08"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -245,6 +245,8 @@ def test_sampler_cost_compares_settings_on_the_same_weights(tmp_path):
     parts = {k: json.loads((tmp_path / v).read_text()) for k, v in out["parts"].items()}
     assert {k: p["run_settings"]["sampler"] for k, p in parts.items()} == {"ddim:2": "ddim", "dpmpp:3": "dpmpp"}
     assert [p["run_settings"]["sampling_steps"] for p in parts.values()] == [2, 3]
+    # the mask floor is handed on (v1's tables were measured with 0.08)
+    assert {p["run_settings"]["mask_min_contrast"] for p in parts.values()} == {0.08}
     # trained once: one weights file, two generated sets
     assert len(list(work.rglob("*.safetensors"))) == 1
     assert len([d for d in work.rglob("generated/metal_hole*") if d.is_dir()]) == 2
@@ -364,6 +366,34 @@ def test_diagnose_usefulness_ceiling_on_another_base_model(tmp_path):
     for bad, said in (
         (["--capacity-usefulness", "metal/dent"], "--capacity-usefulness metal/dent"),
         (["--base-model", str(data)], "--base-model"),
+        (["--mask-min-contrast", "1.5"], "--mask-min-contrast 1.5"),
     ):
         b = subprocess.run(cmd + bad, cwd=root, capture_output=True, text=True, env=env)
         assert b.returncode == 2 and said in b.stderr and "Traceback" not in b.stderr
+
+
+def test_diagnose_sample_metrics_use_the_given_mask_floor(monkeypatch):
+    """bench/diagnose.py --mask-min-contrast: its sample metrics extract masks with that floor (tables measured on
+    base model v1 used 0.08), and with the MiniDefect default without it."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.modules.pop("diagnose", None)
+    import diagnose
+
+    assert diagnose.mask_options() == md.mask_options()
+
+    class NoDetection:  # the texture detector's interface: one boolean map per image
+        def detect(self, images):
+            return np.zeros(images.shape[:3], bool)
+
+    # an anomaly-branch image with a faint gray scratch (about 0.06 from mid-gray) and its global image
+    fg = np.full((1, 64, 64, 3), 128, np.uint8)
+    fg[0, 30:34, 10:50] = 112
+    glob = np.full((1, 64, 64, 3), 150, np.uint8)
+    kept = diagnose.sample_metrics(glob, fg, NoDetection(), None)
+    monkeypatch.setattr(diagnose, "MASK_MIN_CONTRAST", 0.08)
+    assert diagnose.mask_options() == md.mask_options(min_contrast=0.08) != md.mask_options()
+    lost = diagnose.sample_metrics(glob, fg, NoDetection(), None)
+    assert kept["anomaly_mask_empty"] == 0 and lost["anomaly_mask_empty"] == 1
