@@ -766,8 +766,10 @@ def main(argv=None) -> int:
         if t not in known:
             p.error(f"--capacity-usefulness {t}: choose from {', '.join(sorted(known))}")
     if a.mask_min_contrast is not None:
-        if not 0 < a.mask_min_contrast < 1:
-            p.error(f"--mask-min-contrast {a.mask_min_contrast}: give a distance from mid-gray in (0, 1), e.g. 0.08")
+        try:  # MaskOptions owns the valid range
+            md.mask_options(min_contrast=a.mask_min_contrast)
+        except ValueError as e:
+            p.error(f"--mask-min-contrast {a.mask_min_contrast}: {e}")
         global MASK_MIN_CONTRAST
         MASK_MIN_CONTRAST = a.mask_min_contrast
     if a.base_model is not None:

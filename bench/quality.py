@@ -177,6 +177,12 @@ def main(argv=None) -> int:
         if a.generated or a.reference_only:
             p.error("--base-model is for end-to-end runs (it trains and generates); drop --generated/--reference-only")
 
+    if a.mask_min_contrast is not None:
+        try:  # MaskOptions owns the valid range
+            md.mask_options(min_contrast=a.mask_min_contrast)
+        except ValueError as e:
+            p.error(f"--mask-min-contrast {a.mask_min_contrast}: {e}")
+
     import torch
 
     torch.set_num_threads(max(1, a.threads))
@@ -202,8 +208,6 @@ def main(argv=None) -> int:
         train_count=a.train_count,
         cache_dir=cache,
     )
-    if a.mask_min_contrast is not None and not 0 < a.mask_min_contrast < 1:
-        p.error(f"--mask-min-contrast {a.mask_min_contrast}: give a distance from mid-gray in (0, 1), e.g. 0.05")
     run = RunSettings(
         recipe=a.recipe,
         train_steps=a.train_steps,

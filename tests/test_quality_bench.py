@@ -330,6 +330,13 @@ def test_quality_bench_trains_and_generates_from_another_base_model(tmp_path):
 
     bad = subprocess.run(cmd[:-1] + [str(tmp_path / "data")], cwd=root, capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "--base-model" in bad.stderr and "Traceback" not in bad.stderr
+    # a mask floor outside (0, 1): one message naming the option, before anything is written
+    fresh = tmp_path / "fresh work"
+    bad = subprocess.run(
+        cmd + ["--mask-min-contrast", "1.5", "--work", str(fresh)], cwd=root, capture_output=True, text=True, env=env
+    )
+    assert bad.returncode == 2 and "--mask-min-contrast 1.5" in bad.stderr and "Traceback" not in bad.stderr
+    assert not fresh.exists()
 
 
 def test_diagnose_usefulness_ceiling_on_another_base_model(tmp_path):

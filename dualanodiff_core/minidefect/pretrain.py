@@ -644,7 +644,7 @@ def pretrain(
         "transformers": _version("transformers"),
         "numpy": np.__version__,
         "final_loss": {
-            "vae": float(np.mean(vae_hist[-100:])) if vae_hist else (reused or {}).get("final_loss"),
+            "vae": reused["final_loss"] if reused else float(np.mean(vae_hist[-100:])),
             "unet": float(np.mean(unet_hist[-200:])),
         },
         "vae_reconstruction_l1_normals": round(rec_l1, 5),
