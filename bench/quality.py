@@ -69,6 +69,7 @@ def base_record(base: Path | None) -> dict:
 def main(argv=None) -> int:
     from dualanodiff_core.method.recipes import DEFAULT_RECIPE, RECIPES
     from dualanodiff_core.minidefect.bench import RunSettings, train_and_generate
+    from dualanodiff_core.training.trainer import TrainConfig
 
     d = RunSettings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,6 +125,14 @@ def main(argv=None) -> int:
         default=d.train_noise_share,
         metavar="RHO",
         help="the same in training: the anomaly rows' noise correlated RHO with the global rows' (0 = independent)",
+    )
+    p.add_argument(
+        "--anomaly-contrast",
+        type=float,
+        default=d.anomaly_contrast,
+        metavar="C",
+        help="training: amplify the anomaly branch's target about mid-gray until its median defect pixel differs from "
+        "mid-gray by C (0-0.5; 0 = off, the reference)",
     )
     p.add_argument(
         "--zero-mean-noise",
@@ -182,6 +191,10 @@ def main(argv=None) -> int:
             md.mask_options(min_contrast=a.mask_min_contrast)
         except ValueError as e:
             p.error(f"--mask-min-contrast {a.mask_min_contrast}: {e}")
+    try:  # TrainConfig owns the valid range
+        TrainConfig(anomaly_contrast=a.anomaly_contrast).validate()
+    except ValueError as e:
+        p.error(f"--anomaly-contrast {a.anomaly_contrast}: {e}")
 
     import torch
 
@@ -221,6 +234,7 @@ def main(argv=None) -> int:
         accept_target=a.accept_target,
         noise_share=a.noise_share,
         train_noise_share=a.train_noise_share,
+        anomaly_contrast=a.anomaly_contrast,
         zero_mean_noise=a.zero_mean_noise,
     )
     end_to_end = not a.generated and not a.reference_only

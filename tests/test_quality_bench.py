@@ -337,6 +337,11 @@ def test_quality_bench_trains_and_generates_from_another_base_model(tmp_path):
     )
     assert bad.returncode == 2 and "--mask-min-contrast 1.5" in bad.stderr and "Traceback" not in bad.stderr
     assert not fresh.exists()
+    bad = subprocess.run(
+        cmd + ["--anomaly-contrast", "0.7", "--work", str(fresh)], cwd=root, capture_output=True, text=True, env=env
+    )
+    assert bad.returncode == 2 and "--anomaly-contrast 0.7" in bad.stderr and "Traceback" not in bad.stderr
+    assert not fresh.exists()
 
 
 def test_diagnose_usefulness_ceiling_on_another_base_model(tmp_path):

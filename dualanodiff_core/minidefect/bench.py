@@ -47,10 +47,12 @@ class RunSettings:
     zero_mean_noise: bool | None = None
     #: the mask's contrast floor (``MaskOptions.min_contrast``); None = the MiniDefect default (:func:`mask_options`)
     mask_min_contrast: float | None = None
+    #: amplify faint defects on the anomaly branch in training (``TrainConfig.anomaly_contrast``; 0 = off)
+    anomaly_contrast: float = 0.0
 
     #: settings that change the trained weights / the generated set: a run that differs from the defaults in any of
     #: them gets its own weights file / generated folder (:meth:`suffix`), so variants never overwrite each other
-    TRAINING = ("train_steps", "rank", "lr", "batch_size", "train_seed", "train_noise_share")
+    TRAINING = ("train_steps", "rank", "lr", "batch_size", "train_seed", "train_noise_share", "anomaly_contrast")
     SAMPLING = (
         "samples",
         "sampler",
@@ -122,6 +124,7 @@ def train_config(settings: RunSettings, product: str, size: int):
         prompt_global=pg,
         prompt_anomaly=pa,
         anomaly_noise_share=settings.train_noise_share,
+        anomaly_contrast=settings.anomaly_contrast,
         **recipe.train_settings(),
     ).validate()
 

@@ -510,10 +510,27 @@ def check_defect_set(ds: DefectSet, backgrounds: bool = False) -> None:
 # training views
 
 
-def anomaly_target(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def anomaly_target(images: torch.Tensor, masks: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
     """The anomaly-branch image: ``image * mask`` in [-1, 1], i.e. the defect on mid-gray (docs/method.md,
-    "Training")."""
-    return images * masks.to(images.dtype)
+    "Training").
+
+    ``gain`` > 1 (not the reference; ``TrainConfig.anomaly_contrast``) amplifies the defect's difference from mid-gray,
+    clipped to [-1, 1]: a defect whose colours lie close to mid-gray (a gray stain on gray metal) is then drawn with
+    enough contrast for its mask to be extracted. 1 is the reference, bit for bit."""
+    target = images * masks.to(images.dtype)
+    return target if gain == 1.0 else (target * gain).clamp(-1.0, 1.0)
+
+
+def defect_contrast(images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float:
+    """The median, over every defect pixel of the given images, of its difference from mid-gray (the largest over
+    the colour channels), in image units [0, 0.5]: how visible the defect is on the anomaly branch's background.
+    0.0 when there is no defect pixel. ``images``: uint8 ``[H, W, 3]``; ``masks``: bool ``[H, W]``."""
+    values = [
+        (np.abs(img.astype(np.float32) - 127.5).max(axis=-1) / 255.0)[np.asarray(m, dtype=bool)]
+        for img, m in zip(images, masks)
+    ]
+    values = [v for v in values if v.size]
+    return float(np.median(np.concatenate(values))) if values else 0.0
 
 
 @dataclasses.dataclass
@@ -541,10 +558,12 @@ class Batch:
     masks: torch.Tensor  # [B, 1, R, R] in {0, 1}
     backgrounds: torch.Tensor | None  # [B, 3, R, R] in [-1, 1]
     names: list[str]
+    #: amplification of the anomaly-branch image's difference from mid-gray (:func:`anomaly_target`; 1 = reference)
+    anomaly_gain: float = 1.0
 
     @property
     def anomaly(self) -> torch.Tensor:
-        return anomaly_target(self.images, self.masks)
+        return anomaly_target(self.images, self.masks, self.anomaly_gain)
 
 
 class DefectDataset:
@@ -578,9 +597,15 @@ class DefectDataset:
         self.crop = crop
         self.backgrounds = backgrounds
         self.items = [self._load(s) for s in defect_set.samples]
+        #: see :func:`anomaly_target`; set by the trainer from ``TrainConfig.anomaly_contrast``
+        self.anomaly_gain = 1.0
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def defect_contrast(self) -> float:
+        """:func:`defect_contrast` of the training images at the training resolution (before any crop or flip)."""
+        return defect_contrast([it.image for it in self.items], [it.mask for it in self.items])
 
     @property
     def names(self) -> list[str]:
@@ -676,6 +701,7 @@ class DefectDataset:
             masks=torch.from_numpy(np.stack(masks)).unsqueeze(1).float(),
             backgrounds=to_signed(bgs) if bgs else None,
             names=[self.items[d.index].name for d in draws],
+            anomaly_gain=self.anomaly_gain,
         )
 
 

@@ -118,6 +118,9 @@ class TrainConfig:
     mask_loss_weight: float = 1.0  # weight of the global branch's loss inside the defect mask
     # correlation of each anomaly row's training noise with its global row's (0 = independent; see SamplingOptions)
     anomaly_noise_share: float = 0.0
+    # amplify the anomaly branch's target about mid-gray so that its median defect pixel differs from mid-gray by at
+    # least this much (image units; gain at most MAX_ANOMALY_GAIN; 0 = off, the reference). See anomaly_gain().
+    anomaly_contrast: float = 0.0
     # data
     resolution: int = 512
     split: str = "all"
@@ -164,6 +167,10 @@ class TrainConfig:
         need(
             1.0 <= self.mask_loss_weight <= 1000.0 and math.isfinite(self.mask_loss_weight),
             f"mask loss weight must lie in [1, 1000] (1 = uniform), got {self.mask_loss_weight}",
+        )
+        need(
+            0.0 <= self.anomaly_contrast <= 0.5 and math.isfinite(self.anomaly_contrast),
+            f"anomaly contrast must lie in [0, 0.5] (0 = off; e.g. 0.3), got {self.anomaly_contrast}",
         )
         return self
 
@@ -357,6 +364,27 @@ class TrainResult:
 # the loop
 
 
+MAX_ANOMALY_GAIN = 4.0
+
+
+def anomaly_gain(defect_contrast: float, target: float) -> float:
+    """How much the anomaly branch's target is amplified about mid-gray (``TrainConfig.anomaly_contrast``).
+
+    Why: the anomaly branch draws the defect on mid-gray, and the mask is where its image differs from mid-gray. A
+    defect whose own colours lie near mid-gray (a gray stain or scratch on gray metal) is learnt as a faint drawing;
+    after sampling, much of it falls under the mask's contrast floor, so its mask is empty or too small. Amplifying
+    the target until its median defect pixel (``defect_contrast``, :func:`~.data.defect_contrast`) differs from
+    mid-gray by ``target`` makes such defects as visible to the mask as the rest; defects that already reach
+    ``target`` are left as they are (gain 1). The global branch is not changed. ``target`` 0 turns it off (the
+    reference). The gain is at most ``MAX_ANOMALY_GAIN``, so a training set with hardly any visible defect is not
+    turned into noise."""
+    if target <= 0.0 or defect_contrast >= target:
+        return 1.0
+    if defect_contrast <= 0.0:
+        return MAX_ANOMALY_GAIN
+    return float(min(MAX_ANOMALY_GAIN, target / defect_contrast))
+
+
 def _metadata_config(config: TrainConfig) -> dict:
     return {
         k: v
@@ -457,6 +485,9 @@ class Trainer:
             raise ValueError(
                 f"the dataset was built at {dataset.resolution} px but the config says {config.resolution}"
             )
+        #: the anomaly target's gain (:func:`anomaly_gain`; 1.0 = the reference)
+        self.anomaly_gain = anomaly_gain(dataset.defect_contrast(), config.anomaly_contrast)
+        dataset.anomaly_gain = self.anomaly_gain
         pt = getattr(backbone, "prediction_type", "epsilon")
         if pt not in ("epsilon", "v_prediction"):
             raise ValueError(f"unsupported prediction type {pt!r} (epsilon or v_prediction)")
@@ -665,6 +696,8 @@ class Trainer:
         }
         if ds.defect:
             meta["defect"] = ds.defect
+        if c.anomaly_contrast > 0:
+            meta["anomaly_gain"] = round(self.anomaly_gain, 6)
         meta.update(self.metadata)
         return meta
 
