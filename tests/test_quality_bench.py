@@ -85,6 +85,16 @@ def test_texture_detector_finds_squares():
     # a mask that does not match the defect scores low
     shifted = np.roll(masks, 12, axis=2)
     assert ev.alignment(det, imgs, shifted)["iou_mean"] < 0.2
+    # one defect per image, of the masks' own size
+    assert a["defects_per_image"] == 1.0 and a["defect_area"] == pytest.approx(masks.mean())
+    # the same area as two defects per image: the mask area alone cannot tell them apart
+    split = masks.copy()
+    for m in split:
+        ys, xs = np.nonzero(m)
+        m[ys.min() + (ys.max() - ys.min()) // 2] = False  # a gap across the middle row: two components
+    b = ev.alignment(det, imgs, split)
+    assert b["defects_per_image"] == 2.0
+    assert b["defect_area"] == pytest.approx(split.mean() / 2)
 
 
 def test_segnet_learns_an_easy_task():
@@ -409,3 +419,51 @@ def test_diagnose_sample_metrics_use_the_given_mask_floor(monkeypatch):
     assert diagnose.mask_options() == md.mask_options(min_contrast=0.08) != md.mask_options()
     lost = diagnose.sample_metrics(glob, fg, NoDetection(), None)
     assert kept["anomaly_mask_empty"] == 0 and lost["anomaly_mask_empty"] == 1
+
+
+def test_mask_halo_splits_the_area_ratio_into_defect_count_and_size(tmp_path):
+    """bench/mask_halo.py: masks twice the real area made of two real-sized defects show 2 defects per image of
+    1.0x the real defect's area, not a halo."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = md.write_minidefect(
+        tmp_path / "data", md.MiniDefectSpec(seed=0, train_good=2, test_good=1, test_defect=4, products=("fabric",))
+    )
+    real = ev.load_pairs(data / "fabric" / "test" / "hole", data / "fabric" / "ground_truth" / "hole")
+    gen = tmp_path / "gen"
+    (gen / "fg").mkdir(parents=True)
+    recs = []
+    for i, m in enumerate(real.masks[:2]):
+        m = m > 0
+        fg = np.full((*m.shape, 3), 128, np.uint8)
+        fg[m] = 20  # the real defect, dark on mid-gray
+        fg[np.roll(m, m.shape[0] // 2, axis=0)] = 20  # and a copy of it half the image away
+        Image.fromarray(fg).save(gen / "fg" / f"{i}.png")
+        Image.fromarray(real.images[i]).save(gen / f"{i}.png")
+        recs.append({"category": "fabric", "defect": "hole", "files": {"fg": f"fg/{i}.png", "image": f"{i}.png"}})
+    (gen / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "halo.json"
+    cmd = [
+        sys.executable,
+        "bench/mask_halo.py",
+        "--data",
+        str(data),
+        "--generated",
+        str(gen),
+        "--target",
+        "fabric/hole",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(
+        cmd + ["--json", str(out)], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["real_defects_per_image"] == 1.0
+    now = res["sets"]["now (floor 0.05, no hysteresis)"]
+    assert now["defects_per_image"] == 2.0
+    assert 0.8 < now["defect_area_ratio"] < 1.25  # each defect has about the real size: no halo
+    assert "defects/img" in r.stdout

@@ -505,6 +505,12 @@ def test_summary_row_and_table():
     table = ev.format_summary(rows)
     assert "| fabric/hole | 0.600 ± 0.010 | 0.500 ± 0.010 | 0.700 ± 0.010 |" in table
     assert "| 0.50 | 2.00 | 40/48 |" in table and "**mean** | 0.600" in table
+    assert rows[0]["defects_per_image_ratio"] is None  # results written before the defect count existed
+    split = res("fabric", "hole", aps)
+    split["alignment"]["generated"].update(defects_per_image=2.5, defect_area=0.008)
+    split["alignment"]["real_held_out"].update(defects_per_image=1.0, defect_area=0.01)
+    row = ev.summary_row(split)
+    assert row["defects_per_image_ratio"] == 2.5 and row["defect_area_ratio"] == pytest.approx(0.8)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..dataset.masks import MaskOptions, dilate, extract_mask, gaussian_blur, remove_small
+from ..dataset.masks import MaskOptions, dilate, extract_mask, gaussian_blur, label_components, remove_small
 from . import metrics, synthetic
 
 PNG = (".png", ".PNG")
@@ -313,11 +313,15 @@ class TextureDetector:
 def alignment(detector: TextureDetector, images: np.ndarray, masks: np.ndarray) -> dict[str, float]:
     """How well the detector's view of ``images`` agrees with ``masks``: mean/median IoU of the thresholded
     detection, pixel AUROC of the raw score against the mask (pooled over all images), and the share of images whose
-    detection overlaps the mask at all."""
+    detection overlaps the mask at all. Also how many separate defects (8-connected mask components) an image has and
+    how large one is: a mask-area ratio far from 1 can mean larger defects or more of them, which are different
+    faults (a halo, or a generator that draws several defects where the real images have one)."""
     scores = detector.score(images)
     det = detector.detect(images, scores)
     ious = [metrics.iou(d, m) for d, m in zip(det, masks)]
     hit = [bool((d & m).any()) for d, m in zip(det, masks)]
+    n_comp = [label_components(np.asarray(m, dtype=bool), 8)[1] for m in masks]
+    total = sum(n_comp)
     return {
         "n": len(images),
         "iou_mean": float(np.mean(ious)),
@@ -326,6 +330,9 @@ def alignment(detector: TextureDetector, images: np.ndarray, masks: np.ndarray) 
         "hit_rate": float(np.mean(hit)),
         "mask_area": float(masks.mean()),
         "detected_area": float(det.mean()),
+        "defects_per_image": float(np.mean(n_comp)) if n_comp else 0.0,
+        # mean area of one defect (component), as a share of the image
+        "defect_area": float(np.asarray(masks, dtype=bool).sum() / (total * masks[0].size)) if total else 0.0,
     }
 
 
@@ -752,7 +759,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"normal test {c['normal_test']}, generated {c['generated']} accepted / {c['generated_rejected']} rejected)",
         "",
         "(a) mask alignment: independent texture detector vs mask",
-        f"    {'set':<16}{'IoU mean':>10}{'IoU med':>10}{'pix AUROC':>11}{'hit rate':>10}{'mask area':>11}",
+        f"    {'set':<16}{'IoU mean':>10}{'IoU med':>10}{'pix AUROC':>11}{'hit rate':>10}{'mask area':>11}"
+        f"{'defects/img':>13}{'area/defect':>13}",
     ]
     for name in ("real_held_out", "generated"):
         a = r["alignment"].get(name)
@@ -760,6 +768,7 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(
                 f"    {name:<16}{_f(a['iou_mean']):>10}{_f(a['iou_median']):>10}{_f(a['pixel_auroc']):>11}"
                 f"{_f(a['hit_rate']):>10}{_f(a['mask_area'], 4):>11}"
+                f"{_f(a.get('defects_per_image'), 2):>13}{_f(a.get('defect_area'), 4):>13}"
             )
     lines.append(
         f"    detector false-positive area on normal test images: "
@@ -818,10 +827,13 @@ def summary_row(r: dict[str, Any]) -> dict[str, Any]:
 
     a = r.get("alignment", {})
     real, gen = a.get("real_held_out") or {}, a.get("generated") or {}
-    hit = area = None
+    hit = area = count = defect_area = None
     if gen and real:
         hit = gen["hit_rate"] / real["hit_rate"] if real.get("hit_rate") else None
         area = gen["mask_area"] / real["mask_area"] if real.get("mask_area") else None
+        if real.get("defects_per_image") and "defects_per_image" in gen:  # absent from results written before
+            count = gen["defects_per_image"] / real["defects_per_image"]
+            defect_area = gen["defect_area"] / real["defect_area"] if real.get("defect_area") else None
     c = dict(r.get("counts", {}))
     if "run" in r:  # end to end: the filter's counts even when every pair was rejected
         c["generated"], c["generated_rejected"] = r["run"].get("accepted", 0), r["run"].get("rejected", 0)
@@ -833,6 +845,9 @@ def summary_row(r: dict[str, Any]) -> dict[str, Any]:
         "hit_rate_real": real.get("hit_rate"),
         "hit_ratio": hit,
         "mask_area_ratio": area,
+        #: the mask-area ratio split into (defects per image) x (area of one defect), generated / real
+        "defects_per_image_ratio": count,
+        "defect_area_ratio": defect_area,
         "accepted": c.get("generated", 0),
         "rejected": c.get("generated_rejected", 0),
     }
