@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         default=d.anomaly_contrast,
         metavar="C",
         help="training: amplify the anomaly branch's target about mid-gray until its median defect pixel differs from "
-        "mid-gray by C (0-0.5; 0 = off, the reference)",
+        "mid-gray by C (0-0.5; 0 = off, the reference; default: the recipe's, 0.3 for shared-noise)",
     )
     p.add_argument(
         "--zero-mean-noise",
@@ -191,10 +191,11 @@ def main(argv=None) -> int:
             md.mask_options(min_contrast=a.mask_min_contrast)
         except ValueError as e:
             p.error(f"--mask-min-contrast {a.mask_min_contrast}: {e}")
-    try:  # TrainConfig owns the valid range
-        TrainConfig(anomaly_contrast=a.anomaly_contrast).validate()
-    except ValueError as e:
-        p.error(f"--anomaly-contrast {a.anomaly_contrast}: {e}")
+    if a.anomaly_contrast is not None:
+        try:  # TrainConfig owns the valid range
+            TrainConfig(anomaly_contrast=a.anomaly_contrast).validate()
+        except ValueError as e:
+            p.error(f"--anomaly-contrast {a.anomaly_contrast}: {e}")
 
     import torch
 

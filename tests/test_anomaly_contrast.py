@@ -115,7 +115,13 @@ def test_a_visible_defect_keeps_gain_one(tmp_path):
 
 
 def test_benchmark_runs_name_and_pass_the_setting():
-    s = RunSettings(anomaly_contrast=0.3)
-    assert "-anomaly_contrast=0.3" in s.suffix(s.TRAINING)
+    """None = the recipe's (the default recipe: 0.3); a value other than the recipe's names its own weights."""
     assert RunSettings().suffix(RunSettings.TRAINING) == ""
-    assert train_config(s, "metal", 64).anomaly_contrast == 0.3
+    assert RunSettings(anomaly_contrast=0.3).suffix(RunSettings.TRAINING) == ""  # the default recipe's own value
+    assert train_config(RunSettings(), "metal", 64).anomaly_contrast == 0.3
+    off = RunSettings(anomaly_contrast=0.0)
+    assert off.suffix(off.TRAINING) == "-anomaly_contrast=0" and train_config(off, "metal", 64).anomaly_contrast == 0
+    ref = RunSettings(recipe="reference")
+    assert train_config(ref, "metal", 64).anomaly_contrast == 0.0 and ref.to_dict()["anomaly_contrast"] == 0.0
+    ref4 = RunSettings(recipe="reference", anomaly_contrast=0.4)
+    assert ref4.suffix(ref4.TRAINING) == "-anomaly_contrast=0.4"

@@ -5,6 +5,7 @@ mask-weighted global loss), --recipe on the CLIs, and the benchmark's cache and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -242,9 +243,11 @@ def test_generate_cli_noise_settings_follow_the_recipe_unless_given():
     assert noise("--recipe", "shared-noise") == (False, 1.0)
     assert noise("--recipe", "shared-noise", "--anomaly-noise-share", "0.5") == (False, 0.5)
     assert noise("--recipe", "reference", "--anomaly-noise-share", "1", "--zero-mean-anomaly-noise") == (True, 1.0)
-    # shared-noise trains exactly like the reference recipe: the same weights serve both
+    # shared-noise trains like the reference recipe but for the anomaly contrast (faint defects amplified on the
+    # anomaly branch's target); with it turned off, the reference's weights serve both
     ref, shared = get_recipe("reference"), get_recipe("shared-noise")
-    assert shared.train_settings() == ref.train_settings()
+    assert shared.train_settings() == {**ref.train_settings(), "anomaly_contrast": 0.3}
+    assert ref.train_settings()["anomaly_contrast"] == 0.0 == get_recipe("ours").anomaly_contrast
     assert (shared.product_prompts, shared.minidefect_cfg) == (ref.product_prompts, ref.minidefect_cfg)
 
 
@@ -438,6 +441,19 @@ def test_train_cli_recipe_and_overrides():
     assert shared.anomaly_noise_share == 1.0
     mixed = cmd_train.config_from_args(p.parse_args(base + ["--recipe", "reference", "--mask-loss-weight", "5"]))
     assert (mixed.anomaly_offset_noise, mixed.mask_loss_weight) == (0.0, 5.0)
+    # the anomaly contrast: the default recipe's 0.3, the reference's 0, the option over either
+    assert (default.anomaly_contrast, ref.anomaly_contrast, ours.anomaly_contrast, d.anomaly_contrast) == (
+        0.3,
+        0.0,
+        0.0,
+        0.0,
+    )
+    off = cmd_train.config_from_args(p.parse_args(base + ["--anomaly-contrast", "0"]))
+    assert off.anomaly_contrast == 0.0
+    on = cmd_train.config_from_args(p.parse_args(base + ["--recipe", "reference", "--anomaly-contrast", "0.25"]))
+    assert on.anomaly_contrast == 0.25
+    with pytest.raises(ValueError, match="anomaly contrast"):
+        cmd_train.config_from_args(p.parse_args(base + ["--anomaly-contrast", "0.9"]))
 
 
 def test_minidefect_prompts():
@@ -537,9 +553,10 @@ def test_train_and_generate_under_each_recipe(tmp_path):
             assert meta["prompt_global"] == "woven fabric with sks"
             assert (training["anomaly_offset_noise"], training["mask_loss_weight"]) == (0.1, 20.0)
             assert all(r["cfg"] == 1.0 and r["zero_mean_anomaly_noise"] for r in recs)
-        else:  # shared-noise trains exactly like reference; only its starting noise differs
+        else:  # shared-noise trains like reference but for the anomaly contrast; it starts from shared noise
             assert meta["prompt_global"] == "a vfx with sks"
             assert (training["anomaly_offset_noise"], training["mask_loss_weight"]) == (0.0, 1.0)
+            assert training["anomaly_contrast"] == (0.3 if recipe == "shared-noise" else 0.0)
             assert all(r["cfg"] == 2.5 and not r["zero_mean_anomaly_noise"] for r in recs)
             share = 1.0 if recipe == "shared-noise" else 0.0
             assert all(r["anomaly_noise_share"] == share for r in recs)
@@ -575,6 +592,17 @@ def test_train_and_generate_under_each_recipe(tmp_path):
     recs = [json.loads(x) for x in (Path(info["generated"]) / "manifest.jsonl").read_text().splitlines()]
     assert len(recs) == n and all(r["settings"]["sampling"]["anomaly_noise_share"] == 1.0 for r in recs)
     assert all(r["mask"]["visible_share"] is not None for r in recs if r["reason"] != "empty_mask")
+    # weights kept under a default name are reused only when they were trained with the settings asked for (a
+    # changed default, such as the recipe's anomaly contrast, leaves the old file under the same name)
+    from dualanodiff_core.errors import InputError
+
+    w = DualAnoDiffWeights.load(info["weights"])
+    old = json.loads(w.metadata["training"])
+    old["anomaly_contrast"] = 0.2
+    DualAnoDiffWeights(w.tensors, {**w.metadata, "training": json.dumps(old)}).save(info["weights"])
+    v2 = dataclasses.replace(v, gen_seed=5)
+    with pytest.raises(InputError, match=r"other settings \(anomaly_contrast 0\.2 \(now 0\.0\)\); delete"):
+        train_and_generate(data, "fabric", "stain", tmp_path / "reference", v2, log=logs.append)
 
 
 def test_demo_recipe_option():
@@ -594,3 +622,8 @@ def test_demo_recipe_option():
     assert ref.recipe == "reference" and ref.cfg == 2.5
     assert cmd_demo.config_from_args(p.parse_args(["--recipe", "reference", "--cfg", "3"])).cfg == 3.0
     assert ours.stage_settings("train")["recipe"] == "ours"
+    # the recipe's training settings are part of what a rerun compares (OUT/demo.json): weights trained under the
+    # same recipe name before its anomaly contrast changed are trained again, not reused
+    assert default.stage_settings("train")["recipe_training"]["anomaly_contrast"] == 0.3
+    assert ref.stage_settings("generate")["recipe_training"]["anomaly_contrast"] == 0.0
+    assert "recipe_training" not in default.stage_settings("dataset")

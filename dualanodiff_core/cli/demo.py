@@ -105,7 +105,14 @@ class DemoConfig:
         return self
 
     def stage_settings(self, stage: str) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in _STAGE_KEYS[stage]}
+        out = {k: getattr(self, k) for k in _STAGE_KEYS[stage]}
+        if "recipe" in out:
+            from ..method.recipes import get_recipe
+
+            # what the recipe sets in training, so that weights trained before a recipe's default changed (e.g. its
+            # anomaly contrast) are not reused under the same recipe name
+            out["recipe_training"] = get_recipe(self.recipe).train_settings()
+        return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

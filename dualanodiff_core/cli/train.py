@@ -166,6 +166,14 @@ def add_arguments(p: argparse.ArgumentParser, one_defect: bool = True) -> None:
         "independent, the reference); pair it with the same --anomaly-noise-share in generate (docs/quality.md)",
     )
     g.add_argument(
+        "--anomaly-contrast",
+        type=float,
+        metavar="C",
+        help="amplify the anomaly branch's training target about mid-gray until its median defect pixel differs "
+        "from mid-gray by C (0-0.5; at most 4x; defects already that visible are left as they are); 0 = off, the "
+        "reference (default: 0.3 with --recipe shared-noise, 0 with reference and ours)",
+    )
+    g.add_argument(
         "--mask-loss-weight",
         type=float,
         metavar="W",

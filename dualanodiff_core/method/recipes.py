@@ -58,6 +58,9 @@ class Recipe:
     #: sampling: scheduler and denoising steps of ``dualanodiff generate`` when not given (the reference: PNDM, 100)
     sampler: str = "pndm"
     steps: int = 100
+    #: training: amplify faint defects on the anomaly branch's target (``TrainConfig.anomaly_contrast``; 0 = the
+    #: reference)
+    anomaly_contrast: float = 0.0
 
     def schedule(self, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
         """(sampler, steps): each value given, else this recipe's (the CLI's ``None`` defaults)."""
@@ -75,14 +78,30 @@ class Recipe:
 
     def train_settings(self) -> dict:
         """The :class:`~dualanodiff_core.train.TrainConfig` fields this recipe sets."""
-        return {"anomaly_offset_noise": self.anomaly_offset_noise, "mask_loss_weight": self.mask_loss_weight}
+        return {
+            "anomaly_offset_noise": self.anomaly_offset_noise,
+            "mask_loss_weight": self.mask_loss_weight,
+            "anomaly_contrast": self.anomaly_contrast,
+        }
 
+
+#: the anomaly contrast of the default recipe (measured on MiniDefect, docs/quality.md "Faint defects")
+SHARED_NOISE_ANOMALY_CONTRAST = 0.3
 
 _RECIPES = {
     "ours": Recipe("ours", 0.1, 20.0, True, True, 1.0),
     "reference": Recipe("reference", 0.0, 1.0, False, False, 2.5),
     "shared-noise": Recipe(
-        "shared-noise", 0.0, 1.0, False, False, 2.5, anomaly_noise_share=1.0, sampler="ddim", steps=50
+        "shared-noise",
+        0.0,
+        1.0,
+        False,
+        False,
+        2.5,
+        anomaly_noise_share=1.0,
+        sampler="ddim",
+        steps=50,
+        anomaly_contrast=SHARED_NOISE_ANOMALY_CONTRAST,
     ),
 }
 

@@ -47,8 +47,9 @@ class RunSettings:
     zero_mean_noise: bool | None = None
     #: the mask's contrast floor (``MaskOptions.min_contrast``); None = the MiniDefect default (:func:`mask_options`)
     mask_min_contrast: float | None = None
-    #: amplify faint defects on the anomaly branch in training (``TrainConfig.anomaly_contrast``; 0 = off)
-    anomaly_contrast: float = 0.0
+    #: amplify faint defects on the anomaly branch in training (``TrainConfig.anomaly_contrast``; 0 = off); None =
+    #: the recipe's
+    anomaly_contrast: float | None = None
 
     #: settings that change the trained weights / the generated set: a run that differs from the defaults in any of
     #: them gets its own weights file / generated folder (:meth:`suffix`), so variants never overwrite each other
@@ -75,7 +76,11 @@ class RunSettings:
 
         def value(s: RunSettings, k: str):
             # the noise share compares resolved: the recipe's own value is no variant of it (the folders are per recipe)
-            return s.resolved_noise_share() if k == "noise_share" else getattr(s, k)
+            if k == "noise_share":
+                return s.resolved_noise_share()
+            if k == "anomaly_contrast":
+                return s.resolved_anomaly_contrast()
+            return getattr(s, k)
 
         return "".join(f"-{k}={text(getattr(self, k))}" for k in fields if value(self, k) != value(d, k))
 
@@ -89,10 +94,17 @@ class RunSettings:
 
         return get_recipe(self.recipe).sampling_noise(share=self.noise_share)[1]
 
+    def resolved_anomaly_contrast(self) -> float:
+        from ..method.recipes import get_recipe
+
+        r = get_recipe(self.recipe).anomaly_contrast
+        return r if self.anomaly_contrast is None else float(self.anomaly_contrast)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["cfg"] = self.resolved_cfg()
         d["noise_share"] = self.resolved_noise_share()
+        d["anomaly_contrast"] = self.resolved_anomaly_contrast()
         return d
 
     def mask_options(self):
@@ -110,6 +122,7 @@ def train_config(settings: RunSettings, product: str, size: int):
 
     recipe = get_recipe(settings.recipe)
     pg, pa = minidefect_prompts(md.normal_prompt(product), recipe)
+    train = {**recipe.train_settings(), "anomaly_contrast": settings.resolved_anomaly_contrast()}
     return TrainConfig(
         steps=settings.train_steps,
         batch_size=settings.batch_size,
@@ -124,8 +137,7 @@ def train_config(settings: RunSettings, product: str, size: int):
         prompt_global=pg,
         prompt_anomaly=pa,
         anomaly_noise_share=settings.train_noise_share,
-        anomaly_contrast=settings.anomaly_contrast,
-        **recipe.train_settings(),
+        **train,
     ).validate()
 
 
@@ -143,6 +155,32 @@ def sampling_options(settings: RunSettings, size: int):
         zero_mean_anomaly_noise=zero_mean,
         anomaly_noise_share=share,
     )
+
+
+def _check_reused_weights(path: Path, config) -> None:
+    """A weights file kept in the work folder is reused only when it was trained with ``config``: the file name
+    carries only the settings that differ from the defaults, so weights written before a default changed (e.g. the
+    recipe's anomaly contrast) have the name of weights trained with the new one."""
+    from ..errors import InputError
+    from ..method.weights import DualAnoDiffWeights
+    from ..training.trainer import TrainConfig, _metadata_config
+
+    raw = DualAnoDiffWeights.load(path).metadata.get("training")
+    try:
+        recorded = _metadata_config(TrainConfig.from_dict(json.loads(raw))) if raw else None
+    except (ValueError, TypeError):
+        recorded = None
+    want = _metadata_config(config)
+    if recorded != want:
+        diff = (
+            ", ".join(f"{k} {recorded.get(k)!r} (now {v!r})" for k, v in want.items() if recorded.get(k) != v)
+            if recorded
+            else "no readable training settings"
+        )
+        raise InputError(
+            f"{path}: these weights were trained with other settings ({diff}); delete the file (and its _train "
+            "folder) to train them again, or give another --work folder"
+        )
 
 
 def train_and_generate(
@@ -182,7 +220,9 @@ def train_and_generate(
             return prev
     tc = train_config(settings, product, size)
     t0 = time.time()
-    if not weights.is_file():
+    if weights.is_file():
+        _check_reused_weights(weights, tc)
+    else:
         log(f"{name}: training {settings.train_steps} steps ({settings.recipe} recipe, prompt {tc.prompt_global!r})")
         work_dir = weights.with_name(weights.stem + "_train")
         res = train_from_folder(
