@@ -125,3 +125,18 @@ def test_benchmark_runs_name_and_pass_the_setting():
     assert train_config(ref, "metal", 64).anomaly_contrast == 0.0 and ref.to_dict()["anomaly_contrast"] == 0.0
     ref4 = RunSettings(recipe="reference", anomaly_contrast=0.4)
     assert ref4.suffix(ref4.TRAINING) == "-anomaly_contrast=0.4"
+
+
+def test_train_dry_run_says_what_the_anomaly_contrast_does(tmp_path, capsys):
+    from dualanodiff_core.cli import main
+
+    root = make_faint(tmp_path / "faint")
+    base = ["train", str(root), "--model", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o.safetensors")]
+    assert main(base + ["--dry-run", "--resolution", "16"]) == 0  # the default recipe: 0.3
+    err = capsys.readouterr().err
+    assert "defects differ from mid-gray by 0.049 (median); amplified 4.00x" in err
+    assert main(base + ["--dry-run", "--resolution", "16", "--anomaly-contrast", "0"]) == 0
+    assert "not amplified (--anomaly-contrast 0)" in capsys.readouterr().err
+    assert main(base + ["--dry-run", "--resolution", "16", "--anomaly-contrast", "0.9"]) == 2
+    err = capsys.readouterr().err
+    assert "anomaly contrast must lie in [0, 0.5]" in err and "Traceback" not in err

@@ -147,8 +147,8 @@ def add_arguments(p: argparse.ArgumentParser, one_defect: bool = True) -> None:
         choices=RECIPES,
         default=DEFAULT_RECIPE,
         help="ours: offset noise on the anomaly rows and a mask-weighted global-branch loss (docs/quality.md); "
-        "reference: the paper's code exactly; shared-noise: trains exactly like reference (it differs only in "
-        "generate). The two options below override it",
+        "reference: the paper's code exactly; shared-noise: trains like reference but with --anomaly-contrast 0.3 "
+        "(and samples differently in generate). The options below override it",
     )
     g.add_argument(
         "--anomaly-offset-noise",
@@ -382,6 +382,21 @@ def _clear_previous_run(work_dir: Path) -> None:
             (work_dir / name).unlink()
 
 
+def _contrast_line(ds, config) -> str:
+    """What ``--anomaly-contrast`` does with these images (the gain is recorded in the weights' metadata)."""
+    from ..training.trainer import anomaly_gain
+
+    c = ds.defect_contrast()
+    if config.anomaly_contrast <= 0:
+        return f"anomaly branch: defects differ from mid-gray by {c:.3f} (median); not amplified (--anomaly-contrast 0)"
+    g = anomaly_gain(c, config.anomaly_contrast)
+    what = "not amplified" if g == 1.0 else f"amplified {g:.2f}x on the anomaly branch's target"
+    return (
+        f"anomaly branch: defects differ from mid-gray by {c:.3f} (median); {what} "
+        f"(--anomaly-contrast {config.anomaly_contrast:g})"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -426,6 +441,7 @@ def run(args: argparse.Namespace) -> int:
                 selected, config.resolution, flips=config.flips, crop=config.crop, backgrounds=config.bcm
             )
             echo(f"checked {len(ds)} image(s): {', '.join(ds.names)}")
+            echo(_contrast_line(ds, config))
             echo(
                 f"plan: {config.steps} steps x {config.batch_size} images at {config.resolution} px, rank "
                 f"{config.rank}, BCM {'on' if config.bcm else 'off'}; weights -> {output}; work folder {work_dir}"
@@ -464,6 +480,7 @@ def run(args: argparse.Namespace) -> int:
 
         def on_ready(ds):
             echo(f"checked {len(ds)} training image(s); loading the model ...")
+            echo(_contrast_line(ds, config))
 
         def progress(p):
             nonlocal bar

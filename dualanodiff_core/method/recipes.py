@@ -21,14 +21,19 @@ also trains with product prompts (``woven fabric with sks`` instead of ``a vfx w
 product words) and samples without classifier-free guidance (cfg 1.0 aligned masks and images better than 2.5);
 ``reference`` keeps ``a vfx with sks`` / ``sks`` and cfg 2.5.
 
-``shared-noise`` is ``reference`` (same training, prompts and guidance) with two sampling changes. Each pair's
+``shared-noise`` is ``reference`` (same prompts and guidance) with one training change and two sampling changes.
+In training, faint defects are amplified on the anomaly branch's target (``anomaly_contrast`` 0.3,
+``TrainConfig.anomaly_contrast``): a defect whose colours lie near mid-gray (a gray stain on gray metal) is otherwise
+drawn so faintly that its mask comes out empty or too small; defects that already differ from mid-gray by 0.3 are
+trained exactly as in the reference (on MiniDefect: a higher mean usefulness on both dataset seeds, docs/quality.md
+"Faint defects"). Each pair's
 anomaly row starts from the same noise as its global row (``anomaly_noise_share`` 1): the two branches then place the
 defect at the same spot; with independent starting noise the global image's defect follows the global branch's own
 noise and the anomaly branch draws its defect somewhere else (SAIM couples them too weakly to move it; measured with
 ``bench/diagnose.py``, docs/quality.md). And it samples with DDIM, 50 steps, instead of PNDM, 100: half the
 denoising steps for the same mean usefulness on MiniDefect (two types, two dataset seeds; worse on one of the four;
-``bench/sampler_cost.py``, docs/quality.md "Cost at equal quality"). Its weights are the reference recipe's: only
-``generate`` differs.
+``bench/sampler_cost.py``, docs/quality.md "Cost at equal quality"). With ``--anomaly-contrast 0`` its weights are
+the reference recipe's.
 """
 
 from __future__ import annotations
