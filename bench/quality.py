@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         default=d.anomaly_contrast,
         metavar="C",
         help="training: amplify the anomaly branch's target about mid-gray until its median defect pixel differs from "
-        "mid-gray by C (0-0.5; 0 = off, the reference; default: the recipe's, 0.3 for shared-noise)",
+        "mid-gray by C (0-0.5; 0 = off, the reference; default: the recipe's, 0.4 for shared-noise)",
     )
     p.add_argument(
         "--zero-mean-noise",

@@ -115,10 +115,10 @@ def test_a_visible_defect_keeps_gain_one(tmp_path):
 
 
 def test_benchmark_runs_name_and_pass_the_setting():
-    """None = the recipe's (the default recipe: 0.3); a value other than the recipe's names its own weights."""
+    """None = the recipe's (the default recipe: 0.4); a value other than the recipe's names its own weights."""
     assert RunSettings().suffix(RunSettings.TRAINING) == ""
-    assert RunSettings(anomaly_contrast=0.3).suffix(RunSettings.TRAINING) == ""  # the default recipe's own value
-    assert train_config(RunSettings(), "metal", 64).anomaly_contrast == 0.3
+    assert RunSettings(anomaly_contrast=0.4).suffix(RunSettings.TRAINING) == ""  # the default recipe's own value
+    assert train_config(RunSettings(), "metal", 64).anomaly_contrast == 0.4
     off = RunSettings(anomaly_contrast=0.0)
     assert off.suffix(off.TRAINING) == "-anomaly_contrast=0" and train_config(off, "metal", 64).anomaly_contrast == 0
     ref = RunSettings(recipe="reference")
@@ -132,7 +132,7 @@ def test_train_dry_run_says_what_the_anomaly_contrast_does(tmp_path, capsys):
 
     root = make_faint(tmp_path / "faint")
     base = ["train", str(root), "--model", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o.safetensors")]
-    assert main(base + ["--dry-run", "--resolution", "16"]) == 0  # the default recipe: 0.3
+    assert main(base + ["--dry-run", "--resolution", "16"]) == 0  # the default recipe: 0.4
     err = capsys.readouterr().err
     assert "defects differ from mid-gray by 0.049 (median); amplified 4.00x" in err
     assert main(base + ["--dry-run", "--resolution", "16", "--anomaly-contrast", "0"]) == 0

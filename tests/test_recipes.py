@@ -246,7 +246,7 @@ def test_generate_cli_noise_settings_follow_the_recipe_unless_given():
     # shared-noise trains like the reference recipe but for the anomaly contrast (faint defects amplified on the
     # anomaly branch's target); with it turned off, the reference's weights serve both
     ref, shared = get_recipe("reference"), get_recipe("shared-noise")
-    assert shared.train_settings() == {**ref.train_settings(), "anomaly_contrast": 0.3}
+    assert shared.train_settings() == {**ref.train_settings(), "anomaly_contrast": 0.4}
     assert ref.train_settings()["anomaly_contrast"] == 0.0 == get_recipe("ours").anomaly_contrast
     assert (shared.product_prompts, shared.minidefect_cfg) == (ref.product_prompts, ref.minidefect_cfg)
 
@@ -441,9 +441,9 @@ def test_train_cli_recipe_and_overrides():
     assert shared.anomaly_noise_share == 1.0
     mixed = cmd_train.config_from_args(p.parse_args(base + ["--recipe", "reference", "--mask-loss-weight", "5"]))
     assert (mixed.anomaly_offset_noise, mixed.mask_loss_weight) == (0.0, 5.0)
-    # the anomaly contrast: the default recipe's 0.3, the reference's 0, the option over either
+    # the anomaly contrast: the default recipe's 0.4, the reference's 0, the option over either
     assert (default.anomaly_contrast, ref.anomaly_contrast, ours.anomaly_contrast, d.anomaly_contrast) == (
-        0.3,
+        0.4,
         0.0,
         0.0,
         0.0,
@@ -556,7 +556,7 @@ def test_train_and_generate_under_each_recipe(tmp_path):
         else:  # shared-noise trains like reference but for the anomaly contrast; it starts from shared noise
             assert meta["prompt_global"] == "a vfx with sks"
             assert (training["anomaly_offset_noise"], training["mask_loss_weight"]) == (0.0, 1.0)
-            assert training["anomaly_contrast"] == (0.3 if recipe == "shared-noise" else 0.0)
+            assert training["anomaly_contrast"] == (0.4 if recipe == "shared-noise" else 0.0)
             assert all(r["cfg"] == 2.5 and not r["zero_mean_anomaly_noise"] for r in recs)
             share = 1.0 if recipe == "shared-noise" else 0.0
             assert all(r["anomaly_noise_share"] == share for r in recs)
@@ -624,6 +624,6 @@ def test_demo_recipe_option():
     assert ours.stage_settings("train")["recipe"] == "ours"
     # the recipe's training settings are part of what a rerun compares (OUT/demo.json): weights trained under the
     # same recipe name before its anomaly contrast changed are trained again, not reused
-    assert default.stage_settings("train")["recipe_training"]["anomaly_contrast"] == 0.3
+    assert default.stage_settings("train")["recipe_training"]["anomaly_contrast"] == 0.4
     assert ref.stage_settings("generate")["recipe_training"]["anomaly_contrast"] == 0.0
     assert "recipe_training" not in default.stage_settings("dataset")

@@ -147,7 +147,7 @@ def add_arguments(p: argparse.ArgumentParser, one_defect: bool = True) -> None:
         choices=RECIPES,
         default=DEFAULT_RECIPE,
         help="ours: offset noise on the anomaly rows and a mask-weighted global-branch loss (docs/quality.md); "
-        "reference: the paper's code exactly; shared-noise: trains like reference but with --anomaly-contrast 0.3 "
+        "reference: the paper's code exactly; shared-noise: trains like reference but with --anomaly-contrast 0.4 "
         "(and samples differently in generate). The options below override it",
     )
     g.add_argument(
@@ -171,7 +171,7 @@ def add_arguments(p: argparse.ArgumentParser, one_defect: bool = True) -> None:
         metavar="C",
         help="amplify the anomaly branch's training target about mid-gray until its median defect pixel differs "
         "from mid-gray by C (0-0.5; at most 4x; defects already that visible are left as they are); 0 = off, the "
-        "reference (default: 0.3 with --recipe shared-noise, 0 with reference and ours)",
+        "reference (default: 0.4 with --recipe shared-noise, 0 with reference and ours)",
     )
     g.add_argument(
         "--mask-loss-weight",

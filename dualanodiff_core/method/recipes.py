@@ -22,9 +22,9 @@ product words) and samples without classifier-free guidance (cfg 1.0 aligned mas
 ``reference`` keeps ``a vfx with sks`` / ``sks`` and cfg 2.5.
 
 ``shared-noise`` is ``reference`` (same prompts and guidance) with one training change and two sampling changes.
-In training, faint defects are amplified on the anomaly branch's target (``anomaly_contrast`` 0.3,
+In training, faint defects are amplified on the anomaly branch's target (``anomaly_contrast`` 0.4,
 ``TrainConfig.anomaly_contrast``): a defect whose colours lie near mid-gray (a gray stain on gray metal) is otherwise
-drawn so faintly that its mask comes out empty or too small; defects that already differ from mid-gray by 0.3 are
+drawn so faintly that its mask comes out empty or too small; defects that already differ from mid-gray by 0.4 are
 trained exactly as in the reference (on MiniDefect: a higher mean usefulness on both dataset seeds, docs/quality.md
 "Faint defects"). Each pair's
 anomaly row starts from the same noise as its global row (``anomaly_noise_share`` 1): the two branches then place the
@@ -91,7 +91,7 @@ class Recipe:
 
 
 #: the anomaly contrast of the default recipe (measured on MiniDefect, docs/quality.md "Faint defects")
-SHARED_NOISE_ANOMALY_CONTRAST = 0.3
+SHARED_NOISE_ANOMALY_CONTRAST = 0.4
 
 _RECIPES = {
     "ours": Recipe("ours", 0.1, 20.0, True, True, 1.0),
