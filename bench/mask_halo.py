@@ -9,7 +9,8 @@ area of the real defects of the same type (1.0 = the same size; a halo makes it 
 and how many of the generated global images pass the alignment check with that mask. The area ratio is split into
 its two factors: how many separate defects (8-connected components) a non-empty mask has, and the mean area of one,
 each against the real masks' (a halo makes each defect larger; a generator that draws several defects per image
-where the real ones have one makes the masks larger without any halo).
+where the real ones have one makes the masks larger without any halo), and how many of those components the global
+image shows on its own (the alignment check run on each component alone).
 """
 
 from __future__ import annotations
@@ -45,6 +46,17 @@ def defect_stats(masks) -> tuple[float, float]:
     return float(np.mean(counts)), float(sum(int(np.count_nonzero(m)) for m in masks) / (total * masks[0].size))
 
 
+def shown_per_image(pairs, min_alignment: float) -> float:
+    """Mean number of mask components per image that the global image shows on their own: the acceptance filter's
+    alignment contrast of the component alone is at least ``min_alignment``. Tells extra defects the image shows
+    from mask fragments over plain texture."""
+    counts = []
+    for image, mask in pairs:
+        labels, n = label_components(np.asarray(mask, dtype=bool), 8)
+        counts.append(sum(alignment_contrast(image, labels == k) >= min_alignment for k in range(1, n + 1)))
+    return float(np.mean(counts)) if counts else 0.0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="MiniDefect root")
@@ -76,7 +88,8 @@ def main(argv=None) -> int:
         f"{real_count:.2f} defects per image of {real_defect:.4f} each"
     )
     print(
-        f"  {'mask options':<38}{'area gen/real':>14}{'empty':>7}{'aligned':>9}{'defects/img':>13}{'area/defect':>13}"
+        f"  {'mask options':<38}{'area gen/real':>14}{'empty':>7}{'aligned':>9}{'defects/img':>13}{'shown/img':>11}"
+        f"{'area/defect':>13}"
     )
     for name, opts in OPTION_SETS.items():
         masks = [extract_mask(f, opts).bool_mask() for f in fgs]
@@ -84,15 +97,17 @@ def main(argv=None) -> int:
         empty = sum(1 for m in masks if not m.any())
         aligned = sum(1 for im, m in zip(imgs, masks) if m.any() and alignment_contrast(im, m) >= min_align)
         count, defect = defect_stats([m for m in masks if m.any()])
+        shown = shown_per_image([(im, m) for im, m in zip(imgs, masks) if m.any()], min_align)
         out["sets"][name] = {
             "area_ratio": area / real_area,
             "empty": empty,
             "aligned": aligned,
             "defects_per_image": count,
+            "shown_defects_per_image": shown,
             "defect_area_ratio": defect / real_defect if real_defect else None,
         }
         ratio = f"{defect / real_defect:.2f}x" if real_defect else "-"
-        print(f"  {name:<38}{area / real_area:>14.2f}{empty:>7}{aligned:>9}{count:>13.2f}{ratio:>13}")
+        print(f"  {name:<38}{area / real_area:>14.2f}{empty:>7}{aligned:>9}{count:>13.2f}{shown:>11.2f}{ratio:>13}")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return 0

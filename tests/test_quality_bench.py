@@ -466,4 +466,6 @@ def test_mask_halo_splits_the_area_ratio_into_defect_count_and_size(tmp_path):
     now = res["sets"]["now (floor 0.05, no hysteresis)"]
     assert now["defects_per_image"] == 2.0
     assert 0.8 < now["defect_area_ratio"] < 1.25  # each defect has about the real size: no halo
+    # the global images (the real ones) show the real defect but not its moved copy over plain fabric
+    assert now["shown_defects_per_image"] == 1.0
     assert "defects/img" in r.stdout
