@@ -202,16 +202,22 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, a.threads))
     work = Path(a.work)
     data = Path(a.data) if a.data else work / f"minidefect-seed{a.dataset_seed}"
-    if not data.exists():
-        print(f"writing MiniDefect (seed {a.dataset_seed}) to {data} ...", file=sys.stderr)
-        md.write_minidefect(data, md.MiniDefectSpec(seed=a.dataset_seed))
+    # every check before anything is written
     targets = [t.split("/", 1) for t in a.target]
     if a.all:
         targets += [[c, d] for c, ds in md.PRODUCTS.items() for d in ds]
     if not targets or any(len(t) != 2 for t in targets):
         p.error("give --target CATEGORY/DEFECT (repeatable) or --all")
+    if a.data is None:  # MiniDefect: its defect types are known
+        known = [f"{c}/{d}" for c, ds in md.PRODUCTS.items() for d in ds]
+        unknown = [f"{c}/{d}" for c, d in targets if f"{c}/{d}" not in known]
+        if unknown:
+            p.error(f"--target {', '.join(unknown)}: MiniDefect has {', '.join(known)}")
     if a.generated and a.reference_only:
         p.error("--generated and --reference-only exclude each other")
+    if not data.exists():
+        print(f"writing MiniDefect (seed {a.dataset_seed}) to {data} ...", file=sys.stderr)
+        md.write_minidefect(data, md.MiniDefectSpec(seed=a.dataset_seed))
     seeds, steps = (a.seeds[:1], 200) if a.quick else (a.seeds, a.steps)
     cache = None if a.cache_dir == "none" else (a.cache_dir or str(work / "cache"))
     cfg = ev.BenchConfig(

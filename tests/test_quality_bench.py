@@ -352,6 +352,16 @@ def test_quality_bench_trains_and_generates_from_another_base_model(tmp_path):
     )
     assert bad.returncode == 2 and "--anomaly-contrast 0.7" in bad.stderr and "Traceback" not in bad.stderr
     assert not fresh.exists()
+    # a target MiniDefect does not have, or excluding options: one message, and no MiniDefect dataset written
+    q = [sys.executable, "bench/quality.py", "--work", str(fresh)]
+    for extra, says in (
+        (["--target", "metal/crack"], "--target metal/crack: MiniDefect has metal/scratch"),
+        (["--target", "metal"], "give --target CATEGORY/DEFECT"),
+        (["--all", "--generated", "x", "--reference-only"], "exclude each other"),
+    ):
+        bad = subprocess.run(q + extra, cwd=root, capture_output=True, text=True, env=env)
+        assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        assert not fresh.exists()
 
 
 def test_diagnose_usefulness_ceiling_on_another_base_model(tmp_path):
