@@ -36,16 +36,6 @@ OPTION_SETS = {
 }
 
 
-def defect_stats(masks) -> tuple[float, float]:
-    """(mean number of 8-connected components per mask, mean area of one component as a share of the image) of
-    boolean masks; (0, 0) when there is none."""
-    counts = [label_components(np.asarray(m, dtype=bool), 8)[1] for m in masks]
-    total = sum(counts)
-    if not total:
-        return 0.0, 0.0
-    return float(np.mean(counts)), float(sum(int(np.count_nonzero(m)) for m in masks) / (total * masks[0].size))
-
-
 def shown_per_image(pairs, min_alignment: float) -> float:
     """Mean number of mask components per image that the global image shows on their own: the acceptance filter's
     alignment contrast of the component alone is at least ``min_alignment``. Tells extra defects the image shows
@@ -68,7 +58,7 @@ def main(argv=None) -> int:
     gen = Path(a.generated)
     real = ev.load_pairs(Path(a.data) / category / "test" / defect, Path(a.data) / category / "ground_truth" / defect)
     real_area = float(real.masks.mean())
-    real_count, real_defect = defect_stats([m > 0 for m in real.masks])
+    real_count, real_defect = ev.defect_counts([m > 0 for m in real.masks])
     recs = [json.loads(x) for x in (gen / "manifest.jsonl").read_text().splitlines() if x.strip()]
     recs = [r for r in recs if r.get("category") == category and r.get("defect") == defect]
     files = [r["files"] for r in recs]  # accepted: image/fg/mask; rejected (kept): rejected_image/...
@@ -96,7 +86,7 @@ def main(argv=None) -> int:
         area = float(np.mean([m.mean() for m in masks]))
         empty = sum(1 for m in masks if not m.any())
         aligned = sum(1 for im, m in zip(imgs, masks) if m.any() and alignment_contrast(im, m) >= min_align)
-        count, defect = defect_stats([m for m in masks if m.any()])
+        count, defect = ev.defect_counts([m for m in masks if m.any()])
         shown = shown_per_image([(im, m) for im, m in zip(imgs, masks) if m.any()], min_align)
         out["sets"][name] = {
             "area_ratio": area / real_area,

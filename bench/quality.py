@@ -203,13 +203,11 @@ def main(argv=None) -> int:
     work = Path(a.work)
     data = Path(a.data) if a.data else work / f"minidefect-seed{a.dataset_seed}"
     # every check before anything is written
-    targets = [t.split("/", 1) for t in a.target]
-    if a.all:
-        targets += [[c, d] for c, ds in md.PRODUCTS.items() for d in ds]
+    known = [f"{c}/{d}" for c, ds in md.PRODUCTS.items() for d in ds]  # MiniDefect's defect types
+    targets = [t.split("/", 1) for t in a.target + (known if a.all else [])]
     if not targets or any(len(t) != 2 for t in targets):
         p.error("give --target CATEGORY/DEFECT (repeatable) or --all")
     if a.data is None:  # MiniDefect: its defect types are known
-        known = [f"{c}/{d}" for c, ds in md.PRODUCTS.items() for d in ds]
         unknown = [f"{c}/{d}" for c, d in targets if f"{c}/{d}" not in known]
         if unknown:
             p.error(f"--target {', '.join(unknown)}: MiniDefect has {', '.join(known)}")

@@ -558,12 +558,10 @@ class Batch:
     masks: torch.Tensor  # [B, 1, R, R] in {0, 1}
     backgrounds: torch.Tensor | None  # [B, 3, R, R] in [-1, 1]
     names: list[str]
-    #: amplification of the anomaly-branch image's difference from mid-gray (:func:`anomaly_target`; 1 = reference)
-    anomaly_gain: float = 1.0
 
     @property
     def anomaly(self) -> torch.Tensor:
-        return anomaly_target(self.images, self.masks, self.anomaly_gain)
+        return anomaly_target(self.images, self.masks)
 
 
 class DefectDataset:
@@ -597,8 +595,6 @@ class DefectDataset:
         self.crop = crop
         self.backgrounds = backgrounds
         self.items = [self._load(s) for s in defect_set.samples]
-        #: see :func:`anomaly_target`; set by the trainer from ``TrainConfig.anomaly_contrast``
-        self.anomaly_gain = 1.0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -701,7 +697,6 @@ class DefectDataset:
             masks=torch.from_numpy(np.stack(masks)).unsqueeze(1).float(),
             backgrounds=to_signed(bgs) if bgs else None,
             names=[self.items[d.index].name for d in draws],
-            anomaly_gain=self.anomaly_gain,
         )
 
 

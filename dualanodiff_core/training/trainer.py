@@ -61,7 +61,7 @@ from ..errors import DualAnoDiffError, RunError
 from ..fileio import atomic_path, save_image_atomic, sweep_temp_files, write_json_atomic, write_text_atomic
 from ..method import layout
 from ..method.weights import DEFAULT_PROMPT_ANOMALY, DEFAULT_PROMPT_GLOBAL, DualAnoDiffWeights
-from .data import DefectDataset, Draw, PairSampler
+from .data import DefectDataset, Draw, PairSampler, anomaly_target
 from .lossplot import draw_loss_curve
 
 CHECKPOINT_FORMAT = "dualanodiff-train-checkpoint"
@@ -485,9 +485,10 @@ class Trainer:
             raise ValueError(
                 f"the dataset was built at {dataset.resolution} px but the config says {config.resolution}"
             )
-        #: the anomaly target's gain (:func:`anomaly_gain`; 1.0 = the reference)
-        self.anomaly_gain = anomaly_gain(dataset.defect_contrast(), config.anomaly_contrast)
-        dataset.anomaly_gain = self.anomaly_gain
+        #: the anomaly target's gain (:func:`anomaly_gain`; 1.0 = the reference), applied in :meth:`_loss`
+        self.anomaly_gain = (
+            anomaly_gain(dataset.defect_contrast(), config.anomaly_contrast) if config.anomaly_contrast > 0 else 1.0
+        )
         pt = getattr(backbone, "prediction_type", "epsilon")
         if pt not in ("epsilon", "v_prediction"):
             raise ValueError(f"unsupported prediction type {pt!r} (epsilon or v_prediction)")
@@ -556,7 +557,7 @@ class Trainer:
         c, bb = self.config, self.backbone
         n_pairs = batch.images.shape[0]
         dev = torch.device(bb.device)
-        rows = layout.interleave(batch.images, batch.anomaly).to(dev)
+        rows = layout.interleave(batch.images, anomaly_target(batch.images, batch.masks, self.anomaly_gain)).to(dev)
         ac = bb.alphas_cumprod
         per_pair = isinstance(gen, list)
         if per_pair and len(gen) != n_pairs:
