@@ -4,6 +4,7 @@ the :class:`~.comfy_train.ComfyTrainingBackbone`)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import warnings
@@ -17,9 +18,16 @@ from comfy_api.latest import io, ui
 
 from ..dualanodiff_core.errors import DualAnoDiffError
 from ..dualanodiff_core.fileio import SAFE_NAME_RE
+from ..dualanodiff_core.method.recipes import SHARED_NOISE_ANOMALY_CONTRAST
 from ..dualanodiff_core.training.data import SPLITS, DefectDataset, find_defect_set
 from ..dualanodiff_core.training.lossplot import draw_loss_curve
-from ..dualanodiff_core.training.trainer import TrainConfig, Trainer, TrainProgress, latest_checkpoint
+from ..dualanodiff_core.training.trainer import (
+    TrainConfig,
+    Trainer,
+    TrainProgress,
+    describe_anomaly_contrast,
+    latest_checkpoint,
+)
 from . import comfy_backend as backend
 from .comfy_train import ComfyTrainingBackbone, plan_precision
 from .images import from_pil
@@ -29,9 +37,29 @@ log = logging.getLogger("DualAnoDiff")
 
 PREVIEW_EVERY_S = 2.0
 
+#: the ``anomaly_contrast`` widget's default on a new node: the default recipe's (``dualanodiff train`` trains with it)
+DEFAULT_ANOMALY_CONTRAST = SHARED_NOISE_ANOMALY_CONTRAST
+#: ``anomaly_contrast`` when a prompt does not give it: prompts saved before the input existed trained with the
+#: reference's targets, so they keep doing so (the widget's default is only for new nodes)
+ANOMALY_CONTRAST_WHEN_MISSING = 0.0
+
 
 class TrainInputError(DualAnoDiffError, ValueError):
     """A trainer input that cannot be used (the message says what to do)."""
+
+
+def check_anomaly_contrast(value) -> float:
+    """``anomaly_contrast`` as a float in [0, 0.5], or one clear error naming the input."""
+    try:
+        contrast = float(value)
+    except (TypeError, ValueError):
+        contrast = math.nan
+    if not 0.0 <= contrast <= 0.5:  # also refuses NaN
+        raise TrainInputError(
+            f"anomaly_contrast {value!r}: must lie in [0, 0.5] (0 = the reference's training; "
+            f"{DEFAULT_ANOMALY_CONTRAST:g} = the default recipe's, as dualanodiff train)."
+        )
+    return contrast
 
 
 def output_stem(name: str) -> str:
@@ -201,6 +229,22 @@ class DualAnoDiffTrainer(io.ComfyNode):
                     tooltip="Write a resumable checkpoint every N steps (0 = only at the end or when "
                     "cancelled). The newest 3 are kept.",
                 ),
+                # added after the others (widget order is an API); optional so that prompts saved before it
+                # existed still validate, and they train as they did (ANOMALY_CONTRAST_WHEN_MISSING)
+                io.Float.Input(
+                    "anomaly_contrast",
+                    default=DEFAULT_ANOMALY_CONTRAST,
+                    min=0.0,
+                    max=0.5,
+                    step=0.05,
+                    optional=True,
+                    tooltip="Amplify faint defects on the anomaly branch while training: its target (the defect "
+                    "on mid-gray) is scaled about mid-gray until its median defect pixel differs from gray by "
+                    "this much (at most 4x). The whole-image branch, sampling and masks are unchanged. 0 = the "
+                    "reference's training; a defect type that already reaches the contrast trains as with 0. "
+                    "As dualanodiff train --anomaly-contrast (its default recipe uses 0.4). Workflows saved "
+                    "without this input train with 0. A run resumes only with the value it started with.",
+                ),
             ],
             outputs=[
                 io.Model.Output(
@@ -249,10 +293,12 @@ class DualAnoDiffTrainer(io.ComfyNode):
         bcm,
         split,
         checkpoint_every,
+        anomaly_contrast=ANOMALY_CONTRAST_WHEN_MISSING,
     ) -> io.NodeOutput:
         stem = output_stem(output_name)
         if split not in SPLITS:
             raise TrainInputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}.")
+        contrast = check_anomaly_contrast(anomaly_contrast)
         data_dir = defect_folder(folder)
         weights_path, work_dir = run_paths(stem)
         backend.attention_sites(model)  # a clear error for a non-SD MODEL before any data is read
@@ -268,9 +314,14 @@ class DualAnoDiffTrainer(io.ComfyNode):
             resolution=resolution,
             split=split,
             checkpoint_every=checkpoint_every,
+            anomaly_contrast=contrast,
         )
         selected, dataset = load_training_data(data_dir, defect, config)
         log.info("DualAnoDiff: training %s on %s", stem, selected.describe())
+        log.info(
+            "DualAnoDiff: %s",
+            describe_anomaly_contrast(dataset.defect_contrast(), config.anomaly_contrast, "anomaly_contrast"),
+        )
         resume_from = resume_point(stem, weights_path, work_dir, bool(resume))
 
         hidden = cls.hidden
@@ -306,7 +357,19 @@ class DualAnoDiffTrainer(io.ComfyNode):
 
 
 def make_config(
-    model, *, steps, batch_size, learning_rate, seed, rank, bcm, train_text_encoder, resolution, split, checkpoint_every
+    model,
+    *,
+    steps,
+    batch_size,
+    learning_rate,
+    seed,
+    rank,
+    bcm,
+    train_text_encoder,
+    resolution,
+    split,
+    checkpoint_every,
+    anomaly_contrast=ANOMALY_CONTRAST_WHEN_MISSING,
 ) -> TrainConfig:
     """The node's widgets as a validated TrainConfig (precision from the MODEL's dtype; the newest 3 checkpoints
     kept)."""
@@ -324,6 +387,7 @@ def make_config(
         split=split,
         checkpoint_every=int(checkpoint_every),
         keep_checkpoints=3,
+        anomaly_contrast=float(anomaly_contrast),
     ).validate()
 
 

@@ -284,3 +284,15 @@ def test_trained_weights_load_into_the_pipeline_and_generate(tmp_path):
     r = pipe.generate(2, steps=2, cfg=2.0, seed=0, height=RES, width=RES, background=bg)
     assert r.global_images.shape == (2, 3, RES, RES) and r.anomaly_images.shape == (2, 3, RES, RES)
     assert torch.isfinite(r.global_images).all() and torch.isfinite(r.anomaly_images).all()
+
+
+def test_training_settings_leave_out_only_checkpoint_bookkeeping():
+    """What the weights record as ``training`` and what a reused weights file must match: every setting that changes
+    what is learnt, none of the checkpoint options."""
+    base = TrainConfig(steps=3).training_settings()
+    assert TrainConfig(
+        steps=3, checkpoint_every=7, keep_checkpoints=2, checkpoint_weights=True
+    ).training_settings() == (base)
+    assert set(TrainConfig().to_dict()) - set(base) == set(TrainConfig.BOOKKEEPING)
+    assert TrainConfig(steps=3, anomaly_contrast=0.2).training_settings() != base
+    assert TrainConfig.from_dict(base).training_settings() == base  # the recorded settings read back as a config

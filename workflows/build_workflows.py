@@ -135,6 +135,8 @@ LATER_INPUTS = {
 LATER_WIDGETS = {
     # anomaly_noise_share: nodes/sampler.py's DEFAULT_ANOMALY_NOISE_SHARE (a ComfyUI test checks they agree)
     "DualAnoDiffSampler": [("placement_steering", "shift"), ("anomaly_noise_share", 1.0)],
+    # anomaly_contrast: nodes/train.py's DEFAULT_ANOMALY_CONTRAST (the default recipe's, a ComfyUI test checks it)
+    "DualAnoDiffTrainer": [("anomaly_contrast", 0.4)],
 }
 MASK_DEFAULTS = {
     "gray": "median",
@@ -434,7 +436,7 @@ def graph_train():
                 2,
                 "DualAnoDiffTrainer",
                 [420, 60],
-                [350, 440],
+                [350, 464],
                 {
                     "folder": "my_defect",
                     "defect": "",

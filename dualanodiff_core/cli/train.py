@@ -384,17 +384,9 @@ def _clear_previous_run(work_dir: Path) -> None:
 
 def _contrast_line(ds, config) -> str:
     """What ``--anomaly-contrast`` does with these images (the gain is recorded in the weights' metadata)."""
-    from ..training.trainer import anomaly_gain
+    from ..training.trainer import describe_anomaly_contrast
 
-    c = ds.defect_contrast()
-    if config.anomaly_contrast <= 0:
-        return f"anomaly branch: defects differ from mid-gray by {c:.3f} (median); not amplified (--anomaly-contrast 0)"
-    g = anomaly_gain(c, config.anomaly_contrast)
-    what = "not amplified" if g == 1.0 else f"amplified {g:.2f}x on the anomaly branch's target"
-    return (
-        f"anomaly branch: defects differ from mid-gray by {c:.3f} (median); {what} "
-        f"(--anomaly-contrast {config.anomaly_contrast:g})"
-    )
+    return describe_anomaly_contrast(ds.defect_contrast(), config.anomaly_contrast)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -163,14 +163,14 @@ def _check_reused_weights(path: Path, config) -> None:
     recipe's anomaly contrast) have the name of weights trained with the new one."""
     from ..errors import InputError
     from ..method.weights import DualAnoDiffWeights
-    from ..training.trainer import TrainConfig, _metadata_config
+    from ..training.trainer import TrainConfig
 
     raw = DualAnoDiffWeights.load(path).metadata.get("training")
     try:
-        recorded = _metadata_config(TrainConfig.from_dict(json.loads(raw))) if raw else None
+        recorded = TrainConfig.from_dict(json.loads(raw)).training_settings() if raw else None
     except (ValueError, TypeError):
         recorded = None
-    want = _metadata_config(config)
+    want = config.training_settings()
     if recorded != want:
         diff = (
             ", ".join(f"{k} {recorded.get(k)!r} (now {v!r})" for k, v in want.items() if recorded.get(k) != v)

@@ -177,6 +177,15 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    #: bookkeeping that does not change what is learnt: left out of the weights' ``training`` metadata
+    BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "checkpoint_weights")
+
+    def training_settings(self) -> dict:
+        """The settings that decide what is learnt (:meth:`to_dict` without checkpoint bookkeeping): what the
+        weights record as their ``training`` metadata, and what two runs must share for one's weights to stand for
+        the other's."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.BOOKKEEPING}
+
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
@@ -385,12 +394,16 @@ def anomaly_gain(defect_contrast: float, target: float) -> float:
     return float(min(MAX_ANOMALY_GAIN, target / defect_contrast))
 
 
-def _metadata_config(config: TrainConfig) -> dict:
-    return {
-        k: v
-        for k, v in config.to_dict().items()
-        if k not in ("checkpoint_every", "keep_checkpoints", "checkpoint_weights")
-    }
+def describe_anomaly_contrast(defect_contrast: float, target: float, option: str = "--anomaly-contrast") -> str:
+    """One line for the user: how far the training defects lie from mid-gray and what ``target`` (the anomaly
+    contrast, set through ``option``) does with them. ``dualanodiff train`` prints it and the ComfyUI Trainer logs it,
+    so that a user sees whether a defect type is amplified before the training runs."""
+    head = f"anomaly branch: defects differ from mid-gray by {defect_contrast:.3f} (median);"
+    if target <= 0:
+        return f"{head} not amplified ({option} 0)"
+    g = anomaly_gain(defect_contrast, target)
+    what = "not amplified" if g == 1.0 else f"amplified {g:.2f}x on the anomaly branch's target"
+    return f"{head} {what} ({option} {target:g})"
 
 
 def list_checkpoints(work_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -687,7 +700,7 @@ class Trainer:
             "rank": c.rank,
             "alpha": c.rank,
             "base_model": getattr(self.backbone, "base_model", "") or "",
-            "training": _metadata_config(c),
+            "training": c.training_settings(),
             "trained_steps": self.step,
             "train_images": len(self.dataset),
             "train_image_names": self.dataset.names,

@@ -1,6 +1,10 @@
 """Training inside ComfyUI on tiny in-process models: the backbone under inference mode, learning, the text-encoder
 LoRA's gradient, interrupt + resume through the node, and the written weights loading and generating."""
 
+import importlib
+import json
+import logging
+
 import comfy_env as ce
 import pytest
 import torch
@@ -260,3 +264,46 @@ def test_trainer_node_input_errors(env, dirs):
     with pytest.raises(ValueError, match="object mask"):
         _train_node(env, model=m, clip=c, vae=v, folder="flat", bcm=True)
     assert not any(dirs.models.iterdir())  # nothing written by the refused runs
+
+
+def test_trainer_node_anomaly_contrast(env, dirs, caplog):
+    """The input added last (optional, so that old prompts validate): a new node trains with the default recipe's
+    contrast; a prompt without it trains as before (the reference); the value reaches the training and its metadata,
+    and a bad one is refused by name before anything is written."""
+    from_recipe = importlib.import_module(f"{ce.PACK}.dualanodiff_core.method.recipes").SHARED_NOISE_ANOMALY_CONTRAST
+    opt = env.train.DualAnoDiffTrainer.INPUT_TYPES()["optional"]
+    assert list(opt)[-1] == "anomaly_contrast", "new inputs at the end"
+    kind, spec = opt["anomaly_contrast"]
+    assert kind == "FLOAT" and (spec["min"], spec["max"]) == (0.0, 0.5)
+    assert spec["default"] == env.train.DEFAULT_ANOMALY_CONTRAST == from_recipe
+
+    make_flat(dirs.input / "contrast", n=2, size=RES)  # red squares: 0.38 from mid-gray, under 0.4
+    m, c, v = _inference_models()
+    kw = dict(model=m, clip=c, vae=v, folder="contrast", steps=2, seed=5)
+    _train_node(env, output_name="old_prompt", **kw)  # a prompt saved before the input existed
+    old = env.core_weights.DualAnoDiffWeights.load(dirs.models / "old_prompt.safetensors")
+    assert json.loads(old.metadata["training"])["anomaly_contrast"] == 0.0 and "anomaly_gain" not in old.metadata
+
+    caplog.set_level(logging.INFO, logger="DualAnoDiff")
+    _train_node(env, output_name="amplified", anomaly_contrast=0.4, **kw)
+    new = env.core_weights.DualAnoDiffWeights.load(dirs.models / "amplified.safetensors")
+    ds = env.core_data.DefectDataset(env.core_data.find_defect_set(dirs.input / "contrast"), RES)
+    gain = env.core_train.anomaly_gain(ds.defect_contrast(), 0.4)
+    assert 1.0 < gain < 1.1
+    assert json.loads(new.metadata["training"])["anomaly_contrast"] == 0.4
+    assert float(new.metadata["anomaly_gain"]) == pytest.approx(gain, rel=1e-5)
+    assert any(
+        f"amplified {gain:.2f}x" in r.getMessage() and "anomaly_contrast 0.4" in r.getMessage() for r in caplog.records
+    )
+    assert new.tensors.keys() == old.tensors.keys()
+    assert any(not torch.equal(new.tensors[k], old.tensors[k]) for k in new.tensors)  # the same seed, other targets
+
+    # a run resumes only with the value it started with
+    with pytest.raises(ValueError, match="other settings"):
+        _train_node(
+            env, output_name="amplified", anomaly_contrast=0.0, steps=3, **{k: w for k, w in kw.items() if k != "steps"}
+        )
+    for bad in (0.9, -0.1, float("nan"), "x"):
+        with pytest.raises(ValueError, match="anomaly_contrast"):
+            _train_node(env, output_name="bad", anomaly_contrast=bad, **kw)
+    assert not (dirs.models / "bad.safetensors").exists() and not (dirs.models / "bad_train").exists()
