@@ -101,6 +101,16 @@ def tell_user(key, message: str, node_id=None) -> None:
         log.debug("DualAnoDiff: could not show the warning on node %s", node_id, exc_info=True)
 
 
+def float_in_range(value, lo: float, hi: float) -> float | None:
+    """``value`` as a float when it is a number in [lo, hi], else None (NaN too): a widget value in an API prompt can
+    be anything, and each node refuses it with its own message naming the input."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if lo <= number <= hi else None
+
+
 class DualAnoDiffError(errors.DualAnoDiffError, ValueError):
     """A MODEL, CLIP or input that DualAnoDiff cannot work with (the message says what to do); the nodes' subclass of
     the core's root error."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
@@ -33,11 +31,8 @@ ANOMALY_NOISE_SHARE_WHEN_MISSING = 0.0
 
 def check_noise_share(value) -> float:
     """``anomaly_noise_share`` as a float in [0, 1], or one clear error naming the input."""
-    try:
-        share = float(value)
-    except (TypeError, ValueError):
-        share = math.nan
-    if not 0.0 <= share <= 1.0:  # also refuses NaN
+    share = backend.float_in_range(value, 0.0, 1.0)
+    if share is None:
         raise InputError(
             f"anomaly_noise_share {value!r}: must lie in [0, 1] (0 = independent noise for the two branches, "
             "1 = each anomaly row starts from its global row's noise)."

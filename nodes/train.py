@@ -4,7 +4,6 @@ the :class:`~.comfy_train.ComfyTrainingBackbone`)."""
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 import warnings
@@ -22,6 +21,7 @@ from ..dualanodiff_core.method.recipes import SHARED_NOISE_ANOMALY_CONTRAST
 from ..dualanodiff_core.training.data import SPLITS, DefectDataset, find_defect_set
 from ..dualanodiff_core.training.lossplot import draw_loss_curve
 from ..dualanodiff_core.training.trainer import (
+    MAX_ANOMALY_CONTRAST,
     TrainConfig,
     Trainer,
     TrainProgress,
@@ -49,14 +49,11 @@ class TrainInputError(DualAnoDiffError, ValueError):
 
 
 def check_anomaly_contrast(value) -> float:
-    """``anomaly_contrast`` as a float in [0, 0.5], or one clear error naming the input."""
-    try:
-        contrast = float(value)
-    except (TypeError, ValueError):
-        contrast = math.nan
-    if not 0.0 <= contrast <= 0.5:  # also refuses NaN
+    """``anomaly_contrast`` as a float in [0, MAX_ANOMALY_CONTRAST], or one clear error naming the input."""
+    contrast = backend.float_in_range(value, 0.0, MAX_ANOMALY_CONTRAST)
+    if contrast is None:
         raise TrainInputError(
-            f"anomaly_contrast {value!r}: must lie in [0, 0.5] (0 = the reference's training; "
+            f"anomaly_contrast {value!r}: must lie in [0, {MAX_ANOMALY_CONTRAST:g}] (0 = the reference's training; "
             f"{DEFAULT_ANOMALY_CONTRAST:g} = the default recipe's, as dualanodiff train)."
         )
     return contrast
@@ -235,7 +232,7 @@ class DualAnoDiffTrainer(io.ComfyNode):
                     "anomaly_contrast",
                     default=DEFAULT_ANOMALY_CONTRAST,
                     min=0.0,
-                    max=0.5,
+                    max=MAX_ANOMALY_CONTRAST,
                     step=0.05,
                     optional=True,
                     tooltip="Amplify faint defects on the anomaly branch while training: its target (the defect "

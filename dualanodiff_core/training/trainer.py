@@ -65,6 +65,8 @@ from .data import DefectDataset, Draw, PairSampler, anomaly_target
 from .lossplot import draw_loss_curve
 
 CHECKPOINT_FORMAT = "dualanodiff-train-checkpoint"
+#: the largest ``TrainConfig.anomaly_contrast`` (a median defect pixel this far from mid-gray is plainly visible)
+MAX_ANOMALY_CONTRAST = 0.5
 CHECKPOINT_VERSION = 1
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -169,8 +171,9 @@ class TrainConfig:
             f"mask loss weight must lie in [1, 1000] (1 = uniform), got {self.mask_loss_weight}",
         )
         need(
-            0.0 <= self.anomaly_contrast <= 0.5 and math.isfinite(self.anomaly_contrast),
-            f"anomaly contrast must lie in [0, 0.5] (0 = off; e.g. 0.3), got {self.anomaly_contrast}",
+            0.0 <= self.anomaly_contrast <= MAX_ANOMALY_CONTRAST and math.isfinite(self.anomaly_contrast),
+            f"anomaly contrast must lie in [0, {MAX_ANOMALY_CONTRAST:g}] (0 = off; e.g. 0.3), "
+            f"got {self.anomaly_contrast}",
         )
         return self
 
